@@ -1,0 +1,218 @@
+"""The ``lrx`` command line: thin commands that parse, then call the library.
+
+A user's mistake prints one line (file, key, what is wrong, what is allowed) and exits with code 2.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = typer.Argument(..., help="Experiment YAML, e.g. configs/exp04.yaml.", show_default=False)
+RunsDir = typer.Option("runs", "--runs-dir", help="Folder holding one run directory per experiment.")
+DataRoot = typer.Option(None, "--data-root", help="Dataset folder (overrides data.root and LRX_DATA).")
+Overrides = typer.Option(None, "--set", help="Dotted override, repeatable: --set finetune.0.epochs=2.")
+Force = typer.Option(False, "--force", help="Redo every stage, even those that are up to date.")
+NoDeps = typer.Option(False, "--no-deps", help="Fail instead of first running the runs this one builds on.")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or messages; the log file still gets them.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"lrx: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(command):
+    """Turn a UserError into one line on stderr and exit code 2; other failures keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted; run the same command again to continue from the last finished epoch", 130)
+        except RuntimeError as err:
+            if type(err).__name__ == "TrainingDiverged":
+                fail(str(err), 1)
+            raise
+
+    return wrapper
+
+
+def _echo(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(message, markup=False)
+
+
+def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet):
+    from .config import load_config
+    from .runs import RunDir, Runner, plan
+
+    cfg = load_config(config, overrides or ())
+    configs = plan(cfg, overrides or (), with_deps=True)
+    for dep in configs[:-1]:
+        if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
+            continue
+        if no_deps:
+            raise UserError(f"run {dep.name!r} is not finished; run `lrx run {dep.path}` first (or drop --no-deps)",
+                            file=cfg.path)
+        if not quiet:
+            _echo(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
+        Runner(dep, runs_dir, data_root, quiet, echo=_echo).run()
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=_echo).run(until)
+
+
+def _last_stage(config: Path, overrides, weight: str) -> str:
+    from .config import load_config
+
+    cfg = load_config(config, overrides or ())
+    indices = [i for i, stage in enumerate(cfg.finetune) if getattr(stage, weight) > 0]
+    if not indices:
+        raise UserError(f"no fine-tune stage has {weight} > 0", file=str(config), key="finetune")
+    return f"finetune.{indices[-1]}"
+
+
+@app.command()
+@user_errors
+def run(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+        set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
+    """Run every stage of one experiment row: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
+    metrics = _run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet)
+    _summary(metrics, quiet)
+
+
+@app.command()
+@user_errors
+def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+          set_: Optional[List[str]] = Overrides, force: bool = Force, quiet: bool = Quiet):
+    """Train the baseline model of a config that has no `baseline:` (the seed's row 1) and report acc@1."""
+    from .config import load_config
+
+    cfg = load_config(config, set_ or ())
+    if cfg.baseline is not None:
+        raise UserError(f"this run builds on baseline {cfg.baseline!r}; train that config instead", file=str(config),
+                        key="baseline")
+    _summary(_run_until(config, "train", runs_dir, data_root, set_, force, False, quiet), quiet)
+
+
+@app.command()
+@user_errors
+def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+              set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer plan; write nothing."),
+              show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters.")):
+    """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
+    from .config import load_config
+
+    cfg = load_config(config, set_ or ())
+    if cfg.decompose is None:
+        raise UserError("has no decompose: block", file=str(config), key="decompose")
+    if dry_run:
+        from .planning import print_plan
+
+        print_plan(cfg)
+        return
+    metrics = _run_until(config, "decompose", runs_dir, data_root, set_, force, no_deps, quiet)
+    if show_bases is not None:
+        from .planning import save_bases_picture
+
+        save_bases_picture(Path(runs_dir) / cfg.name / "expanded.pt", cfg, show_bases)
+        typer.echo(f"wrote {show_bases}")
+    _summary(metrics, quiet)
+
+
+@app.command("finetune-l2")
+@user_errors
+def finetune_l2(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+                set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
+    """Fine-tune by data reconstruction (L2 to the original's layer outputs), up to the config's last L2 stage."""
+    metrics = _run_until(config, _last_stage(config, set_, "l2"), runs_dir, data_root, set_, force, no_deps, quiet)
+    _summary(metrics, quiet)
+
+
+@app.command("finetune-ce")
+@user_errors
+def finetune_ce(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+                set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
+    """Fine-tune with cross-entropy on labels, up to the config's last CE stage (earlier stages first)."""
+    metrics = _run_until(config, _last_stage(config, set_, "ce"), runs_dir, data_root, set_, force, no_deps, quiet)
+    _summary(metrics, quiet)
+
+
+@app.command()
+@user_errors
+def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+            set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
+            threads: Optional[int] = typer.Option(None, help="torch threads for timing (profile.threads)."),
+            batch: Optional[int] = typer.Option(None, help="Batch size for timing (profile.batch)."),
+            device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (profile.device).")):
+    """MACs and params (ptflops), CPU/CUDA time (torch.profiler) and the measured speedup over the original."""
+    extra = [f"profile.{k}={v}" for k, v in (("threads", threads), ("batch", batch), ("device", device)) if v is not None]
+    metrics = _run_until(config, "profile", runs_dir, data_root, (set_ or []) + extra, force, no_deps, quiet)
+    _summary(metrics, quiet)
+
+
+@app.command()
+@user_errors
+def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, e.g. runs/."),
+          format: str = typer.Option("markdown", "--format", help="markdown, csv or json.")):
+    """Print the seed's results table for the runs under RUNS_DIR (e.g. `lrx table runs/ > RESULTS.md`)."""
+    from .table import collect_rows, render
+
+    if format not in ("markdown", "csv", "json"):
+        raise UserError(f"--format {format!r}; allowed: markdown, csv, json")
+    if not Path(runs_dir).is_dir():
+        raise UserError(f"{runs_dir} is not a folder")
+    rows = collect_rows(runs_dir)
+    if not rows:
+        typer.echo(f"lrx: note: no runs under {runs_dir}", err=True)
+    typer.echo(render(rows, format), nl=False)
+
+
+@app.command()
+@user_errors
+def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories."),
+         output: Path = typer.Option(Path("pareto.png"), "-o", "--output", help="PNG to write.")):
+    """Plot acc@1 against MACs and against measured CPU time, one point per run, with the Pareto front."""
+    from .plot import plot_pareto
+    from .table import collect_rows
+
+    plot_pareto(collect_rows(runs_dir), output)
+    typer.echo(f"wrote {output}")
+
+
+def _summary(metrics: dict, quiet: bool) -> None:
+    if quiet or not metrics:
+        return
+    parts = [f"run {metrics.get('name')}: {metrics.get('status')}"]
+    for key, fmt in (("acc1", "acc@1 {:.2f}%"), ("macs", "MACs {:.2f}M"), ("params", "params {:.2f}M")):
+        value = metrics.get(key)
+        if value is not None:
+            parts.append(fmt.format(value / 1e6 if key != "acc1" else value))
+    speed = (metrics.get("latency") or {}).get("speedup")
+    if speed:
+        parts.append(f"measured speedup {speed:.2f}x")
+    _echo(", ".join(parts))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
