@@ -1,0 +1,147 @@
+"""The results table: the seed's header and notation, rebuilt from run folders written here."""
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from lrx.errors import UserError
+from lrx.table import HEADER, collect_rows, render
+
+SEED_HEADER = "|No.|layers|#bases|decomped|L2 finetune|CE finetune|acc@1(%)|macs(M)|params(M)|CPU time(ms)|CUDA time(ms)|Remark|"
+DECOMPOSE = {"layers": [2, 3, 4, 5], "scheme": "v1", "bases": [8, 8, 6, 4], "decomposed": False, "report": []}
+
+
+def write_run(root, folder, metrics=None, config=None, raw_metrics=None):
+    run = root / folder
+    run.mkdir(parents=True)
+    if config is not None:
+        (run / "config.yaml").write_text("# lrx 0.1.0, torch 2.x\n" + yaml.safe_dump(config))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    if raw_metrics is not None:
+        (run / "metrics.json").write_text(raw_metrics)
+    return run
+
+
+def done(name, no, group, **fields):
+    return {"name": name, "no": no, "group": group, "remark": "", "status": "done", "seed": 0,
+            "versions": {"torch": "2.x", "lrx": "0.1.0"}, "finetune": [], "decompose": None, **fields}
+
+
+@pytest.fixture
+def seed_runs(tmp_path):
+    """Runs shaped like the seed's rows 1-5 plus broken ones; folder names sort unlike ``no``."""
+    root = tmp_path / "runs"
+    write_run(root, "z_original", done(
+        "z_original", 1, 1, remark="original model", acc1=83.14, macs=698_886_090, params=44_428_106,
+        cpu_time_ms=1265.4, cuda_time_ms=6.612,
+        latency={"threads": 2, "original_ms": 900.0, "expanded_ms": None, "speedup": None, "mac_ratio": None}))
+    write_run(root, "y_expanded", done(
+        "y_expanded", 2, 2, remark="LowRankExpV1 applied, not decomposed", decompose=DECOMPOSE,
+        acc1=77.43, acc1_before=77.43, l2_before=1952.3, l2_after=None, macs=446_850_000, params=43_580_000,
+        cpu_time_ms=1254.0, cuda_time_ms=None,
+        latency={"threads": 2, "original_ms": 918.0, "expanded_ms": 900.0, "speedup": 1.02, "mac_ratio": 1.564}))
+    # Row 3: L2 fine-tune of row 2's expansion; its metrics hold only its own stage, the parent is in config.yaml.
+    l2_stage = {"l2": 1.0, "ce": 0.0, "epochs": 20, "acc1_before": 77.43, "acc1_after": 72.67}
+    write_run(root, "x_l2", done("x_l2", 3, 2, finetune=[l2_stage], acc1_before=77.43, acc1=72.67,
+                                 l2_before=1952.4, l2_after=176.6),
+              config={"name": "x_l2", "no": 3, "group": 2, "parent": "y_expanded", "baseline": "z_original"})
+    # Row 4: CE after row 3, so its schedule is row 3's L2 stage then its own CE stage.
+    write_run(root, "w_l2_ce", done("w_l2_ce", 4, 2, finetune=[{"l2": 0.0, "ce": 1.0, "epochs": 10}],
+                                    acc1_before=72.67, acc1=82.35, l2_before=176.6, l2_after=783.2),
+              config={"name": "w_l2_ce", "no": 4, "group": 2, "parent": "x_l2", "baseline": "z_original"})
+    write_run(root, "v_ce", done("v_ce", 5, 2, finetune=[{"l2": 0.0, "ce": 1.0, "epochs": 10}],
+                                 acc1_before=77.43, acc1=82.27, remark="CE only | no L2"),
+              config={"name": "v_ce", "no": 5, "group": 2, "parent": "y_expanded", "baseline": "z_original"})
+    write_run(root, "u_running", {"name": "u_running", "no": 6, "group": 3, "status": "running",
+                                  "decompose": {**DECOMPOSE, "decomposed": True}, "finetune": []})
+    write_run(root, "t_pending", config={"name": "t_pending", "no": 7, "group": 3, "remark": "planned",
+                                         "decompose": {**DECOMPOSE, "decomposed": True},
+                                         "finetune": [{"l2": 1.0, "ce": 0.0, "epochs": 20}]})
+    write_run(root, "s_broken", raw_metrics="{not json")
+    (root / "quick" / "exp01").mkdir(parents=True)  # nested runs: not one level down, not a row
+    (root / "quick" / "exp01" / "metrics.json").write_text(json.dumps(done("exp01", 1, 1)))
+    return root
+
+
+def table_lines(root):
+    return render(collect_rows(root)).splitlines()
+
+
+def cells_of(line):
+    assert line.startswith("|") and line.endswith("|"), f"a table row starts and ends with '|': {line!r}"
+    return line[1:-1].split("|")
+
+
+def test_header_is_the_seeds_exactly(seed_runs):
+    lines = table_lines(seed_runs)
+    assert HEADER == SEED_HEADER, "the module's header constant is the seed's header"
+    assert lines[0] == SEED_HEADER, f"first line is the seed's header, got {lines[0]!r}"
+    assert lines[1] == "|" + "---|" * 12, f"second line is the 12-column rule, got {lines[1]!r}"
+
+
+def test_rows_ordered_by_no_with_group_separators(seed_runs):
+    lines = table_lines(seed_runs)[2:]
+    first_cells = [cells_of(line)[0] if line != "|" else "|" for line in lines]
+    # Numbered rows 1..7 in order (folders sort the other way), a '|' line where the group changes,
+    # then the broken run, which has no number, under its folder name.
+    assert first_cells == ["1", "|", "2", "3", "4", "5", "|", "6", "7", "|", "s_broken"], \
+        f"rows in 'no' order with separators on group change, got {first_cells}"
+
+
+def test_seed_notation(seed_runs):
+    rows = {cells_of(line)[0]: cells_of(line) for line in table_lines(seed_runs)[2:] if line != "|"}
+    assert rows["1"][:11] == ["1", "-", "-", "-", "-", "-", "83.14", "698.89", "44.43", "1265", "6.61"], \
+        f"baseline row: '-' for decomposition and schedules, 2 decimals, whole-ms CPU time: {rows['1']}"
+    assert rows["2"][1:11] == ["2,3,4,5", "8,8,6,4", "-", "-", "-", "77.43", "446.85", "43.58", "1254", "-"], \
+        f"expanded row without fine-tuning: '-' schedules, '-' for a null CUDA time: {rows['2']}"
+    assert rows["3"][1:9] == ["2,3,4,5", "8,8,6,4", "-", "1.0x20", "0.0", "72.67", "-", "-"], \
+        f"L2-only row: layers inherited from its parent, '1.0x20' and '0.0', unmeasured '-': {rows['3']}"
+    assert rows["4"][4:6] == ["1.0x20", "1.0x10"], f"L2 then CE: parent's L2 stage and own CE stage: {rows['4']}"
+    assert rows["5"][4:6] == ["0.0", "1.0x10"], f"CE only: {rows['5']}"
+    assert rows["6"][3] == "Y", f"a decomposed run shows 'Y': {rows['6']}"
+
+
+def test_remarks_in_the_seeds_style(seed_runs):
+    rows = {cells_of(line.replace("\\|", "/"))[0]: line for line in table_lines(seed_runs)[2:] if line != "|"}
+    remark = {no: cells_of(line.replace("\\|", "/"))[11] for no, line in rows.items()}
+    assert remark["1"] == "original model", f"a baseline's remark is its config remark alone: {remark['1']!r}"
+    assert remark["2"] == "LowRankExpV1 applied, not decomposed; L2 norm 1952, speedup 1.02x measured / 1.56x by MACs", \
+        f"remark, then the measured L2 norm and speedup: {remark['2']!r}"
+    assert remark["3"] == "acc 77.43 -> 72.67, L2 norm 1952 -> 177", f"seed-style measured remark: {remark['3']!r}"
+    assert "CE only \\| no L2; acc 77.43 -> 82.27" in rows["5"], f"a '|' in a remark is escaped: {rows['5']!r}"
+
+
+def test_unfinished_and_broken_runs_are_rows(seed_runs):
+    rows = {cells_of(line)[0]: cells_of(line) for line in table_lines(seed_runs)[2:] if line != "|"}
+    assert rows["6"][6] == "-" and rows["6"][11].startswith("[running]"), f"a running run shows its state: {rows['6']}"
+    assert rows["7"][1:6] == ["2,3,4,5", "8,8,6,4", "Y", "1.0x20", "0.0"], \
+        f"a run with config.yaml only shows what it is configured to be: {rows['7']}"
+    assert rows["7"][11] == "[not run: no metrics.json] planned", f"and that it has not run: {rows['7'][11]!r}"
+    assert rows["s_broken"][11].startswith("[unreadable: metrics.json: JSONDecodeError"), \
+        f"unreadable metrics.json is a row saying so: {rows['s_broken']}"
+
+
+def test_empty_runs_dir_prints_only_the_header(tmp_path):
+    rows = collect_rows(tmp_path)
+    assert rows == [], f"no run folders, no rows: {rows}"
+    assert render(rows).splitlines() == [SEED_HEADER, "|" + "---|" * 12], "empty table is the header and rule"
+
+
+def test_missing_runs_dir_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a folder"):
+        collect_rows(tmp_path / "nowhere")
+
+
+def test_csv_and_json_parse(seed_runs):
+    rows = collect_rows(seed_runs)
+    records = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    assert [r["no"] for r in records] == ["1", "2", "3", "4", "5", "6", "7", ""], f"csv rows in order: {records}"
+    assert records[3]["l2_finetune"] == "1.0x20" and records[3]["ce_finetune"] == "1.0x10", f"csv notation: {records[3]}"
+    data = json.loads(render(rows, "json"))
+    assert data[0]["macs_m"] == pytest.approx(698.88609) and data[0]["acc1"] == 83.14, f"json numbers unformatted: {data[0]}"
+    assert data[1]["latency_speedup"] == 1.02 and data[6]["status"] == "not run", "json keeps speedup and states"
+    with pytest.raises(UserError, match="allowed: markdown, csv, json"):
+        render(rows, "html")
