@@ -127,6 +127,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # ---------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2 booleans: only true/false, so the table's ``no:`` key stays a key."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping with the safe loader; ``extends:`` is resolved recursively."""
     return _read_yaml(Path(path), seen=())
@@ -142,7 +153,7 @@ def _read_yaml(path: Path, seen: tuple) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read: {err}", file=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader: never builds Python objects
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -177,7 +188,7 @@ def apply_override(raw: dict, assignment: str, file: str = "--set") -> None:
         raise UserError(f"override {assignment!r} must look like key.sub=value", file=file)
     dotted, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         value = text
     keys = dotted.strip().split(".")

@@ -32,6 +32,18 @@ def alexnet_cifar10(num_classes: int = 10) -> nn.Module:
     return model
 
 
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    """Four 3x3 convs and a linear head: fast enough for tests and CPU tutorials."""
+    def block(c_in, c_out, pool):
+        layers = [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        return layers + [nn.MaxPool2d(2)] if pool else layers
+
+    return nn.Sequential(
+        *block(3, 16, True), *block(16, 32, True), *block(32, 32, False), *block(32, 32, True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 4, num_classes),
+    )
+
+
 def _torchvision(name: str) -> Callable[[int], nn.Module]:
     def build(num_classes: int = 10) -> nn.Module:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -42,6 +54,7 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "alexnet_cifar10": alexnet_cifar10,
+    "tiny_cnn": tiny_cnn,
     **{name: _torchvision(name) for name in ("vgg11", "vgg16", "resnet18", "resnet50", "mobilenet_v2")},
 }
 
@@ -56,7 +69,7 @@ IMAGENET_WEIGHTS = {
 }
 
 # The smallest square input each model accepts (AlexNet: conv1 stride 4 and three 3x3/2 max-pools).
-MIN_IMAGE_SIZE = {"alexnet_cifar10": 63, "vgg11": 32, "vgg16": 32, "resnet18": 32, "resnet50": 32, "mobilenet_v2": 32}
+MIN_IMAGE_SIZE = {"alexnet_cifar10": 63, "tiny_cnn": 8, "vgg11": 32, "vgg16": 32, "resnet18": 32, "resnet50": 32, "mobilenet_v2": 32}
 
 
 def build_model(name: str, num_classes: int = 10, init: str = "scratch") -> nn.Module:
@@ -71,6 +84,8 @@ def build_model(name: str, num_classes: int = 10, init: str = "scratch") -> nn.M
         raise UserError(f"unknown init {init!r}; allowed: scratch, imagenet", key="model.init")
     model = MODELS[name](num_classes)
     if init == "imagenet":
+        if name not in IMAGENET_WEIGHTS:
+            raise UserError(f"no ImageNet weights for {name}; allowed: {', '.join(IMAGENET_WEIGHTS)}", key="model.init")
         _load_imagenet_features(name, model)
     return model
 

@@ -344,9 +344,9 @@ class Runner:
         return {"replaced": replaced, "stages": {k: v for k, v in metrics.get("stages", {}).items() if k in keep}}
 
     def _inherited(self) -> dict:
-        """What a run started from another's model shows of it: its accuracy and its decomposition."""
+        """What a run started from another's model shows of it: accuracy, decomposition, earlier fine-tune stages."""
         source = self.cfg.parent or self.cfg.baseline
         if source is None:
             return {}
         other = RunDir(self.runs_dir, source).read_metrics()
-        return {"acc1": other.get("acc1"), "decompose": other.get("decompose")}
+        return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or []}

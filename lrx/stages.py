@@ -231,7 +231,7 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
     stages = metrics.get("stages", {})
     inherited = inherited or {}
     out = {"acc1": inherited.get("acc1"), "acc1_before": None, "l2_before": None, "l2_after": None,
-           "decompose": inherited.get("decompose"), "finetune": []}
+           "decompose": inherited.get("decompose"), "finetune": list(inherited.get("finetune") or [])}
     if "train" in stages:
         out["acc1"] = stages["train"].get("acc1")
     if "decompose" in stages:
@@ -242,7 +242,7 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
     if tunes:
         out["acc1_before"], out["l2_before"] = tunes[0].get("acc1_before"), tunes[0].get("l2_before")
         out["acc1"], out["l2_after"] = tunes[-1].get("acc1_after"), tunes[-1].get("l2_after")
-        out["finetune"] = [{k: t.get(k) for k in ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before",
+        out["finetune"] += [{k: t.get(k) for k in ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before",
                                                    "l2_after", "best_epoch", "wall_s")} for t in tunes]
     prof = stages.get("profile", {})
     for key in ("macs", "params", "cpu_time_ms", "cuda_time_ms", "latency"):

@@ -1,0 +1,118 @@
+"""Config loading and validation: every bad input is one line naming the file and key, exit 2, nothing written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lrx.cli import app
+from lrx.config import apply_override, load_config
+from lrx.errors import UserError
+
+from conftest import TINY_BASE, write_yaml
+
+runner = CliRunner()
+
+
+def test_extends_merges_key_by_key(tiny_configs):
+    cfg = load_config(tiny_configs / "t03.yaml")
+    assert cfg.model.name == "tiny_cnn", "model comes from base.yaml"
+    assert cfg.no == 3 and cfg.group == 2, "the `no:` key is a key, not YAML 1.1's boolean"
+    assert cfg.finetune[0].l2 == 1.0 and cfg.finetune[1].lr == 0.001
+    assert cfg.finetune[0].lr == 1e-4, "the seed's AdamW lr is the default"
+    assert cfg.finetune[0].betas == [0.9, 0.999] and cfg.finetune[0].weight_decay == 0.01
+    assert cfg.name == "t03", "the run name defaults to the file stem"
+
+
+def test_seed_configs_load_with_seed_settings():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    rows = {i: load_config(root / f"exp0{i}.yaml") for i in range(1, 10)}
+    assert rows[2].decompose.layers == [2, 3, 4, 5] and rows[2].decompose.bases == [8, 8, 6, 4]
+    assert rows[2].decompose.basis == "shared" and rows[2].decompose.method == "svd"
+    assert not rows[2].decompose.decomposed and rows[6].decompose.decomposed
+    assert rows[1].data.name == "cifar10" and rows[1].data.image_size == 224 and rows[1].data.batch_size == 64
+    assert [(s.l2, s.epochs) for s in rows[3].finetune] == [(1.0, 20)]
+    assert rows[4].parent == "exp03" and [(s.ce, s.epochs) for s in rows[4].finetune] == [(1.0, 10)]
+    assert rows[9].parent == "exp06" and rows[9].finetune[0].epochs == 20, "row 9's CE is 20 epochs"
+    for i in range(1, 10):
+        quick = load_config(root / "quick" / f"exp0{i}.yaml")
+        assert quick.data.name == "fashion-mnist" and quick.profile.input_size == [3, 224, 224]
+
+
+def test_override_sets_nested_and_list_keys(tiny_configs):
+    cfg = load_config(tiny_configs / "t03.yaml", ["finetune.0.epochs=3", "data.image_size=20", "seed=7"])
+    assert (cfg.finetune[0].epochs, cfg.data.image_size, cfg.seed) == (3, 20, 7)
+    raw = {}
+    apply_override(raw, "decompose.bases=[1, 2]")
+    assert raw == {"decompose": {"bases": [1, 2]}}
+
+
+BAD = [
+    ("unknown key", {"epochz": 3}, "epochz", "unknown key"),
+    ("unknown nested key", {"train": {"lrr": 0.1}}, "train.lrr", "unknown key"),
+    ("wrong type", {"train": {"epochs": "ten"}}, "train.epochs", "expected an integer"),
+    ("bad choice", {"data": {"name": "imagenet"}}, "data.name", "allowed: cifar10, fashion-mnist, synthetic"),
+    ("negative epochs", {"train": {"epochs": -1}}, "train.epochs", "must be >= 0"),
+    ("negative stage epochs", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2]},
+                               "finetune": [{"ce": 1.0, "epochs": -2}]}, "finetune.0.epochs", "must be >= 0"),
+    ("bases length", {"baseline": "t01", "decompose": {"layers": [2, 3], "bases": [4]}}, "decompose.bases",
+     "has 1 entries but decompose.layers has 2"),
+    ("rank below 1", {"baseline": "t01", "decompose": {"layers": [2], "bases": [0]}}, "decompose.bases.0", ">= 1"),
+    ("missing baseline", {"baseline": "nosuchrun", "decompose": {"layers": [2], "bases": [2]}}, "baseline",
+     "no config"),
+    ("layer beyond model", {"baseline": "t01", "decompose": {"layers": [9], "bases": [2]}}, "decompose.layers.0",
+     "has 4 conv layers"),
+    ("rank above max", {"baseline": "t01", "decompose": {"layers": [2], "scheme": "v2", "bases": [999]}},
+     "decompose.bases.0", "maximum"),
+    ("image too small", {"model": {"name": "alexnet_cifar10"}, "data": {"image_size": 32}}, "data.image_size",
+     "at least 63x63"),
+    ("bad run name", {"name": "../escape"}, "name", "run name"),
+]
+
+
+@pytest.mark.parametrize("label,patch,key,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(tiny_configs, tmp_path, label, patch, key, message):
+    path = write_yaml(tiny_configs / "bad.yaml", {"extends": "base.yaml", **patch})
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2, f"{label}: exit code {result.exit_code}, output {result.output!r}"
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, f"{label}: expected one line, got {lines}"
+    assert str(path) in lines[0] and key in lines[0] and message in lines[0], f"{label}: {lines[0]}"
+    assert "Traceback" not in result.output
+    assert not runs.exists() or not any(runs.iterdir()), f"{label}: something was written under runs/"
+
+
+def test_unreadable_yaml_names_file_and_line(tiny_configs):
+    path = tiny_configs / "broken.yaml"
+    path.write_text("model:\n  name: [unclosed\n")
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "not valid YAML" in result.output and str(path) in result.output
+
+
+def test_yaml_that_builds_python_objects_is_refused(tiny_configs):
+    path = tiny_configs / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_help_lists_the_subcommands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "train", "decompose", "finetune-l2", "finetune-ce", "profile", "table", "plot"):
+        assert command in result.output, f"--help lists {command}"
+        sub = runner.invoke(app, [command, "--help"])
+        assert sub.exit_code == 0 and len(sub.output) > 100, f"{command} --help has help text"
+
+
+def test_base_tiny_is_valid(tiny_configs):
+    """The fixture configs themselves pass validation (so the BAD cases fail for their own reason)."""
+    assert load_config(tiny_configs / "t02.yaml").decompose.bases == [4, 4, 3]
+    assert TINY_BASE["model"]["name"] == "tiny_cnn"
