@@ -31,14 +31,14 @@ def save_model(path: Path, model: torch.nn.Module, arch: str, num_classes: int, 
 
 def load_model(path: Path, arch: str, num_classes: int):
     """Rebuild a saved model (expanded or not) and load its weights. Returns (model, replaced layer names)."""
-    from .lowrank import build_expanded
-
     blob = load_checkpoint(path)
     if blob.get("arch") != arch or blob.get("num_classes") != num_classes:
         raise UserError(f"{path} holds a {blob.get('arch')} with {blob.get('num_classes')} classes, "
                         f"but the config asks for {arch} with {num_classes}; use --force to rebuild it")
     model = build_model(arch, num_classes)
     if blob.get("spec"):
+        from .lowrank import build_expanded
+
         model = build_expanded(model, blob["spec"])
     own = model.state_dict()
     for key, value in blob["model"].items():

@@ -1,0 +1,92 @@
+"""`lrx decompose --dry-run` and `--show-bases`: look at a decomposition before and after making it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config
+from .errors import UserError
+
+
+def plan_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str]:
+    """Per layer: rank, MACs before/after, retained energy, for the baseline's weights if trained yet.
+
+    Returns (rows, where the weights came from). Writes nothing.
+    """
+    from .models import build_model
+    from .stages import expand_model, final_model_file, load_model
+
+    source = "fresh random weights (the baseline is not trained yet)"
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    if cfg.baseline is not None:
+        try:
+            path = final_model_file(Path(runs_dir), cfg.baseline)
+            if path.exists() and cfg.parent is None:
+                model, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+                source = f"the trained baseline {path}"
+        except UserError:
+            pass
+    _, report = expand_model(model, cfg)
+    rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
+             "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
+             "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
+            for layer in report["layers"]]
+    if "plan" in report:
+        source += f"; ranks by rule: {report['plan']['rule']}"
+    return rows, source
+
+
+def print_plan(cfg: Config, runs_dir: str | Path = "runs") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows, source = plan_decomposition(cfg, runs_dir)
+    dec = cfg.decompose
+    table = Table(title=f"{cfg.name}: scheme {dec.scheme}, {dec.basis} basis, {dec.method}"
+                        f"{', decomposed' if dec.decomposed else ''} (dry run: nothing written)")
+    for column in ("layer", "rank", "max", "MACs before (M)", "MACs after (M)", "ratio", "retained energy"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    before = after = 0
+    for row in rows:
+        before, after = before + row["macs_before"], after + row["macs_after"]
+        table.add_row(row["name"], str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
+                      f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
+                      f"{row['retained_energy']:.4f}")
+    table.add_row("total", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
+    console = Console()
+    console.print(table)
+    console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
+
+
+def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
+    """A grid of each replaced layer's basis filters (scheme 1) or rank-1 filter pairs (scheme 2), as in the paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .layers import LowRankExpConvV1, LowRankExpConvV2
+    from .stages import load_model
+
+    model, names = load_model(model_path, cfg.model.name, cfg.model.num_classes)
+    modules = dict(model.named_modules())
+    panels = []
+    for name in names:
+        layer = modules[name]
+        if isinstance(layer, (LowRankExpConvV1, LowRankExpConvV2)):
+            panels.append((name, layer.basis_filters().detach().float().cpu()))
+    if not panels:
+        raise UserError(f"{model_path} has no low-rank layers to show")
+    width = max(min(len(f), 16) for _, f in panels)
+    fig, axes = plt.subplots(len(panels), width, figsize=(width * 0.9, len(panels) * 1.1), squeeze=False)
+    for row, (name, filters) in enumerate(panels):
+        for col in range(width):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(filters):
+                ax.imshow(filters[col], cmap="gray")
+        axes[row][0].set_title(name, fontsize=7, loc="left")
+    fig.suptitle(f"{cfg.name}: basis filters (first {width} per layer)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
