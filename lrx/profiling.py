@@ -416,6 +416,7 @@ def profile_pair(
     replaced_layer_names: Sequence[str],
     cfg: ProfileConfig,
     device: str | torch.device | None = None,
+    per_layer: bool = True,
 ) -> dict:
     """Everything ``metrics.json`` holds about a run's size and speed.
 
@@ -426,6 +427,8 @@ def profile_pair(
     replaced_layer_names : qualified names of the replaced convs (``conv_layers`` names), for the per-layer times.
     cfg : input size, batch, threads, warm-up, repeats and device.
     device : overrides ``cfg.device`` when given; ``"auto"`` picks CUDA when available.
+    per_layer : time each replaced layer alone too (:func:`layer_latency`); on 2 CPU cores at the
+        seed's input this is about half of the ~2 minutes an expanded profile takes.
 
     Returns
     -------
@@ -446,7 +449,7 @@ def profile_pair(
         models = {"original": original} if expanded is None else {"original": original, "expanded": expanded}
         lat = latency(models, cfg.batch, input_size, device, None, cfg.warmup, cfg.repeats)
         layers = []
-        if expanded is not None and replaced_layer_names:
+        if per_layer and expanded is not None and replaced_layer_names:
             layers = layer_latency(original, expanded, replaced_layer_names, cfg.batch, input_size, device,
                                    None, cfg.warmup, cfg.repeats)
 
