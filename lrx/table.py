@@ -44,8 +44,9 @@ def collect_rows(runs_dir: str | Path) -> list[dict]:
     - ``name``: metrics' name, else the config's, else the folder name; ``dir``: the folder;
     - ``status``: metrics' status ("done", "running", "failed"), ``"not run"`` without metrics.json,
       ``"unreadable"`` when metrics.json is not a JSON object; ``error``: why, or None;
-    - ``history``: the fine-tune stages that made this model: the parent run's ``history`` (a run
-      with ``parent:`` continues from that run's model) followed by its own ``finetune`` list;
+    - ``history``: the fine-tune stages that made this model: metrics.json's ``finetune`` (which
+      lrx.runs writes with the parent's stages first); for a run not yet measured, the parent
+      run's ``history`` followed by the stages in its config.yaml;
     - ``decompose`` taken from the parent run when the run has none of its own.
 
     Never raises for a broken run; raises :class:`UserError` only when ``runs_dir`` is not a folder.
@@ -76,6 +77,7 @@ def _read_run(folder: Path) -> dict | None:
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             pass  # the config only supplies defaults; metrics.json or the folder name still name the row
     status, error = NO_METRICS, "no metrics.json"
+    metrics_keys: set = set()
     if metrics_path.exists():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -83,6 +85,7 @@ def _read_run(folder: Path) -> dict | None:
             metrics, error = None, f"metrics.json: {type(err).__name__}: {err}"
         if isinstance(metrics, dict):
             row.update(metrics)
+            metrics_keys = set(metrics)
             status, error = str(metrics.get("status") or "done"), metrics.get("error")
         else:
             status = UNREADABLE
@@ -94,13 +97,19 @@ def _read_run(folder: Path) -> dict | None:
     row["error"] = error if status != "done" else None
     if not isinstance(row.get("finetune"), list):
         row["finetune"] = []
+    row["finetune_from"] = "metrics.json" if "finetune" in metrics_keys else "config.yaml"
     if not isinstance(row.get("decompose"), dict):
         row["decompose"] = None
     return row
 
 
 def _inherit(rows: list[dict]) -> None:
-    """Fill ``history`` and a missing ``decompose`` from each run's ``parent`` chain."""
+    """Fill ``history`` and a missing ``decompose`` from each run's ``parent`` chain.
+
+    ``metrics.json``'s ``finetune`` already lists every stage that made the model, the parent's
+    included (lrx.runs writes it so), and is taken as it is. A run known only from its
+    ``config.yaml`` lists its own stages there; the parent's history goes before them.
+    """
     by_name = {row["name"]: row for row in rows}
 
     def history(row: dict, seen: tuple) -> list[dict]:
@@ -113,8 +122,8 @@ def _inherit(rows: list[dict]) -> None:
             before = history(parent, seen + (row["name"],))
             if row["decompose"] is None:
                 row["decompose"] = parent["decompose"]
-            # A run whose own list already starts with its parent's stages is not counted twice.
-            result = own if own[: len(before)] == before and before else before + own
+            if row["finetune_from"] == "config.yaml":
+                result = before + own
         row["history"] = result
         return result
 

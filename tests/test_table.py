@@ -48,8 +48,8 @@ def seed_runs(tmp_path):
     write_run(root, "x_l2", done("x_l2", 3, 2, finetune=[l2_stage], acc1_before=77.43, acc1=72.67,
                                  l2_before=1952.4, l2_after=176.6),
               config={"name": "x_l2", "no": 3, "group": 2, "parent": "y_expanded", "baseline": "z_original"})
-    # Row 4: CE after row 3, so its schedule is row 3's L2 stage then its own CE stage.
-    write_run(root, "w_l2_ce", done("w_l2_ce", 4, 2, finetune=[{"l2": 0.0, "ce": 1.0, "epochs": 10}],
+    # Row 4: CE after row 3; as lrx.runs writes it, its finetune list holds row 3's stage, then its own.
+    write_run(root, "w_l2_ce", done("w_l2_ce", 4, 2, finetune=[l2_stage, {"l2": 0.0, "ce": 1.0, "epochs": 10}],
                                     acc1_before=72.67, acc1=82.35, l2_before=176.6, l2_after=783.2),
               config={"name": "w_l2_ce", "no": 4, "group": 2, "parent": "x_l2", "baseline": "z_original"})
     write_run(root, "v_ce", done("v_ce", 5, 2, finetune=[{"l2": 0.0, "ce": 1.0, "epochs": 10}],
@@ -60,6 +60,9 @@ def seed_runs(tmp_path):
     write_run(root, "t_pending", config={"name": "t_pending", "no": 7, "group": 3, "remark": "planned",
                                          "decompose": {**DECOMPOSE, "decomposed": True},
                                          "finetune": [{"l2": 1.0, "ce": 0.0, "epochs": 20}]})
+    # Not run yet, continuing from row 3: the parent's L2 stage precedes the CE stage of its config.
+    write_run(root, "r_planned", config={"name": "r_planned", "no": 8, "group": 3, "parent": "x_l2",
+                                         "finetune": [{"l2": 0.0, "ce": 1.0, "epochs": 10}]})
     write_run(root, "s_broken", raw_metrics="{not json")
     (root / "quick" / "exp01").mkdir(parents=True)  # nested runs: not one level down, not a row
     (root / "quick" / "exp01" / "metrics.json").write_text(json.dumps(done("exp01", 1, 1)))
@@ -87,7 +90,7 @@ def test_rows_ordered_by_no_with_group_separators(seed_runs):
     first_cells = [cells_of(line)[0] if line != "|" else "|" for line in lines]
     # Numbered rows 1..7 in order (folders sort the other way), a '|' line where the group changes,
     # then the broken run, which has no number, under its folder name.
-    assert first_cells == ["1", "|", "2", "3", "4", "5", "|", "6", "7", "|", "s_broken"], \
+    assert first_cells == ["1", "|", "2", "3", "4", "5", "|", "6", "7", "8", "|", "s_broken"], \
         f"rows in 'no' order with separators on group change, got {first_cells}"
 
 
@@ -99,7 +102,7 @@ def test_seed_notation(seed_runs):
         f"expanded row without fine-tuning: '-' schedules, '-' for a null CUDA time: {rows['2']}"
     assert rows["3"][1:9] == ["2,3,4,5", "8,8,6,4", "-", "1.0x20", "0.0", "72.67", "-", "-"], \
         f"L2-only row: layers inherited from its parent, '1.0x20' and '0.0', unmeasured '-': {rows['3']}"
-    assert rows["4"][4:6] == ["1.0x20", "1.0x10"], f"L2 then CE: parent's L2 stage and own CE stage: {rows['4']}"
+    assert rows["4"][4:6] == ["1.0x20", "1.0x10"], f"L2 then CE, as listed in metrics.json: {rows['4']}"
     assert rows["5"][4:6] == ["0.0", "1.0x10"], f"CE only: {rows['5']}"
     assert rows["6"][3] == "Y", f"a decomposed run shows 'Y': {rows['6']}"
 
@@ -120,6 +123,8 @@ def test_unfinished_and_broken_runs_are_rows(seed_runs):
     assert rows["7"][1:6] == ["2,3,4,5", "8,8,6,4", "Y", "1.0x20", "0.0"], \
         f"a run with config.yaml only shows what it is configured to be: {rows['7']}"
     assert rows["7"][11] == "[not run: no metrics.json] planned", f"and that it has not run: {rows['7'][11]!r}"
+    assert rows["8"][1:6] == ["2,3,4,5", "8,8,6,4", "-", "1.0x20", "1.0x10"], \
+        f"a configured run continuing from row 3 shows row 3's expansion and L2 stage before its own CE: {rows['8']}"
     assert rows["s_broken"][11].startswith("[unreadable: metrics.json: JSONDecodeError"), \
         f"unreadable metrics.json is a row saying so: {rows['s_broken']}"
 
@@ -138,7 +143,7 @@ def test_missing_runs_dir_is_a_user_error(tmp_path):
 def test_csv_and_json_parse(seed_runs):
     rows = collect_rows(seed_runs)
     records = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
-    assert [r["no"] for r in records] == ["1", "2", "3", "4", "5", "6", "7", ""], f"csv rows in order: {records}"
+    assert [r["no"] for r in records] == ["1", "2", "3", "4", "5", "6", "7", "8", ""], f"csv rows in order: {records}"
     assert records[3]["l2_finetune"] == "1.0x20" and records[3]["ce_finetune"] == "1.0x10", f"csv notation: {records[3]}"
     data = json.loads(render(rows, "json"))
     assert data[0]["macs_m"] == pytest.approx(698.88609) and data[0]["acc1"] == 83.14, f"json numbers unformatted: {data[0]}"
