@@ -1,0 +1,138 @@
+"""Process-group helpers for ``torchrun --nproc_per_node N`` (DistributedDataParallel).
+
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) every helper is a
+cheap no-op for a single process, so training code calls them unconditionally. The group uses NCCL
+when the job trains on GPUs and gloo on CPUs; each process drives the GPU ``LOCAL_RANK``.
+
+Multi-node runs use torchrun's rendezvous, e.g. on each of two machines::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \\
+        --rdzv_id lrx1 -m lrx.cli run configs/exp04.yaml
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: str | torch.device = "cpu") -> None:
+    """Join the process group torchrun describes, once; nothing to do in a single process.
+
+    Call it before anything touches CUDA so that ``"cuda"`` means this process's own GPU.
+    """
+    if env_world_size() <= 1 or is_initialized():
+        return
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes files and logs (rank 0)."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def local_device(device: str | torch.device) -> torch.device:
+    """``device`` with an explicit index: ``cuda`` becomes this process's current GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when several processes train, else ``model`` itself.
+
+    Only parameters with ``requires_grad`` are synchronised, so freeze before wrapping.
+    """
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+
+
+def shard(batches):
+    """This process's share of ``batches`` (``Batches.shard``), or ``batches`` in a single process."""
+    return batches.shard(rank(), world_size()) if is_distributed() else batches
+
+
+def own_count(total: int) -> int:
+    """How many of ``total`` strided samples are this rank's own, not the padding a shard repeats."""
+    return len(range(rank(), total, world_size()))
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over the processes (in place; returned for convenience)."""
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any process (every process gets the same answer)."""
+    if not is_distributed():
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def gather(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (end of a torchrun job)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def check_device(device: torch.device) -> None:
+    """A clear error when CUDA is asked for on a machine without it."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device is cuda but no GPU is available; allowed here: auto, cpu", key="runtime.device")

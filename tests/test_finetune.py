@@ -1,0 +1,326 @@
+"""L2 / CE fine-tuning of a tiny CNN on synthetic images: freezing, metrics, keep rules, resume, NaN."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lrx import finetune
+from lrx.checkpoint import load_checkpoint
+from lrx.config import StageConfig
+from lrx.data import Batches, synthetic
+from lrx.errors import UserError
+from lrx.finetune import LayerTaps, l2_norm, measure, run_stage
+from lrx.train import TrainingDiverged, is_better
+
+REPLACED = ["3", "6"]  # module names of the two convolutions the student replaces
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine spin against each other; one is faster and deterministic.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),  # 0 1 2
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 3 4 5
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),  # 6 7
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 10),  # 8 9 10 11
+    )
+
+
+class LowRank(nn.Sequential):
+    """A stand-in for an expanded layer: k x k conv to ``rank`` channels, then a 1x1 conv."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int):
+        super().__init__(nn.Conv2d(conv.in_channels, rank, conv.kernel_size, padding=conv.padding, bias=False),
+                         nn.Conv2d(rank, conv.out_channels, 1))
+
+
+def make_pair(seed=0):
+    teacher = tiny_cnn(seed)
+    teacher.eval()
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(seed + 100)
+    for name in REPLACED:
+        student[int(name)] = LowRank(teacher[int(name)], rank=4)
+    return student, teacher
+
+
+def make_data(n_train=256, n_test=128, size=16, batch=32):
+    x, y = synthetic(n_train, size, seed=0)
+    xt, yt = synthetic(n_test, size, seed=1)
+    return (Batches(x, y, batch, size, "cpu", shuffle=True, seed=0),
+            Batches(xt, yt, 64, size, "cpu", shuffle=False, seed=0))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def replaced_key(key):
+    return key.split(".")[0] in REPLACED
+
+
+# ---------------------------------------------------------------- taps and the L2 norm
+
+
+def test_taps_keep_the_layer_output_before_an_inplace_relu():
+    model = tiny_cnn()
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model[:4](x)  # up to conv 3, whose ReLU (4) is in place
+        with LayerTaps(model, ["3"]) as taps:
+            out = taps(model, x)
+        assert (expected < 0).any(), "test setup: the conv output should have negative values"
+        torch.testing.assert_close(taps.outputs["3"], expected, msg="the tapped output was changed by the in-place ReLU")
+        torch.testing.assert_close(out, model(x), msg="tapping changed the model's output")
+    assert not model[3]._forward_hooks, "the hooks were not removed"
+
+
+def test_taps_can_stop_after_the_last_tapped_layer():
+    model = tiny_cnn()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    model[11].register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad(), LayerTaps(model, REPLACED, stop_early=True) as taps:
+        first, second = taps(model, x), taps(model, x)
+        assert first is not None and second is None, "the second pass should stop after layer 6 and return None"
+        assert set(taps.outputs) == set(REPLACED), "a stopped pass must still keep every tapped output"
+    assert len(calls) == 1, "the classifier ran in the pass that should have stopped early"
+
+
+def test_unknown_layer_name_is_a_user_error():
+    with pytest.raises(UserError, match="'99'"):
+        LayerTaps(tiny_cnn(), ["3", "99"])
+
+
+def test_l2_norm_matches_a_direct_computation():
+    student, teacher = make_pair()
+    _, test = make_data(n_test=70)
+    student.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, _ in test:
+            for name in REPLACED:
+                cut = int(name) + 1
+                diff = (student[:cut](x) - teacher[:cut](x)).flatten(1)
+                total += diff.norm(dim=1).sum().item()
+            count += len(x)
+    expected = total / count
+    got = l2_norm(student, teacher, REPLACED, test)
+    assert math.isclose(got, expected, rel_tol=1e-5), f"l2_norm {got} != per-sample norm averaged, summed {expected}"
+    assert l2_norm(teacher, copy.deepcopy(teacher), REPLACED, test) == 0.0, "identical models must have L2 norm 0"
+
+
+def test_l2_norm_of_a_constant_offset():
+    teacher = tiny_cnn()
+    teacher.eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[6].bias += 0.5
+    _, test = make_data(n_test=64)
+    got = l2_norm(student, teacher, ["6"], test)
+    expected = 0.5 * math.sqrt(16 * 8 * 8)  # every one of C*H*W outputs is off by 0.5
+    assert math.isclose(got, expected, rel_tol=1e-4), f"L2 norm {got}, expected {expected}"
+
+
+def test_mismatched_output_shape_is_a_user_error():
+    student, teacher = make_pair()
+    student[3] = nn.Conv2d(8, 16, 3, padding=0)
+    student[6] = nn.Conv2d(16, 16, 3, padding=1)
+    student[8] = nn.AdaptiveAvgPool2d(2)
+    _, test = make_data(n_test=8)
+    with pytest.raises(UserError, match="shape"):
+        l2_norm(student, teacher, ["3"], test)
+
+
+# ---------------------------------------------------------------- the L2 stage
+
+
+def test_l2_stage_trains_only_the_replaced_layers(tmp_path, monkeypatch):
+    student, teacher = make_pair()
+    train, test = make_data()
+    before, teacher_before = state(student), state(teacher)
+    given = []
+    real_adamw = torch.optim.AdamW
+    monkeypatch.setattr(finetune.torch.optim, "AdamW", lambda params, **kw: given.append(list(params)) or real_adamw(given[-1], **kw))
+    modes = []
+    student[0].register_forward_pre_hook(lambda m, a: modes.append(m.training) if torch.is_grad_enabled() else None)
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=2, lr=1e-2),
+                       tmp_path / "s.ckpt", quiet=True)
+    after = state(student)
+    frozen_changed = [k for k in before if not replaced_key(k) and not torch.equal(before[k], after[k])]
+    replaced_same = [k for k in before if replaced_key(k) and torch.equal(before[k], after[k])]
+    assert frozen_changed == [], f"parameters/buffers outside the replaced layers changed: {frozen_changed}"
+    assert replaced_same == [], f"replaced layers did not train: {replaced_same}"
+    expected = {id(p) for n in REPLACED for p in student[int(n)].parameters()}
+    assert {id(p) for p in given[0]} == expected, "the optimizer must get exactly the replaced layers' parameters"
+    assert modes and not any(modes), "the frozen part of the student must be in eval mode while training"
+    assert all(p.requires_grad for p in student.parameters()), "requires_grad was not restored after the stage"
+    assert all(torch.equal(teacher_before[k], v) for k, v in state(teacher).items()), "the teacher changed"
+    assert result["l2_after"] < result["l2_before"], f"L2 norm did not fall: {result['l2_before']} -> {result['l2_after']}"
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"], f"L2 loss did not fall: {result['history']}"
+    keys = {"l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "history", "wall_s"}
+    assert set(result) == keys, f"result keys {sorted(result)}"
+    assert (result["l2"], result["ce"], result["epochs"]) == (1.0, 0.0, 2), "the stage's weights/epochs are reported"
+
+
+def test_ce_stage_trains_everything(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data()
+    before = state(student)
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=1, lr=1e-3),
+                       tmp_path / "s.ckpt", quiet=True)
+    after = state(student)
+    unchanged = [k for k in before if not k.endswith("num_batches_tracked") and torch.equal(before[k], after[k])]
+    assert unchanged == [], f"a CE stage must train every parameter (and BN statistics); unchanged: {unchanged}"
+    assert result["l2_after"] is not None and result["l2_after"] > 0, "a CE stage still reports the L2 norm"
+
+
+# ---------------------------------------------------------------- which epoch is kept
+
+
+def test_keep_rule_ties_and_directions():
+    best = {"acc1": 80.0, "l2": 10.0}
+    assert not is_better({"acc1": 80.0, "l2": 1.0}, best, "best-acc"), "a tie in acc1 keeps the earlier epoch"
+    assert is_better({"acc1": 80.1, "l2": 99.0}, best, "best-acc"), "higher acc1 wins under best-acc"
+    assert is_better({"acc1": 0.0, "l2": 9.0}, best, "best-l2"), "lower l2 wins under best-l2"
+    assert not is_better({"acc1": 99.0, "l2": 10.5}, best, "best-l2"), "higher l2 loses under best-l2"
+    assert is_better({"acc1": 0.0, "l2": 99.0}, best, "last"), "last always takes the newest epoch"
+
+
+@pytest.mark.parametrize("keep, fake, expected_epoch", [
+    ("best-acc", [(50.0, 9.0), (90.0, 8.0), (70.0, 5.0)], 2),
+    ("best-l2", [(50.0, 9.0), (90.0, 8.0), (70.0, 5.0)], 3),
+    ("best-l2", [(50.0, 4.0), (90.0, 8.0), (70.0, 5.0)], 1),
+    ("last", [(50.0, 9.0), (90.0, 8.0), (70.0, 5.0)], 3),
+])
+def test_kept_epoch_and_weights(tmp_path, monkeypatch, keep, fake, expected_epoch):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=64)
+    values = iter([(40.0, 10.0)] + fake)  # the first call measures the model before fine-tuning
+    monkeypatch.setattr(finetune, "measure", lambda *a, **k: next(values))
+    snapshots = {}
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=3, lr=1e-2, keep=keep),
+                       tmp_path / "s.ckpt", quiet=True, on_epoch=lambda epoch, rec: snapshots.update({epoch: state(student)}))
+    assert result["best_epoch"] == expected_epoch, f"{keep} kept epoch {result['best_epoch']}, expected {expected_epoch}"
+    acc, l2 = fake[expected_epoch - 1]
+    assert (result["acc1_after"], result["l2_after"]) == (acc, l2), "acc1_after/l2_after are not the kept epoch's"
+    assert (result["acc1_before"], result["l2_before"]) == (40.0, 10.0), "before-values are not the first measurement"
+    final = state(student)
+    assert all(torch.equal(final[k], snapshots[expected_epoch][k]) for k in final), \
+        f"the student does not hold epoch {expected_epoch}'s weights"
+
+
+# ---------------------------------------------------------------- resume and failure
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", [StageConfig(l2=1.0, epochs=3, lr=1e-2), StageConfig(l2=0.01, ce=1.0, epochs=3, lr=1e-3)],
+                         ids=["l2", "l2+ce-with-dropout"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stage):
+    train, test = make_data()
+    student, teacher = make_pair()
+    whole = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "whole.ckpt", quiet=True, seed=3)
+    whole_state = state(student)
+
+    student, teacher = make_pair()
+
+    def stop_after_1(epoch, record):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, seed=3,
+                  on_epoch=stop_after_1)
+    assert load_checkpoint(tmp_path / "cut.ckpt")["epoch"] == 1, "the checkpoint of epoch 1 should be on disk"
+    torch.manual_seed(12345)  # the resumed run must not depend on the RNG state it finds
+    student, teacher = make_pair()  # a fresh process would rebuild the expanded model
+    resumed = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, seed=3)
+    for key in ("acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "history"):
+        assert resumed[key] == whole[key], f"{key}: resumed {resumed[key]} != uninterrupted {whole[key]}"
+    assert all(torch.equal(whole_state[k], v) for k, v in state(student).items()), "resumed weights differ"
+
+    again = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, seed=3)
+    assert again["history"] == whole["history"], "re-running a finished stage must return its results unchanged"
+
+
+class Poisonable(nn.Module):
+    """Wraps a layer; its training-time forward number ``poison_at`` returns NaN."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.poison_at = inner, 0, None
+
+    def forward(self, x):
+        out = self.inner(x)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.poison_at is not None and self.calls >= self.poison_at:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    student, teacher = make_pair()
+    student[6] = Poisonable(student[6])
+    train, test = make_data()
+    ckpt = tmp_path / "s.ckpt"
+    good = {}
+
+    def poison_epoch_2_step_3(epoch, record):
+        good.update(state(student))
+        student[6].poison_at = student[6].calls + 3
+
+    with pytest.raises(TrainingDiverged) as err:
+        run_stage(student, teacher, ["3", "6"], train, test, StageConfig(l2=1.0, epochs=3, lr=1e-2), ckpt, quiet=True,
+                  on_epoch=poison_epoch_2_step_3)
+    message = str(err.value)
+    assert "epoch 2, step 3" in message and "nan" in message, f"the message must name epoch 2, step 3: {message}"
+    assert str(ckpt) in message, f"the message should name the kept checkpoint: {message}"
+    assert isinstance(err.value, UserError), "a diverged loss is reported like a user error (one line, exit 2)"
+    kept = load_checkpoint(ckpt)
+    assert kept["epoch"] == 1, f"the last good checkpoint (epoch 1) was not kept: epoch {kept['epoch']}"
+    assert all(torch.equal(kept["model"][k], good[k]) for k in good), "the kept checkpoint is not epoch 1's weights"
+    assert all(p.requires_grad for p in student.parameters()), "requires_grad was not restored after the failure"
+
+
+def test_corrupted_stage_checkpoint_is_a_user_error(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=32, n_test=16)
+    ckpt = tmp_path / "stage0.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError) as err:
+        run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1), ckpt, quiet=True)
+    assert str(ckpt) in str(err.value), f"the error does not name the checkpoint: {err.value}"
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=32, n_test=16)
+    ckpt = tmp_path / "stage0.ckpt"
+    run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1), ckpt, quiet=True)
+    with pytest.raises(UserError, match="lr"):
+        run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1, lr=0.5), ckpt, quiet=True)
+
+
+def test_zero_epochs_reports_the_starting_point(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=32, n_test=32)
+    acc1, l2 = measure(student, teacher, REPLACED, test)
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=0), tmp_path / "s.ckpt", quiet=True)
+    assert (result["acc1_after"], result["l2_after"], result["best_epoch"]) == (acc1, l2, 0), \
+        f"with 0 epochs the after-values must equal the before-values: {result}"

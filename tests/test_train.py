@@ -1,0 +1,207 @@
+"""Baseline training: evaluate, the NaN check, the kept epoch, resume equals uninterrupted."""
+import pytest
+import torch
+from torch import nn
+
+from lrx import train as train_mod
+from lrx.checkpoint import load_checkpoint
+from lrx.config import TrainConfig
+from lrx.data import Batches, synthetic
+from lrx.errors import UserError
+from lrx.train import TrainingDiverged, evaluate, train_baseline, train_one_epoch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine spin against each other; one is faster and deterministic.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Scaled(nn.Module):
+    """A small CNN whose logits are multiplied by ``scale`` (set it to NaN to make the loss diverge)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2),
+                                  nn.Flatten(), nn.Dropout(0.3), nn.Linear(64, 10))
+        self.scale = 1.0
+
+    def forward(self, x):
+        return self.body(x) * self.scale
+
+
+def make_data(n_train=256, n_test=128, size=16):
+    x, y = synthetic(n_train, size, seed=0)
+    xt, yt = synthetic(n_test, size, seed=1)
+    return (Batches(x, y, 32, size, "cpu", shuffle=True, seed=0),
+            Batches(xt, yt, 50, size, "cpu", shuffle=False, seed=0))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Constant(nn.Module):
+    """Always predicts class ``c``."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, self.c] = 1.0
+        return out + self.dummy
+
+
+def test_evaluate_is_percent_correct_and_restores_the_mode():
+    _, test = make_data(n_test=130)
+    expected = 100.0 * (test.labels == 3).sum().item() / 130
+    model = Constant(3)
+    model.train()
+    got = evaluate(model, test)
+    assert abs(got - expected) < 1e-9, f"acc@1 {got}, expected {expected} (share of label 3 in percent)"
+    assert model.training, "evaluate must restore the train/eval flags it found"
+
+
+def test_evaluate_of_padded_shards_counts_each_image_once(monkeypatch):
+    _, test = make_data(n_test=101)  # 101 images over 2 ranks: the shards repeat one image as padding
+    model = Constant(3)
+    whole = evaluate(model, test)
+    sums = []
+    dist = train_mod.distributed
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: sums.append(t.clone()) or t)  # collect instead of reducing
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda r=rank: r)
+        shard = test.shard(rank, 2)
+        assert shard.num_images == 51, "test setup: each shard holds 51 images, one of them padding"
+        evaluate(model, shard, total=test.num_images)
+    correct, seen = sum(sums).tolist()
+    assert seen == 101, f"the two ranks together counted {seen} images, expected 101 (padding excluded)"
+    assert 100.0 * correct / seen == pytest.approx(whole), "sharded accuracy differs from one process's"
+
+
+def batches_of(values):
+    """A stand-in for Batches: one (x, y) per value, x a (1, 1) tensor holding the value."""
+
+    class Fake(list):
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    return Fake((torch.tensor([[v]]), torch.tensor([0])) for v in values)
+
+
+def value_loss(model, x, y):
+    """The batch's value as the loss, with a gradient path to the model."""
+    return (model.weight * 0).sum() + x.sum()
+
+
+def test_nan_is_found_at_its_step_past_the_first_check():
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    values = [1.0] * 24 + [float("nan")] + [1.0] * 10  # step 25 lies in the second group of checks
+    with pytest.raises(TrainingDiverged) as err:
+        train_one_epoch(model, batches_of(values), optimizer, value_loss, epoch=7)
+    assert (err.value.epoch, err.value.step) == (7, 25), f"reported epoch {err.value.epoch} step {err.value.step}"
+    assert "epoch 7, step 25 of 35" in str(err.value), f"message: {err.value}"
+
+
+def test_infinite_loss_stops_too():
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(TrainingDiverged, match="inf at epoch 1, step 2"):
+        train_one_epoch(model, batches_of([1.0, float("inf")]), optimizer, value_loss, epoch=1)
+
+
+def test_mean_loss_of_an_epoch():
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    mean = train_one_epoch(model, batches_of([1.0, 2.0, 6.0]), optimizer, value_loss, epoch=1)
+    assert mean == pytest.approx(3.0), f"mean loss {mean}, expected 3.0"
+
+
+def test_baseline_learns_and_reports(tmp_path):
+    model = Scaled()
+    train, test = make_data()
+    result = train_baseline(model, train, test, TrainConfig(epochs=3, lr=0.05), tmp_path / "t.ckpt", quiet=True)
+    assert set(result) == {"acc1", "best_epoch", "epochs", "wall_s"}, f"result keys {sorted(result)}"
+    assert [r["epoch"] for r in result["epochs"]] == [1, 2, 3], "one history record per epoch"
+    assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"], f"the loss did not fall: {result['epochs']}"
+    assert result["acc1"] > 30.0, f"3 epochs on learnable synthetic data should beat chance (10%): {result['acc1']}"
+    assert result["acc1"] == max(r["acc1"] for r in result["epochs"]), "best-acc must report the best epoch's acc1"
+    assert evaluate(model, test) == result["acc1"], "the model must hold the kept epoch's weights"
+
+
+@pytest.mark.parametrize("keep, expected", [("best-acc", 2), ("last", 3)])
+def test_kept_epoch(tmp_path, monkeypatch, keep, expected):
+    model = Scaled()
+    train, test = make_data(n_train=64)
+    fake = iter([50.0, 90.0, 70.0])
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: next(fake))
+    snapshots = {}
+    result = train_baseline(model, train, test, TrainConfig(epochs=3, keep=keep), tmp_path / "t.ckpt", quiet=True,
+                            on_epoch=lambda epoch, rec: snapshots.update({epoch: state(model)}))
+    assert result["best_epoch"] == expected and result["acc1"] == [50.0, 90.0, 70.0][expected - 1], \
+        f"keep {keep}: kept epoch {result['best_epoch']} with acc1 {result['acc1']}"
+    assert all(torch.equal(v, snapshots[expected][k]) for k, v in state(model).items()), \
+        f"the model does not hold epoch {expected}'s weights"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    train, test = make_data()
+    cfg = TrainConfig(epochs=4, lr=0.05)  # SGD + cosine schedule + dropout: all three must resume exactly
+    model = Scaled()
+    whole = train_baseline(model, train, test, cfg, tmp_path / "whole.ckpt", quiet=True, seed=1)
+    whole_state = state(model)
+
+    def stop_after_2(epoch, record):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_baseline(Scaled(), train, test, cfg, tmp_path / "cut.ckpt", quiet=True, seed=1, on_epoch=stop_after_2)
+    torch.manual_seed(999)
+    model = Scaled(seed=5)  # weights come from the checkpoint, not from the fresh model
+    resumed = train_baseline(model, train, test, cfg, tmp_path / "cut.ckpt", quiet=True, seed=1)
+    assert resumed["epochs"] == whole["epochs"], f"history differs: {resumed['epochs']} vs {whole['epochs']}"
+    assert (resumed["acc1"], resumed["best_epoch"]) == (whole["acc1"], whole["best_epoch"]), "final metrics differ"
+    assert all(torch.equal(whole_state[k], v) for k, v in state(model).items()), "resumed weights differ"
+
+
+def test_nan_keeps_the_last_good_checkpoint(tmp_path):
+    model = Scaled()
+    train, test = make_data()
+    ckpt = tmp_path / "t.ckpt"
+    good = {}
+
+    def diverge_after_1(epoch, record):
+        good.update(state(model))
+        model.scale = float("nan")
+
+    with pytest.raises(TrainingDiverged) as err:
+        train_baseline(model, train, test, TrainConfig(epochs=3), ckpt, quiet=True, on_epoch=diverge_after_1)
+    assert "epoch 2, step 1" in str(err.value), f"the message must name epoch 2, step 1: {err.value}"
+    kept = load_checkpoint(ckpt)
+    assert kept["epoch"] == 1, f"the checkpoint must stay at the last good epoch 1, found {kept['epoch']}"
+    assert all(torch.equal(kept["model"][k], good[k]) for k in good), "the kept checkpoint is not epoch 1's weights"
+    assert all(torch.isfinite(v).all() for v in kept["model"].values()), "the kept checkpoint holds NaN"
+
+
+def test_corrupted_checkpoint_names_the_file(tmp_path):
+    train, test = make_data(n_train=32, n_test=16)
+    ckpt = tmp_path / "train.ckpt"
+    ckpt.write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(UserError) as err:
+        train_baseline(Scaled(), train, test, TrainConfig(epochs=1), ckpt, quiet=True)
+    assert str(ckpt) in str(err.value), f"the error does not name the checkpoint: {err.value}"
