@@ -78,7 +78,7 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids)  # buffers (BN statistics) follow rank 0
 
 
 def unwrap(model: nn.Module) -> nn.Module:
