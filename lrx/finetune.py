@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .config import RuntimeConfig, StageConfig
 from .errors import UserError
 from .train import (TrainingDiverged, all_rng_states, autocast, batches_device, check_settings, cpu_state, is_better,
-                    kept_modes, prepare_model, restore_rng_states, to_memory_format, train_one_epoch)
+                    kept_modes, load_weights, prepare_model, restore_rng_states, to_memory_format, train_one_epoch)
 
 Log = Callable[[str], None]
 
@@ -264,7 +264,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
             if ckpt_path.exists():
                 ckpt = load_checkpoint(ckpt_path)
                 check_settings(ckpt, settings, ckpt_path)
-                student.load_state_dict(ckpt["model"])
+                load_weights(student, ckpt["model"], ckpt_path)
                 optimizer.load_state_dict(ckpt["optimizer"])
                 history, best_epoch, wall_before = list(ckpt["history"]), ckpt["best_epoch"], ckpt["wall_s"]
                 before = ckpt["before"]

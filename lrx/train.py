@@ -123,6 +123,15 @@ def is_better(record: dict, best: dict | None, keep: str) -> bool:
     raise UserError(f"unknown keep rule {keep!r}; allowed: best-acc, best-l2, last", key="keep")
 
 
+def load_weights(model: nn.Module, state: dict, path) -> None:
+    """``model.load_state_dict(state)`` with a one-line error naming the checkpoint when they do not fit."""
+    try:
+        distributed.unwrap(model).load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise UserError(f"the checkpoint does not fit the model ({first}); delete it to start over", file=str(path)) from None
+
+
 def check_settings(ckpt: dict, settings: dict, path) -> None:
     """Refuse to resume a checkpoint written with other settings."""
     old = ckpt.get("settings")
@@ -297,7 +306,7 @@ def train_baseline(model: nn.Module, train, test, cfg: TrainConfig, ckpt_path, l
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         check_settings(ckpt, settings, ckpt_path)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])

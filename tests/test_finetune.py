@@ -324,3 +324,17 @@ def test_zero_epochs_reports_the_starting_point(tmp_path):
     result = run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=0), tmp_path / "s.ckpt", quiet=True)
     assert (result["acc1_after"], result["l2_after"], result["best_epoch"]) == (acc1, l2, 0), \
         f"with 0 epochs the after-values must equal the before-values: {result}"
+
+
+def test_checkpoint_of_another_structure_is_a_user_error(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=32, n_test=16)
+    ckpt = tmp_path / "stage0.ckpt"
+    run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1), ckpt, quiet=True)
+    other = copy.deepcopy(teacher)
+    for name in REPLACED:
+        other[int(name)] = LowRank(teacher[int(name)], rank=3)  # other ranks, same settings
+    with pytest.raises(UserError) as err:
+        run_stage(other, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1), ckpt, quiet=True)
+    assert str(ckpt) in str(err.value) and "does not fit" in str(err.value), f"unexpected error: {err.value}"
+    assert "\n" not in str(err.value), "the error must be one line"

@@ -205,3 +205,15 @@ def test_corrupted_checkpoint_names_the_file(tmp_path):
     with pytest.raises(UserError) as err:
         train_baseline(Scaled(), train, test, TrainConfig(epochs=1), ckpt, quiet=True)
     assert str(ckpt) in str(err.value), f"the error does not name the checkpoint: {err.value}"
+
+
+@pytest.mark.parametrize("quiet, rank, shown", [(False, "0", True), (True, "0", False), (False, "1", False)])
+def test_progress_is_silent_when_quiet_or_off_rank_0(monkeypatch, quiet, rank, shown):
+    from lrx import progress as progress_mod
+
+    monkeypatch.setenv("RANK", rank)
+    with progress_mod.progress(3, "epoch 1/1", quiet) as bar:
+        for _ in bar.wrap(range(3)):
+            bar.show(loss=0.5, acc=90.0)
+    assert (bar._progress is not None) == shown, f"quiet={quiet}, RANK={rank}: bar shown should be {shown}"
+    assert list(progress_mod.track(range(4), 4, "x", quiet)) == [0, 1, 2, 3], "track must yield every item"
