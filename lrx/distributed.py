@@ -4,10 +4,17 @@ Without ``torchrun`` (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``)
 cheap no-op for a single process, so training code calls them unconditionally. The group uses NCCL
 when the job trains on GPUs and gloo on CPUs; each process drives the GPU ``LOCAL_RANK``.
 
-Multi-node runs use torchrun's rendezvous, e.g. on each of two machines::
+On one machine::
+
+    torchrun --standalone --nproc_per_node 4 --no-python lrx run configs/exp04.yaml
+
+Multi-node runs use torchrun's rendezvous, e.g. the same command on each of two machines::
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \\
-        --rdzv_id lrx1 -m lrx.cli run configs/exp04.yaml
+        --rdzv_id lrx1 --no-python lrx run configs/exp04.yaml
+
+Each process trains on its shard of every epoch with its own batch of ``data.batch_size`` images
+(the global batch is N times larger); metrics are reduced over all processes; rank 0 alone writes.
 """
 from __future__ import annotations
 
