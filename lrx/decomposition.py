@@ -15,6 +15,7 @@ The MAC formulas at the end count what ptflops counts for the ``nn.Conv2d`` modu
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator, NamedTuple
 
@@ -78,6 +79,38 @@ def max_rank(conv, scheme: str, basis: str = "shared") -> int:
 # ------------------------------------------------------------------------------------- scheme 1
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    """Run CPU work on one intra-op thread, restoring the caller's count afterwards.
+
+    The matrices here are small (at most a few hundred rows wide) and the alternating loop is
+    thousands of tiny ops, where thread hand-offs cost more than the work, and far more when
+    other processes share the cores. Measured on a busy 2-core machine: a 320 x 960 float64
+    SVD took 8.4 s on two threads and 0.15 s on one; AlexNet conv2-5 alternating per-channel
+    took 71 s on two threads and 5.8 s on one.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_thread(fn):
+    """Decorator: run ``fn(tensor, ...)`` under :func:`_single_thread` for the tensor's device."""
+
+    @functools.wraps(fn)
+    def wrapper(tensor, *args, **kwargs):
+        with _single_thread(tensor.device):
+            return fn(tensor, *args, **kwargs)
+
+    return wrapper
+
+
 def _slices(weight: Tensor, basis: str) -> Tensor:
     """Filter slices as a batch of matrices (B, P, dh*dw): B=1, P=N*C (shared) or B=C, P=N (per-channel)."""
     n, c, dh, dw = weight.shape
@@ -98,6 +131,7 @@ def _to_factors(coeff: Tensor, bases: Tensor, weight: Tensor, basis: str) -> Sch
 
 
 @torch.no_grad()
+@_one_thread
 def scheme1_svd(weight: Tensor, rank: int, basis: str = "shared") -> Scheme1Factors:
     """Scheme 1 by truncated SVD: the optimum of the filter reconstruction error (Eckart-Young).
 
@@ -139,25 +173,6 @@ def _svt(z: Tensor, threshold: Tensor, shape: tuple[int, int]) -> tuple[Tensor, 
     if dh > dw:
         out = out.mT
     return out.reshape(z.shape), shrunk
-
-
-@contextlib.contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """Run CPU work on one intra-op thread, restoring the caller's count afterwards.
-
-    The alternating loop is thousands of tiny ops (batches of 3x3..25x25 matrices), where
-    thread hand-offs cost more than the work: AlexNet conv2-5 per-channel took 5.8 s on one
-    thread and 71 s on two on a busy 2-core machine.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -225,10 +240,10 @@ def scheme1_alternating(
         raise UserError("lam_start must be > 0 when lam > 0 (it grows geometrically towards lam)")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise UserError(f"iterations must be an integer >= 0, got {iterations!r}")
-    with _single_thread(weight.device):
-        return _block_descent(weight, rank, basis, lam, lam_start, lam_growth, iterations, tol)
+    return _block_descent(weight, rank, basis, lam, lam_start, lam_growth, iterations, tol)
 
 
+@_one_thread
 def _block_descent(weight, rank, basis, lam, lam_start, lam_growth, iterations, tol) -> Scheme1Factors:
     """The loop of :func:`scheme1_alternating` (arguments checked there)."""
     shape = tuple(weight.shape[2:])
@@ -305,6 +320,7 @@ def scheme1_weight(factors: Scheme1Factors) -> Tensor:
 
 
 @torch.no_grad()
+@_one_thread
 def separable_rank1(bases: Tensor) -> tuple[Tensor, Tensor]:
     """Split each basis filter into its best rank-1 (separable) approximation.
 
@@ -323,6 +339,7 @@ def separable_rank1(bases: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+@_one_thread
 def energy_first_sv(bases: Tensor) -> Tensor:
     """Share of each basis filter's energy in its first singular value: sigma_1^2 / sum sigma_i^2.
 
@@ -344,6 +361,7 @@ def _scheme2_matrix(weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+@_one_thread
 def scheme2_svd(weight: Tensor, rank: int) -> Scheme2Factors:
     """Scheme 2 by the closed form of Tai et al. 2016: the optimum of the filter reconstruction error.
 
@@ -377,6 +395,7 @@ def scheme2_weight(factors: Scheme2Factors) -> Tensor:
 
 
 @torch.no_grad()
+@_one_thread
 def retained_energy(weight: Tensor, scheme: str, basis: str = "shared") -> Tensor:
     """Share of ||W||_F^2 that the best rank-r expansion keeps, for r = 1..max_rank (float64).
 
