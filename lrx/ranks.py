@@ -1,0 +1,118 @@
+"""Per-layer ranks from a speed or MACs target (``bases: auto``), chosen from the singular-value spectra.
+
+The rule, greedy on reconstruction energy per MAC: start every layer at its maximum rank; then,
+until the target is met, lower by one the rank of the layer whose next dropped singular value
+removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) per MAC saved.
+Dropping singular values in this order is what the truncated SVD would lose, so a layer whose
+spectrum decays fast gives up rank before one whose spectrum is flat, and a layer where a rank
+step saves many MACs gives it up before one where it saves few.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+from torch import nn
+
+from . import decomposition as dec
+from .errors import UserError
+from .layers import check_convertible
+from .lowrank import conv_sizes, select_layers
+
+RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
+        "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
+        "per MAC saved, until the target is met")
+TARGETS = ("speedup", "macs")
+
+
+def _check_target(target) -> tuple[str, float]:
+    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGETS:
+        raise UserError(f"target must be one of {{speedup: X}} (theoretical speedup of the replaced layers) or "
+                        f"{{macs: F}} (fraction of the whole model's MACs to keep), got {target!r}", key="decompose.target")
+    kind, value = next(iter(target.items()))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"target {kind} must be a number > 0, got {value!r}", key=f"decompose.target.{kind}")
+    return kind, float(value)
+
+
+def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
+               input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False) -> dict:
+    """Choose a rank per layer so that the expanded model meets ``target`` (see the module doc for the rule).
+
+    Parameters
+    ----------
+    model : the model to expand (not modified).
+    layers : 1-based conv indices or module names, as for :func:`lrx.lowrank.expand`.
+    scheme : "v1" or "v2".
+    target : ``{"speedup": X}``: the replaced layers' MACs fall X-fold (theoretical, before/after);
+        or ``{"macs": F}``: the whole model keeps at most the fraction F of its MACs.
+    input_size : (C, H, W) of one image, for the MAC counts.
+    basis, decomposed : scheme 1's options, as for ``expand`` (they change spectra and MACs).
+
+    Returns
+    -------
+    ``{"rule", "target", "scheme", "basis", "decomposed", "ranks": [...], "layers": [{"index",
+    "name", "rank", "max_rank", "macs_before", "macs_after", "retained_energy"}],
+    "model_macs_before", "predicted_macs" (whole model after), "predicted_speedup" (replaced
+    layers, before/after)}``. MACs are per image and match ptflops (lrx.profiling.count). The
+    target is met, and lowering stopped at the first rank step that met it.
+    """
+    from .profiling import count
+
+    dec.check_choice(scheme, dec.SCHEMES, "scheme")
+    dec.check_choice(basis, dec.BASES, "basis")
+    if scheme == "v2":
+        basis, decomposed = "shared", False
+    kind, value = _check_target(target)
+    chosen = select_layers(model, layers)
+    for _, name, conv in chosen:
+        check_convertible(conv, scheme, decomposed, name)
+    sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    total = count(model, input_size)[0]
+
+    plans = []
+    for index, name, conv in chosen:
+        in_hw, out_hw = sizes[name]
+        top = dec.max_rank(conv, scheme, basis)
+        plans.append({
+            "index": index, "name": name, "conv": conv, "max_rank": top,
+            "retained": dec.retained_energy(conv.weight, scheme, basis).tolist(),
+            "macs_before": dec.original_macs(conv, out_hw),
+            "cost": [dec.expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
+        })
+    before = sum(p["macs_before"] for p in plans)
+    budget = before / value if kind == "speedup" else value * total - (total - before)
+    floor = sum(p["cost"][0] for p in plans)
+    if floor > budget:
+        if kind == "speedup":
+            best = f"the best reachable is {before / floor:.3g}x (rank 1 in every layer)"
+        else:
+            best = f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs (rank 1 in every layer)"
+        raise UserError(f"target {kind} {value:g} cannot be met by layers {', '.join(p['name'] for p in plans)} "
+                        f"with scheme {scheme}: {best}", key=f"decompose.target.{kind}")
+
+    ranks = [p["max_rank"] for p in plans]
+    after = sum(p["cost"][-1] for p in plans)
+    heap = []
+
+    def push(i):
+        r, p = ranks[i], plans[i]
+        if r > 1:
+            loss = p["retained"][r - 1] - p["retained"][r - 2]  # energy share of the r-th singular value
+            saved = p["cost"][r - 1] - p["cost"][r - 2]
+            heapq.heappush(heap, (loss / saved, i))
+
+    for i in range(len(plans)):
+        push(i)
+    while after > budget:
+        _, i = heapq.heappop(heap)  # never empty here: at rank 1 everywhere, after = floor <= budget
+        after -= plans[i]["cost"][ranks[i] - 1] - plans[i]["cost"][ranks[i] - 2]
+        ranks[i] -= 1
+        push(i)
+
+    rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": p["max_rank"],
+             "macs_before": p["macs_before"], "macs_after": p["cost"][r - 1], "retained_energy": p["retained"][r - 1]}
+            for p, r in zip(plans, ranks)]
+    return {"rule": RULE, "target": {kind: value}, "scheme": scheme, "basis": basis, "decomposed": decomposed,
+            "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
+            "predicted_speedup": before / after}
