@@ -338,3 +338,23 @@ def test_checkpoint_of_another_structure_is_a_user_error(tmp_path):
         run_stage(other, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1), ckpt, quiet=True)
     assert str(ckpt) in str(err.value) and "does not fit" in str(err.value), f"unexpected error: {err.value}"
     assert "\n" not in str(err.value), "the error must be one line"
+
+
+@pytest.mark.parametrize("scheme, options", [("v1", {}), ("v1", {"decomposed": True}), ("v2", {})],
+                         ids=["v1", "v1-decomposed", "v2"])
+def test_l2_stage_on_real_expanded_layers(tmp_path, scheme, options):
+    lowrank = pytest.importorskip("lrx.lowrank")
+    teacher = tiny_cnn()
+    teacher.eval()
+    student, report = lowrank.expand(teacher, layers=[2, 3], scheme=scheme, bases=[3, 3], input_size=(3, 16, 16), **options)
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == REPLACED, f"test setup: conv positions 2 and 3 are modules {REPLACED}, got {names}"
+    train, test = make_data()
+    before = state(student)
+    result = run_stage(student, teacher, names, train, test, StageConfig(l2=1.0, epochs=2, lr=1e-2), tmp_path / "s.ckpt",
+                       quiet=True)
+    after = state(student)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    params = sorted(f"{n}.{p}" for n in names for p, _ in student.get_submodule(n).named_parameters())
+    assert changed == params, f"{scheme}: changed {changed}, expected exactly the expanded layers' parameters {params}"
+    assert result["l2_after"] < result["l2_before"], f"{scheme}: L2 norm did not fall: {result}"
