@@ -64,7 +64,7 @@ def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overr
     from .runs import RunDir, Runner, plan
 
     cfg = load_config(config, overrides or ())
-    configs = plan(cfg, overrides or (), with_deps=True)
+    configs = plan(cfg)
     for dep in configs[:-1]:
         if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
             continue

@@ -135,8 +135,11 @@ def _alive(pid: int) -> bool:
 # ---------------------------------------------------------------- configs involved
 
 
-def dependencies(cfg: Config, overrides=()) -> list[Config]:
-    """The configs this one builds on (baseline, parent, recursively), dependencies first, validated."""
+def dependencies(cfg: Config) -> list[Config]:
+    """The configs this one builds on (baseline, parent, recursively), dependencies first, validated.
+
+    Command-line overrides apply to the named config only, never to the runs it builds on.
+    """
     out: list[Config] = []
     seen = {cfg.name}
 
@@ -146,7 +149,7 @@ def dependencies(cfg: Config, overrides=()) -> list[Config]:
             if name is None or name in seen:
                 continue
             seen.add(name)
-            dep = load_config(find_config(name, c.path, key), overrides)
+            dep = load_config(find_config(name, c.path, key))
             visit(dep)
             out.append(dep)
 
@@ -200,9 +203,9 @@ def check_against_model(cfg: Config) -> None:
                             file=cfg.path, key=f"decompose.bases.{i}")
 
 
-def plan(cfg: Config, overrides=(), with_deps: bool = True) -> list[Config]:
+def plan(cfg: Config, with_deps: bool = True) -> list[Config]:
     """Every config that running ``cfg`` involves, dependencies first; all validated before anything runs."""
-    configs = (dependencies(cfg, overrides) if with_deps else []) + [cfg]
+    configs = (dependencies(cfg) if with_deps else []) + [cfg]
     for c in configs:
         check_against_model(c)
     return configs
@@ -289,6 +292,7 @@ class Runner:
                 stale = [n for n in stage_names(cfg)[first:] if n in metrics["stages"]]
                 if stale and not self.force:
                     metrics = self._retire(metrics, f"settings changed from stage {todo[0]}", keep=stage_names(cfg)[:first])
+                    metrics = self._header(metrics)
                 todo = [n for n in names if stage_names(cfg).index(n) >= first]
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
