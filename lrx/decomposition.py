@@ -3,9 +3,9 @@
 A conv weight ``W`` is ``(N, C, dh, dw)``: N output channels, C input channels, a dh x dw kernel;
 ``W_n^c`` is the dh x dw slice of filter n on input channel c.
 
-Scheme 1 (Jaderberg et al. 2014, section 3.1) approximates every slice by M basis filters:
+Scheme 1 (Jaderberg et al. 2014) approximates every slice by M basis filters:
 ``W_n^c ~ sum_m a[n, c, m] s_m`` (``basis="shared"``) or ``sum_m a[n, c, m] s_m^c`` (``"per-channel"``).
-Scheme 2 (section 3.2, closed form of Tai et al. 2016) writes
+Scheme 2 (same paper; closed form of Tai et al. 2016) writes
 ``W[n, c, i, j] ~ sum_k v[k, c, i] h[n, k, j]``: a dh x 1 conv C -> K, then a 1 x dw conv K -> N.
 
 Every factorisation runs under ``torch.no_grad`` in float64 (small singular values matter for the
@@ -76,7 +76,7 @@ def max_rank(conv, scheme: str, basis: str = "shared") -> int:
     return min(n * c, dh * dw) if basis == "shared" else min(n, dh * dw)
 
 
-# ------------------------------------------------------------------------------------- scheme 1
+# ---------------------------------------------------------------------------------------- threads
 
 
 @contextlib.contextmanager
@@ -87,7 +87,9 @@ def _single_thread(device: torch.device) -> Iterator[None]:
     thousands of tiny ops, where thread hand-offs cost more than the work, and far more when
     other processes share the cores. Measured on a busy 2-core machine: a 320 x 960 float64
     SVD took 8.4 s on two threads and 0.15 s on one; AlexNet conv2-5 alternating per-channel
-    took 71 s on two threads and 5.8 s on one.
+    took 71 s on two threads and 5.8 s on one. A side benefit: the factors are then the same
+    bit for bit whatever thread count the caller runs with. (torch's thread count is
+    process-wide; it is restored on exit.)
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -109,6 +111,9 @@ def _one_thread(fn):
             return fn(tensor, *args, **kwargs)
 
     return wrapper
+
+
+# ------------------------------------------------------------------------------------- scheme 1
 
 
 def _slices(weight: Tensor, basis: str) -> Tensor:
