@@ -128,6 +128,16 @@ def gather(obj: Any) -> list:
     return out
 
 
+def file_exists(path) -> bool:
+    """Whether ``path`` exists, the same answer on every process: a checkpoint seen by some
+    processes only (nodes without a shared run directory) is a clear error, not a hang."""
+    seen = gather(os.path.exists(path))
+    if len(set(seen)) > 1:
+        raise UserError(f"{path} exists on ranks {[r for r, s in enumerate(seen) if s]} only; "
+                        "the processes of a multi-node run need a shared run directory")
+    return seen[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -261,7 +261,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
             history: list[dict] = []
             best_state, best_epoch, best = None, 0, None
             wall_before, start = 0.0, 1
-            if ckpt_path.exists():
+            if distributed.file_exists(ckpt_path):
                 ckpt = load_checkpoint(ckpt_path)
                 check_settings(ckpt, settings, ckpt_path)
                 load_weights(student, ckpt["model"], ckpt_path)

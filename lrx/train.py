@@ -303,7 +303,7 @@ def train_baseline(model: nn.Module, train, test, cfg: TrainConfig, ckpt_path, l
     history: list[dict] = []
     best_state, best_epoch, best = None, 0, None
     wall_before, start = 0.0, 1
-    if ckpt_path.exists():
+    if distributed.file_exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         check_settings(ckpt, settings, ckpt_path)
         load_weights(model, ckpt["model"], ckpt_path)
