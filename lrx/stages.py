@@ -155,7 +155,8 @@ def expand_model(model, cfg, input_size=None):
     if dec.bases == "auto":
         from .ranks import plan_ranks
 
-        plan = plan_ranks(model, dec.layers, dec.scheme, dec.target, input_size=input_size, basis=dec.basis)
+        plan = plan_ranks(model, dec.layers, dec.scheme, dec.target, input_size=input_size, basis=dec.basis,
+                          decomposed=dec.decomposed)
         ranks = plan["ranks"]
     try:
         expanded, report = expand(model, layers=dec.layers, scheme=dec.scheme, bases=ranks, basis=dec.basis,
