@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, distributed
 from .config import Config, find_config, load_config
 from .errors import UserError
 
@@ -73,17 +73,23 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"cannot read {self.metrics_path}: {err}; move it away or use --force") from None
 
+    # Under torchrun every process runs the stages; rank 0 alone writes the run directory.
     def write_metrics(self, metrics: dict) -> None:
         from .checkpoint import write_json_atomic
 
-        write_json_atomic(metrics, self.metrics_path)
+        if distributed.is_main():
+            write_json_atomic(metrics, self.metrics_path)
 
     def log(self, message: str) -> None:
+        if not distributed.is_main():
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with open(self.file("log.txt"), "a", encoding="utf-8") as fh:
             fh.write(f"{stamp} {message}\n")
 
     def write_config(self, cfg: Config) -> None:
+        if not distributed.is_main():
+            return
         header = f"# resolved config of run {cfg.name} from {cfg.path}\n# lrx {__version__}, torch {torch.__version__}\n"
         text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         tmp = self.file("config.yaml.tmp")
@@ -92,6 +98,8 @@ class RunDir:
 
     # A lock file holds the PID of the process working on this run; a dead PID's lock is taken over.
     def lock(self) -> None:
+        if not distributed.is_main():
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.file(LOCK)
         for _ in range(2):
@@ -110,6 +118,8 @@ class RunDir:
         raise UserError(f"could not take the lock {path}")
 
     def unlock(self) -> None:
+        if not distributed.is_main():
+            return
         path = self.file(LOCK)
         if _read_pid(path) == os.getpid():
             path.unlink(missing_ok=True)
@@ -255,13 +265,14 @@ class Runner:
         self.dir = RunDir(self.runs_dir, cfg.name)
         self.echo = echo or (lambda message: None)
         self.device = device_of(cfg)
+        distributed.setup(self.device)
         self._data = None
         self._original = None
         self._model = None
 
     def say(self, message: str) -> None:
         self.dir.log(message)
-        if not self.quiet:
+        if not self.quiet and distributed.is_main():
             self.echo(f"[{self.cfg.name}] {message}")
 
     def run(self, until: str | None = None) -> dict:
@@ -278,9 +289,10 @@ class Runner:
                 raise UserError(f"run {name!r} (which {cfg.name} builds on) is not finished in {self.runs_dir}; "
                                 f"run `lrx run {find_config(name, cfg.path)}` first", file=cfg.path)
         hashes = stage_hashes(cfg, deps)
+        metrics = self.dir.read_metrics()
+        distributed.barrier()  # every process has read the same state before rank 0 writes
         self.dir.lock()
         try:
-            metrics = self.dir.read_metrics()
             if self.force and metrics:
                 metrics = self._retire(metrics, "--force")
             metrics = self._header(metrics)
@@ -324,6 +336,7 @@ class Runner:
             metrics.pop("running", None)
             metrics.pop("error", None)
             self.dir.write_metrics(metrics)
+            distributed.barrier()  # no process reads this run's results before rank 0 has written them
             return metrics
         finally:
             self.dir.unlock()

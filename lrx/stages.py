@@ -25,8 +25,13 @@ def model_file(stage: str) -> str:
 
 
 def save_model(path: Path, model: torch.nn.Module, arch: str, num_classes: int, spec=None, layers=None) -> None:
-    save_atomic({"model": model.state_dict(), "arch": arch, "num_classes": num_classes,
-                 "spec": spec, "layers": layers or []}, path)
+    """Rank 0 writes the model file; every process waits until it is there."""
+    from . import distributed
+
+    if distributed.is_main():
+        save_atomic({"model": model.state_dict(), "arch": arch, "num_classes": num_classes,
+                    "spec": spec, "layers": layers or []}, path)
+    distributed.barrier()
 
 
 def load_model(path: Path, arch: str, num_classes: int):
@@ -209,8 +214,12 @@ class Profile:
 
     @staticmethod
     def run(runner, name, metrics) -> dict:
+        from . import distributed
         from .profiling import profile_pair
 
+        if not distributed.is_main():  # one process times; the others would disturb it
+            distributed.barrier()
+            return {}
         cfg = runner.cfg
         original = original_model(runner).cpu()
         expanded, names = (None, [])
@@ -221,6 +230,7 @@ class Profile:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         result = profile_pair(original, expanded, names, cfg.profile, device)
         runner._original = None  # moved to CPU above; reload on the run's device if needed again
+        distributed.barrier()
         return result
 
 
