@@ -27,21 +27,21 @@ test: install
 
 # The nine seed rows at CPU size on Fashion-MNIST, then the table.
 demo: install
-	@for cfg in $(QUICK); do $(LRX) run $$cfg --runs-dir runs/quick || exit $$?; done
+	$(LRX) run $(QUICK) --runs-dir runs/quick
 	$(LRX) table runs/quick | tee results/quick.md
 
 # The scheme-2 rows at CPU size (issue: make low-rank expansion actually fast).
 demo-speed: install
-	@for cfg in $(QUICK_SPEED); do $(LRX) run $$cfg --runs-dir runs/quick || exit $$?; done
+	$(LRX) run $(QUICK_SPEED) --runs-dir runs/quick
 	$(LRX) table runs/quick | tee results/quick.md
 
 # The nine seed rows at full scale (CIFAR-10 at 224; meant for a GPU). `lrx run` makes parents first.
 all-experiments: install
-	@for cfg in $(SEED); do $(LRX) run $$cfg || exit $$?; done
+	$(LRX) run $(SEED)
 	$(LRX) table runs/ > RESULTS.md
 
 speed-experiments: install
-	@for cfg in $(SPEED); do $(LRX) run $$cfg || exit $$?; done
+	$(LRX) run $(SPEED)
 	$(LRX) table runs/ > RESULTS.md
 
 results: install

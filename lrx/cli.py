@@ -89,11 +89,18 @@ def _last_stage(config: Path, overrides, weight: str) -> str:
 
 @app.command()
 @user_errors
-def run(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
+def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. configs/exp04.yaml; run in order.",
+                                             show_default=False),
+        runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
         set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
-    """Run every stage of one experiment row: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
-    metrics = _run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet)
-    _summary(metrics, quiet)
+    """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
+    from .config import load_config
+    from .runs import plan
+
+    for config in configs:  # every config is validated before the first one starts
+        plan(load_config(config, set_ or ()))
+    for config in configs:
+        _summary(_run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet), quiet)
 
 
 @app.command()

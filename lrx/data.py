@@ -6,6 +6,7 @@ normalises whole batches as tensors (no per-image Python work in the loop, as in
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -120,8 +121,12 @@ def data_root(configured: str, override: str | None = None) -> Path:
     return Path(override or os.environ.get("LRX_DATA") or configured)
 
 
+@functools.lru_cache(maxsize=4)
 def load_split(name: str, root: Path, split: str, download: bool = True, synthetic_size: int = 32, num_classes: int = 10):
-    """One split ("train" or "test") of a dataset as (images uint8 (N, 3, H, W), labels int64 (N,))."""
+    """One split ("train" or "test") of a dataset as (images uint8 (N, 3, H, W), labels int64 (N,)).
+
+    Cached, so the runs of one process (``lrx run a.yaml b.yaml ...``) read each split once.
+    """
     if name == "synthetic":
         n = 2000 if split == "train" else 500
         return synthetic(n, synthetic_size, num_classes, seed=0 if split == "train" else 1)
