@@ -138,3 +138,23 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(finished, tmp_path):
     result = lrx("run", folder / "t03.yaml", "--runs-dir", runs)
     assert result.exit_code == 0 and "nothing to do" in result.output, "a dead process's lock is taken over"
     assert not lock.exists(), "the lock is released"
+
+
+def test_force_redoes_every_stage_and_keeps_the_old_results(finished, tmp_path):
+    folder, runs, _ = finished
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    old = metrics(copy, "t02")
+    result = lrx("run", folder / "t02.yaml", "--runs-dir", copy, "--force", "--quiet")
+    assert result.exit_code == 0, result.output
+    new = metrics(copy, "t02")
+    assert new["replaced"][-1]["why"] == "--force" and new["replaced"][-1]["metrics"]["stages"] == old["stages"]
+    assert all(new["stages"][s]["wall_s"] != old["stages"][s]["wall_s"] for s in old["stages"]), "every stage redone"
+    assert new["acc1"] == old["acc1"], "redone with the same settings, the same result"
+    assert metrics(copy, "t01")["stages"] == old_t01(runs), "--force redoes this run, not the runs it builds on"
+
+
+def old_t01(runs):
+    return metrics(runs, "t01")["stages"]
