@@ -53,6 +53,8 @@ def print_plan(cfg: Config, runs_dir: str | Path = "runs") -> None:
                       f"{row['retained_energy']:.4f}")
     table.add_row("total", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
+        console = Console(width=120)
     console.print(table)
     console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
 
