@@ -1,0 +1,102 @@
+"""Estimate how long `make all-experiments` takes on this machine, from a few measured steps.
+
+Times a few CE training steps of the original model and L2 steps of the seed's expansion at the seed's
+scale (batch 64, 3x224x224), then multiplies by the epochs that configs/exp01..09 ask for on
+CIFAR-10 (50,000 training and 10,000 test images). Prints per-step times and the estimate.
+
+    python benchmarks/estimate_experiments.py [--device cuda] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lrx.config import load_config
+from lrx.finetune import LayerTaps, squared_distances
+from lrx.lowrank import expand
+from lrx.models import build_model
+
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
+
+
+def timed(step, steps: int, device: torch.device) -> float:
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+
+    model = build_model("alexnet_cifar10").to(device)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+
+    def ce_step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    student, report = expand(build_model("alexnet_cifar10"), [2, 3, 4, 5], "v1", [8, 8, 6, 4])
+    student.to(device).eval()
+    names = [layer["name"] for layer in report["layers"]]
+    params = [p for n, p in student.named_parameters() if any(n.startswith(k + ".") for k in names)]
+    opt_l2 = torch.optim.AdamW(params, 1e-4)
+    teacher = model.eval()
+    t_taps, s_taps = LayerTaps(teacher, names, stop_early=True), LayerTaps(student, names, stop_early=True)
+
+    def l2_step():
+        with torch.inference_mode():
+            t_taps(teacher, x)
+        teacher_out = {k: v.clone() for k, v in t_taps.outputs.items()}
+        s_taps(student, x)
+        loss = squared_distances(s_taps.outputs, teacher_out, names).sum(0).mean()
+        opt_l2.zero_grad()
+        loss.backward()
+        opt_l2.step()
+
+    def eval_step():
+        with torch.inference_mode():
+            model(x)
+
+    model.train()
+    ce = timed(ce_step, args.steps, device)
+    l2 = timed(l2_step, args.steps, device)
+    ev = timed(eval_step, args.steps, device)
+    steps = -(-TRAIN_IMAGES // args.batch)
+    epoch_ce, epoch_l2 = ce * steps, l2 * steps
+    epoch_eval = ev * -(-TEST_IMAGES // args.batch) * 2  # acc@1 and the L2 norm after every epoch
+    root = Path(__file__).resolve().parents[1] / "configs"
+    total = 0.0
+    print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, 3x224x224")
+    print(f"per step: CE train {ce * 1e3:.0f} ms, L2 train {l2 * 1e3:.0f} ms, eval {ev * 1e3:.0f} ms")
+    print(f"per CIFAR-10 epoch: CE {epoch_ce / 60:.1f} min, L2 {epoch_l2 / 60:.1f} min, evaluation {epoch_eval / 60:.1f} min")
+    for i in range(1, 10):
+        cfg = load_config(root / f"exp0{i}.yaml")
+        seconds = (cfg.train.epochs * (epoch_ce + epoch_eval)) if cfg.baseline is None else 0.0
+        for stage in cfg.finetune:
+            per = epoch_ce if stage.ce > 0 else epoch_l2
+            seconds += stage.epochs * (per + epoch_eval)
+        total += seconds
+        print(f"exp0{i}: {seconds / 3600:.1f} h")
+    print(f"all nine rows: about {total / 3600:.1f} h (profiling and decomposition add minutes)")
+
+
+if __name__ == "__main__":
+    main()
