@@ -107,3 +107,13 @@ def test_fashion_mnist_reads_idx_files_from_the_data_root(tmp_path):
 def test_fashion_mnist_from_the_debian_package(tmp_path):
     x, y = load_split("fashion-mnist", tmp_path, "test", download=False)
     assert x.shape == (10000, 3, 28, 28) and set(y.tolist()) == set(range(10))
+
+
+def test_data_root_precedence(monkeypatch):
+    from lrx.data import data_root
+
+    monkeypatch.delenv("LRX_DATA", raising=False)
+    assert data_root("cfg") == Path("cfg"), "the config's data.root by default"
+    monkeypatch.setenv("LRX_DATA", "/env")
+    assert data_root("cfg") == Path("/env"), "LRX_DATA over the config"
+    assert data_root("cfg", "/flag") == Path("/flag"), "--data-root over both"
