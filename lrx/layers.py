@@ -9,6 +9,11 @@ rebuilt with the constructors and its state_dict loaded without re-running the d
 Stride, padding and dilation split along the two axes: a dh x 1 conv carries the vertical ones, a
 1 x dw conv the horizontal ones, and their composition is exactly the dh x dw conv with the
 product kernel.
+
+Inference paths: ``layer.optimise_for(device)`` chooses once a faster exact way to run the layer on that
+device (channels_last, prepacked weights, or one dense conv where that is faster; see :mod:`lrx.speed`).
+Until then, and wherever a path does not apply (autograd, CUDA, float64), ``forward`` runs the factors
+as the plain convs they are.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from . import decomposition as dec
+from . import speed
 from .errors import UserError
 
 
@@ -86,7 +92,94 @@ def _same_as_ints(kernel_size, dilation, padding):
     return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else padding
 
 
-class LowRankExpConvV1(nn.Module):
+def _out_shape(conv: nn.Conv2d, shape):
+    """(B, N, H', W') that ``conv`` produces from an input of ``shape``; None if unknown."""
+    if shape is None or isinstance(conv.padding, str):
+        return None
+    b, _, h, w = shape
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return (b, conv.out_channels, *size)
+
+
+def _stages(convs, input_shape, prepack: bool) -> list:
+    """One CPU stage per conv, in order (the intermediate shapes passed on as layout hints)."""
+    stages, shape = [], input_shape
+    for conv in convs:
+        stages.append(speed.conv_stage(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                       conv.groups, shape, prepack))
+        shape = _out_shape(conv, shape)
+    return stages
+
+
+class _Optimisable:
+    """What both expansion layers share: choosing an inference path once, and running it where it applies."""
+
+    _fast: "speed.FastPath | None" = None
+
+    def _factored_convs(self) -> list:
+        raise NotImplementedError
+
+    def _macs_per_position(self) -> tuple[float, float]:
+        """(dense conv, factors) MACs per output position, the intermediate counted at the stride it runs at."""
+        raise NotImplementedError
+
+    @property
+    def inference_path(self) -> str:
+        """The path chosen by :meth:`optimise_for`: "default", "factored" or "dense"."""
+        return self._fast.kind if self._fast is not None else "default"
+
+    def optimise_for(self, device=None, input_shape=None, path: str = "auto", prepack: bool = True):
+        """Choose, once, how this layer runs inference on ``device``; returns the layer.
+
+        Parameters
+        ----------
+        device : "cpu", "cuda", a torch.device, or None for the device of the layer's weights. Only the
+            CPU has fast paths (see :mod:`lrx.speed`); elsewhere the default forward is kept.
+        input_shape : optional (B, C, H, W) the layer will see; a layout hint for prepacked weights.
+        path : "auto" (the factors, or one dense conv where :func:`lrx.speed.prefer_dense` predicts it
+            faster), "factored" (the factors, NHWC, prepacked), "dense" (one conv with
+            :meth:`dense_weight`), or "default" (no path: plain forward).
+        prepack : allow oneDNN prepacked weights (else plain F.conv2d in channels_last).
+
+        Every path computes the default forward's function to float32 rounding. The path is a
+        snapshot rebuilt whenever the weights change; it is used only under no autograd
+        (``torch.no_grad``/``inference_mode``) on CPU float32 inputs, and is not in the state_dict.
+        """
+        speed.check_path(path)
+        if device is None:
+            device = next(self.parameters()).device
+        if path == "default" or not speed.cpu_device(device):
+            self._fast = None
+            return self
+        if path == "auto":
+            dense, factored = self._macs_per_position()
+            nnpack = speed.nnpack_for(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                      kernel_size=self.kernel_size) and speed.nnpack_batch(input_shape)
+            path = "dense" if speed.prefer_dense(dense, factored, self.scheme, nnpack) else "factored"
+        self._fast = speed.FastPath(path, tuple(input_shape) if input_shape is not None else None, prepack)
+        return self
+
+    def _fast_stages(self, kind: str, input_shape, prepack: bool) -> list:
+        """The CPU stages of path ``kind``, from the current weights (called by :class:`lrx.speed.FastPath`)."""
+        if kind == "dense":
+            bias = self._factored_convs()[-1].bias
+            return [speed.conv_stage(self.dense_weight().float(), bias, self.stride, self.padding, self.dilation,
+                                     1, input_shape, prepack, nnpack=True)]
+        return _stages(self._factored_convs(), input_shape, prepack)
+
+    def _run(self, x: Tensor):
+        """The chosen path's output, or None where no path applies."""
+        fast = self._fast
+        if fast is not None and fast.applies(self, x):
+            return fast(self, x)
+        return None
+
+    def _path_repr(self) -> str:
+        return f", path={self.inference_path}" if self._fast is not None else ""
+
+
+class LowRankExpConvV1(_Optimisable, nn.Module):
     """Scheme 1: M basis filters per input channel, then a 1x1 combination into N outputs.
 
     ``basis`` (dh x dw, groups=C): C -> C*M, channel c*M + m = x_c * s_m^c;
@@ -170,7 +263,35 @@ class LowRankExpConvV1(nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.combine(self.spatial(x))
+        fast = self._run(x)
+        return fast if fast is not None else self.combine(self.spatial(x))
+
+    def _factored_convs(self) -> list:
+        spatial = [self.spatial.vertical, self.spatial.horizontal] if self.decomposed else [self.spatial]
+        return [*spatial, self.combine]
+
+    def _macs_per_position(self) -> tuple[float, float]:
+        c, n, m, (dh, dw) = self.in_channels, self.out_channels, self.rank, self.kernel_size
+        # The vertical part of a decomposed basis runs on H' x W: W / W' ~ the horizontal stride.
+        spatial = c * m * (dh * self.stride[1] + dw) if self.decomposed else c * m * dh * dw
+        return n * c * dh * dw, spatial + c * m * n
+
+    @torch.no_grad()
+    def basis_filters(self) -> Tensor:
+        """The layer's spatial basis filters, (K, dh, dw), for pictures.
+
+        Shared basis: the M bases as stored for input channel 0 (every channel starts with the same M;
+        fine-tuning may move each copy). Per-channel: the bases of channel 0, then channel 1, ...,
+        the first 16 of the C*M. Decomposed: each is the outer product ``v h^T`` of its dh x 1 and
+        1 x dw factors, i.e. the rank-1 filter the layer applies. Channel c's slice of the kernel is
+        ``W[n, c] = sum_m a[n, c, m] * s_m^c`` with these ``s``.
+        """
+        count = self.rank if self.basis_kind == "shared" else min(16, self.in_channels * self.rank)
+        if self.decomposed:
+            v = self.spatial.vertical.weight[:count, 0, :, 0]  # (K, dh)
+            h = self.spatial.horizontal.weight[:count, 0, 0, :]  # (K, dw)
+            return v[:, :, None] * h[:, None, :]
+        return self.spatial.weight[:count, 0].clone()
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
@@ -188,72 +309,180 @@ class LowRankExpConvV1(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, scheme=v1, "
                 f"rank={self.rank}, basis={self.basis_kind}, decomposed={self.decomposed}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.combine.bias is not None}")
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.combine.bias is not None}"
+                + self._path_repr())
 
 
-class LowRankExpConvV2(nn.Module):
-    """Scheme 2: a dh x 1 conv C -> K, then a 1 x dw conv K -> N carrying the bias.
+ORDERS = ("vh", "hv", "auto")
+
+
+def scheme2_max_rank(weight_shape, order: str = "vh") -> int:
+    """The largest rank of scheme 2 in ``order``: min(C*dh, N*dw) vertical first, min(C*dw, N*dh) horizontal first."""
+    n, c, dh, dw = weight_shape
+    return min(c * dh, n * dw) if order == "vh" else min(c * dw, n * dh)
+
+
+def scheme2_factors(weight: Tensor, rank: int, order: str = "vh") -> dec.Scheme2Factors:
+    """Scheme 2 factors of ``weight`` (N, C, dh, dw) at ``rank``, in the layer's own weight shapes.
+
+    ``order="vh"`` (vertical first): Tai et al.'s closed form on W as the (C*dh) x (N*dw) matrix;
+    vertical (K, C, dh, 1), horizontal (N, K, 1, dw), as :func:`lrx.decomposition.scheme2_svd`.
+    ``order="hv"`` (horizontal first): the same closed form on W as the (C*dw) x (N*dh) matrix
+    (the kernel transposed); horizontal (K, C, 1, dw) runs first, vertical (N, K, dh, 1) second.
+    The two orders approximate W differently, so at the same rank their errors differ.
+    """
+    dec.check_choice(order, ORDERS[:2], "order")
+    if order == "vh":
+        return dec.scheme2_svd(weight, rank)
+    first, second = dec.scheme2_svd(weight.transpose(2, 3), rank)  # (K, C, dw, 1), (N, K, 1, dh)
+    return dec.Scheme2Factors(vertical=second.transpose(2, 3).contiguous(), horizontal=first.transpose(2, 3).contiguous())
+
+
+def _check_v2_rank(conv: nn.Conv2d, rank, order: str, name: str | None) -> None:
+    top = scheme2_max_rank(conv.weight.shape, order)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        raise UserError(f"{_describe(conv, name)}: rank {rank!r} is out of range; allowed 1..{top} "
+                        f"(the maximum rank for scheme v2" + (", order hv)" if order == "hv" else ")"))
+
+
+def _choose_order(weight: Tensor, rank: int, stride) -> str:
+    """"auto": the order with fewer MACs per output position; on a tie the smaller reconstruction error; then "vh"."""
+    n, c, dh, dw = weight.shape
+    sh, sw = stride
+    valid = [o for o in ORDERS[:2] if rank <= scheme2_max_rank(weight.shape, o)]
+    if len(valid) == 1:
+        return valid[0]
+    macs = {"vh": rank * (c * dh * sw + n * dw), "hv": rank * (c * dw * sh + n * dh)}
+    if macs["vh"] != macs["hv"]:
+        return min(macs, key=macs.get)
+    kept = {"vh": dec.retained_energy(weight, "v2")[rank - 1].item(),
+            "hv": dec.retained_energy(weight.transpose(2, 3), "v2")[rank - 1].item()}
+    return "hv" if kept["hv"] > kept["vh"] * (1 + 1e-9) else "vh"
+
+
+class LowRankExpConvV2(_Optimisable, nn.Module):
+    """Scheme 2: a dh x 1 conv C -> K, then a 1 x dw conv K -> N carrying the bias (``order="vh"``).
+
+    With ``order="hv"`` the 1 x dw conv runs first (``horizontal``: C -> K) and the dh x 1 conv second
+    (``vertical``: K -> N, carrying the bias): the kernel is factored transposed (see
+    :func:`scheme2_factors`). ``vertical`` is always the dh x 1 conv and ``horizontal`` the 1 x dw one.
 
     Shapes: input (B, C, H, W) -> output (B, N, H', W'), H', W' as for the replaced conv.
-    Cost per output position: K*dw*N, plus K*C*dh on the H' x W rows of the intermediate.
+    Cost per output position (vh): K*dw*N, plus K*C*dh on the H' x W rows of the intermediate;
+    (hv): K*dh*N, plus K*C*dw on the H x W' columns of the intermediate.
     """
 
     scheme = "v2"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
-                 dilation=1, bias: bool = True, device=None, dtype=None):
+                 dilation=1, bias: bool = True, device=None, dtype=None, order: str = "vh"):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise UserError(f"rank must be an integer >= 1, got {rank!r}")
+        dec.check_choice(order, ORDERS[:2], "order")
         kernel_size = _pair(kernel_size)
         if kernel_size == (1, 1):
             raise UserError("LowRankExpConvV2 needs a kernel larger than 1x1")
         padding = _same_as_ints(kernel_size, dilation, padding)
         self.in_channels, self.out_channels, self.kernel_size, self.rank = in_channels, out_channels, kernel_size, rank
+        self.order = order
         full, vertical, horizontal = _split(stride, padding, dilation)
         self.stride, self.padding, self.dilation = full["stride"], full["padding"], full["dilation"]
         factory = dict(device=device, dtype=dtype)
-        self.vertical = nn.Conv2d(in_channels, rank, (kernel_size[0], 1), bias=False, **vertical, **factory)
-        self.horizontal = nn.Conv2d(rank, out_channels, (1, kernel_size[1]), bias=bias, **horizontal, **factory)
+        (dh, dw) = kernel_size
+        if order == "vh":
+            self.vertical = nn.Conv2d(in_channels, rank, (dh, 1), bias=False, **vertical, **factory)
+            self.horizontal = nn.Conv2d(rank, out_channels, (1, dw), bias=bias, **horizontal, **factory)
+        else:
+            self.horizontal = nn.Conv2d(in_channels, rank, (1, dw), bias=False, **horizontal, **factory)
+            self.vertical = nn.Conv2d(rank, out_channels, (dh, 1), bias=bias, **vertical, **factory)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int, method: str = "svd", name: str | None = None) -> "LowRankExpConvV2":
+    def from_conv(cls, conv: nn.Conv2d, rank: int, method: str = "svd", name: str | None = None,
+                  order: str = "vh") -> "LowRankExpConvV2":
         """The scheme 2 layer that approximates ``conv`` at ``rank`` (Tai et al.'s closed form).
 
         Only ``method="svd"``: it is the exact minimiser of the filter reconstruction error, so
         an iterative method has nothing to add. ``name`` is used in error messages.
+        ``order``: "vh" (vertical first, the default), "hv" (horizontal first, the kernel factored
+        transposed), or "auto": the order with fewer MACs per output position (they differ only for
+        non-square kernels or strides), on a tie the one with the smaller reconstruction error at this
+        rank. The choice is recorded in ``layer.order``; rebuild the structure with the same ``order``.
         """
         dec.check_choice(method, dec.METHODS, "method")
         if method != "svd":
             raise UserError(f"{_describe(conv, name)}: method {method!r} applies to scheme v1 only; scheme v2's "
                             "SVD (method 'svd') is already the exact minimiser of the reconstruction error")
+        dec.check_choice(order, ORDERS, "order")
         check_convertible(conv, "v2", name=name)
-        _check_rank(conv, "v2", "shared", rank, name)
-        return cls.from_factors(conv, dec.scheme2_svd(conv.weight.detach(), rank))
+        weight = conv.weight.detach()
+        if order == "auto":
+            _check_v2_rank(conv, rank, max(ORDERS[:2], key=lambda o: scheme2_max_rank(weight.shape, o)), name)
+            order = _choose_order(weight, rank, _pair(conv.stride))
+        _check_v2_rank(conv, rank, order, name)
+        return cls.from_factors(conv, scheme2_factors(weight, rank, order), order=order)
 
     @classmethod
-    def from_factors(cls, conv: nn.Conv2d, factors: dec.Scheme2Factors) -> "LowRankExpConvV2":
-        """A layer with ``conv``'s geometry and bias, filled with ``factors``."""
+    def from_factors(cls, conv: nn.Conv2d, factors: dec.Scheme2Factors, order: str = "vh") -> "LowRankExpConvV2":
+        """A layer with ``conv``'s geometry and bias, filled with ``factors`` (as :func:`scheme2_factors` gives them)."""
         vertical, horizontal = factors
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, vertical.shape[0], conv.stride,
+        rank = vertical.shape[0] if order == "vh" else horizontal.shape[0]
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
                     conv.padding, conv.dilation, conv.bias is not None,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+                    device=conv.weight.device, dtype=conv.weight.dtype, order=order)
         with torch.no_grad():
             layer.vertical.weight.copy_(vertical)
             layer.horizontal.weight.copy_(horizontal)
             if conv.bias is not None:
-                layer.horizontal.bias.copy_(conv.bias)
+                layer._factored_convs()[-1].bias.copy_(conv.bias)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.horizontal(self.vertical(x))
+        fast = self._run(x)
+        if fast is not None:
+            return fast
+        if self.order == "vh":
+            return self.horizontal(self.vertical(x))
+        return self.vertical(self.horizontal(x))
+
+    def _factored_convs(self) -> list:
+        return [self.vertical, self.horizontal] if self.order == "vh" else [self.horizontal, self.vertical]
+
+    def _macs_per_position(self) -> tuple[float, float]:
+        c, n, k, (dh, dw), (sh, sw) = self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride
+        factored = k * (c * dh * sw + n * dw) if self.order == "vh" else k * (c * dw * sh + n * dh)
+        return n * c * dh * dw, factored
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
         """The (N, C, dh, dw) kernel of the conv this layer computes (float64)."""
-        return dec.scheme2_weight(dec.Scheme2Factors(self.vertical.weight.double(), self.horizontal.weight.double()))
+        if self.order == "vh":
+            return dec.scheme2_weight(dec.Scheme2Factors(self.vertical.weight.double(), self.horizontal.weight.double()))
+        first = self.horizontal.weight.double()[:, :, 0, :]  # (K, C, dw)
+        second = self.vertical.weight.double()[:, :, :, 0]  # (N, K, dh)
+        return torch.einsum("kcw,nkh->nchw", first, second)
+
+    @torch.no_grad()
+    def basis_filters(self) -> Tensor:
+        """The K rank-1 filters that make up the kernel from input channel 0 to output channel 0, (K, dh, dw).
+
+        Filter k is the outer product of the k-th vertical filter (its dh taps on input channel 0; in
+        order "hv", its taps into output channel 0) and the k-th horizontal filter (its dw taps into
+        output channel 0; in order "hv", on input channel 0). Their sum is the layer's kernel slice
+        ``dense_weight()[0, 0]``. Other channel pairs use the same K filters' shapes with other weights,
+        so this shows what the K intermediate channels look for, not a basis shared by every channel.
+        """
+        if self.order == "vh":
+            v = self.vertical.weight[:, 0, :, 0]  # (K, dh)
+            h = self.horizontal.weight[0, :, 0, :]  # (K, dw)
+        else:
+            v = self.vertical.weight[0, :, :, 0]  # (K, dh)
+            h = self.horizontal.weight[:, 0, 0, :]  # (K, dw)
+        return v[:, :, None] * h[:, None, :]
 
     def extra_repr(self) -> str:
+        bias = self._factored_convs()[-1].bias is not None
+        order = f", order={self.order}" if self.order != "vh" else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, scheme=v2, "
-                f"rank={self.rank}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.horizontal.bias is not None}")
+                f"rank={self.rank}{order}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"bias={bias}" + self._path_repr())

@@ -1,0 +1,311 @@
+"""Inference paths for the expansion layers: the fastest exact way to run them on a device, chosen once.
+
+A layer's default forward is its factors as plain ``nn.Conv2d`` modules, in the tensor's own memory format.
+``layer.optimise_for(device, input_shape)`` (or :func:`optimise` for a whole model) picks, once, a path that
+computes the same function faster on that device, and builds it from a snapshot of the layer's weights.
+Every path agrees with the default forward to float32 rounding (``tests/test_speed_paths.py``: relative
+error < 1e-5).
+
+What is kept on CPU, each measured with ``benchmarks/layer_speed.py`` (interleaved ratios; numbers in
+``docs/schemes.md``, "Speed on CPU"):
+
+- **channels_last**: every stage runs on NHWC tensors and returns one. oneDNN's NCHW path reorders the
+  input and output to a blocked layout on every call; the NHWC kernels do not. 1.3 to 1.6x on the
+  scheme 2 layers of AlexNet. The output stays channels_last, so the ReLU and pooling after the layer (and
+  the next expanded layer) run on NHWC too; :func:`optimise` can put the rest of the model there as well.
+- **prepacked oneDNN weights**: ``nn.Conv2d`` reorders its weight into oneDNN's blocked layout on every
+  call; a path reorders it once (``mkldnn_reorder_conv2d_weight``) and calls
+  ``torch.ops.mkldnn._convolution_pointwise``. 1.1 to 1.5x on the 1-D convs of scheme 2, most where the
+  rank is small.
+- **one dense conv instead of the factors, where predicted faster** (scheme 1 mostly): the factors are
+  multiplied out (``dense_weight``) and run as one conv, through NNPACK (whose 3x3 and 5x5 convs are about
+  1.3x faster here than oneDNN's, conversions to and from NCHW included) where it applies, else through
+  prepacked oneDNN. The choice is :func:`prefer_dense`: predicted time = MACs / relative MAC rate
+  (:data:`CPU_RATES`). Scheme 1 (a grouped basis conv writing a C*M-channel map, then a 1x1 conv
+  reading it back) runs at about half the MAC rate of a dense conv, so at the seed's bases the dense conv
+  wins on conv3-5. A layer then costs what the original conv costs on the same engine: the
+  expansion buys no time there, and the benchmark shows it.
+
+Tried on CPU and not kept (numbers in ``docs/schemes.md``): torch.backends.mkldnn off (NNPACK/im2col
+for the 1-D convs: slower), merging a shared basis into a batch-folded dense conv ((B*C, 1, H, W)
+with M filters: slower than the grouped conv in NHWC), padding the rank up to a multiple of 8 (no gain
+beyond noise), the 1-D convs as im2col + MKL GEMM in NHWC (slower than oneDNN's NHWC kernels), and the
+horizontal-first order of scheme 2 (``order="hv"``, a structural option of the layer; no speed difference
+beyond noise at stride 1, where both orders cost the same MACs).
+
+On CUDA nothing has been measured yet, so ``optimise_for("cuda")`` keeps the default path.
+
+A path is used only where it is valid: CPU float32 input, no autograd graph wanted (``torch.no_grad`` /
+``inference_mode``, or nothing requiring grad). Elsewhere, e.g. while fine-tuning, the layer runs its
+default forward. If the layer's weights change after the path was built (an optimiser step,
+``load_state_dict``), the path rebuilds its snapshot on the next call, so it never runs stale weights.
+A path holds no parameters and adds nothing to the state_dict.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+PATHS = ("auto", "default", "factored", "dense")
+
+# Relative MAC rates on CPU, a dense oneDNN conv in channels_last = 1.0. Measured with
+# benchmarks/layer_speed.py on AlexNet conv2-5 at batch 64, 2 threads, AMD EPYC (AVX2): scheme 2's
+# 1-D convs 0.77-0.90 (0.5 at rank 20), scheme 1's grouped conv + 1x1 0.47-0.66, NNPACK's dense conv
+# 1.2-1.5 (3x3 and 5x5, NCHW conversions included).
+CPU_RATES = {"v2": 0.85, "v1": 0.5, "dense-onednn": 1.0, "dense-nnpack": 1.3}
+NNPACK_MIN_BATCH = 16
+
+
+# ---------------------------------------------------------------------------------- engines
+
+
+def _probe(fn: Callable[[Tensor, Tensor, Tensor], Tensor]) -> bool:
+    """Whether ``fn(x, w, b)`` runs and matches F.conv2d on a tiny 3x3 problem (private torch ops may be absent)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=generator)
+    w = torch.randn(4, 3, 3, 3, generator=generator)
+    b = torch.randn(4, generator=generator)
+    try:
+        with torch.no_grad():
+            got = fn(x, w, b)
+            want = F.conv2d(x, w, b, 1, 1)
+        return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def engine_available(engine: str) -> bool:
+    """Whether ``"onednn"`` (prepacked weights) or ``"nnpack"`` works in this torch build; checked once."""
+    if engine not in _AVAILABLE:
+        if engine == "onednn":
+            ok = (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                  and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+            ok = ok and _probe(lambda x, w, b: _PackedConv(w, b, (1, 1), (1, 1), (1, 1), 1, None)(x))
+        elif engine == "nnpack":
+            ok = bool(getattr(torch, "_nnpack_available", lambda: False)())
+            ok = ok and _probe(lambda x, w, b: torch._nnpack_spatial_convolution(x, w, b, [1, 1], [1, 1]))
+        else:
+            raise ValueError(f"unknown engine {engine!r}")
+        _AVAILABLE[engine] = ok
+    return _AVAILABLE[engine]
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class _PackedConv:
+    """One conv with its weight reordered once into oneDNN's layout; NHWC in, NHWC out."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int, input_shape):
+        self.args = (list(padding), list(stride), list(dilation), groups)
+        hint = [list(input_shape)] if input_shape is not None else []
+        # The shape hint only picks the blocked format; any input shape gives the right result (tested).
+        self.weight = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().float().to_mkldnn(), *self.args[:3],
+                                                                groups, *hint)
+        self.bias = bias.detach().float().clone() if bias is not None else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        padding, stride, dilation, groups = self.args
+        return torch.ops.mkldnn._convolution_pointwise(_channels_last(x), self.weight, self.bias, padding, stride,
+                                                       dilation, groups, "none", [], "")
+
+
+class _NnpackConv:
+    """One dense conv through NNPACK (NCHW only); returns NHWC like the other engines."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, padding):
+        self.weight = weight.detach().float().contiguous()
+        self.bias = bias.detach().float().clone() if bias is not None else torch.zeros(self.weight.shape[0])
+        self.padding = list(padding)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, self.padding, [1, 1])
+        return _channels_last(y)
+
+
+class _PlainConv:
+    """One conv as F.conv2d on NHWC tensors (the engine where oneDNN prepacking is unavailable or the padding is a string)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int):
+        self.weight = _channels_last(weight.detach().float().clone())
+        self.bias = bias.detach().float().clone() if bias is not None else None
+        self.args = (stride, padding, dilation, groups)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.conv2d(_channels_last(x), self.weight, self.bias, *self.args)
+
+
+def _nnpack_applies(weight: Tensor, stride, padding, dilation, groups: int) -> bool:
+    # NNPACK's batched convolution: stride 1, no dilation, no groups, integer padding smaller than the kernel.
+    if isinstance(padding, str) or groups != 1 or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return False
+    return all(p < k for p, k in zip(padding, weight.shape[-2:])) and max(weight.shape[-2:]) <= 16
+
+
+def nnpack_batch(input_shape) -> bool:
+    """NNPACK pays off from batch 16 (PyTorch's own threshold; at batch 8 it was slower here). No hint: allowed."""
+    return input_shape is None or input_shape[0] >= NNPACK_MIN_BATCH
+
+
+def conv_stage(weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1,
+               input_shape=None, prepack: bool = True, nnpack: bool = False) -> Callable[[Tensor], Tensor]:
+    """A callable that computes ``F.conv2d(x, weight, bias, ...)`` on CPU, NHWC out, on the best engine allowed.
+
+    ``nnpack`` allows NNPACK where it applies (dense convs, stride 1, no dilation, batch >= 16 if
+    ``input_shape`` is given); ``prepack`` allows prepacked oneDNN weights; else (or for string
+    padding) plain F.conv2d in channels_last. ``input_shape`` (B, C, H, W) is a hint: the layout
+    of prepacked weights and the batch size for NNPACK; any input shape gives the right result.
+    """
+    if nnpack and nnpack_batch(input_shape) and engine_available("nnpack") \
+            and _nnpack_applies(weight, stride, padding, dilation, groups):
+        return _NnpackConv(weight, bias, padding)
+    if prepack and not isinstance(padding, str) and engine_available("onednn"):
+        return _PackedConv(weight, bias, stride, padding, dilation, groups, input_shape)
+    return _PlainConv(weight, bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------------------------- paths
+
+
+class FastPath:
+    """A layer's chosen inference path: a chain of conv stages built from a snapshot of its parameters.
+
+    ``kind`` names the path (e.g. "factored", "dense"); the layer's ``_fast_stages(kind, input_shape,
+    prepack)`` makes the stages. The snapshot is keyed by each parameter's storage pointer and version
+    counter; when any of them changes the stages are rebuilt before the next call. Copies
+    (``copy.deepcopy``, pickling) carry the choice but no stages; they build their own from their own
+    parameters on first use.
+    """
+
+    def __init__(self, kind: str, input_shape=None, prepack: bool = True):
+        self.kind, self.input_shape, self.prepack = kind, input_shape, prepack
+        self.stages: list | None = None
+        self.key: tuple | None = None
+
+    @staticmethod
+    def _key(layer: nn.Module) -> tuple:
+        # Inference tensors (parameters made under inference_mode) keep no version counter; their
+        # storage pointer is all there is to compare.
+        return tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, p.device)
+                     for p in layer.parameters())
+
+    @staticmethod
+    def applies(layer: nn.Module, x: Tensor) -> bool:
+        """Whether a path may run on ``x``: 4-D CPU float32, float32 CPU weights, no autograd graph to record."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+            return False
+        params = list(layer.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return False
+        return all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+    def __call__(self, layer: nn.Module, x: Tensor) -> Tensor:
+        key = self._key(layer)
+        if self.stages is None or key != self.key:
+            with torch.no_grad():
+                self.stages = layer._fast_stages(self.kind, self.input_shape, self.prepack)
+            self.key = key
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def __getstate__(self):
+        return {"kind": self.kind, "input_shape": self.input_shape, "prepack": self.prepack, "stages": None, "key": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo):
+        return FastPath(self.kind, self.input_shape, self.prepack)
+
+    def __repr__(self) -> str:
+        return f"FastPath({self.kind})"
+
+
+def check_path(path: str) -> None:
+    if path not in PATHS:
+        raise UserError(f"path {path!r} is not one of {', '.join(PATHS)}")
+
+
+def cpu_device(device) -> bool:
+    """Whether ``device`` (a string, torch.device, or None for the CPU) is the CPU."""
+    return torch.device(device if device is not None else "cpu").type == "cpu"
+
+
+def prefer_dense(dense_macs: float, factored_macs: float, scheme: str, nnpack: bool) -> bool:
+    """Whether one dense conv is predicted faster than the factors on CPU (MACs / :data:`CPU_RATES`)."""
+    dense_rate = CPU_RATES["dense-nnpack" if nnpack else "dense-onednn"]
+    return dense_macs / dense_rate < factored_macs / CPU_RATES[scheme]
+
+
+def nnpack_for(conv: nn.Conv2d | None = None, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), kernel_size=(3, 3),
+               groups: int = 1) -> bool:
+    """Whether a dense conv of this geometry would run on NNPACK (engine present and geometry supported)."""
+    if conv is not None:
+        stride, padding, dilation, kernel_size, groups = conv.stride, conv.padding, conv.dilation, conv.kernel_size, conv.groups
+    fake = torch.empty(1, 1, *kernel_size)
+    return _nnpack_applies(fake, stride, padding, dilation, groups) and engine_available("nnpack")
+
+
+# ---------------------------------------------------------------------------------- whole models
+
+
+def expansion_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every lrx expansion layer in ``model``, in module order."""
+    from .layers import LowRankExpConvV1, LowRankExpConvV2
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LowRankExpConvV1, LowRankExpConvV2))]
+
+
+@torch.no_grad()
+def optimise(model: nn.Module, device=None, example_input: Tensor | None = None, channels_last: bool = True,
+             path: str = "auto", prepack: bool = True) -> nn.Module:
+    """Choose, once, the inference path of every expansion layer in ``model`` (in place; returns ``model``).
+
+    Parameters
+    ----------
+    device : where the model will run (default: where its first parameter is). Only CPU has fast paths.
+    example_input : optional (B, C, H, W) batch; one forward with it records each layer's input shape,
+        a layout hint for the prepacked weights. Paths work for any input shape either way.
+    channels_last : on CPU, also put the model's other 4-D parameters in channels_last, so that the
+        convs before the first expansion layer (and everything after) run NHWC as the layers do. Values
+        are unchanged; it is a layout change of the parameters in place.
+    path, prepack : passed to each layer's ``optimise_for`` ("auto" picks per layer; see the layers).
+    """
+    check_path(path)
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
+    layers = expansion_layers(model)
+    if cpu_device(device) and channels_last:
+        model.to(memory_format=torch.channels_last)
+    shapes: dict[str, tuple] = {}
+    if example_input is not None and layers:
+        def recorder(name):
+            def hook(module, args):
+                shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is left as it is
+            return hook
+
+        hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in layers]
+        try:
+            model(example_input)
+        finally:
+            for h in hooks:
+                h.remove()
+    for name, layer in layers:
+        layer.optimise_for(device, input_shape=shapes.get(name), path=path, prepack=prepack)
+    return model
+
+
+def describe(model: nn.Module) -> dict[str, str]:
+    """``{layer name: chosen path}`` for every expansion layer ("default" where none was chosen)."""
+    return {name: layer.inference_path for name, layer in expansion_layers(model)}
