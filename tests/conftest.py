@@ -24,11 +24,9 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_configs(tmp_path: Path) -> Path:
+def make_tiny_configs(folder: Path) -> Path:
     """A config folder: base.yaml, a baseline (t01), an expansion (t02) and a fine-tune on it (t03)."""
-    folder = tmp_path / "configs"
-    folder.mkdir()
+    folder.mkdir(parents=True, exist_ok=True)
     write_yaml(folder / "base.yaml", TINY_BASE)
     write_yaml(folder / "t01.yaml", {"extends": "base.yaml", "no": 1, "group": 1, "remark": "original model"})
     write_yaml(folder / "t02.yaml", {"extends": "base.yaml", "no": 2, "group": 2, "baseline": "t01",
@@ -37,3 +35,8 @@ def tiny_configs(tmp_path: Path) -> Path:
                                      "finetune": [{"l2": 1.0, "epochs": 1}, {"ce": 1.0, "epochs": 1, "lr": 0.001}],
                                      "profile": {"enabled": False}})
     return folder
+
+
+@pytest.fixture
+def tiny_configs(tmp_path: Path) -> Path:
+    return make_tiny_configs(tmp_path / "configs")

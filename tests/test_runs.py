@@ -25,18 +25,10 @@ def metrics(runs, name):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """t03 run once from nothing: it makes t01 (baseline) and t02 (expansion) first."""
-    from conftest import TINY_BASE, write_yaml
+    from conftest import make_tiny_configs
 
     root = tmp_path_factory.mktemp("pipeline")
-    folder = root / "configs"
-    folder.mkdir()
-    write_yaml(folder / "base.yaml", TINY_BASE)
-    write_yaml(folder / "t01.yaml", {"extends": "base.yaml", "no": 1, "group": 1, "remark": "original model"})
-    write_yaml(folder / "t02.yaml", {"extends": "base.yaml", "no": 2, "group": 2, "baseline": "t01",
-                                     "decompose": {"layers": [2, 3, 4], "scheme": "v1", "bases": [4, 4, 3]}})
-    write_yaml(folder / "t03.yaml", {"extends": "base.yaml", "no": 3, "group": 2, "baseline": "t01", "parent": "t02",
-                                     "finetune": [{"l2": 1.0, "epochs": 1}, {"ce": 1.0, "epochs": 1, "lr": 0.001}],
-                                     "profile": {"enabled": False}})
+    folder = make_tiny_configs(root / "configs")
     runs = root / "runs"
     result = lrx("run", folder / "t03.yaml", "--runs-dir", runs)
     assert result.exit_code == 0, result.output
