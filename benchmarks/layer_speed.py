@@ -128,6 +128,39 @@ def auto_paths(v1, v1d, v2, x) -> dict[str, str]:
             "scheme 2": optimised(v2, x).inference_path}
 
 
+def timed_units(model) -> list[tuple[str, torch.nn.Module]]:
+    """The modules a per-module profile times: expansion layers whole, and every other leaf module."""
+    expansion = dict(speed.expansion_layers(model))
+    units = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(e + ".") for e in expansion)
+        if name in expansion or (not inside and not list(module.children())):
+            units.append((name, module))
+    return units
+
+
+def module_profile(models: dict, x: torch.Tensor, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall time (ms) of each unit of each model, the models run in turn in each repeat."""
+    runs: dict[str, dict[str, list]] = {label: {} for label in models}
+    for _ in range(repeats):
+        for label, model in models.items():
+            times, hooks = runs[label], []
+            for name, module in timed_units(model):
+                def pre(module, args, name=name, times=times):
+                    times.setdefault(name, []).append(-time.perf_counter())
+
+                def post(module, args, output, name=name, times=times):
+                    times[name][-1] += time.perf_counter()
+                hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            try:
+                with torch.inference_mode():
+                    model(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+    return {label: {name: 1000 * statistics.median(v) for name, v in t.items()} for label, t in runs.items()}
+
+
 def cell(speedup: float, mac_ratio: float) -> str:
     return f"{speedup:.2f}x ({mac_ratio:.2f}, {100 * speedup / mac_ratio:.0f}%)"
 
@@ -140,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model timings")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-module profile of whole models")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -216,7 +250,10 @@ def main(argv=None) -> None:
 
         models = {"original (as is)": model, "original, channels_last (model.to)":
                   copy.deepcopy(model).to(memory_format=torch.channels_last)}
+        mkldnn_off_label = "original, mkldnn off (NNPACK for the stride-1 convs)"
+        models[mkldnn_off_label] = model
         mac_ratios = {label: 1.0 for label in models}
+        paths = {}
         for target, plan in plans.items():
             expanded, _ = expand(model, LAYERS, "v2", plan["ranks"], input_size=input_size)
             ratio = plan["model_macs_before"] / plan["predicted_macs"]
@@ -224,14 +261,16 @@ def main(argv=None) -> None:
             if target == 3.0:
                 models[f"{tag}, default forward"] = expanded.eval()
                 mac_ratios[f"{tag}, default forward"] = ratio
-                layers_only = speed.optimise(copy.deepcopy(expanded).eval(), "cpu", x_model[:1], channels_last=False)
+                layers_only = speed.optimise(copy.deepcopy(expanded).eval(), "cpu", x_model, channels_last=False)
                 models[f"{tag}, layers optimised (NCHW model)"] = layers_only
                 mac_ratios[f"{tag}, layers optimised (NCHW model)"] = ratio
-            full = speed.optimise(copy.deepcopy(expanded).eval(), "cpu", x_model[:1])
+            full = speed.optimise(copy.deepcopy(expanded).eval(), "cpu", x_model)
             models[f"{tag}, optimised (channels_last model)"] = full
             mac_ratios[f"{tag}, optimised (channels_last model)"] = ratio
+            paths[f"@{target:.0f}x"] = list(speed.describe(full).values())
         with torch.inference_mode():
             calls = {label: (lambda m=m: m(x_model)) for label, m in models.items()}
+            calls[mkldnn_off_label] = mkldnn_off(calls[mkldnn_off_label])
             stats = _interleaved(calls, CPU, args.warmup, args.repeats)
         print("| model | median ms | IQR ms | speedup | MAC ratio | realised |")
         print("|---|---|---|---|---|---|")
@@ -239,6 +278,21 @@ def main(argv=None) -> None:
             sp = st.get("speedup", 1.0)
             print(f"| {label} | {st['median_ms']:.0f} | {st['iqr_ms']:.0f} | {sp:.2f}x | {mac_ratios[label]:.2f} | "
                   f"{100 * sp / mac_ratios[label]:.0f}% |")
+        if not args.no_profile:
+            profiled = {"original": model, "original, channels_last": models["original, channels_last (model.to)"],
+                        "scheme 2 @3x, optimised": models[f"scheme 2 @3x {plans[3.0]['ranks']}, optimised "
+                                                          "(channels_last model)"]}
+            table = module_profile(profiled, x_model, args.repeats)
+            print("\n## Where the time goes: median ms per module (forward hooks, the three models in turn)\n")
+            print("| module | " + " | ".join(profiled) + " |")
+            print("|---|" + "---|" * len(profiled))
+            before = {name: type(m).__name__ for name, m in timed_units(model)}
+            after = {name: type(m).__name__ for name, m in timed_units(profiled["scheme 2 @3x, optimised"])}
+            for name in table["original"]:
+                kind = before[name] if before[name] == after[name] else f"{before[name]} -> {after[name]}"
+                print(f"| {name} ({kind}) | " + " | ".join(f"{table[k][name]:.0f}" for k in profiled) + " |")
+            print("| sum | " + " | ".join(f"{sum(table[k].values()):.0f}" for k in profiled) + " |")
+        print("\npaths chosen by lrx.speed.optimise (conv2-5): " + "; ".join(f"{k} {v}" for k, v in paths.items()))
         cl = stats["original, channels_last (model.to)"]["median_ms"]
         best = stats[f"scheme 2 @3x {plans[3.0]['ranks']}, optimised (channels_last model)"]["median_ms"]
         print(f"\nscheme 2 @3x optimised vs the original in channels_last (the layout change alone): "

@@ -136,7 +136,9 @@ class _Optimisable:
         ----------
         device : "cpu", "cuda", a torch.device, or None for the device of the layer's weights. Only the
             CPU has fast paths (see :mod:`lrx.speed`); elsewhere the default forward is kept.
-        input_shape : optional (B, C, H, W) the layer will see; a layout hint for prepacked weights.
+        input_shape : optional (B, C, H, W) the layer will see: a layout hint for prepacked weights, and
+            the batch size that decides whether NNPACK may run a dense conv (from batch 16). Any input
+            shape gives the right result.
         path : "auto" (the factors, or one dense conv where :func:`lrx.speed.prefer_dense` predicts it
             faster), "factored" (the factors, NHWC, prepacked), "dense" (one conv with
             :meth:`dense_weight`), or "default" (no path: plain forward).
@@ -345,7 +347,7 @@ def _check_v2_rank(conv: nn.Conv2d, rank, order: str, name: str | None) -> None:
                         f"(the maximum rank for scheme v2" + (", order hv)" if order == "hv" else ")"))
 
 
-def _choose_order(weight: Tensor, rank: int, stride) -> str:
+def choose_order(weight: Tensor, rank: int, stride) -> str:
     """"auto": the order with fewer MACs per output position; on a tie the smaller reconstruction error; then "vh"."""
     n, c, dh, dw = weight.shape
     sh, sw = stride
@@ -418,7 +420,7 @@ class LowRankExpConvV2(_Optimisable, nn.Module):
         weight = conv.weight.detach()
         if order == "auto":
             _check_v2_rank(conv, rank, max(ORDERS[:2], key=lambda o: scheme2_max_rank(weight.shape, o)), name)
-            order = _choose_order(weight, rank, _pair(conv.stride))
+            order = choose_order(weight, rank, _pair(conv.stride))
         _check_v2_rank(conv, rank, order, name)
         return cls.from_factors(conv, scheme2_factors(weight, rank, order), order=order)
 

@@ -10,16 +10,16 @@ What is kept on CPU, each measured with ``benchmarks/layer_speed.py`` (interleav
 ``docs/schemes.md``, "Speed on CPU"):
 
 - **channels_last**: every stage runs on NHWC tensors and returns one. oneDNN's NCHW path reorders the
-  input and output to a blocked layout on every call; the NHWC kernels do not. 1.3 to 1.6x on the
+  input and output to a blocked layout on every call; the NHWC kernels do not. 1.4 to 1.6x on the
   scheme 2 layers of AlexNet. The output stays channels_last, so the ReLU and pooling after the layer (and
   the next expanded layer) run on NHWC too; :func:`optimise` can put the rest of the model there as well.
 - **prepacked oneDNN weights**: ``nn.Conv2d`` reorders its weight into oneDNN's blocked layout on every
   call; a path reorders it once (``mkldnn_reorder_conv2d_weight``) and calls
-  ``torch.ops.mkldnn._convolution_pointwise``. 1.1 to 1.5x on the 1-D convs of scheme 2, most where the
-  rank is small.
+  ``torch.ops.mkldnn._convolution_pointwise``. 1.1 to 1.4x more on the 1-D convs of scheme 2, most
+  where the rank is small.
 - **one dense conv instead of the factors, where predicted faster** (scheme 1 mostly): the factors are
-  multiplied out (``dense_weight``) and run as one conv, through NNPACK (whose 3x3 and 5x5 convs are about
-  1.3x faster here than oneDNN's, conversions to and from NCHW included) where it applies, else through
+  multiplied out (``dense_weight``) and run as one conv, through NNPACK (whose 3x3 and 5x5 convs are 1.1 to
+  1.4x faster here than oneDNN's NHWC ones, conversions to and from NCHW included) where it applies, else through
   prepacked oneDNN. The choice is :func:`prefer_dense`: predicted time = MACs / relative MAC rate
   (:data:`CPU_RATES`). Scheme 1 (a grouped basis conv writing a C*M-channel map, then a 1x1 conv
   reading it back) runs at about half the MAC rate of a dense conv, so at the seed's bases the dense conv
@@ -53,10 +53,10 @@ from .errors import UserError
 
 PATHS = ("auto", "default", "factored", "dense")
 
-# Relative MAC rates on CPU, a dense oneDNN conv in channels_last = 1.0. Measured with
-# benchmarks/layer_speed.py on AlexNet conv2-5 at batch 64, 2 threads, AMD EPYC (AVX2): scheme 2's
-# 1-D convs 0.77-0.90 (0.5 at rank 20), scheme 1's grouped conv + 1x1 0.47-0.66, NNPACK's dense conv
-# 1.2-1.5 (3x3 and 5x5, NCHW conversions included).
+# Relative MAC rates on CPU (MACs per second; a dense oneDNN conv in channels_last = 1.0), measured
+# with benchmarks/layer_speed.py on AlexNet conv2-5 at batch 64, 2 threads, AMD EPYC (AVX2): scheme 2's
+# 1-D convs 0.78-0.88 (0.56 at rank 20), scheme 1's grouped conv + 1x1 0.42-0.59, NNPACK's dense conv
+# 1.1-1.4 (3x3 and 5x5, NHWC conversions included). See docs/schemes.md, "Speed on CPU".
 CPU_RATES = {"v2": 0.85, "v1": 0.5, "dense-onednn": 1.0, "dense-nnpack": 1.3}
 NNPACK_MIN_BATCH = 16
 
