@@ -88,6 +88,9 @@ class ProfileConfig:
     warmup: int = 2
     repeats: int = 5
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On CPU, time both models in their fastest layout: the original in channels_last, the expansion
+    # with lrx.speed.optimise's per-layer paths (MACs and params are counted before, on the plain models).
+    optimise: bool = True
 
 
 @dataclass

@@ -85,7 +85,7 @@ def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
             ax = axes[row][col]
             ax.axis("off")
             if col < len(filters):
-                ax.imshow(filters[col], cmap="gray")
+                ax.imshow(filters[col].numpy(), cmap="gray")
         axes[row][0].set_title(name, fontsize=7, loc="left")
     fig.suptitle(f"{cfg.name}: basis filters (first {width} per layer)")
     fig.tight_layout()

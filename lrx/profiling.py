@@ -444,6 +444,19 @@ def profile_pair(
     input_size = tuple(int(s) for s in cfg.input_size)
     target = expanded if expanded is not None else original
     macs, params = count(target, input_size)
+    original_macs, _ = count(original, input_size)
+    paths = None
+    optimised = cfg.optimise and device.type == "cpu"
+    if optimised:
+        # The best layout for both: channels_last for the original, lrx.speed's chosen paths for the
+        # expansion (counted above, before: an optimised layer no longer runs its nn.Conv2d children).
+        from .speed import describe, optimise
+
+        original = copy.deepcopy(original).to(memory_format=torch.channels_last)
+        if expanded is not None:
+            expanded = optimise(copy.deepcopy(expanded), device, torch.randn(cfg.batch, *input_size))
+            paths = describe(expanded)
+        target = expanded if expanded is not None else original
     with torch_threads(cfg.threads) as threads:
         times = profiler_times(target, cfg.batch, input_size, device, cfg.warmup)
         models = {"original": original} if expanded is None else {"original": original, "expanded": expanded}
@@ -461,7 +474,6 @@ def profile_pair(
     speedup = mac_ratio = realised = None
     if new_stats is not None:
         speedup = new_stats["speedup"]
-        original_macs, _ = count(original, input_size)
         mac_ratio = original_macs / macs if macs else None
         realised = speedup / mac_ratio if speedup and mac_ratio else None
     return {
@@ -471,6 +483,8 @@ def profile_pair(
         "cuda_time_ms": times["cuda_time_ms"],
         "input_size": list(input_size),
         "batch": cfg.batch,
+        "optimised": optimised,
+        "paths": paths,
         "device": str(device),
         "latency": {
             "threads": threads,
