@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import save_atomic
 from .config import RuntimeConfig, StageConfig
 from .errors import UserError
-from .train import (TrainingDiverged, all_rng_states, autocast, batches_device, check_settings, cpu_state, is_better,
-                    kept_modes, load_weights, prepare_model, restore_rng_states, to_memory_format, train_one_epoch)
+from .train import (TrainingDiverged, all_rng_states, autocast, batches_device, cpu_state, is_better, kept_modes,
+                    prepare_model, resume, to_memory_format, train_one_epoch)
 
 Log = Callable[[str], None]
 
@@ -258,20 +258,10 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
             net = distributed.wrap(student, device)
             torch.manual_seed(seed + distributed.rank())
 
-            history: list[dict] = []
-            best_state, best_epoch, best = None, 0, None
-            wall_before, start = 0.0, 1
-            if distributed.file_exists(ckpt_path):
-                ckpt = load_checkpoint(ckpt_path)
-                check_settings(ckpt, settings, ckpt_path)
-                load_weights(student, ckpt["model"], ckpt_path)
-                optimizer.load_state_dict(ckpt["optimizer"])
-                history, best_epoch, wall_before = list(ckpt["history"]), ckpt["best_epoch"], ckpt["wall_s"]
+            history, best_epoch, best, best_state, wall_before, start, ckpt = resume(ckpt_path, settings, student,
+                                                                                    optimizer)
+            if ckpt is not None:
                 before = ckpt["before"]
-                best = next((r for r in history if r["epoch"] == best_epoch), None)
-                best_state = ckpt["best"] if ckpt["best"] is not None else (cpu_state(student) if best_epoch else None)
-                restore_rng_states(ckpt["rng"])
-                start = ckpt["epoch"] + 1
                 if start <= stage.epochs:
                     say(f"resuming fine-tune ({stage_label(stage)}) from epoch {start} of {stage.epochs} ({ckpt_path})")
             else:

@@ -132,6 +132,28 @@ def load_weights(model: nn.Module, state: dict, path) -> None:
         raise UserError(f"the checkpoint does not fit the model ({first}); delete it to start over", file=str(path)) from None
 
 
+def resume(ckpt_path, settings: dict, model: nn.Module, optimizer, scheduler=None):
+    """The loop state to start from: fresh, or restored from the per-epoch checkpoint at ``ckpt_path``.
+
+    Restores the weights, the optimizer (and scheduler) and every rank's RNG state from the checkpoint.
+    Returns ``(history, best_epoch, best, best_state, wall_before, start, ckpt)``; ``ckpt`` is None when
+    starting fresh, else the loaded checkpoint (for caller-specific keys).
+    """
+    if not distributed.file_exists(ckpt_path):
+        return [], 0, None, None, 0.0, 1, None
+    ckpt = load_checkpoint(ckpt_path)
+    check_settings(ckpt, settings, ckpt_path)
+    load_weights(model, ckpt["model"], ckpt_path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    history, best_epoch = list(ckpt["history"]), ckpt["best_epoch"]
+    best = next((r for r in history if r["epoch"] == best_epoch), None)
+    best_state = ckpt["best"] if ckpt["best"] is not None else (cpu_state(model) if best_epoch else None)
+    restore_rng_states(ckpt["rng"])
+    return history, best_epoch, best, best_state, ckpt["wall_s"], ckpt["epoch"] + 1, ckpt
+
+
 def check_settings(ckpt: dict, settings: dict, path) -> None:
     """Refuse to resume a checkpoint written with other settings."""
     old = ckpt.get("settings")
@@ -300,23 +322,10 @@ def train_baseline(model: nn.Module, train, test, cfg: TrainConfig, ckpt_path, l
     settings = {"kind": "train", "train": dataclasses.asdict(cfg), "seed": seed}
     torch.manual_seed(seed + distributed.rank())
 
-    history: list[dict] = []
-    best_state, best_epoch, best = None, 0, None
-    wall_before, start = 0.0, 1
-    if distributed.file_exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_settings(ckpt, settings, ckpt_path)
-        load_weights(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        history, best_epoch, wall_before = list(ckpt["history"]), ckpt["best_epoch"], ckpt["wall_s"]
-        best = next((r for r in history if r["epoch"] == best_epoch), None)
-        best_state = ckpt["best"] if ckpt["best"] is not None else (cpu_state(model) if best_epoch else None)
-        restore_rng_states(ckpt["rng"])
-        start = ckpt["epoch"] + 1
-        if start <= cfg.epochs:
-            say(f"resuming training from epoch {start} of {cfg.epochs} ({ckpt_path})")
+    history, best_epoch, best, best_state, wall_before, start, ckpt = resume(ckpt_path, settings, model, optimizer,
+                                                                            scheduler)
+    if ckpt is not None and start <= cfg.epochs:
+        say(f"resuming training from epoch {start} of {cfg.epochs} ({ckpt_path})")
 
     def save(epoch: int) -> None:
         rng = all_rng_states()  # collective: every rank takes part
