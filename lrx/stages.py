@@ -58,7 +58,7 @@ def load_model(path: Path, arch: str, num_classes: int):
 
 def previous_model_file(runner, stage: str) -> Path:
     """The model file a stage starts from: the last model-changing stage before it, or the run it builds on."""
-    from .runs import RunDir, stage_names
+    from .runs import stage_names
 
     cfg = runner.cfg
     names = [n for n in stage_names(cfg) if n != "profile"]
