@@ -58,8 +58,7 @@ def main() -> None:
     names = [layer["name"] for layer in report["layers"]]
     params = [p for n, p in student.named_parameters() if any(n.startswith(k + ".") for k in names)]
     opt_l2 = torch.optim.AdamW(params, 1e-4)
-    teacher = model.eval()
-    t_taps, s_taps = LayerTaps(teacher, names, stop_early=True), LayerTaps(student, names, stop_early=True)
+    teacher = model
 
     def l2_step():
         with torch.inference_mode():
@@ -77,8 +76,10 @@ def main() -> None:
 
     model.train()
     ce = timed(ce_step, args.steps, device)
-    l2 = timed(l2_step, args.steps, device)
+    model.eval()
     ev = timed(eval_step, args.steps, device)
+    with LayerTaps(teacher, names, stop_early=True) as t_taps, LayerTaps(student, names, stop_early=True) as s_taps:
+        l2 = timed(l2_step, args.steps, device)
     steps = -(-TRAIN_IMAGES // args.batch)
     epoch_ce, epoch_l2 = ce * steps, l2 * steps
     epoch_eval = ev * -(-TEST_IMAGES // args.batch) * 2  # acc@1 and the L2 norm after every epoch
