@@ -132,7 +132,7 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
     if dry_run:
         from .planning import print_plan
 
-        print_plan(cfg)
+        print_plan(cfg, runs_dir)
         return
     metrics = _run_until(config, "decompose", runs_dir, data_root, set_, force, no_deps, quiet)
     if show_bases is not None:

@@ -40,3 +40,12 @@ def test_show_bases_writes_a_png(tiny_configs, tmp_path):
                                  "--show-bases", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dry_run_plans_on_the_trained_baseline_of_the_runs_dir(tiny_configs, tmp_path):
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet"]).exit_code == 0
+    result = runner.invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "the trained baseline" in result.output and "t01" in result.output
+    assert not (runs / "t02").exists(), "--dry-run writes nothing"
