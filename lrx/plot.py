@@ -23,11 +23,17 @@ def _macs_m(row: dict) -> float | None:
 
 
 def _time_ms(row: dict) -> float | None:
-    """The run's own model's median wall-clock latency, else its profiler CPU time."""
+    """The run's CPU time relative to the original model's: 1 for the original, 1 / measured speedup else.
+
+    Absolute times from different processes do not compare on a shared machine; each run's speedup was
+    measured against the original in one process, interleaved, so the ratio is what is plotted.
+    """
     latency = row.get("latency") if isinstance(row.get("latency"), dict) else {}
-    key = "expanded_ms" if row.get("decompose") else "original_ms"
-    value = _number(latency.get(key))
-    return value if value is not None else _number(row.get("cpu_time_ms"))
+    if not row.get("decompose"):
+        measured = _number(latency.get("original_ms")) is not None or _number(row.get("cpu_time_ms")) is not None
+        return 1.0 if measured else None
+    speedup = _number(latency.get("speedup"))
+    return 1.0 / speedup if speedup else None
 
 
 def _lookup(row: dict, get: Callable[[dict], float | None], by_name: dict[str, dict]) -> float | None:
@@ -64,8 +70,8 @@ def plot_pareto(rows: list[dict], out_path: str | Path) -> Path:
     rows : rows from :func:`lrx.table.collect_rows` (finished runs are used, others skipped).
     out_path : the picture's path; missing parent folders are created.
 
-    Left panel: acc@1 (%) against MACs (M); right: acc@1 against CPU time (ms), the run's latency
-    median when measured, else its torch.profiler self CPU time. One point per run with both values
+    Left panel: acc@1 (%) against MACs (M); right: acc@1 against CPU time relative to the original
+    model (1 / the speedup measured in the run's own profile, interleaved with the original). One point per run with both values
     (a run without its own cost takes its parent run's, see :func:`_lookup`), labelled with the run
     name; the Pareto front (higher accuracy, lower cost) as a dashed step line; the original model
     (a run without ``decompose``) as a red star.
@@ -77,7 +83,7 @@ def plot_pareto(rows: list[dict], out_path: str | Path) -> Path:
 
     done = [r for r in rows if r.get("status", "done") == "done"]
     by_name = {r.get("name"): r for r in done}
-    panels = [("MACs (M)", _macs_m), ("CPU time (ms): latency median, else profiler self time", _time_ms)]
+    panels = [("MACs (M)", _macs_m), ("CPU time relative to the original (1 / measured speedup)", _time_ms)]
     data = []
     for _, get in panels:
         points = []

@@ -22,7 +22,7 @@ def test_plot_writes_a_png(tmp_path):
     write_metrics(runs, "exp01", no=1, acc1=83.1, macs=698_886_090, cpu_time_ms=1265.0,
                   latency={"original_ms": 900.0, "expanded_ms": None})
     write_metrics(runs, "exp10", no=10, acc1=80.2, macs=300_000_000, decompose=DECOMPOSE,
-                  latency={"original_ms": 910.0, "expanded_ms": 400.0})
+                  latency={"original_ms": 910.0, "expanded_ms": 400.0, "speedup": 2.275})
     write_metrics(runs, "exp11", no=11, acc1=81.0, decompose=DECOMPOSE)  # no cost of its own, no parent: skipped
     write_metrics(runs, "exp12", no=12, macs=250_000_000, decompose=DECOMPOSE)  # no accuracy: skipped
     out = plot_pareto(collect_rows(runs), tmp_path / "pics" / "pareto.png")
@@ -53,3 +53,12 @@ def test_nothing_to_plot_names_the_missing_metrics(tmp_path):
         plot_pareto(collect_rows(runs), tmp_path / "p.png")
     with pytest.raises(UserError, match="no runs found"):
         plot_pareto([], tmp_path / "p.png")
+
+
+def test_time_axis_is_relative_to_the_original_from_in_process_speedups():
+    from lrx.plot import _time_ms
+
+    assert _time_ms({"decompose": None, "latency": {"original_ms": 477.0}}) == 1.0, "the original is 1"
+    assert _time_ms({"decompose": DECOMPOSE, "latency": {"original_ms": 195.0, "expanded_ms": 100.0,
+                                                        "speedup": 2.0}}) == 0.5, "1 / measured speedup"
+    assert _time_ms({"decompose": DECOMPOSE, "cpu_time_ms": 300.0}) is None, "no cross-process absolute times"
