@@ -19,6 +19,15 @@ TINY_BASE = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine two spin against each other; one is faster and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -17,13 +17,7 @@ from lrx.train import TrainingDiverged, is_better
 REPLACED = ["3", "6"]  # module names of the two convolutions the student replaces
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine spin against each other; one is faster and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed=0):

@@ -11,13 +11,7 @@ from lrx.errors import UserError
 from lrx.train import TrainingDiverged, evaluate, train_baseline, train_one_epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine spin against each other; one is faster and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scaled(nn.Module):
