@@ -71,14 +71,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`save_atomic` does."""
+    data = text.encode("utf-8")
+    _write_atomic(path, lambda f: f.write(data))
+
+
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` as indented JSON (UTF-8, trailing newline) to ``path`` atomically.
 
     Non-finite floats are written as ``NaN``/``Infinity`` as Python's json does; objects JSON cannot
     encode raise ``TypeError`` before anything is written.
     """
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    _write_atomic(path, lambda f: f.write(data))
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -344,7 +344,7 @@ def _coerce(tp, value: Any, file: str, key: str):
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that need no model (the model-dependent ones are in :func:`validate_against_model`)."""
+    """Range checks that need no model (the model-dependent ones are in :func:`lrx.runs.check_against_model`)."""
     file = cfg.path or None
 
     def need(ok: bool, key: str, message: str) -> None:

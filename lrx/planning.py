@@ -21,7 +21,7 @@ def plan_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list
         try:
             path = final_model_file(Path(runs_dir), cfg.baseline)
             if path.exists() and cfg.parent is None:
-                model, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+                model, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
                 source = f"the trained baseline {path}"
         except UserError:
             pass
@@ -69,7 +69,7 @@ def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
     from .layers import LowRankExpConvV1, LowRankExpConvV2
     from .stages import load_model
 
-    model, names = load_model(model_path, cfg.model.name, cfg.model.num_classes)
+    model, names, _ = load_model(model_path, cfg.model.name, cfg.model.num_classes)
     modules = dict(model.named_modules())
     panels = []
     for name in names:

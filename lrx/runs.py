@@ -90,11 +90,10 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         if not distributed.is_main():
             return
+        from .checkpoint import write_text_atomic
+
         header = f"# resolved config of run {cfg.name} from {cfg.path}\n# lrx {__version__}, torch {torch.__version__}\n"
-        text = header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        tmp = self.file("config.yaml.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.file("config.yaml"))
+        write_text_atomic(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.file("config.yaml"))
 
     # A lock file holds the PID of the process working on this run; a dead PID's lock is taken over.
     def lock(self) -> None:
@@ -268,7 +267,6 @@ class Runner:
         distributed.setup(self.device)
         self._data = None
         self._original = None
-        self._model = None
 
     def say(self, message: str) -> None:
         self.dir.log(message)
@@ -277,7 +275,7 @@ class Runner:
 
     def run(self, until: str | None = None) -> dict:
         """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content."""
-        from .stages import STAGES, summarise
+        from .stages import STAGES, checkpoint_file, summarise
 
         cfg = self.cfg
         names = stage_names(cfg)
@@ -312,7 +310,9 @@ class Runner:
             for name in todo:
                 if metrics.get("running", {}).get(name) != hashes[name]:
                     # A checkpoint left by other settings must not be resumed.
-                    self.dir.file(f"{name.replace('finetune.', 'stage')}.ckpt").unlink(missing_ok=True)
+                    ckpt = checkpoint_file(name)
+                    if ckpt:
+                        self.dir.file(ckpt).unlink(missing_ok=True)
                 metrics["status"] = "running"
                 metrics["running"] = {name: hashes[name]}
                 self.dir.write_metrics(metrics)

@@ -24,6 +24,13 @@ def model_file(stage: str) -> str:
     return MODEL_FILES[stage]
 
 
+def checkpoint_file(stage: str) -> str | None:
+    """The per-epoch checkpoint a training stage resumes from (None for stages without epochs)."""
+    if stage.startswith("finetune."):
+        return f"stage{stage.split('.')[1]}.ckpt"
+    return "train.ckpt" if stage == "train" else None
+
+
 def save_model(path: Path, model: torch.nn.Module, arch: str, num_classes: int, spec=None, layers=None) -> None:
     """Rank 0 writes the model file; every process waits until it is there."""
     from . import distributed
@@ -35,7 +42,10 @@ def save_model(path: Path, model: torch.nn.Module, arch: str, num_classes: int, 
 
 
 def load_model(path: Path, arch: str, num_classes: int):
-    """Rebuild a saved model (expanded or not) and load its weights. Returns (model, replaced layer names)."""
+    """Rebuild a saved model (expanded or not) and load its weights.
+
+    Returns (model, replaced layer names, spec), the spec being what :func:`lrx.lowrank.build_expanded` took.
+    """
     blob = load_checkpoint(path)
     if blob.get("arch") != arch or blob.get("num_classes") != num_classes:
         raise UserError(f"{path} holds a {blob.get('arch')} with {blob.get('num_classes')} classes, "
@@ -53,7 +63,7 @@ def load_model(path: Path, arch: str, num_classes: int):
         model.load_state_dict(blob["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from None
-    return model, blob.get("layers") or []
+    return model, blob.get("layers") or [], blob.get("spec")
 
 
 def previous_model_file(runner, stage: str) -> Path:
@@ -85,7 +95,7 @@ def original_model(runner):
     cfg = runner.cfg
     if runner._original is None:
         path = runner.dir.file("model.pt") if cfg.baseline is None else final_model_file(runner.runs_dir, cfg.baseline)
-        runner._original, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+        runner._original, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
         runner._original.to(runner.device).eval()
     return runner._original
 
@@ -114,7 +124,7 @@ class Train:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.init).to(runner.device)
         train, test = data(runner)
-        result = train_baseline(model, train, test, cfg.train, runner.dir.file("train.ckpt"), log=runner.say,
+        result = train_baseline(model, train, test, cfg.train, runner.dir.file(checkpoint_file(name)), log=runner.say,
                                 quiet=runner.quiet, runtime=cfg.runtime, seed=cfg.seed)
         save_model(runner.dir.file("model.pt"), model, cfg.model.name, cfg.model.num_classes)
         return result
@@ -132,7 +142,7 @@ class Decompose:
 
         cfg, dec = runner.cfg, runner.cfg.decompose
         original = original_model(runner)
-        start, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
+        start, _, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
         expanded, report = expand_model(start.cpu(), cfg)
         expanded.to(runner.device)
         names = [layer["name"] for layer in report["layers"]]
@@ -197,13 +207,12 @@ class Finetune:
         index = int(name.split(".")[1])
         stage = cfg.finetune[index]
         original = original_model(runner)
-        student, names = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
+        student, names, spec = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
         student.to(runner.device)
         train, test = data(runner)
-        result = run_stage(student, original, names, train, test, stage, runner.dir.file(f"stage{index}.ckpt"),
+        result = run_stage(student, original, names, train, test, stage, runner.dir.file(checkpoint_file(name)),
                            log=runner.say, quiet=runner.quiet, runtime=cfg.runtime, seed=cfg.seed + index)
-        save_model(runner.dir.file(model_file(name)), student, cfg.model.name, cfg.model.num_classes,
-                   load_checkpoint(previous_model_file(runner, name)).get("spec"), names)
+        save_model(runner.dir.file(model_file(name)), student, cfg.model.name, cfg.model.num_classes, spec, names)
         return result
 
 
@@ -224,7 +233,7 @@ class Profile:
         original = original_model(runner).cpu()
         expanded, names = (None, [])
         if cfg.baseline is not None:
-            expanded, names = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
+            expanded, names, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
         device = cfg.profile.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
