@@ -18,6 +18,7 @@ from lrx.config import load_config
 from lrx.finetune import LayerTaps, squared_distances
 from lrx.lowrank import expand
 from lrx.models import build_model
+from lrx.train import adamw
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 
@@ -45,7 +46,7 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     model = build_model("alexnet_cifar10").to(device)
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    opt = adamw(model.parameters(), lr=1e-4, weight_decay=0.01)  # as lrx trains: fused where it can be
 
     def ce_step():
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -57,7 +58,7 @@ def main() -> None:
     student.to(device).eval()
     names = [layer["name"] for layer in report["layers"]]
     params = [p for n, p in student.named_parameters() if any(n.startswith(k + ".") for k in names)]
-    opt_l2 = torch.optim.AdamW(params, 1e-4)
+    opt_l2 = adamw(params, lr=1e-4, weight_decay=0.01)
     teacher = model
 
     def l2_step():

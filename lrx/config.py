@@ -49,7 +49,8 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "none"] = "cosine"  # cosine: per step, from lr down to 0 at the last step
+    warmup_epochs: float = 0.0  # linear warm-up from ~0 to lr over this many epochs (fractions allowed)
     label_smoothing: float = 0.0
     keep: Literal["best-acc", "last"] = "best-acc"
 
@@ -372,6 +373,7 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    need(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
     if cfg.decompose is not None:
         _validate_decompose(cfg.decompose, need)
         need(cfg.baseline is not None or cfg.parent is not None, "baseline",

@@ -27,7 +27,7 @@ from . import distributed
 from .checkpoint import save_atomic
 from .config import RuntimeConfig, StageConfig
 from .errors import UserError
-from .train import (TrainingDiverged, all_rng_states, autocast, batches_device, cpu_state, is_better, kept_modes,
+from .train import (TrainingDiverged, adamw, all_rng_states, autocast, batches_device, cpu_state, is_better, kept_modes,
                     prepare_model, resume, to_memory_format, train_one_epoch)
 
 Log = Callable[[str], None]
@@ -254,7 +254,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     with kept_modes(student):
         try:
             trainable = _freeze(student, names, pure_l2)
-            optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+            optimizer = adamw(trainable, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
             net = distributed.wrap(student, device)
             torch.manual_seed(seed + distributed.rank())
 

@@ -54,6 +54,7 @@ BAD = [
     ("wrong type", {"train": {"epochs": "ten"}}, "train.epochs", "expected an integer"),
     ("bad choice", {"data": {"name": "imagenet"}}, "data.name", "allowed: cifar10, fashion-mnist, synthetic"),
     ("negative epochs", {"train": {"epochs": -1}}, "train.epochs", "must be >= 0"),
+    ("negative warm-up", {"train": {"warmup_epochs": -0.5}}, "train.warmup_epochs", "must be >= 0"),
     ("negative stage epochs", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2]},
                                "finetune": [{"ce": 1.0, "epochs": -2}]}, "finetune.0.epochs", "must be >= 0"),
     ("bases length", {"baseline": "t01", "decompose": {"layers": [2, 3], "bases": [4]}}, "decompose.bases",

@@ -1,4 +1,6 @@
 """Baseline training: evaluate, the NaN check, the kept epoch, resume equals uninterrupted."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -154,7 +156,8 @@ class Interrupt(Exception):
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     train, test = make_data()
-    cfg = TrainConfig(epochs=4, lr=0.05)  # SGD + cosine schedule + dropout: all three must resume exactly
+    # SGD + warm-up and per-step cosine schedule + dropout: all three must resume exactly
+    cfg = TrainConfig(epochs=4, lr=0.05, warmup_epochs=1.5)
     model = Scaled()
     whole = train_baseline(model, train, test, cfg, tmp_path / "whole.ckpt", quiet=True, seed=1)
     whole_state = state(model)
@@ -211,3 +214,35 @@ def test_progress_is_silent_when_quiet_or_off_rank_0(monkeypatch, quiet, rank, s
             bar.show(loss=0.5, acc=90.0)
     assert (bar._progress is not None) == shown, f"quiet={quiet}, RANK={rank}: bar shown should be {shown}"
     assert list(progress_mod.track(range(4), 4, "x", quiet)) == [0, 1, 2, 3], "track must yield every item"
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from lrx.train import lr_factor
+
+    total, warmup = 10, 4
+    factors = [lr_factor(step, total, warmup, cosine=True) for step in range(total)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0], f"linear warm-up to 1: {factors[:4]}"
+    assert factors[4] == 1.0 and factors[-1] == pytest.approx(0.0, abs=1e-12), f"cosine from 1 to 0: {factors}"
+    assert factors[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5))), "half a cosine over the steps after warm-up"
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:])), "never rises after the warm-up"
+    assert [lr_factor(s, total, 2, cosine=False) for s in range(4)] == [0.5, 1.0, 1.0, 1.0], "warm-up, then constant"
+
+
+def test_baseline_learning_rate_follows_the_schedule_step_by_step(tmp_path, monkeypatch):
+    """The optimiser sees lr x lr_factor at every step: warm-up over 1 epoch, cosine over the rest."""
+    from lrx.train import lr_factor
+
+    train, test = make_data(n_train=64, n_test=16)  # 64 images, batch 32: 2 steps per epoch
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    train_baseline(Scaled(), train, test, TrainConfig(epochs=3, lr=0.1, warmup_epochs=1), tmp_path / "t.ckpt", quiet=True)
+    steps = len(seen)
+    assert steps == 6, f"3 epochs of 2 steps: {steps}"
+    assert seen == pytest.approx([0.1 * lr_factor(i, 6, 2, True) for i in range(6)]), seen
+    assert seen[0] == pytest.approx(0.05) and seen[-1] == pytest.approx(0.0, abs=1e-12), seen
