@@ -410,6 +410,33 @@ def layer_latency(
 # ---------------------------------------------------------------- one run's profile
 
 
+def _cpu_models(original: nn.Module, expanded: nn.Module | None, cfg: ProfileConfig,
+                input_size: Sequence[int]) -> tuple[dict[str, nn.Module], list | None]:
+    """The models as timed on the CPU, and the expansion's chosen paths (None unless optimised).
+
+    With ``cfg.optimise``, each in its fastest layout: channels_last for the original, lrx.speed's
+    chosen paths for the expansion (MACs are counted before, on the plain models: an optimised layer no
+    longer runs its nn.Conv2d children). Models already on the CPU are copied only when optimised.
+    """
+    def on_cpu(model: nn.Module) -> nn.Module:
+        on_gpu = any(p.device.type != "cpu" for p in model.parameters())
+        return copy.deepcopy(model).cpu() if on_gpu or cfg.optimise else model
+
+    models = {"original": on_cpu(original)}
+    if expanded is not None:
+        models["expanded"] = on_cpu(expanded)
+    if not cfg.optimise:
+        return models, None
+    from .speed import describe, optimise
+
+    models["original"] = models["original"].to(memory_format=torch.channels_last)
+    if expanded is None:
+        return models, None
+    cpu = torch.device("cpu")
+    models["expanded"] = optimise(models["expanded"], cpu, torch.randn(cfg.batch, *input_size))
+    return models, describe(models["expanded"])
+
+
 def profile_pair(
     original: nn.Module,
     expanded: nn.Module | None,
@@ -445,20 +472,16 @@ def profile_pair(
     target = expanded if expanded is not None else original
     macs, params = count(target, input_size)
     original_macs, _ = count(original, input_size)
-    paths = None
-    optimised = cfg.optimise and device.type == "cpu"
-    if optimised:
-        # The best layout for both: channels_last for the original, lrx.speed's chosen paths for the
-        # expansion (counted above, before: an optimised layer no longer runs its nn.Conv2d children).
-        from .speed import describe, optimise
-
-        original = copy.deepcopy(original).to(memory_format=torch.channels_last)
-        if expanded is not None:
-            expanded = optimise(copy.deepcopy(expanded), device, torch.randn(cfg.batch, *input_size))
-            paths = describe(expanded)
+    on_cpu, paths = _cpu_models(original, expanded, cfg, input_size)
+    optimised = cfg.optimise
+    if device.type == "cpu":
+        original, expanded = on_cpu["original"], on_cpu.get("expanded")
         target = expanded if expanded is not None else original
     with torch_threads(cfg.threads) as threads:
         times = profiler_times(target, cfg.batch, input_size, device, cfg.warmup)
+        if device.type != "cpu":  # the seed's CPU time column is a CPU run, also on a GPU machine
+            cpu_target = on_cpu.get("expanded", on_cpu["original"])
+            times["cpu_time_ms"] = profiler_times(cpu_target, cfg.batch, input_size, "cpu", cfg.warmup)["cpu_time_ms"]
         models = {"original": original} if expanded is None else {"original": original, "expanded": expanded}
         lat = latency(models, cfg.batch, input_size, device, None, cfg.warmup, cfg.repeats)
         layers = []
@@ -483,7 +506,7 @@ def profile_pair(
         "cuda_time_ms": times["cuda_time_ms"],
         "input_size": list(input_size),
         "batch": cfg.batch,
-        "optimised": optimised,
+        "optimised": optimised,  # on CPU: the CPU time and latency; on a GPU: the CPU time column only
         "paths": paths,
         "device": str(device),
         "latency": {

@@ -1,0 +1,84 @@
+"""The GPU paths: the whole pipeline on CUDA (bf16 autocast, channels_last), CUDA time, layers on the GPU.
+
+Skipped where there is no GPU (CI); benchmarks/gpu_check.sh runs them on a lent one.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import make_tiny_configs, write_yaml
+from lrx.cli import app
+from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.profiling import profiler_times
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("bf16, channels_last", [(False, False), (True, True)])
+def test_pipeline_runs_on_the_gpu_and_measures_cuda_time(tmp_path, bf16, channels_last):
+    folder = make_tiny_configs(tmp_path / "configs")
+    base = folder / "base.yaml"
+    data = yaml.safe_load(base.read_text())
+    data["runtime"] = {"device": "cuda", "bf16": bf16, "channels_last": channels_last}
+    data["profile"]["device"] = "cuda"
+    write_yaml(base, data)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(folder / "t03.yaml"), str(folder / "t02.yaml"), "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    base_m = json.loads((runs / "t01" / "metrics.json").read_text())
+    expanded = json.loads((runs / "t02" / "metrics.json").read_text())
+    tuned = json.loads((runs / "t03" / "metrics.json").read_text())
+    assert base_m["device"] == "cuda" and base_m["acc1"] > 30, f"the tiny model learns on the GPU: {base_m['acc1']}"
+    assert base_m["cuda_time_ms"] > 0 and expanded["cuda_time_ms"] > 0, "CUDA time measured on the GPU"
+    l2_stage = tuned["stages"]["finetune.0"]
+    assert l2_stage["l2_after"] < l2_stage["l2_before"], "L2 fine-tuning on the GPU lowers the reconstruction error"
+
+
+def test_profile_on_the_gpu_times_the_cpu_column_on_the_cpu(monkeypatch):
+    """As the seed's table: CPU time from a run on the CPU, CUDA time from the GPU, on one machine."""
+    from lrx import profiling
+    from lrx.config import ProfileConfig
+    from lrx.lowrank import expand
+    from lrx.models import build_model
+
+    calls = []
+    real = profiling.profiler_times
+
+    def recording(model, batch, input_size, device, warmup):
+        out = real(model, batch, input_size, device, warmup)
+        calls.append((torch.device(device).type, next(model.parameters()).device.type, out))
+        return out
+
+    monkeypatch.setattr(profiling, "profiler_times", recording)
+    original = build_model("tiny_cnn").cuda()
+    expanded, report = expand(build_model("tiny_cnn"), [2, 3], "v1", [4, 4])
+    names = [layer["name"] for layer in report["layers"]]
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=4, warmup=1, repeats=5, device="cuda")
+    out = profiling.profile_pair(original, expanded.cuda(), names, cfg, per_layer=False)
+    assert [(run, model) for run, model, _ in calls] == [("cuda", "cuda"), ("cpu", "cpu")], calls
+    assert out["cpu_time_ms"] == calls[1][2]["cpu_time_ms"] and out["cuda_time_ms"] == calls[0][2]["cuda_time_ms"]
+    assert out["device"] == "cuda" and out["latency"]["speedup"] > 0
+
+
+def test_profiler_times_on_the_gpu_count_kernel_time():
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).cuda()
+    times = profiler_times(conv, batch=8, input_size=(16, 32, 32), device="cuda", warmup=1)
+    assert times["cuda_time_ms"] is not None and times["cuda_time_ms"] > 0, times
+
+
+@pytest.mark.parametrize("make", [lambda conv: LowRankExpConvV1.from_conv(conv, 6),
+                                  lambda conv: LowRankExpConvV2.from_conv(conv, 12)])
+def test_expansions_compute_the_same_on_the_gpu_as_on_the_cpu(make):
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = False
+    layer = make(torch.nn.Conv2d(16, 32, 3, padding=1)).eval()
+    x = torch.randn(4, 16, 20, 20)
+    with torch.no_grad():
+        on_cpu = layer(x)
+        on_gpu = layer.cuda()(x.cuda()).cpu()
+    assert torch.allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-4), (on_cpu - on_gpu).abs().max()
