@@ -23,6 +23,13 @@ from lrx.train import adamw
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 
 
+def duration(seconds: float) -> str:
+    """Seconds as the unit that reads best: "42 s", "3.5 min" or "1.2 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def timed(step, steps: int, device: torch.device) -> float:
     step()  # warm-up
     if device.type == "cuda":
@@ -88,7 +95,7 @@ def main() -> None:
     total = 0.0
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, 3x224x224")
     print(f"per step: CE train {ce * 1e3:.0f} ms, L2 train {l2 * 1e3:.0f} ms, eval {ev * 1e3:.0f} ms")
-    print(f"per CIFAR-10 epoch: CE {epoch_ce / 60:.1f} min, L2 {epoch_l2 / 60:.1f} min, evaluation {epoch_eval / 60:.1f} min")
+    print(f"per CIFAR-10 epoch: CE {duration(epoch_ce)}, L2 {duration(epoch_l2)}, evaluation {duration(epoch_eval)}")
     for i in range(1, 10):
         cfg = load_config(root / f"exp0{i}.yaml")
         seconds = (cfg.train.epochs * (epoch_ce + epoch_eval)) if cfg.baseline is None else 0.0
@@ -96,8 +103,8 @@ def main() -> None:
             per = epoch_ce if stage.ce > 0 else epoch_l2
             seconds += stage.epochs * (per + epoch_eval)
         total += seconds
-        print(f"exp0{i}: {seconds / 3600:.1f} h")
-    print(f"all nine rows: about {total / 3600:.1f} h (profiling and decomposition add minutes)")
+        print(f"exp0{i}: {duration(seconds)}")
+    print(f"all nine rows: about {duration(total)} (profiling and decomposition add minutes)")
 
 
 if __name__ == "__main__":
