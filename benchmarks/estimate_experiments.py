@@ -1,7 +1,7 @@
 """Estimate how long `make all-experiments` takes on this machine, from a few measured steps.
 
-Times a few CE training steps of the original model and L2 steps of the seed's expansion at the seed's
-scale (batch 64, 3x224x224), then multiplies by the epochs that configs/exp01..09 ask for on
+Times a few steps at the seed's scale (batch 64, 3x224x224): CE training of the original model (row 1),
+L2 and CE fine-tuning of the seed's expansion (the student, every parameter training under CE), then multiplies by the epochs that configs/exp01..09 ask for on
 CIFAR-10 (50,000 training and 10,000 test images). Prints per-step times and the estimate.
 
     python benchmarks/estimate_experiments.py [--device cuda] [--steps 3]
@@ -68,6 +68,14 @@ def main() -> None:
     opt_l2 = adamw(params, lr=1e-4, weight_decay=0.01)
     teacher = model
 
+    opt_student = adamw(student.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def ce_student_step():
+        loss = torch.nn.functional.cross_entropy(student(x), y)
+        opt_student.zero_grad()
+        loss.backward()
+        opt_student.step()
+
     def l2_step():
         with torch.inference_mode():
             t_taps(teacher, x)
@@ -88,19 +96,23 @@ def main() -> None:
     ev = timed(eval_step, args.steps, device)
     with LayerTaps(teacher, names, stop_early=True) as t_taps, LayerTaps(student, names, stop_early=True) as s_taps:
         l2 = timed(l2_step, args.steps, device)
+    student.train()
+    ce_ft = timed(ce_student_step, args.steps, device)
     steps = -(-TRAIN_IMAGES // args.batch)
-    epoch_ce, epoch_l2 = ce * steps, l2 * steps
+    epoch_ce, epoch_ce_ft, epoch_l2 = ce * steps, ce_ft * steps, l2 * steps
     epoch_eval = ev * -(-TEST_IMAGES // args.batch) * 2  # acc@1 and the L2 norm after every epoch
     root = Path(__file__).resolve().parents[1] / "configs"
     total = 0.0
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, 3x224x224")
-    print(f"per step: CE train {ce * 1e3:.0f} ms, L2 train {l2 * 1e3:.0f} ms, eval {ev * 1e3:.0f} ms")
-    print(f"per CIFAR-10 epoch: CE {duration(epoch_ce)}, L2 {duration(epoch_l2)}, evaluation {duration(epoch_eval)}")
+    print(f"per step: CE train (original) {ce * 1e3:.0f} ms, L2 fine-tune {l2 * 1e3:.0f} ms, "
+          f"CE fine-tune (expansion) {ce_ft * 1e3:.0f} ms, eval {ev * 1e3:.0f} ms")
+    print(f"per CIFAR-10 epoch: CE train {duration(epoch_ce)}, L2 fine-tune {duration(epoch_l2)}, "
+          f"CE fine-tune {duration(epoch_ce_ft)}, evaluation {duration(epoch_eval)}")
     for i in range(1, 10):
         cfg = load_config(root / f"exp0{i}.yaml")
         seconds = (cfg.train.epochs * (epoch_ce + epoch_eval)) if cfg.baseline is None else 0.0
         for stage in cfg.finetune:
-            per = epoch_ce if stage.ce > 0 else epoch_l2
+            per = epoch_ce_ft if stage.ce > 0 else epoch_l2
             seconds += stage.epochs * (per + epoch_eval)
         total += seconds
         print(f"exp0{i}: {duration(seconds)}")
