@@ -246,3 +246,22 @@ def test_baseline_learning_rate_follows_the_schedule_step_by_step(tmp_path, monk
     assert steps == 6, f"3 epochs of 2 steps: {steps}"
     assert seen == pytest.approx([0.1 * lr_factor(i, 6, 2, True) for i in range(6)]), seen
     assert seen[0] == pytest.approx(0.05) and seen[-1] == pytest.approx(0.0, abs=1e-12), seen
+
+
+def test_adamw_uses_the_fused_kernel_for_float_parameters_only():
+    from lrx.train import adamw, fusable
+
+    model = nn.Linear(4, 2)
+    assert adamw(model.parameters(), lr=1e-3, weight_decay=0.0).defaults["fused"] is True
+    assert not fusable([torch.zeros(3, dtype=torch.int64)]) and not fusable([]), "integer tensors and empty lists take the default kernel"
+    fused, plain = nn.Linear(4, 2), nn.Linear(4, 2)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 4)
+    opts = [adamw(fused.parameters(), lr=1e-2, weight_decay=0.01),
+            torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.01)]
+    for _ in range(3):
+        for net, opt in zip((fused, plain), opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert torch.allclose(fused.weight, plain.weight, atol=1e-6), "the fused kernel computes AdamW's update"
