@@ -64,6 +64,7 @@ class DecomposeConfig:
     basis: Literal["shared", "per-channel"] = "shared"
     method: Literal["svd", "alternating"] = "svd"
     decomposed: bool = False
+    order: Literal["vh", "hv", "auto"] = "vh"  # scheme v2: which 1-D conv runs first (auto: fewer MACs per layer)
     options: dict[str, Any] = field(default_factory=dict)  # method options (lambda, iterations, ...)
 
 
@@ -420,6 +421,8 @@ def _validate_decompose(dec: DecomposeConfig, need) -> None:
             need(rank >= 1, f"decompose.bases.{i}", f"a rank must be >= 1, got {rank}")
     need(not (dec.decomposed and dec.scheme == "v2"), "decompose.decomposed",
          "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
+    need(dec.order == "vh" or dec.scheme == "v2", "decompose.order",
+         f"order {dec.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
 
 
 def find_config(name: str, beside: str | Path, key: str | None = None) -> Path:

@@ -439,7 +439,8 @@ def original_macs(conv: nn.Conv2d, out_hw) -> int:
     return conv_macs(conv.in_channels, conv.out_channels, conv.kernel_size, out_hw, conv.groups, conv.bias is not None)
 
 
-def expanded_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw, out_hw, decomposed: bool = False) -> int:
+def expanded_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw, out_hw, decomposed: bool = False,
+                  order: str = "vh") -> int:
     """MACs of the layer that replaces ``conv`` at ``rank``, on one image.
 
     With C, N the conv's channels, H'W' its output size and W its input width (the vertical 1-D
@@ -447,12 +448,14 @@ def expanded_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw, out_hw, decomp
 
     - scheme 1: ``C M dh dw H'W'`` (grouped basis conv) + ``C M N H'W'`` (1x1 combination)
     - scheme 1, decomposed: ``C M dh H'W + C M dw H'W' + C M N H'W'``
-    - scheme 2: ``K C dh H'W + N K dw H'W'``
+    - scheme 2: ``K C dh H'W + N K dw H'W'``; with ``order="hv"`` (horizontal first) ``K C dw HW' + N K dh H'W'``
     plus ``N H'W'`` for the bias if the conv has one.
     """
     check_choice(scheme, SCHEMES, "scheme")
     c, n, (dh, dw), bias = conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias is not None
     mid_hw = (out_hw[0], in_hw[1])
+    if scheme == "v2" and order == "hv":
+        return conv_macs(c, rank, (1, dw), (in_hw[0], out_hw[1])) + conv_macs(rank, n, (dh, 1), out_hw, bias=bias)
     if scheme == "v2":
         return conv_macs(c, rank, (dh, 1), mid_hw) + conv_macs(rank, n, (1, dw), out_hw, bias=bias)
     cm = c * rank

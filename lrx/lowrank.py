@@ -18,7 +18,7 @@ from torch import nn
 
 from . import decomposition as dec
 from .errors import UserError
-from .layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
+from .layers import ORDERS, LowRankExpConvV1, LowRankExpConvV2, check_convertible, scheme2_max_rank
 from .models import conv_layers
 
 __all__ = ["LowRankExpConvV1", "LowRankExpConvV2", "expand", "build_expanded", "select_layers", "conv_sizes"]
@@ -99,19 +99,20 @@ def _ranks(bases, count: int) -> list:
     return bases
 
 
-def _new_layer(conv: nn.Conv2d, scheme: str, rank: int, basis: str, decomposed: bool) -> nn.Module:
+def _new_layer(conv: nn.Conv2d, scheme: str, rank: int, basis: str, decomposed: bool, order: str = "vh") -> nn.Module:
     """An expansion layer with ``conv``'s geometry, default-initialised, on its device and dtype."""
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
                     device=conv.weight.device, dtype=conv.weight.dtype)
     if scheme == "v1":
         return LowRankExpConvV1(conv.in_channels, conv.out_channels, conv.kernel_size, rank,
                                 decomposed=decomposed, basis=basis, **geometry)
-    return LowRankExpConvV2(conv.in_channels, conv.out_channels, conv.kernel_size, rank, **geometry)
+    return LowRankExpConvV2(conv.in_channels, conv.out_channels, conv.kernel_size, rank, order=order, **geometry)
 
 
 def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme: str = "v1",
            bases: Sequence[int] | int = (8, 8, 6, 4), basis: str = "shared", method: str = "svd",
-           decomposed: bool = False, input_size=(3, 224, 224), **method_options) -> tuple[nn.Module, dict]:
+           decomposed: bool = False, input_size=(3, 224, 224), order: str = "vh",
+           **method_options) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with the chosen convs replaced by low-rank expansions, and a report.
 
     Parameters
@@ -126,6 +127,8 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
         lam_growth, iterations, tol; see :func:`lrx.decomposition.scheme1_alternating`).
     decomposed : v1 only: split every basis filter into dh x 1 and 1 x dw (the seed's "decomped").
     input_size : (C, H, W) of one image, for the MAC counts.
+    order : v2 only: "vh" (vertical 1-D conv first, Tai et al.), "hv" (horizontal first) or "auto"
+        (per layer, the order with fewer MACs; see :func:`lrx.layers.choose_order`).
 
     Returns
     -------
@@ -135,7 +138,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     decomposed), macs_before, macs_after (one image, as ptflops counts the convs),
     mac_ratio = macs_before / macs_after, and for v1 energy_first_sv: per basis filter the
     share of its energy in its first singular value (per-channel: averaged over channels),
-    taken before any rank-1 split; None for v2.
+    taken before any rank-1 split; None for v2; and order ("vh"/"hv" for v2, None for v1).
     """
     dec.check_choice(scheme, dec.SCHEMES, "scheme")
     dec.check_choice(basis, dec.BASES, "basis")
@@ -144,11 +147,14 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
         raise UserError("scheme v2 takes method 'svd', basis 'shared' and decomposed false only "
                         f"(got method {method!r}, basis {basis!r}, decomposed {decomposed}): its SVD is exact and "
                         "its filters are already separable")
+    dec.check_choice(order, ORDERS, "order")
+    if scheme == "v1" and order != "vh":
+        raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
     chosen = select_layers(model, layers)
     ranks = _ranks(bases, len(chosen))
     for (_, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, name)
-        top = dec.max_rank(conv, scheme, basis)
+        top = dec.max_rank(conv, scheme, basis) if scheme == "v1" else _v2_max_rank(conv, order)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
             raise UserError(f"layer {name}: rank {rank!r} is out of range; allowed 1..{top} "
                             f"(the maximum for scheme {scheme}" + (f", basis {basis})" if scheme == "v1" else ")"))
@@ -169,22 +175,31 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
             energy = (share if share.dim() == 1 else share.mean(0)).tolist()
             layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
         else:
-            layer = LowRankExpConvV2.from_factors(conv, dec.scheme2_svd(weight, rank))
+            layer = LowRankExpConvV2.from_conv(conv, rank, order=order, name=name)
+        layer_order = getattr(layer, "order", None)
         w = weight.double()
         in_hw, out_hw = sizes[name]
         before = dec.original_macs(conv, out_hw)
-        after = dec.expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed)
+        after = dec.expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
         rows.append({
             "index": index, "name": name, "shape": list(weight.shape), "rank": rank,
             "max_rank": dec.max_rank(conv, scheme, basis),
             "rel_error": ((w - layer.dense_weight()).norm() / w.norm().clamp_min(1e-300)).item(),
             "macs_before": before, "macs_after": after, "mac_ratio": before / after,
-            "energy_first_sv": energy,
+            "energy_first_sv": energy, "order": layer_order,
         })
         new.set_submodule(name, layer)
     spec = {"layers": names, "scheme": scheme, "ranks": list(ranks), "basis": basis, "decomposed": decomposed,
             "method": method, "method_options": dict(method_options)}
+    if scheme == "v2":
+        spec["orders"] = [row["order"] for row in rows]
     return new, {"spec": spec, "layers": rows}
+
+
+def _v2_max_rank(conv: nn.Conv2d, order: str) -> int:
+    """Scheme 2's largest rank for ``conv`` in ``order`` ("auto": the larger of the two orders')."""
+    orders = ("vh", "hv") if order == "auto" else (order,)
+    return max(scheme2_max_rank(conv.weight.shape, o) for o in orders)
 
 
 def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
@@ -200,8 +215,9 @@ def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
     dec.check_choice(scheme, dec.SCHEMES, "scheme")
     dec.check_choice(basis, dec.BASES, "basis")
     ranks = _ranks(spec["ranks"], len(spec["layers"]))
+    orders = spec.get("orders") or ["vh"] * len(ranks)  # specs written before orders were recorded: vh
     new = copy.deepcopy(model)
-    for (_, name, conv), rank in zip(select_layers(new, list(spec["layers"])), ranks):
+    for (_, name, conv), rank, order in zip(select_layers(new, list(spec["layers"])), ranks, orders):
         check_convertible(conv, scheme, decomposed, name)
-        new.set_submodule(name, _new_layer(conv, scheme, rank, basis, decomposed))
+        new.set_submodule(name, _new_layer(conv, scheme, rank, basis, decomposed, order))
     return new

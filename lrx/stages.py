@@ -175,7 +175,8 @@ def expand_model(model, cfg, input_size=None):
         ranks = plan["ranks"]
     try:
         expanded, report = expand(model, layers=dec.layers, scheme=dec.scheme, bases=ranks, basis=dec.basis,
-                                  method=dec.method, decomposed=dec.decomposed, input_size=input_size, **dec.options)
+                                  method=dec.method, decomposed=dec.decomposed, input_size=input_size,
+                                  order=dec.order, **dec.options)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
     except TypeError as err:  # an unknown method option

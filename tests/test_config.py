@@ -69,6 +69,10 @@ BAD = [
     ("image too small", {"model": {"name": "alexnet_cifar10"}, "data": {"image_size": 32}}, "data.image_size",
      "at least 63x63"),
     ("bad run name", {"name": "../escape"}, "name", "run name"),
+    ("order with scheme v1", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2], "order": "hv"}},
+     "decompose.order", "scheme v2's choice"),
+    ("unknown order", {"baseline": "t01", "decompose": {"layers": [2], "scheme": "v2", "bases": [2], "order": "hh"}},
+     "decompose.order", "allowed: vh, hv, auto"),
 ]
 
 

@@ -229,15 +229,16 @@ def ptflops_count(model: nn.Module, input_size) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("geometry", ["stride2", "kernel(3,5)", "mixed", "same-even"])
-@pytest.mark.parametrize("form", ["v1", "v1 decomposed", "v2"])
+@pytest.mark.parametrize("form", ["v1", "v1 decomposed", "v2", "v2 hv"])
 def test_mac_formulas_match_ptflops(geometry, form):
     conv = make_conv(geometry, seed=6)
-    scheme, decomposed = form.split()[0], "decomposed" in form
-    layer = LowRankExpConvV2.from_conv(conv, 3) if scheme == "v2" else LowRankExpConvV1.from_conv(conv, 3, decomposed=decomposed)
+    scheme, decomposed, order = form.split()[0], "decomposed" in form, "hv" if "hv" in form else "vh"
+    layer = (LowRankExpConvV2.from_conv(conv, 3, order=order) if scheme == "v2"
+             else LowRankExpConvV1.from_conv(conv, 3, decomposed=decomposed))
     in_hw = (15, 17)
     out_hw = tuple(conv(torch.zeros(1, 4, *in_hw)).shape[-2:])
     assert ptflops_count(conv, (4, *in_hw))[0] == dec.original_macs(conv, out_hw), f"{geometry}: conv MACs"
-    assert ptflops_count(layer, (4, *in_hw))[0] == dec.expanded_macs(conv, scheme, 3, in_hw, out_hw, decomposed), \
+    assert ptflops_count(layer, (4, *in_hw))[0] == dec.expanded_macs(conv, scheme, 3, in_hw, out_hw, decomposed, order), \
         f"{form} {geometry}: expanded_macs disagrees with ptflops"
 
 
@@ -295,6 +296,8 @@ def tiny_net() -> nn.Sequential:
     (alexnet_cifar10, [2, 5], dict(scheme="v1", bases=[8, 6], decomposed=True)),
     (tiny_net, [2, "4"], dict(scheme="v1", bases=[4, 3], basis="per-channel", method="alternating", iterations=3)),
     (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20])),
+    (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20], order="hv")),
+    (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20], order="auto")),
 ])
 def test_state_dict_round_trip_through_build_expanded(build, layers, options):
     model = build()
@@ -305,6 +308,20 @@ def test_state_dict_round_trip_through_build_expanded(build, layers, options):
     x = torch.randn(2, 3, 64, 64)
     expanded.eval(), rebuilt.eval()
     assert torch.equal(rebuilt(x), expanded(x)), f"{options}: rebuilt model gives other outputs"
+
+
+def test_expand_passes_the_v2_order_to_every_layer_and_counts_its_macs():
+    """tiny_net's conv2 is 3x5 with stride 2: the two orders differ in MACs and in error."""
+    model = tiny_net()
+    (_, vh), (_, hv), (_, auto) = (expand(model, [2], "v2", [6], input_size=(3, 32, 32), order=o) for o in ("vh", "hv", "auto"))
+    assert [r["order"] for r in (vh["layers"][0], hv["layers"][0])] == ["vh", "hv"]
+    assert hv["spec"]["orders"] == ["hv"], "the spec records the order, so build_expanded rebuilds it"
+    assert hv["layers"][0]["macs_after"] != vh["layers"][0]["macs_after"], "stride 2 and a 3x5 kernel: orders differ"
+    assert hv["layers"][0]["rel_error"] != pytest.approx(vh["layers"][0]["rel_error"]), "the two orders fit W differently"
+    cheaper = min((vh, hv), key=lambda r: r["layers"][0]["macs_after"])
+    assert auto["layers"][0]["order"] == cheaper["layers"][0]["order"], "auto takes the order with fewer MACs"
+    with pytest.raises(UserError, match="scheme v1 takes none"):
+        expand(model, [2], "v1", [2], order="hv")
 
 
 @pytest.mark.parametrize("kwargs, words", [
