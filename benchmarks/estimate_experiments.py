@@ -52,14 +52,20 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
-    model = build_model("alexnet_cifar10").to(device)
-    opt = adamw(model.parameters(), lr=1e-4, weight_decay=0.01)  # as lrx trains: fused where it can be
+    def ce_step_of(net: torch.nn.Module):
+        """One CE training step of every parameter of ``net``, AdamW as lrx trains (fused where it can be)."""
+        opt = adamw(net.parameters(), lr=1e-4, weight_decay=0.01)
 
-    def ce_step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        def step():
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    model = build_model("alexnet_cifar10").to(device)
+    ce_step = ce_step_of(model)
 
     student, report = expand(build_model("alexnet_cifar10"), [2, 3, 4, 5], "v1", [8, 8, 6, 4])
     student.to(device).eval()
@@ -68,13 +74,7 @@ def main() -> None:
     opt_l2 = adamw(params, lr=1e-4, weight_decay=0.01)
     teacher = model
 
-    opt_student = adamw(student.parameters(), lr=1e-4, weight_decay=0.01)
-
-    def ce_student_step():
-        loss = torch.nn.functional.cross_entropy(student(x), y)
-        opt_student.zero_grad()
-        loss.backward()
-        opt_student.step()
+    ce_student_step = ce_step_of(student)
 
     def l2_step():
         with torch.inference_mode():

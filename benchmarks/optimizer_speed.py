@@ -2,18 +2,18 @@
 
     .venv/bin/python benchmarks/optimizer_speed.py [--threads 2] [--repeats 7]
 
-Times ``optimizer.step()`` alone (gradients already in place) for all 57M parameters, the two
-variants interleaved in one process; prints each median and the ratio.
+Times ``optimizer.step()`` alone (gradients already in place) for all 44M parameters, the two
+variants interleaved in one process (lrx.profiling's rotation, as benchmarks/layer_speed.py); prints
+each median and the ratio.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from lrx.models import build_model
+from lrx.profiling import _interleaved
 
 
 def main() -> None:
@@ -30,19 +30,13 @@ def main() -> None:
             p.grad = torch.randn_like(p) * 1e-3
         variants["fused" if fused else "default"] = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                                                                       fused=fused or None)
-    times = {name: [] for name in variants}
-    for name, opt in variants.items():  # warm-up: allocates the moment buffers
-        opt.step()
-    for r in range(args.repeats):
-        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            start = time.perf_counter()
-            variants[name].step()
-            times[name].append((time.perf_counter() - start) * 1000)
+    # One warm-up step each (it allocates the moment buffers), then rounds in alternating order.
+    stats = _interleaved({name: opt.step for name, opt in variants.items()}, torch.device("cpu"), 1, args.repeats)
     n = sum(p.numel() for p in variants["default"].param_groups[0]["params"])
     print(f"AdamW step, {n / 1e6:.1f}M parameters, {args.threads} threads, median of {args.repeats}:")
-    for name, runs in times.items():
-        print(f"  {name:8s} {statistics.median(runs):7.1f} ms  (min {min(runs):.1f}, max {max(runs):.1f})")
-    print(f"  fused is {statistics.median(times['default']) / statistics.median(times['fused']):.1f}x faster")
+    for name, s in stats.items():
+        print(f"  {name:8s} {s['median_ms']:7.1f} ms  (min {s['min_ms']:.1f}, max {s['max_ms']:.1f})")
+    print(f"  fused is {stats['fused']['speedup']:.1f}x faster")
 
 
 if __name__ == "__main__":

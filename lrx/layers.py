@@ -319,9 +319,11 @@ ORDERS = ("vh", "hv", "auto")
 
 
 def scheme2_max_rank(weight_shape, order: str = "vh") -> int:
-    """The largest rank of scheme 2 in ``order``: min(C*dh, N*dw) vertical first, min(C*dw, N*dh) horizontal first."""
+    """The largest rank of scheme 2 in ``order``: min(C*dh, N*dw) vertical first, min(C*dw, N*dh) horizontal
+    first; for "auto" the larger of the two (the order is chosen per rank)."""
     n, c, dh, dw = weight_shape
-    return min(c * dh, n * dw) if order == "vh" else min(c * dw, n * dh)
+    ranks = {"vh": min(c * dh, n * dw), "hv": min(c * dw, n * dh)}
+    return max(ranks.values()) if order == "auto" else ranks[order]
 
 
 def scheme2_factors(weight: Tensor, rank: int, order: str = "vh") -> dec.Scheme2Factors:

@@ -154,7 +154,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     ranks = _ranks(bases, len(chosen))
     for (_, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, name)
-        top = dec.max_rank(conv, scheme, basis) if scheme == "v1" else _v2_max_rank(conv, order)
+        top = dec.max_rank(conv, scheme, basis) if scheme == "v1" else scheme2_max_rank(conv.weight.shape, order)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
             raise UserError(f"layer {name}: rank {rank!r} is out of range; allowed 1..{top} "
                             f"(the maximum for scheme {scheme}" + (f", basis {basis})" if scheme == "v1" else ")"))
@@ -174,16 +174,17 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
             share = dec.energy_first_sv(factors.bases)
             energy = (share if share.dim() == 1 else share.mean(0)).tolist()
             layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
+            layer_order, top = None, dec.max_rank(conv, scheme, basis)
         else:
             layer = LowRankExpConvV2.from_conv(conv, rank, order=order, name=name)
-        layer_order = getattr(layer, "order", None)
+            layer_order, top = layer.order, scheme2_max_rank(weight.shape, layer.order)
         w = weight.double()
         in_hw, out_hw = sizes[name]
         before = dec.original_macs(conv, out_hw)
         after = dec.expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
         rows.append({
             "index": index, "name": name, "shape": list(weight.shape), "rank": rank,
-            "max_rank": dec.max_rank(conv, scheme, basis),
+            "max_rank": top,
             "rel_error": ((w - layer.dense_weight()).norm() / w.norm().clamp_min(1e-300)).item(),
             "macs_before": before, "macs_after": after, "mac_ratio": before / after,
             "energy_first_sv": energy, "order": layer_order,
@@ -194,12 +195,6 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     if scheme == "v2":
         spec["orders"] = [row["order"] for row in rows]
     return new, {"spec": spec, "layers": rows}
-
-
-def _v2_max_rank(conv: nn.Conv2d, order: str) -> int:
-    """Scheme 2's largest rank for ``conv`` in ``order`` ("auto": the larger of the two orders')."""
-    orders = ("vh", "hv") if order == "auto" else (order,)
-    return max(scheme2_max_rank(conv.weight.shape, o) for o in orders)
 
 
 def build_expanded(model: nn.Module, spec: dict) -> nn.Module:

@@ -471,9 +471,8 @@ def profile_pair(
     input_size = tuple(int(s) for s in cfg.input_size)
     target = expanded if expanded is not None else original
     macs, params = count(target, input_size)
-    original_macs, _ = count(original, input_size)
+    original_macs = count(original, input_size)[0] if expanded is not None else macs
     on_cpu, paths = _cpu_models(original, expanded, cfg, input_size)
-    optimised = cfg.optimise
     if device.type == "cpu":
         original, expanded = on_cpu["original"], on_cpu.get("expanded")
         target = expanded if expanded is not None else original
@@ -506,7 +505,7 @@ def profile_pair(
         "cuda_time_ms": times["cuda_time_ms"],
         "input_size": list(input_size),
         "batch": cfg.batch,
-        "optimised": optimised,  # on CPU: the CPU time and latency; on a GPU: the CPU time column only
+        "optimised": cfg.optimise,  # on CPU: the CPU time and latency; on a GPU: the CPU time column only
         "paths": paths,
         "device": str(device),
         "latency": {

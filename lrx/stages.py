@@ -235,10 +235,7 @@ class Profile:
         expanded, names = (None, [])
         if cfg.baseline is not None:
             expanded, names, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
-        device = cfg.profile.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        result = profile_pair(original, expanded, names, cfg.profile, device)
+        result = profile_pair(original, expanded, names, cfg.profile)  # cfg.profile.device, "auto" resolved there
         runner._original = None  # moved to CPU above; reload on the run's device if needed again
         distributed.barrier()
         return result
