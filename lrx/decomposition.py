@@ -1,5 +1,7 @@
 """Filter reconstruction for low-rank expansions: plain functions on conv weight tensors.
 
+(This module is long because the rank and MAC rules that every module uses sit with the math they describe.)
+
 A conv weight ``W`` is ``(N, C, dh, dw)``: N output channels, C input channels, a dh x dw kernel;
 ``W_n^c`` is the dh x dw slice of filter n on input channel c.
 
@@ -27,6 +29,8 @@ from .errors import UserError
 SCHEMES = ("v1", "v2")
 BASES = ("shared", "per-channel")
 METHODS = ("svd", "alternating")
+# Scheme 2's order: the vertical (dh x 1) conv first, the horizontal (1 x dw) first, or per layer the cheaper.
+ORDERS = ("vh", "hv", "auto")
 # Options of scheme1_alternating and their defaults (config `decompose.options`).
 ALTERNATING_DEFAULTS = {"lam": 0.03, "lam_start": None, "lam_growth": 1.5, "iterations": 100, "tol": 1e-7}
 
@@ -57,23 +61,43 @@ def _check_weight(weight: Tensor) -> None:
     assert weight.dim() == 4, f"a conv weight is (N, C, dh, dw), got shape {tuple(weight.shape)}"
 
 
-def _check_rank(rank, maximum: int, what: str = "rank") -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= maximum:
-        raise UserError(f"{what} {rank!r} is out of range: allowed 1..{maximum} (the maximum rank)")
+def _shape(conv_or_shape) -> tuple[int, int, int, int]:
+    """(N, C, dh, dw) of an ``nn.Conv2d`` or of a weight shape."""
+    n, c, dh, dw = conv_or_shape.weight.shape if isinstance(conv_or_shape, nn.Module) else conv_or_shape
+    return n, c, dh, dw
 
 
-def max_rank(conv, scheme: str, basis: str = "shared") -> int:
-    """The largest useful rank of ``conv`` (an ``nn.Conv2d`` or a weight shape (N, C, dh, dw)).
+def max_rank(conv_or_shape, scheme: str, basis: str = "shared", order: str = "vh") -> int:
+    """The largest useful rank of a conv (an ``nn.Conv2d`` or a weight shape (N, C, dh, dw)).
 
-    Scheme 1 shared: min(N*C, dh*dw); per-channel: min(N, dh*dw); scheme 2: min(C*dh, N*dw).
+    Scheme 1 (``order`` unused): shared basis min(N*C, dh*dw), per-channel min(N, dh*dw).
+    Scheme 2 (``basis`` unused): vertical first (``order="vh"``) min(C*dh, N*dw), horizontal first
+    (``"hv"``) min(C*dw, N*dh), ``"auto"`` (the order chosen per layer) the larger of the two.
     At this rank the expansion reproduces the conv exactly.
     """
     check_choice(scheme, SCHEMES, "scheme")
-    n, c, dh, dw = conv.weight.shape if isinstance(conv, nn.Module) else conv
+    n, c, dh, dw = _shape(conv_or_shape)
     if scheme == "v2":
-        return min(c * dh, n * dw)
+        check_choice(order, ORDERS, "order")
+        tops = {"vh": min(c * dh, n * dw), "hv": min(c * dw, n * dh)}
+        return max(tops.values()) if order == "auto" else tops[order]
     check_choice(basis, BASES, "basis")
     return min(n * c, dh * dw) if basis == "shared" else min(n, dh * dw)
+
+
+def check_rank(rank, conv_or_shape, scheme: str, basis: str = "shared", order: str = "vh",
+               name: str | None = None) -> None:
+    """Refuse, with a UserError, a rank that is not an integer in 1..:func:`max_rank` (bools are refused).
+
+    The one rank check of lrx: e.g. ``layer conv2: rank 99 is out of range; allowed 1..48 (the maximum
+    for scheme v2, order vh)``; without ``name`` the message has no "layer ...: " prefix.
+    """
+    top = max_rank(conv_or_shape, scheme, basis, order)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        where = f"layer {name}: " if name else ""
+        option = f"basis {basis}" if scheme == "v1" else f"order {order}"
+        raise UserError(f"{where}rank {rank!r} is out of range; allowed 1..{top} "
+                        f"(the maximum for scheme {scheme}, {option})")
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -153,8 +177,7 @@ def scheme1_svd(weight: Tensor, rank: int, basis: str = "shared") -> Scheme1Fact
     coefficients (N, C, M).
     """
     _check_weight(weight)
-    check_choice(basis, BASES, "basis")
-    _check_rank(rank, max_rank(tuple(weight.shape), "v1", basis), "number of bases")
+    check_rank(rank, tuple(weight.shape), "v1", basis)  # checks the basis too
     u, s, vh = torch.linalg.svd(_slices(weight.double(), basis), full_matrices=False)
     return _to_factors(u[..., :rank] * s[..., None, :rank], vh[..., :rank, :], weight, basis)
 
@@ -235,8 +258,7 @@ def scheme1_alternating(
     norm, or is zero where the penalty switched it off.
     """
     _check_weight(weight)
-    check_choice(basis, BASES, "basis")
-    _check_rank(rank, max_rank(tuple(weight.shape), "v1", basis), "number of bases")
+    check_rank(rank, tuple(weight.shape), "v1", basis)  # checks the basis too
     if lam < 0 or (lam_start is not None and lam_start < 0):
         raise UserError(f"lam must be >= 0, got lam={lam}, lam_start={lam_start}")
     if lam_growth < 1:
@@ -382,7 +404,7 @@ def scheme2_svd(weight: Tensor, rank: int) -> Scheme2Factors:
     """
     _check_weight(weight)
     n, c, dh, dw = weight.shape
-    _check_rank(rank, max_rank(tuple(weight.shape), "v2"))
+    check_rank(rank, tuple(weight.shape), "v2")
     u, s, vh = torch.linalg.svd(_scheme2_matrix(weight.double()), full_matrices=False)
     root = s[:rank].sqrt()
     vertical = (u[:, :rank] * root).reshape(c, dh, rank).permute(2, 0, 1)[..., None]
@@ -439,9 +461,9 @@ def original_macs(conv: nn.Conv2d, out_hw) -> int:
     return conv_macs(conv.in_channels, conv.out_channels, conv.kernel_size, out_hw, conv.groups, conv.bias is not None)
 
 
-def expanded_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw, out_hw, decomposed: bool = False,
-                  order: str = "vh") -> int:
-    """MACs of the layer that replaces ``conv`` at ``rank``, on one image.
+def expanded_macs(conv_or_shape, scheme: str, rank: int, in_hw, out_hw, decomposed: bool = False,
+                  order: str = "vh", bias: bool | None = None) -> int:
+    """MACs of the layer that replaces a conv (an ``nn.Conv2d`` or a weight shape) at ``rank``, on one image.
 
     With C, N the conv's channels, H'W' its output size and W its input width (the vertical 1-D
     convs pad and stride only along H, so their output is H' x W):
@@ -449,14 +471,20 @@ def expanded_macs(conv: nn.Conv2d, scheme: str, rank: int, in_hw, out_hw, decomp
     - scheme 1: ``C M dh dw H'W'`` (grouped basis conv) + ``C M N H'W'`` (1x1 combination)
     - scheme 1, decomposed: ``C M dh H'W + C M dw H'W' + C M N H'W'``
     - scheme 2: ``K C dh H'W + N K dw H'W'``; with ``order="hv"`` (horizontal first) ``K C dw HW' + N K dh H'W'``
-    plus ``N H'W'`` for the bias if the conv has one.
+    plus ``N H'W'`` for the bias if ``bias`` (None: if the conv has one; a shape has none).
+
+    With ``out_hw=(1, 1)`` and ``in_hw`` = the stride (sh, sw) this is the cost per output position,
+    the intermediate counted at the stride it runs at (the layers choose their inference path with it).
     """
     check_choice(scheme, SCHEMES, "scheme")
-    c, n, (dh, dw), bias = conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias is not None
+    n, c, dh, dw = _shape(conv_or_shape)
+    if bias is None:
+        bias = isinstance(conv_or_shape, nn.Module) and conv_or_shape.bias is not None
     mid_hw = (out_hw[0], in_hw[1])
-    if scheme == "v2" and order == "hv":
-        return conv_macs(c, rank, (1, dw), (in_hw[0], out_hw[1])) + conv_macs(rank, n, (dh, 1), out_hw, bias=bias)
     if scheme == "v2":
+        check_choice(order, ORDERS[:2], "order")
+        if order == "hv":
+            return conv_macs(c, rank, (1, dw), (in_hw[0], out_hw[1])) + conv_macs(rank, n, (dh, 1), out_hw, bias=bias)
         return conv_macs(c, rank, (dh, 1), mid_hw) + conv_macs(rank, n, (1, dw), out_hw, bias=bias)
     cm = c * rank
     combine = conv_macs(cm, n, (1, 1), out_hw, bias=bias)

@@ -23,13 +23,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from . import decomposition as dec
-from . import speed
+from .decomposition import (BASES, METHODS, ORDERS, SCHEMES, Scheme1Factors, Scheme2Factors, check_choice,
+                            check_rank, conv_macs, expanded_macs, max_rank, retained_energy, scheme1,
+                            scheme2_svd, scheme2_weight, separable_rank1)
 from .errors import UserError
+from .speed import Optimisable
 
 
-def _describe(conv: nn.Module, name: str | None) -> str:
-    return f"layer {name}" if name else f"layer {conv!r}"
+def _label(conv: nn.Module, name: str | None) -> str:
+    """What error messages call a layer: its name, else the conv's repr."""
+    return name if name else repr(conv)
 
 
 def check_convertible(conv: nn.Module, scheme: str, decomposed: bool = False, name: str | None = None) -> None:
@@ -39,8 +42,8 @@ def check_convertible(conv: nn.Module, scheme: str, decomposed: bool = False, na
     a 1x1 kernel for the separable forms (scheme 2, scheme 1 decomposed); string padding other
     than "same"/"valid".
     """
-    dec.check_choice(scheme, dec.SCHEMES, "scheme")
-    where = _describe(conv, name)
+    check_choice(scheme, SCHEMES, "scheme")
+    where = f"layer {_label(conv, name)}"
     if not isinstance(conv, nn.Conv2d):
         raise UserError(f"{where}: only nn.Conv2d can be expanded, got {type(conv).__name__}")
     if conv.groups != 1:
@@ -53,14 +56,6 @@ def check_convertible(conv: nn.Module, scheme: str, decomposed: bool = False, na
     if separable and tuple(conv.kernel_size) == (1, 1):
         form = "scheme v2" if scheme == "v2" else "scheme v1 with decomposed=True"
         raise UserError(f"{where}: a 1x1 kernel has no spatial extent to split; {form} needs a kernel larger than 1x1")
-
-
-def _check_rank(conv: nn.Conv2d, scheme: str, basis: str, rank, name: str | None) -> None:
-    top = dec.max_rank(conv, scheme, basis)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
-        what = "number of bases" if scheme == "v1" else "rank"
-        raise UserError(f"{_describe(conv, name)}: {what} {rank!r} is out of range; allowed 1..{top} "
-                        f"(the maximum rank for scheme {scheme}" + (f", basis {basis})" if scheme == "v1" else ")"))
 
 
 def _split(stride, padding, dilation):
@@ -92,96 +87,20 @@ def _same_as_ints(kernel_size, dilation, padding):
     return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else padding
 
 
-def _out_shape(conv: nn.Conv2d, shape):
-    """(B, N, H', W') that ``conv`` produces from an input of ``shape``; None if unknown."""
-    if shape is None or isinstance(conv.padding, str):
-        return None
-    b, _, h, w = shape
-    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, p, d, k, s in zip((h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
-    return (b, conv.out_channels, *size)
+def _macs_per_position(layer: nn.Module, decomposed: bool = False, order: str = "vh") -> tuple[int, int]:
+    """(dense conv, factors) MACs per output position of an expansion layer: for :meth:`Optimisable.optimise_for`.
+
+    :func:`lrx.decomposition.expanded_macs` on one output position (``out_hw=(1, 1)``) whose input is one
+    stride step (``in_hw=stride``): the first 1-D conv strides along its own axis only, so it computes
+    ``sw`` (vh, and scheme 1 decomposed) or ``sh`` (hv) positions per output position. No bias: both
+    paths add the same N per position, and :data:`lrx.speed.CPU_RATES` were fitted to counts without it.
+    """
+    shape = (layer.out_channels, layer.in_channels, *layer.kernel_size)
+    dense = conv_macs(layer.in_channels, layer.out_channels, layer.kernel_size, (1, 1))
+    return dense, expanded_macs(shape, layer.scheme, layer.rank, layer.stride, (1, 1), decomposed, order, bias=False)
 
 
-def _stages(convs, input_shape, prepack: bool) -> list:
-    """One CPU stage per conv, in order (the intermediate shapes passed on as layout hints)."""
-    stages, shape = [], input_shape
-    for conv in convs:
-        stages.append(speed.conv_stage(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                       conv.groups, shape, prepack))
-        shape = _out_shape(conv, shape)
-    return stages
-
-
-class _Optimisable:
-    """What both expansion layers share: choosing an inference path once, and running it where it applies."""
-
-    _fast: "speed.FastPath | None" = None
-
-    def _factored_convs(self) -> list:
-        raise NotImplementedError
-
-    def _macs_per_position(self) -> tuple[float, float]:
-        """(dense conv, factors) MACs per output position, the intermediate counted at the stride it runs at."""
-        raise NotImplementedError
-
-    @property
-    def inference_path(self) -> str:
-        """The path chosen by :meth:`optimise_for`: "default", "factored" or "dense"."""
-        return self._fast.kind if self._fast is not None else "default"
-
-    def optimise_for(self, device=None, input_shape=None, path: str = "auto", prepack: bool = True):
-        """Choose, once, how this layer runs inference on ``device``; returns the layer.
-
-        Parameters
-        ----------
-        device : "cpu", "cuda", a torch.device, or None for the device of the layer's weights. Only the
-            CPU has fast paths (see :mod:`lrx.speed`); elsewhere the default forward is kept.
-        input_shape : optional (B, C, H, W) the layer will see: a layout hint for prepacked weights, and
-            the batch size that decides whether NNPACK may run a dense conv (from batch 16). Any input
-            shape gives the right result.
-        path : "auto" (the factors, or one dense conv where :func:`lrx.speed.prefer_dense` predicts it
-            faster), "factored" (the factors, NHWC, prepacked), "dense" (one conv with
-            :meth:`dense_weight`), or "default" (no path: plain forward).
-        prepack : allow oneDNN prepacked weights (else plain F.conv2d in channels_last).
-
-        Every path computes the default forward's function to float32 rounding. The path is a
-        snapshot rebuilt whenever the weights change; it is used only under no autograd
-        (``torch.no_grad``/``inference_mode``) on CPU float32 inputs, and is not in the state_dict.
-        """
-        speed.check_path(path)
-        if device is None:
-            device = next(self.parameters()).device
-        if path == "default" or not speed.cpu_device(device):
-            self._fast = None
-            return self
-        if path == "auto":
-            dense, factored = self._macs_per_position()
-            nnpack = speed.nnpack_for(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                                      kernel_size=self.kernel_size) and speed.nnpack_batch(input_shape)
-            path = "dense" if speed.prefer_dense(dense, factored, self.scheme, nnpack) else "factored"
-        self._fast = speed.FastPath(path, tuple(input_shape) if input_shape is not None else None, prepack)
-        return self
-
-    def _fast_stages(self, kind: str, input_shape, prepack: bool) -> list:
-        """The CPU stages of path ``kind``, from the current weights (called by :class:`lrx.speed.FastPath`)."""
-        if kind == "dense":
-            bias = self._factored_convs()[-1].bias
-            return [speed.conv_stage(self.dense_weight().float(), bias, self.stride, self.padding, self.dilation,
-                                     1, input_shape, prepack, nnpack=True)]
-        return _stages(self._factored_convs(), input_shape, prepack)
-
-    def _run(self, x: Tensor):
-        """The chosen path's output, or None where no path applies."""
-        fast = self._fast
-        if fast is not None and fast.applies(self, x):
-            return fast(self, x)
-        return None
-
-    def _path_repr(self) -> str:
-        return f", path={self.inference_path}" if self._fast is not None else ""
-
-
-class LowRankExpConvV1(_Optimisable, nn.Module):
+class LowRankExpConvV1(Optimisable, nn.Module):
     """Scheme 1: M basis filters per input channel, then a 1x1 combination into N outputs.
 
     ``basis`` (dh x dw, groups=C): C -> C*M, channel c*M + m = x_c * s_m^c;
@@ -197,23 +116,21 @@ class LowRankExpConvV1(_Optimisable, nn.Module):
 
     scheme = "v1"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, num_bases: int, stride=1, padding=0,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, decomposed: bool = False, basis: str = "shared",
                  device=None, dtype=None):
         super().__init__()
-        dec.check_choice(basis, dec.BASES, "basis")
-        if isinstance(num_bases, bool) or not isinstance(num_bases, int) or num_bases < 1:
-            raise UserError(f"num_bases must be an integer >= 1, got {num_bases!r}")
         kernel_size = _pair(kernel_size)
+        check_rank(rank, (out_channels, in_channels, *kernel_size), "v1", basis)
         if decomposed and kernel_size == (1, 1):
             raise UserError("LowRankExpConvV1 with decomposed=True needs a kernel larger than 1x1")
         padding = _same_as_ints(kernel_size, dilation, padding)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.rank, self.basis_kind, self.decomposed = num_bases, basis, decomposed
+        self.rank, self.basis_kind, self.decomposed = rank, basis, decomposed
         full, vertical, horizontal = _split(stride, padding, dilation)
         self.stride, self.padding, self.dilation = full["stride"], full["padding"], full["dilation"]
         factory = dict(device=device, dtype=dtype)
-        wide = in_channels * num_bases
+        wide = in_channels * rank
         # The spatial part is chosen once here; forward is the same for both forms.
         if decomposed:
             self.spatial = nn.Sequential(OrderedDict(
@@ -226,22 +143,22 @@ class LowRankExpConvV1(_Optimisable, nn.Module):
         self.combine = nn.Conv2d(wide, out_channels, 1, bias=bias, **factory)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, num_bases: int, basis: str = "shared", method: str = "svd",
+    def from_conv(cls, conv: nn.Conv2d, rank: int, basis: str = "shared", method: str = "svd",
                   decomposed: bool = False, name: str | None = None, **method_options) -> "LowRankExpConvV1":
-        """The scheme 1 layer that approximates ``conv`` with ``num_bases`` basis filters.
+        """The scheme 1 layer that approximates ``conv`` with ``rank`` basis filters (per input channel).
 
         ``method``: "svd" (optimal filter reconstruction) or "alternating" (the paper's objective
         with a nuclear norm; ``method_options`` as :func:`lrx.decomposition.scheme1_alternating`).
         ``name`` is used in error messages. The layer is on ``conv``'s device and dtype.
         """
-        dec.check_choice(basis, dec.BASES, "basis")
+        check_choice(basis, BASES, "basis")
         check_convertible(conv, "v1", decomposed, name)
-        _check_rank(conv, "v1", basis, num_bases, name)
-        factors = dec.scheme1(conv.weight.detach(), num_bases, basis, method, **method_options)
+        check_rank(rank, conv, "v1", basis, name=_label(conv, name))
+        factors = scheme1(conv.weight.detach(), rank, basis, method, **method_options)
         return cls.from_factors(conv, factors, decomposed=decomposed, basis=basis)
 
     @classmethod
-    def from_factors(cls, conv: nn.Conv2d, factors: dec.Scheme1Factors, decomposed: bool = False,
+    def from_factors(cls, conv: nn.Conv2d, factors: Scheme1Factors, decomposed: bool = False,
                      basis: str = "shared") -> "LowRankExpConvV1":
         """A layer with ``conv``'s geometry and bias, filled with ``factors`` (split if decomposed)."""
         bases, coeff = factors
@@ -254,7 +171,7 @@ class LowRankExpConvV1(_Optimisable, nn.Module):
         dh, dw = bases.shape[-2:]
         with torch.no_grad():
             if decomposed:
-                vertical, horizontal = dec.separable_rank1(bases)
+                vertical, horizontal = separable_rank1(bases)
                 layer.spatial.vertical.weight.copy_(vertical.reshape(c * m, 1, dh, 1))
                 layer.spatial.horizontal.weight.copy_(horizontal.reshape(c * m, 1, 1, dw))
             else:
@@ -272,11 +189,8 @@ class LowRankExpConvV1(_Optimisable, nn.Module):
         spatial = [self.spatial.vertical, self.spatial.horizontal] if self.decomposed else [self.spatial]
         return [*spatial, self.combine]
 
-    def _macs_per_position(self) -> tuple[float, float]:
-        c, n, m, (dh, dw) = self.in_channels, self.out_channels, self.rank, self.kernel_size
-        # The vertical part of a decomposed basis runs on H' x W: W / W' ~ the horizontal stride.
-        spatial = c * m * (dh * self.stride[1] + dw) if self.decomposed else c * m * dh * dw
-        return n * c * dh * dw, spatial + c * m * n
+    def _macs_per_position(self) -> tuple[int, int]:
+        return _macs_per_position(self, decomposed=self.decomposed)
 
     @torch.no_grad()
     def basis_filters(self) -> Tensor:
@@ -315,18 +229,7 @@ class LowRankExpConvV1(_Optimisable, nn.Module):
                 + self._path_repr())
 
 
-ORDERS = ("vh", "hv", "auto")
-
-
-def scheme2_max_rank(weight_shape, order: str = "vh") -> int:
-    """The largest rank of scheme 2 in ``order``: min(C*dh, N*dw) vertical first, min(C*dw, N*dh) horizontal
-    first; for "auto" the larger of the two (the order is chosen per rank)."""
-    n, c, dh, dw = weight_shape
-    ranks = {"vh": min(c * dh, n * dw), "hv": min(c * dw, n * dh)}
-    return max(ranks.values()) if order == "auto" else ranks[order]
-
-
-def scheme2_factors(weight: Tensor, rank: int, order: str = "vh") -> dec.Scheme2Factors:
+def scheme2_factors(weight: Tensor, rank: int, order: str = "vh") -> Scheme2Factors:
     """Scheme 2 factors of ``weight`` (N, C, dh, dw) at ``rank``, in the layer's own weight shapes.
 
     ``order="vh"`` (vertical first): Tai et al.'s closed form on W as the (C*dh) x (N*dw) matrix;
@@ -335,36 +238,29 @@ def scheme2_factors(weight: Tensor, rank: int, order: str = "vh") -> dec.Scheme2
     (the kernel transposed); horizontal (K, C, 1, dw) runs first, vertical (N, K, dh, 1) second.
     The two orders approximate W differently, so at the same rank their errors differ.
     """
-    dec.check_choice(order, ORDERS[:2], "order")
+    check_choice(order, ORDERS[:2], "order")
     if order == "vh":
-        return dec.scheme2_svd(weight, rank)
-    first, second = dec.scheme2_svd(weight.transpose(2, 3), rank)  # (K, C, dw, 1), (N, K, 1, dh)
-    return dec.Scheme2Factors(vertical=second.transpose(2, 3).contiguous(), horizontal=first.transpose(2, 3).contiguous())
-
-
-def _check_v2_rank(conv: nn.Conv2d, rank, order: str, name: str | None) -> None:
-    top = scheme2_max_rank(conv.weight.shape, order)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
-        raise UserError(f"{_describe(conv, name)}: rank {rank!r} is out of range; allowed 1..{top} "
-                        f"(the maximum rank for scheme v2" + (", order hv)" if order == "hv" else ")"))
+        return scheme2_svd(weight, rank)
+    first, second = scheme2_svd(weight.transpose(2, 3), rank)  # (K, C, dw, 1), (N, K, 1, dh)
+    return Scheme2Factors(vertical=second.transpose(2, 3).contiguous(), horizontal=first.transpose(2, 3).contiguous())
 
 
 def choose_order(weight: Tensor, rank: int, stride) -> str:
     """"auto": the order with fewer MACs per output position; on a tie the smaller reconstruction error; then "vh"."""
-    n, c, dh, dw = weight.shape
-    sh, sw = stride
-    valid = [o for o in ORDERS[:2] if rank <= scheme2_max_rank(weight.shape, o)]
+    shape = tuple(weight.shape)
+    valid = [o for o in ORDERS[:2] if rank <= max_rank(shape, "v2", order=o)]
     if len(valid) == 1:
         return valid[0]
-    macs = {"vh": rank * (c * dh * sw + n * dw), "hv": rank * (c * dw * sh + n * dh)}
+    # Per output position, as the layer's path choice counts them (the bias is the same in both orders).
+    macs = {o: expanded_macs(shape, "v2", rank, _pair(stride), (1, 1), order=o, bias=False) for o in valid}
     if macs["vh"] != macs["hv"]:
         return min(macs, key=macs.get)
-    kept = {"vh": dec.retained_energy(weight, "v2")[rank - 1].item(),
-            "hv": dec.retained_energy(weight.transpose(2, 3), "v2")[rank - 1].item()}
+    kept = {"vh": retained_energy(weight, "v2")[rank - 1].item(),
+            "hv": retained_energy(weight.transpose(2, 3), "v2")[rank - 1].item()}
     return "hv" if kept["hv"] > kept["vh"] * (1 + 1e-9) else "vh"
 
 
-class LowRankExpConvV2(_Optimisable, nn.Module):
+class LowRankExpConvV2(Optimisable, nn.Module):
     """Scheme 2: a dh x 1 conv C -> K, then a 1 x dw conv K -> N carrying the bias (``order="vh"``).
 
     With ``order="hv"`` the 1 x dw conv runs first (``horizontal``: C -> K) and the dh x 1 conv second
@@ -381,10 +277,9 @@ class LowRankExpConvV2(_Optimisable, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, device=None, dtype=None, order: str = "vh"):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise UserError(f"rank must be an integer >= 1, got {rank!r}")
-        dec.check_choice(order, ORDERS[:2], "order")
+        check_choice(order, ORDERS[:2], "order")
         kernel_size = _pair(kernel_size)
+        check_rank(rank, (out_channels, in_channels, *kernel_size), "v2", order=order)
         if kernel_size == (1, 1):
             raise UserError("LowRankExpConvV2 needs a kernel larger than 1x1")
         padding = _same_as_ints(kernel_size, dilation, padding)
@@ -413,21 +308,20 @@ class LowRankExpConvV2(_Optimisable, nn.Module):
         non-square kernels or strides), on a tie the one with the smaller reconstruction error at this
         rank. The choice is recorded in ``layer.order``; rebuild the structure with the same ``order``.
         """
-        dec.check_choice(method, dec.METHODS, "method")
+        check_choice(method, METHODS, "method")
         if method != "svd":
-            raise UserError(f"{_describe(conv, name)}: method {method!r} applies to scheme v1 only; scheme v2's "
+            raise UserError(f"layer {_label(conv, name)}: method {method!r} applies to scheme v1 only; scheme v2's "
                             "SVD (method 'svd') is already the exact minimiser of the reconstruction error")
-        dec.check_choice(order, ORDERS, "order")
+        check_choice(order, ORDERS, "order")
         check_convertible(conv, "v2", name=name)
+        check_rank(rank, conv, "v2", order=order, name=_label(conv, name))  # "auto": the larger order's maximum
         weight = conv.weight.detach()
         if order == "auto":
-            _check_v2_rank(conv, rank, max(ORDERS[:2], key=lambda o: scheme2_max_rank(weight.shape, o)), name)
-            order = choose_order(weight, rank, _pair(conv.stride))
-        _check_v2_rank(conv, rank, order, name)
+            order = choose_order(weight, rank, conv.stride)
         return cls.from_factors(conv, scheme2_factors(weight, rank, order), order=order)
 
     @classmethod
-    def from_factors(cls, conv: nn.Conv2d, factors: dec.Scheme2Factors, order: str = "vh") -> "LowRankExpConvV2":
+    def from_factors(cls, conv: nn.Conv2d, factors: Scheme2Factors, order: str = "vh") -> "LowRankExpConvV2":
         """A layer with ``conv``'s geometry and bias, filled with ``factors`` (as :func:`scheme2_factors` gives them)."""
         vertical, horizontal = factors
         rank = vertical.shape[0] if order == "vh" else horizontal.shape[0]
@@ -452,16 +346,14 @@ class LowRankExpConvV2(_Optimisable, nn.Module):
     def _factored_convs(self) -> list:
         return [self.vertical, self.horizontal] if self.order == "vh" else [self.horizontal, self.vertical]
 
-    def _macs_per_position(self) -> tuple[float, float]:
-        c, n, k, (dh, dw), (sh, sw) = self.in_channels, self.out_channels, self.rank, self.kernel_size, self.stride
-        factored = k * (c * dh * sw + n * dw) if self.order == "vh" else k * (c * dw * sh + n * dh)
-        return n * c * dh * dw, factored
+    def _macs_per_position(self) -> tuple[int, int]:
+        return _macs_per_position(self, order=self.order)
 
     @torch.no_grad()
     def dense_weight(self) -> Tensor:
         """The (N, C, dh, dw) kernel of the conv this layer computes (float64)."""
         if self.order == "vh":
-            return dec.scheme2_weight(dec.Scheme2Factors(self.vertical.weight.double(), self.horizontal.weight.double()))
+            return scheme2_weight(Scheme2Factors(self.vertical.weight.double(), self.horizontal.weight.double()))
         first = self.horizontal.weight.double()[:, :, 0, :]  # (K, C, dw)
         second = self.vertical.weight.double()[:, :, :, 0]  # (N, K, dh)
         return torch.einsum("kcw,nkh->nchw", first, second)

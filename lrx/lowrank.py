@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import decomposition as dec
+from .decomposition import (BASES, METHODS, ORDERS, SCHEMES, check_choice, check_rank, energy_first_sv,
+                            expanded_macs, max_rank, original_macs, scheme1)
 from .errors import UserError
-from .layers import ORDERS, LowRankExpConvV1, LowRankExpConvV2, check_convertible, scheme2_max_rank
+from .layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
 from .models import conv_layers
 
 __all__ = ["LowRankExpConvV1", "LowRankExpConvV2", "expand", "build_expanded", "select_layers", "conv_sizes"]
@@ -140,24 +141,21 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     share of its energy in its first singular value (per-channel: averaged over channels),
     taken before any rank-1 split; None for v2; and order ("vh"/"hv" for v2, None for v1).
     """
-    dec.check_choice(scheme, dec.SCHEMES, "scheme")
-    dec.check_choice(basis, dec.BASES, "basis")
-    dec.check_choice(method, dec.METHODS, "method")
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
+    check_choice(method, METHODS, "method")
     if scheme == "v2" and (method != "svd" or decomposed or basis != "shared"):
         raise UserError("scheme v2 takes method 'svd', basis 'shared' and decomposed false only "
                         f"(got method {method!r}, basis {basis!r}, decomposed {decomposed}): its SVD is exact and "
                         "its filters are already separable")
-    dec.check_choice(order, ORDERS, "order")
+    check_choice(order, ORDERS, "order")
     if scheme == "v1" and order != "vh":
         raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
     chosen = select_layers(model, layers)
     ranks = _ranks(bases, len(chosen))
     for (_, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, name)
-        top = dec.max_rank(conv, scheme, basis) if scheme == "v1" else scheme2_max_rank(conv.weight.shape, order)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
-            raise UserError(f"layer {name}: rank {rank!r} is out of range; allowed 1..{top} "
-                            f"(the maximum for scheme {scheme}" + (f", basis {basis})" if scheme == "v1" else ")"))
+        check_rank(rank, conv, scheme, basis, order, name)
     if method == "svd" and method_options:
         raise UserError(f"method 'svd' takes no options, got {', '.join(sorted(method_options))}")
 
@@ -170,21 +168,21 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
         weight = conv.weight.detach()
         energy = None
         if scheme == "v1":
-            factors = dec.scheme1(weight, rank, basis, method, **method_options)
-            share = dec.energy_first_sv(factors.bases)
+            factors = scheme1(weight, rank, basis, method, **method_options)
+            share = energy_first_sv(factors.bases)
             energy = (share if share.dim() == 1 else share.mean(0)).tolist()
             layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
-            layer_order, top = None, dec.max_rank(conv, scheme, basis)
+            layer_order = None
         else:
             layer = LowRankExpConvV2.from_conv(conv, rank, order=order, name=name)
-            layer_order, top = layer.order, scheme2_max_rank(weight.shape, layer.order)
+            layer_order = layer.order
         w = weight.double()
         in_hw, out_hw = sizes[name]
-        before = dec.original_macs(conv, out_hw)
-        after = dec.expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
+        before = original_macs(conv, out_hw)
+        after = expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
         rows.append({
             "index": index, "name": name, "shape": list(weight.shape), "rank": rank,
-            "max_rank": top,
+            "max_rank": max_rank(conv, scheme, basis, layer_order or "vh"),
             "rel_error": ((w - layer.dense_weight()).norm() / w.norm().clamp_min(1e-300)).item(),
             "macs_before": before, "macs_after": after, "mac_ratio": before / after,
             "energy_first_sv": energy, "order": layer_order,
@@ -207,8 +205,8 @@ def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
     if missing:
         raise UserError(f"expansion spec lacks {', '.join(missing)}; it needs {', '.join(SPEC_KEYS)}")
     scheme, basis, decomposed = spec["scheme"], spec["basis"], bool(spec["decomposed"])
-    dec.check_choice(scheme, dec.SCHEMES, "scheme")
-    dec.check_choice(basis, dec.BASES, "basis")
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
     ranks = _ranks(spec["ranks"], len(spec["layers"]))
     orders = spec.get("orders") or ["vh"] * len(ranks)  # specs written before orders were recorded: vh
     new = copy.deepcopy(model)

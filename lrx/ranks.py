@@ -14,10 +14,11 @@ from typing import Sequence
 
 from torch import nn
 
-from . import decomposition as dec
+from .decomposition import BASES, SCHEMES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
 from .errors import UserError
 from .layers import check_convertible
 from .lowrank import conv_sizes, select_layers
+from .profiling import count
 
 RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
         "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
@@ -57,10 +58,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     layers, before/after)}``. MACs are per image and match ptflops (lrx.profiling.count). The
     target is met, and lowering stopped at the first rank step that met it.
     """
-    from .profiling import count
-
-    dec.check_choice(scheme, dec.SCHEMES, "scheme")
-    dec.check_choice(basis, dec.BASES, "basis")
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
     if scheme == "v2":
         basis, decomposed = "shared", False
     kind, value = _check_target(target)
@@ -73,12 +72,12 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     plans = []
     for index, name, conv in chosen:
         in_hw, out_hw = sizes[name]
-        top = dec.max_rank(conv, scheme, basis)
+        top = max_rank(conv, scheme, basis)
         plans.append({
             "index": index, "name": name, "conv": conv, "max_rank": top,
-            "retained": dec.retained_energy(conv.weight, scheme, basis).tolist(),
-            "macs_before": dec.original_macs(conv, out_hw),
-            "cost": [dec.expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
+            "retained": retained_energy(conv.weight, scheme, basis).tolist(),
+            "macs_before": original_macs(conv, out_hw),
+            "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
         })
     before = sum(p["macs_before"] for p in plans)
     budget = before / value if kind == "speedup" else value * total - (total - before)

@@ -256,14 +256,110 @@ def nnpack_for(conv: nn.Conv2d | None = None, *, stride=(1, 1), padding=(0, 0), 
     return _nnpack_applies(fake, stride, padding, dilation, groups) and engine_available("nnpack")
 
 
+# ---------------------------------------------------------------------------------- layers
+
+
+def _out_shape(conv: nn.Conv2d, shape):
+    """(B, N, H', W') that ``conv`` produces from an input of ``shape``; None if unknown."""
+    if shape is None or isinstance(conv.padding, str):
+        return None
+    b, _, h, w = shape
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return (b, conv.out_channels, *size)
+
+
+def _stages(convs, input_shape, prepack: bool) -> list:
+    """One CPU stage per conv, in order (the intermediate shapes passed on as layout hints)."""
+    stages, shape = [], input_shape
+    for conv in convs:
+        stages.append(conv_stage(conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups, shape, prepack))
+        shape = _out_shape(conv, shape)
+    return stages
+
+
+class Optimisable:
+    """Base class of the expansion layers: choosing an inference path once, and running it where it applies.
+
+    A subclass is an ``nn.Module`` with the replaced conv's ``kernel_size``, ``stride``, ``padding`` and
+    ``dilation``, a ``scheme`` ("v1" or "v2"), and the methods ``_factored_convs()`` (its ``nn.Conv2d``
+    factors in the order they run, the last carrying the bias), ``_macs_per_position()`` and
+    ``dense_weight()``. :func:`expansion_layers` finds the layers by this class.
+    """
+
+    _fast: FastPath | None = None
+
+    def _factored_convs(self) -> list:
+        raise NotImplementedError
+
+    def _macs_per_position(self) -> tuple[int, int]:
+        """(dense conv, factors) MACs per output position, the intermediate counted at the stride it runs at."""
+        raise NotImplementedError
+
+    @property
+    def inference_path(self) -> str:
+        """The path chosen by :meth:`optimise_for`: "default", "factored" or "dense"."""
+        return self._fast.kind if self._fast is not None else "default"
+
+    def optimise_for(self, device=None, input_shape=None, path: str = "auto", prepack: bool = True):
+        """Choose, once, how this layer runs inference on ``device``; returns the layer.
+
+        Parameters
+        ----------
+        device : "cpu", "cuda", a torch.device, or None for the device of the layer's weights. Only the
+            CPU has fast paths (see the module docstring); elsewhere the default forward is kept.
+        input_shape : optional (B, C, H, W) the layer will see: a layout hint for prepacked weights, and
+            the batch size that decides whether NNPACK may run a dense conv (from batch 16). Any input
+            shape gives the right result.
+        path : "auto" (the factors, or one dense conv where :func:`prefer_dense` predicts it
+            faster), "factored" (the factors, NHWC, prepacked), "dense" (one conv with
+            ``dense_weight()``), or "default" (no path: plain forward).
+        prepack : allow oneDNN prepacked weights (else plain F.conv2d in channels_last).
+
+        Every path computes the default forward's function to float32 rounding. The path is a
+        snapshot rebuilt whenever the weights change; it is used only under no autograd
+        (``torch.no_grad``/``inference_mode``) on CPU float32 inputs, and is not in the state_dict.
+        """
+        check_path(path)
+        if device is None:
+            device = next(self.parameters()).device
+        if path == "default" or not cpu_device(device):
+            self._fast = None
+            return self
+        if path == "auto":
+            dense, factored = self._macs_per_position()
+            nnpack = nnpack_for(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                kernel_size=self.kernel_size) and nnpack_batch(input_shape)
+            path = "dense" if prefer_dense(dense, factored, self.scheme, nnpack) else "factored"
+        self._fast = FastPath(path, tuple(input_shape) if input_shape is not None else None, prepack)
+        return self
+
+    def _fast_stages(self, kind: str, input_shape, prepack: bool) -> list:
+        """The CPU stages of path ``kind``, from the current weights (called by :class:`FastPath`)."""
+        if kind == "dense":
+            bias = self._factored_convs()[-1].bias
+            return [conv_stage(self.dense_weight().float(), bias, self.stride, self.padding, self.dilation,
+                               1, input_shape, prepack, nnpack=True)]
+        return _stages(self._factored_convs(), input_shape, prepack)
+
+    def _run(self, x: Tensor):
+        """The chosen path's output, or None where no path applies."""
+        fast = self._fast
+        if fast is not None and fast.applies(self, x):
+            return fast(self, x)
+        return None
+
+    def _path_repr(self) -> str:
+        return f", path={self.inference_path}" if self._fast is not None else ""
+
+
 # ---------------------------------------------------------------------------------- whole models
 
 
 def expansion_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, layer) of every lrx expansion layer in ``model``, in module order."""
-    from .layers import LowRankExpConvV1, LowRankExpConvV2
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LowRankExpConvV1, LowRankExpConvV2))]
+    """(qualified name, layer) of every lrx expansion layer (an :class:`Optimisable`) in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Optimisable)]
 
 
 @torch.no_grad()

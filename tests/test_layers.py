@@ -9,7 +9,6 @@ from torch import nn
 from lrx import decomposition as dec
 from lrx.errors import UserError
 from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, build_expanded, expand
-from lrx.layers import scheme2_max_rank
 from lrx.models import alexnet_cifar10, build_model, conv_layers
 
 # Conv geometries the layers must reproduce: stride, dilation, padding (1, 2), kernel (3, 5), no bias,
@@ -319,7 +318,7 @@ def test_expand_passes_the_v2_order_to_every_layer_and_counts_its_macs():
     assert hv["spec"]["orders"] == ["hv"], "the spec records the order, so build_expanded rebuilds it"
     assert (vh["layers"][0]["max_rank"], hv["layers"][0]["max_rank"]) == (24, 36), \
         "8 -> 12 channels, 3x5 kernel: min(C*dh, N*dw) vertical first, min(C*dw, N*dh) horizontal first"
-    assert scheme2_max_rank((12, 8, 3, 5), "auto") == 36, "auto may take either order: the larger maximum"
+    assert dec.max_rank((12, 8, 3, 5), "v2", order="auto") == 36, "auto may take either order: the larger maximum"
     assert hv["layers"][0]["macs_after"] != vh["layers"][0]["macs_after"], "stride 2 and a 3x5 kernel: orders differ"
     assert hv["layers"][0]["rel_error"] != pytest.approx(vh["layers"][0]["rel_error"]), "the two orders fit W differently"
     cheaper = min((vh, hv), key=lambda r: r["layers"][0]["macs_after"])

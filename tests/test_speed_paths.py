@@ -11,7 +11,7 @@ from torch import nn
 from lrx import decomposition as dec
 from lrx import speed
 from lrx.errors import UserError
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors, scheme2_max_rank
+from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
 from lrx.lowrank import build_expanded, expand
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -198,7 +198,7 @@ def test_optimise_a_model_keeps_its_outputs_and_state_dict():
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_order_hv_at_full_rank_reproduces_the_conv(geometry):
     conv = make_conv(geometry)
-    rank = scheme2_max_rank(conv.weight.shape, "hv")
+    rank = dec.max_rank(conv, "v2", order="hv")
     layer = LowRankExpConvV2.from_conv(conv, rank, order="hv")
     assert layer.order == "hv" and layer.horizontal.in_channels == 6, "hv: the 1 x dw conv must read the input"
     x = torch.randn(2, 6, 13, 11)
