@@ -14,21 +14,22 @@ With ``ce == 0`` (the seed's L2 fine-tune) only the replaced layers train: every
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import save_atomic
 from .config import RuntimeConfig, StageConfig
 from .errors import UserError
-from .train import (TrainingDiverged, adamw, all_rng_states, autocast, batches_device, cpu_state, is_better, kept_modes,
-                    prepare_model, resume, to_memory_format, train_one_epoch)
+from .loop import (LossFn, autocast, batches_device, fit, kept_modes, main_log, prepare_model, resume, start_device,
+                   to_memory_format)
+from .train import adamw
 
 Log = Callable[[str], None]
 
@@ -215,7 +216,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     train, test : :class:`lrx.data.Batches` (unsharded; each process takes its shard under DDP).
         Batches give float32 (B, 3, S, S) images and int64 (B,) labels on the device to train on.
     stage : loss weights ``l2``/``ce``, ``epochs``, AdamW's ``lr``, ``betas``, ``weight_decay``, ``keep``.
-    ckpt_path : the per-epoch checkpoint ``{model, optimizer, epoch, best, best_epoch, history,
+    ckpt_path : the per-epoch checkpoint ``{model, optimizer, scheduler (None), epoch, best, best_epoch, history,
         before, rng, settings, wall_s}``, written atomically by rank 0 after every epoch (and as epoch 0
         before training).
     log : receives one line per epoch (rank 0 only).
@@ -238,10 +239,8 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     names = list(layer_names)
     if not names:
         raise UserError("fine-tuning needs the names of the replaced layers; got none", key="layers")
-    device = batches_device(train)
-    distributed.setup(device)
-    device = batches_device(train)
-    say = log if (log is not None and distributed.is_main()) else (lambda message: None)
+    device = start_device(train)
+    say = main_log(log)
     ckpt_path = Path(ckpt_path)
     pure_l2 = stage.ce == 0
     prepare_model(student, device, runtime)
@@ -250,6 +249,11 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     settings = {"kind": "finetune", "stage": dataclasses.asdict(stage), "layers": names, "seed": seed}
     train_b, test_b = distributed.shard(train), distributed.shard(test)
     n_test = test.num_images
+    label = stage_label(stage)
+
+    def evaluate_epoch() -> dict:
+        acc1, l2 = measure(student, teacher, names, test_b, runtime, total=n_test)
+        return {"acc1": acc1, "l2": l2}
 
     with kept_modes(student):
         try:
@@ -258,62 +262,37 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
             net = distributed.wrap(student, device)
             torch.manual_seed(seed + distributed.rank())
 
-            history, best_epoch, best, best_state, wall_before, start, ckpt = resume(ckpt_path, settings, student,
-                                                                                    optimizer)
-            if ckpt is not None:
-                before = ckpt["before"]
-                if start <= stage.epochs:
-                    say(f"resuming fine-tune ({stage_label(stage)}) from epoch {start} of {stage.epochs} ({ckpt_path})")
-            else:
-                acc1, l2 = measure(student, teacher, names, test_b, runtime, total=n_test)
-                before = {"acc1": acc1, "l2": l2}
-                say(f"fine-tune ({stage_label(stage)}) for {stage.epochs} epochs: before, acc@1 {acc1:.2f}%, "
-                    f"L2 norm {l2:.4g}")
-
-            def save(epoch: int) -> None:
-                rng = all_rng_states()  # collective: every rank takes part
-                if distributed.is_main():
-                    save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                 "best": None if best_epoch == epoch else best_state, "best_epoch": best_epoch,
-                                 "history": history, "before": before, "rng": rng, "settings": settings,
-                                 "wall_s": wall_before + time.perf_counter() - started}, ckpt_path)
-
-            if start == 1:
-                save(0)
-            student_stops = pure_l2 and not distributed.is_distributed()  # DDP needs whole forward passes
-            for epoch in range(start, stage.epochs + 1):
-                _set_modes(student, names, pure_l2)
-                # The taps live for one epoch: measure() below sets its own on the same modules.
-                with LayerTaps(teacher, names, stop_early=True) as t_taps, \
-                        LayerTaps(student, names, stop_early=student_stops) as s_taps:
-                    try:
-                        loss = train_one_epoch(net, train_b, optimizer, _stage_loss(teacher, names, stage, t_taps, s_taps),
-                                               epoch, runtime=runtime, quiet=quiet,
-                                               description=f"{stage_label(stage)} {epoch}/{stage.epochs}")
-                    except TrainingDiverged as err:
-                        raise TrainingDiverged(err.value, epoch, err.step, len(train_b), ckpt_path, epoch - 1) from None
-                acc1, l2 = measure(student, teacher, names, test_b, runtime, total=n_test)
-                record = {"epoch": epoch, "loss": loss, "acc1": acc1, "l2": l2}
-                history.append(record)
-                if is_better(record, best, stage.keep):
-                    best, best_epoch = record, epoch
-                    best_state = cpu_state(student) if stage.keep != "last" else None
-                save(epoch)
-                say(f"epoch {epoch}/{stage.epochs}: loss {loss:.4g}, acc@1 {acc1:.2f}%, L2 norm {l2:.4g} "
-                    f"(kept: epoch {best_epoch})")
-                if on_epoch is not None:
-                    on_epoch(epoch, record)
-            if history and best_state is not None and best_epoch != history[-1]["epoch"]:
-                student.load_state_dict(best_state)
+            state = resume(ckpt_path, settings, student, optimizer)
+            if not state.resumed:
+                state.extra["before"] = before = evaluate_epoch()  # only when fresh: a resumed run reads it back
+                say(f"fine-tune ({label}) for {stage.epochs} epochs: before, acc@1 {before['acc1']:.2f}%, "
+                    f"L2 norm {before['l2']:.4g}")
+            elif state.next_epoch <= stage.epochs:
+                say(f"resuming fine-tune ({label}) from epoch {state.next_epoch} of {stage.epochs} ({ckpt_path})")
+            # DDP needs whole forward passes; one process may stop the student after the last replaced layer.
+            student_stops = pure_l2 and not distributed.is_distributed()
+            fit(net, train_b, optimizer, state, stage.epochs, keep=stage.keep, evaluate_epoch=evaluate_epoch,
+                epoch_loss=lambda: _epoch_loss(teacher, student, names, stage, student_stops),
+                set_modes=lambda: _set_modes(student, names, pure_l2), ckpt_path=ckpt_path, settings=settings,
+                started=started, runtime=runtime, label=label, quiet=quiet, say=say, on_epoch=on_epoch)
         finally:
             student.requires_grad_(True)
 
-    after = best if best is not None else before
-    wall = wall_before + time.perf_counter() - started
+    before = state.extra["before"]
+    after = state.best if state.best is not None else before
     return {"l2": stage.l2, "ce": stage.ce, "epochs": stage.epochs,
             "acc1_before": before["acc1"], "acc1_after": after["acc1"],
-            "l2_before": before["l2"], "l2_after": after["l2"], "best_epoch": best_epoch,
-            "history": history, "wall_s": round(wall, 3)}
+            "l2_before": before["l2"], "l2_after": after["l2"], "best_epoch": state.best_epoch,
+            "history": state.history, "wall_s": round(state.wall(started), 3)}
+
+
+@contextlib.contextmanager
+def _epoch_loss(teacher: nn.Module, student: nn.Module, names: list[str], stage: StageConfig,
+                student_stops: bool) -> Iterator[LossFn]:
+    """The taps for one epoch and the stage's loss over them; :func:`measure` sets its own on the same modules."""
+    with LayerTaps(teacher, names, stop_early=True) as t_taps, \
+            LayerTaps(student, names, stop_early=student_stops) as s_taps:
+        yield _stage_loss(teacher, names, stage, t_taps, s_taps)
 
 
 def _stage_loss(teacher: nn.Module, names: list[str], stage: StageConfig, t_taps: LayerTaps, s_taps: LayerTaps):

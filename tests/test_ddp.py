@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import distributed, finetune
+from lrx import distributed, finetune, loop
 from lrx.config import StageConfig, TrainConfig
 from lrx.data import Batches, synthetic
 
@@ -72,8 +72,8 @@ def fine_tune(teacher_file, out_dir, per_process_batch):
 def worker(teacher_file, out_dir):
     torch.set_num_threads(1)
     saves = []
-    real_save = finetune.save_atomic
-    finetune.save_atomic = lambda obj, path: saves.append(str(path)) or real_save(obj, path)
+    real_save = loop.save_atomic
+    loop.save_atomic = lambda obj, path: saves.append(str(path)) or real_save(obj, path)
     results = fine_tune(teacher_file, out_dir, BATCH // int(os.environ["WORLD_SIZE"]))
     writes = distributed.gather(len(saves))
     if distributed.is_main():
