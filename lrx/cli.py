@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 
-from .errors import UserError
+from .config import load_config
+from .errors import TrainingDiverged, UserError
+from .plot import plot_pareto
+from .preview import print_preview, save_bases_picture
+from .rundir import RunDir
+from .runs import configs_to_run, run_with_dependencies
+from .table import collect_rows, render
 
 app = typer.Typer(
     help="lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys.",
@@ -34,52 +41,39 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Exit codes: 0 done, 1 training diverged (or an unexpected failure, with its traceback),
+# 2 a user's mistake (one line), 130 interrupted.
+EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
 def user_errors(command):
-    """Turn a UserError into one line on stderr and exit code 2; other failures keep their traceback."""
+    """Turn a UserError into one line on stderr and exit code 2 (1 for a diverged training, 130 for Ctrl-C)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except TrainingDiverged as err:  # a UserError too: caught first, it has its own code
+            fail(str(err), EXIT_DIVERGED)
         except UserError as err:
-            fail(str(err))
+            fail(str(err), EXIT_USER_ERROR)
         except KeyboardInterrupt:
-            fail("interrupted; run the same command again to continue from the last finished epoch", 130)
-        except RuntimeError as err:
-            if type(err).__name__ == "TrainingDiverged":
-                fail(str(err), 1)
-            raise
+            fail("interrupted; run the same command again to continue from the last finished epoch", EXIT_INTERRUPTED)
 
     return wrapper
 
 
 def _echo(message: str) -> None:
-    from rich.console import Console
-
     Console(stderr=True, highlight=False).print(message, markup=False)
 
 
 def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet):
-    from .config import load_config
-    from .runs import RunDir, Runner, plan
-
     cfg = load_config(config, overrides or ())
-    configs = plan(cfg)
-    for dep in configs[:-1]:
-        if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
-            continue
-        if no_deps:
-            raise UserError(f"run {dep.name!r} is not finished; run `lrx run {dep.path}` first (or drop --no-deps)",
-                            file=cfg.path)
-        if not quiet:
-            _echo(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
-        Runner(dep, runs_dir, data_root, quiet, echo=_echo).run()
-    return Runner(cfg, runs_dir, data_root, quiet, force, echo=_echo).run(until)
+    return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force,
+                                 no_deps=no_deps, echo=_echo)
 
 
 def _last_stage(config: Path, overrides, weight: str) -> str:
-    from .config import load_config
-
     cfg = load_config(config, overrides or ())
     indices = [i for i, stage in enumerate(cfg.finetune) if getattr(stage, weight) > 0]
     if not indices:
@@ -94,11 +88,8 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
         runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
         set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
-    from .config import load_config
-    from .runs import plan
-
     for config in configs:  # every config is validated before the first one starts
-        plan(load_config(config, set_ or ()))
+        configs_to_run(load_config(config, set_ or ()))
     for config in configs:
         _summary(_run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet), quiet)
 
@@ -108,8 +99,6 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
 def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
           set_: Optional[List[str]] = Overrides, force: bool = Force, quiet: bool = Quiet):
     """Train the baseline model of a config that has no `baseline:` (the seed's row 1) and report acc@1."""
-    from .config import load_config
-
     cfg = load_config(config, set_ or ())
     if cfg.baseline is not None:
         raise UserError(f"this run builds on baseline {cfg.baseline!r}; train that config instead", file=str(config),
@@ -124,21 +113,16 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer plan; write nothing."),
               show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters.")):
     """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
-    from .config import load_config
-
     cfg = load_config(config, set_ or ())
     if cfg.decompose is None:
         raise UserError("has no decompose: block", file=str(config), key="decompose")
     if dry_run:
-        from .planning import print_plan
-
-        print_plan(cfg, runs_dir)
+        configs_to_run(cfg)  # the checks a real run makes first, so that a dry run passes only what would start
+        print_preview(cfg, runs_dir)
         return
     metrics = _run_until(config, "decompose", runs_dir, data_root, set_, force, no_deps, quiet)
     if show_bases is not None:
-        from .planning import save_bases_picture
-
-        save_bases_picture(Path(runs_dir) / cfg.name / "expanded.pt", cfg, show_bases)
+        save_bases_picture(RunDir(runs_dir, cfg.name).model_path("decompose"), cfg, show_bases)
         typer.echo(f"wrote {show_bases}")
     _summary(metrics, quiet)
 
@@ -179,8 +163,6 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
 def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, e.g. runs/."),
           format: str = typer.Option("markdown", "--format", help="markdown, csv or json.")):
     """Print the seed's results table for the runs under RUNS_DIR (e.g. `lrx table runs/ > RESULTS.md`)."""
-    from .table import collect_rows, render
-
     if format not in ("markdown", "csv", "json"):
         raise UserError(f"--format {format!r}; allowed: markdown, csv, json")
     if not Path(runs_dir).is_dir():
@@ -196,9 +178,6 @@ def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, 
 def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories."),
          output: Path = typer.Option(Path("pareto.png"), "-o", "--output", help="PNG to write.")):
     """Plot acc@1 against MACs and against measured CPU time, one point per run, with the Pareto front."""
-    from .plot import plot_pareto
-    from .table import collect_rows
-
     plot_pareto(collect_rows(runs_dir), output)
     typer.echo(f"wrote {output}")
 

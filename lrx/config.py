@@ -141,6 +141,10 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.1 reads 1e-4 and 3E-4 as strings (it wants a dot and a signed exponent); YAML 1.2 and people read numbers.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
 
 
 def read_yaml(path: Path) -> dict:
@@ -417,8 +421,7 @@ def _validate_decompose(dec: DecomposeConfig, need) -> None:
         need(dec.target is None, "decompose.target", "target: goes with bases: auto")
         need(len(dec.bases) == len(dec.layers), "decompose.bases",
              f"has {len(dec.bases)} entries but decompose.layers has {len(dec.layers)}")
-        for i, rank in enumerate(dec.bases):
-            need(rank >= 1, f"decompose.bases.{i}", f"a rank must be >= 1, got {rank}")
+        # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything runs.
     need(not (dec.decomposed and dec.scheme == "v2"), "decompose.decomposed",
          "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
     need(dec.order == "vh" or dec.scheme == "v2", "decompose.order",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from .errors import UserError
 
@@ -138,8 +139,6 @@ def load_split(name: str, root: Path, split: str, download: bool = True, synthet
 
 
 def _cifar10(root: Path, split: str, download: bool):
-    import torchvision
-
     folder = root / "cifar-10-batches-py"
     if not folder.exists():
         if not download:
@@ -181,8 +180,6 @@ def _fashion_mnist(root: Path, split: str, download: bool):
             x = torch.from_numpy(_read_idx(images)).unsqueeze(1).repeat(1, 3, 1, 1)  # grayscale -> 3 channels
             return x.contiguous(), torch.from_numpy(_read_idx(labels)).to(torch.int64)
     if download:
-        import torchvision
-
         try:
             torchvision.datasets.FashionMNIST(str(root), train=split == "train", download=True)
         except Exception as err:

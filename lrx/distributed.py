@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import UserError
 
@@ -51,7 +52,8 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
+    """This process's rank: the process group's, or torchrun's ``RANK`` before the group is joined (else 0)."""
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -82,8 +84,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if not is_distributed():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)  # buffers (BN statistics) follow rank 0
 
@@ -149,7 +149,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def check_device(device: torch.device) -> None:
-    """A clear error when CUDA is asked for on a machine without it."""
+def resolve_device(want: str | torch.device | None) -> torch.device:
+    """The device to run on: ``"auto"`` / None picks CUDA when available, else the CPU; CUDA without a GPU is refused.
+
+    The one place lrx turns a configured device into a ``torch.device`` (runs, profiling).
+    """
+    if want is None or str(want) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(want)
+    except RuntimeError:
+        raise UserError(f"unknown device {str(want)!r}; allowed: auto, cpu, cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("runtime.device is cuda but no GPU is available; allowed here: auto, cpu", key="runtime.device")
+        raise UserError(f"device {str(want)!r} asked for, but no CUDA GPU is available; allowed here: auto, cpu")
+    return device

@@ -78,8 +78,8 @@ def plot_pareto(rows: list[dict], out_path: str | Path) -> Path:
 
     Raises :class:`UserError` naming the missing metrics when no run can be drawn on either panel.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # local: heavy to import, only the plot needs it
+    from matplotlib.figure import Figure  # local: as above
 
     done = [r for r in rows if r.get("status", "done") == "done"]
     by_name = {r.get("name"): r for r in done}

@@ -3,23 +3,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from .config import Config
 from .errors import UserError
+from .layers import LowRankExpConvV1, LowRankExpConvV2
+from .models import build_model
+from .rundir import RunDir, load_model
+from .stages import expand_model
 
 
-def plan_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str]:
+def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str]:
     """Per layer: rank, MACs before/after, retained energy, for the baseline's weights if trained yet.
 
     Returns (rows, where the weights came from). Writes nothing.
     """
-    from .models import build_model
-    from .stages import expand_model, final_model_file, load_model
-
     source = "fresh random weights (the baseline is not trained yet)"
     model = build_model(cfg.model.name, cfg.model.num_classes)
     if cfg.baseline is not None:
         try:
-            path = final_model_file(Path(runs_dir), cfg.baseline)
+            path = RunDir(runs_dir, cfg.baseline).final_model_path()
             if path.exists() and cfg.parent is None:
                 model, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
                 source = f"the trained baseline {path}"
@@ -35,14 +39,15 @@ def plan_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list
     return rows, source
 
 
-def print_plan(cfg: Config, runs_dir: str | Path = "runs") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    rows, source = plan_decomposition(cfg, runs_dir)
-    dec = cfg.decompose
-    table = Table(title=f"{cfg.name}: scheme {dec.scheme}, {dec.basis} basis, {dec.method}"
-                        f"{', decomposed' if dec.decomposed else ''} (dry run: nothing written)")
+def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
+    """Print :func:`preview_decomposition` as a table (what ``lrx decompose --dry-run`` shows)."""
+    rows, source = preview_decomposition(cfg, runs_dir)
+    settings = cfg.decompose
+    if settings.scheme == "v1":
+        form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
+    else:
+        form = f"order {settings.order}"
+    table = Table(title=f"{cfg.name}: scheme {settings.scheme}, {form} (dry run: nothing written)")
     for column in ("layer", "rank", "max", "MACs before (M)", "MACs after (M)", "ratio", "retained energy"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     before = after = 0
@@ -51,7 +56,7 @@ def print_plan(cfg: Config, runs_dir: str | Path = "runs") -> None:
         table.add_row(row["name"], str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
                       f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
                       f"{row['retained_energy']:.4f}")
-    table.add_row("total", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
+    table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
     console = Console()
     if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
         console = Console(width=120)
@@ -61,13 +66,10 @@ def print_plan(cfg: Config, runs_dir: str | Path = "runs") -> None:
 
 def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
     """A grid of each replaced layer's basis filters (scheme 1) or rank-1 filter pairs (scheme 2), as in the paper."""
-    import matplotlib
+    import matplotlib  # local: heavy to import and only pictures need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .layers import LowRankExpConvV1, LowRankExpConvV2
-    from .stages import load_model
+    import matplotlib.pyplot as plt  # local: as above; after use("Agg")
 
     model, names, _ = load_model(model_path, cfg.model.name, cfg.model.num_classes)
     modules = dict(model.named_modules())

@@ -9,6 +9,9 @@ Three kinds of numbers, each with a different use:
   *ratio* is what a reader should trust; an absolute time only holds on the machine that made it.
 
 :func:`profile_pair` runs all of them for one run and returns the ``metrics.json`` fields.
+
+This module is long because the three share their helpers (device, threads, inputs, the interleaved clock) and one
+``profile_pair`` reads them all; split it where a fourth kind of number arrives.
 """
 from __future__ import annotations
 
@@ -25,9 +28,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ProfileConfig
+from .distributed import resolve_device
 from .errors import UserError
+from .speed import describe, optimise
 
 # The clock behind every latency figure; a module attribute so that tests can replace it.
 _clock: Callable[[], float] = time.perf_counter
@@ -42,16 +49,6 @@ PTFLOPS_CONFIG = {"count_functional": False}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` / None: CUDA when available, else CPU; anything else is checked."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {str(device)!r} asked for, but no CUDA GPU is available; allowed: auto, cpu")
-    return device
 
 
 @contextlib.contextmanager
@@ -102,7 +99,7 @@ def count(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> tuple[
     (macs, params) as ints. Every parameter is counted, frozen ones included (ptflops by itself
     counts only those with ``requires_grad``, which would change with a fine-tune's freezing).
     """
-    from ptflops import get_model_complexity_info
+    from ptflops import get_model_complexity_info  # local: a 2 s import (its aten backend); only counting needs it
 
     net = copy.deepcopy(model).cpu().eval()
     for p in net.parameters():
@@ -135,7 +132,7 @@ def _fallback_hooks(model: nn.Module) -> dict:
     (convolutions and matmuls; FLOPs / 2 = MACs; bias adds are not included).
     """
     try:
-        from ptflops.pytorch_ops import MODULES_MAPPING
+        from ptflops.pytorch_ops import MODULES_MAPPING  # local: heavy, see count()
     except ImportError:  # a ptflops layout we do not know: count with ptflops alone
         return {}
     return {
@@ -146,8 +143,6 @@ def _fallback_hooks(model: nn.Module) -> dict:
 
 
 def _flop_counter_hook(module: nn.Module, inputs: tuple, output) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         module.forward(*inputs)
     module.__flops__ += int(counter.get_total_flops()) // 2
@@ -180,8 +175,6 @@ def profiler_times(
     - ``cuda_time_ms`` is the total self device time of all kernels ("Self CUDA time total"), or None
       when the run is not on a GPU.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     device = resolve_device(device)
     net = _prepared(model, device)
     x = _random_input(batch, input_size, device)
@@ -427,8 +420,6 @@ def _cpu_models(original: nn.Module, expanded: nn.Module | None, cfg: ProfileCon
         models["expanded"] = on_cpu(expanded)
     if not cfg.optimise:
         return models, None
-    from .speed import describe, optimise
-
     models["original"] = models["original"].to(memory_format=torch.channels_last)
     if expanded is None:
         return models, None

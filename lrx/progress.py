@@ -7,23 +7,15 @@
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Iterable, Iterator, TypeVar
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import distributed
+
 T = TypeVar("T")
-
-
-def is_rank_zero() -> bool:
-    """True unless this process is a non-zero rank of a distributed job (``RANK`` set by torchrun)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:  # pragma: no cover - torch without distributed
-        pass
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class Bar:
@@ -66,12 +58,9 @@ def progress(total: int | None, description: str, quiet: bool = False) -> Iterat
 
     Silent (a :class:`Bar` whose methods do nothing) when ``quiet`` is true or this is not rank 0.
     """
-    if quiet or not is_rank_zero():
+    if quiet or not distributed.is_main():
         yield Bar(None, None)
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     console = Console(stderr=True)
     columns = [
         TextColumn("{task.description}"),

@@ -1,40 +1,39 @@
-"""The run pipeline: one experiment row's stages, its run directory, and what may be skipped.
+"""The run pipeline: one experiment row's stages, what may be skipped, and the runs it builds on.
 
-Stages, in order: ``train`` (baseline runs only), ``decompose``, ``finetune.K`` for each fine-tune
-stage, ``profile``. Each stage records a hash of everything it depends on (its settings, the
-previous stage's hash, the runs it builds on); a stage whose hash and output are unchanged is
-skipped, a changed one is redone together with every stage after it, and what it replaced is kept
-under ``replaced`` in metrics.json.
+Stages, in order (:func:`lrx.stages.stage_names`): ``train`` (baseline runs only), ``decompose``,
+``finetune.K`` for each fine-tune stage, ``profile``. Each stage records a hash of everything it depends
+on (its settings, the previous stage's hash, the runs it builds on); a stage whose hash and output are
+unchanged is skipped, a changed one is redone together with every stage after it, and what it replaced
+is kept under ``replaced`` in metrics.json.
+
+From Python (what ``lrx run`` does)::
+
+    from lrx.config import load_config
+    from lrx.runs import run_with_dependencies
+    metrics = run_with_dependencies(load_config("configs/exp04.yaml"), runs_dir="runs")
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from . import __version__, distributed
 from .config import Config, find_config, load_config
+from .decomposition import check_rank
 from .errors import UserError
+from .layers import check_convertible
+from .lowrank import select_layers
+from .models import build_model, min_image_size
+from .rundir import RunDir
+from .stages import Context, stage, stage_names, summarise
 
-LOCK = ".lock"
-
-
-def stage_names(cfg: Config) -> list[str]:
-    """The stages of a config, in order."""
-    names = ["train"] if cfg.baseline is None else []
-    if cfg.decompose is not None:
-        names.append("decompose")
-    names += [f"finetune.{i}" for i in range(len(cfg.finetune))]
-    if cfg.profile.enabled:
-        names.append("profile")
-    return names
+Echo = Callable[[str], None]
 
 
 def _hash(*parts) -> str:
@@ -43,102 +42,11 @@ def _hash(*parts) -> str:
 
 
 def device_of(cfg: Config) -> torch.device:
-    want = cfg.runtime.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("runtime.device is cuda but no GPU is available; allowed here: auto, cpu",
-                        file=cfg.path, key="runtime.device")
-    return torch.device(want)
-
-
-# ---------------------------------------------------------------- run directory
-
-
-class RunDir:
-    """``runs/<name>/``: resolved config, metrics.json, log.txt, checkpoints and a lock."""
-
-    def __init__(self, runs_dir: str | Path, name: str):
-        self.path = Path(runs_dir) / name
-        self.metrics_path = self.path / "metrics.json"
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def read_metrics(self) -> dict:
-        if not self.metrics_path.exists():
-            return {}
-        try:
-            return json.loads(self.metrics_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot read {self.metrics_path}: {err}; move it away or use --force") from None
-
-    # Under torchrun every process runs the stages; rank 0 alone writes the run directory.
-    def write_metrics(self, metrics: dict) -> None:
-        from .checkpoint import write_json_atomic
-
-        if distributed.is_main():
-            write_json_atomic(metrics, self.metrics_path)
-
-    def log(self, message: str) -> None:
-        if not distributed.is_main():
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.file("log.txt"), "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp} {message}\n")
-
-    def write_config(self, cfg: Config) -> None:
-        if not distributed.is_main():
-            return
-        from .checkpoint import write_text_atomic
-
-        header = f"# resolved config of run {cfg.name} from {cfg.path}\n# lrx {__version__}, torch {torch.__version__}\n"
-        write_text_atomic(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.file("config.yaml"))
-
-    # A lock file holds the PID of the process working on this run; a dead PID's lock is taken over.
-    def lock(self) -> None:
-        if not distributed.is_main():
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        path = self.file(LOCK)
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _read_pid(path)
-                if pid is not None and _alive(pid) and pid != os.getpid():
-                    raise UserError(f"run {self.path} is in use by process {pid} (lock file {path}); "
-                                    "wait for it to finish or stop it") from None
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return
-        raise UserError(f"could not take the lock {path}")
-
-    def unlock(self) -> None:
-        if not distributed.is_main():
-            return
-        path = self.file(LOCK)
-        if _read_pid(path) == os.getpid():
-            path.unlink(missing_ok=True)
-
-
-def _read_pid(path: Path) -> int | None:
+    """The device the config's stages run on (``runtime.device``)."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return distributed.resolve_device(cfg.runtime.device)
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="runtime.device") from None
 
 
 # ---------------------------------------------------------------- configs involved
@@ -167,14 +75,11 @@ def dependencies(cfg: Config) -> list[Config]:
 
 
 def check_against_model(cfg: Config) -> None:
-    """Checks that need the model: image size, layer indices and names, ranks. Nothing is loaded or trained."""
-    from .decomposition import max_rank
-    from .models import build_model, conv_layers, min_image_size
-
+    """Checks that need the model: image size, layers, ranks. Nothing is loaded, trained or written."""
     try:
         model = build_model(cfg.model.name, cfg.model.num_classes)
     except UserError as err:
-        raise UserError(err.message, file=cfg.path, key=err.key) from None
+        raise UserError(err.message, file=cfg.path, key=err.key or "model.name") from None
     smallest = min_image_size(cfg.model.name)
     if cfg.data.image_size < smallest:
         raise UserError(f"{cfg.model.name} needs images of at least {smallest}x{smallest}, got {cfg.data.image_size}",
@@ -182,38 +87,30 @@ def check_against_model(cfg: Config) -> None:
     if cfg.profile.input_size[1] < smallest or cfg.profile.input_size[2] < smallest:
         raise UserError(f"{cfg.model.name} needs an input of at least {smallest}x{smallest}, got {cfg.profile.input_size}",
                         file=cfg.path, key="profile.input_size")
-    dec = cfg.decompose
-    if dec is None:
+    settings = cfg.decompose
+    if settings is None:
         return
-    convs = conv_layers(model)
-    names = {name: conv for name, conv in convs}
-    chosen = []
-    for i, layer in enumerate(dec.layers):
-        key = f"decompose.layers.{i}"
-        if isinstance(layer, int):
-            if layer > len(convs):
-                raise UserError(f"layer {layer} does not exist: {cfg.model.name} has {len(convs)} conv layers (1..{len(convs)})",
-                                file=cfg.path, key=key)
-            chosen.append(convs[layer - 1])
-        elif layer in names:
-            chosen.append((layer, names[layer]))
-        else:
-            raise UserError(f"no conv layer named {layer!r}; conv layers: {', '.join(list(names)[:8])}...",
-                            file=cfg.path, key=key)
-    if dec.bases == "auto":
-        return
-    for i, ((name, conv), rank) in enumerate(zip(chosen, dec.bases)):
+    for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
         try:
-            top = max_rank(conv, dec.scheme, dec.basis)
+            (_, name, conv), = select_layers(model, [layer])
+            check_convertible(conv, settings.scheme, settings.decomposed, name)
         except UserError as err:
-            raise UserError(f"layer {name}: {err.message}", file=cfg.path, key=f"decompose.layers.{i}") from None
-        if rank > top:
-            raise UserError(f"rank {rank} is above layer {name}'s maximum {top} for scheme {dec.scheme}",
-                            file=cfg.path, key=f"decompose.bases.{i}")
+            raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
+    try:
+        chosen = select_layers(model, settings.layers)  # and together: a layer given by index and by name
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
+    if settings.bases == "auto":
+        return
+    for i, ((_, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
+        try:
+            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order, name=name)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
 
 
-def plan(cfg: Config, with_deps: bool = True) -> list[Config]:
-    """Every config that running ``cfg`` involves, dependencies first; all validated before anything runs."""
+def configs_to_run(cfg: Config, with_deps: bool = True) -> list[Config]:
+    """Every config that running ``cfg`` involves, dependencies first; all checked before anything runs."""
     configs = (dependencies(cfg) if with_deps else []) + [cfg]
     for c in configs:
         check_against_model(c)
@@ -245,9 +142,9 @@ def final_hash(runs_dir: Path, name: str) -> str | None:
     """The hash of a finished run's last model-changing stage, for runs that build on it."""
     metrics = RunDir(runs_dir, name).read_metrics()
     stages = metrics.get("stages", {})
-    for stage in reversed(list(stages)):
-        if stage != "profile" and metrics.get("status") == "done":
-            return stages[stage]["hash"]
+    for key in reversed(list(stages)):
+        if key != "profile" and metrics.get("status") == "done":
+            return stages[key]["hash"]
     return None
 
 
@@ -255,18 +152,17 @@ def final_hash(runs_dir: Path, name: str) -> str | None:
 
 
 class Runner:
-    """Runs one config's stages in its run directory. The CLI and notebooks both use this."""
+    """Runs one config's stages in its run directory (the runs it builds on must be finished)."""
 
     def __init__(self, cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
-                 quiet: bool = False, force: bool = False, echo: Callable[[str], None] | None = None):
+                 quiet: bool = False, force: bool = False, echo: Echo | None = None):
         self.cfg, self.runs_dir = cfg, Path(runs_dir)
-        self.data_root, self.quiet, self.force = data_root, quiet, force
+        self.quiet, self.force = quiet, force
         self.dir = RunDir(self.runs_dir, cfg.name)
         self.echo = echo or (lambda message: None)
         self.device = device_of(cfg)
         distributed.setup(self.device)
-        self._data = None
-        self._original = None
+        self.context = Context(cfg, self.dir, self.device, say=self.say, quiet=quiet, data_root=data_root)
 
     def say(self, message: str) -> None:
         self.dir.log(message)
@@ -275,12 +171,10 @@ class Runner:
 
     def run(self, until: str | None = None) -> dict:
         """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content."""
-        from .stages import STAGES, checkpoint_file, summarise
-
         cfg = self.cfg
-        names = stage_names(cfg)
-        if until is not None:
-            names = names[: names.index(until) + 1] if until in names else []
+        check_against_model(cfg)
+        every = stage_names(cfg)
+        names = every if until is None else (every[: every.index(until) + 1] if until in every else [])
         deps = {name: final_hash(self.runs_dir, name) for name in (cfg.baseline, cfg.parent) if name}
         for name, value in deps.items():
             if value is None:
@@ -296,41 +190,20 @@ class Runner:
             metrics = self._header(metrics)
             self.dir.write_config(cfg)
             todo = [n for n in names if self.force or metrics["stages"].get(n, {}).get("hash") != hashes[n]
-                    or not STAGES[n.split(".")[0]].done(self, n)]
+                    or not stage(n).done(self.context, n)]
             if todo:
-                first = stage_names(cfg).index(todo[0])
-                stale = [n for n in stage_names(cfg)[first:] if n in metrics["stages"]]
+                first = every.index(todo[0])
+                stale = [n for n in every[first:] if n in metrics["stages"]]
                 if stale and not self.force:
-                    metrics = self._retire(metrics, f"settings changed from stage {todo[0]}", keep=stage_names(cfg)[:first])
+                    metrics = self._retire(metrics, f"settings changed from stage {todo[0]}", keep=every[:first])
                     metrics = self._header(metrics)
-                todo = [n for n in names if stage_names(cfg).index(n) >= first]
+                todo = [n for n in names if every.index(n) >= first]
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
             inherited = self._inherited()
             for name in todo:
-                if metrics.get("running", {}).get(name) != hashes[name]:
-                    # A checkpoint left by other settings must not be resumed.
-                    ckpt = checkpoint_file(name)
-                    if ckpt:
-                        self.dir.file(ckpt).unlink(missing_ok=True)
-                metrics["status"] = "running"
-                metrics["running"] = {name: hashes[name]}
-                self.dir.write_metrics(metrics)
-                self.say(f"stage {name} ...")
-                start = time.perf_counter()
-                try:
-                    result = STAGES[name.split(".")[0]].run(self, name, metrics)
-                except BaseException as err:
-                    metrics["status"] = "failed" if not isinstance(err, KeyboardInterrupt) else "interrupted"
-                    metrics["error"] = f"stage {name}: {err}"
-                    self.dir.write_metrics(metrics)
-                    self.say(f"stage {name} stopped: {err}")
-                    raise
-                metrics["stages"][name] = {"hash": hashes[name], "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
-                metrics.update(summarise(metrics, inherited))
-                self.dir.write_metrics(metrics)
-                self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
-            complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in stage_names(cfg))
+                self._run_stage(name, hashes[name], metrics, inherited)
+            complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
             metrics["status"] = "done" if complete else "partial"
             metrics.update(summarise(metrics, self._inherited()))
             metrics.pop("running", None)
@@ -340,6 +213,30 @@ class Runner:
             return metrics
         finally:
             self.dir.unlock()
+
+    def _run_stage(self, name: str, hash_: str, metrics: dict, inherited: dict) -> None:
+        """Run one stage, recording it in ``metrics`` (and on disk) before, after, and if it stops."""
+        if metrics.get("running", {}).get(name) != hash_:
+            ckpt = self.dir.checkpoint_path(name)  # a checkpoint left by other settings must not be resumed
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)
+        metrics["status"] = "running"
+        metrics["running"] = {name: hash_}
+        self.dir.write_metrics(metrics)
+        self.say(f"stage {name} ...")
+        start = time.perf_counter()
+        try:
+            result = stage(name).run(self.context, name)
+        except BaseException as err:
+            metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            metrics["error"] = f"stage {name}: {err}"
+            self.dir.write_metrics(metrics)
+            self.say(f"stage {name} stopped: {err}")
+            raise
+        metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
+        metrics.update(summarise(metrics, inherited))
+        self.dir.write_metrics(metrics)
+        self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
 
     def _header(self, metrics: dict) -> dict:
         cfg = self.cfg
@@ -367,3 +264,25 @@ class Runner:
             return {}
         other = RunDir(self.runs_dir, source).read_metrics()
         return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or []}
+
+
+def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,
+                          data_root: str | None = None, quiet: bool = False, force: bool = False,
+                          no_deps: bool = False, echo: Echo | None = None) -> dict:
+    """Run ``cfg`` up to stage ``until``, first running the runs it builds on that are not finished.
+
+    ``force`` redoes every stage of ``cfg`` (never of the runs it builds on); ``no_deps`` refuses
+    instead of running an unfinished dependency. Returns ``cfg``'s metrics.json content.
+    """
+    say = echo or (lambda message: None)
+    configs = configs_to_run(cfg)
+    for dep in configs[:-1]:
+        if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
+            continue
+        if no_deps:
+            raise UserError(f"run {dep.name!r} is not finished; run `lrx run {dep.path}` first (or drop --no-deps)",
+                            file=cfg.path)
+        if not quiet:
+            say(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
+        Runner(dep, runs_dir, data_root, quiet, echo=echo).run()
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo).run(until)

@@ -1,193 +1,165 @@
-"""What each stage of a run does: train, decompose, finetune.K, profile.
+"""What each stage of a run does: ``train``, ``decompose``, ``finetune.K``, ``profile``.
 
 Every stage reads the model it starts from out of a file and writes the model it ends with to a
-file of its own (``model.pt``, ``expanded.pt``, ``stageK.pt``), so any stage can be redone alone.
+file of its own (the names are :mod:`lrx.rundir`'s), so any stage can be redone alone. A stage gets
+what it needs in a :class:`Context` that the runner (:mod:`lrx.runs`) builds: the config, the run
+directory, the device, and the data and original model, each loaded once on first use.
 The table's keys (acc1, l2_before, ...) are derived from the stages' results by :func:`summarise`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
-from .checkpoint import load_checkpoint, save_atomic
+from . import distributed
+from .config import Config
+from .data import load_data
 from .errors import UserError
+from .finetune import l2_norm, run_stage
+from .lowrank import expand
 from .models import build_model
-
-MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
-
-
-def model_file(stage: str) -> str:
-    """The file a model-changing stage writes."""
-    if stage.startswith("finetune."):
-        return f"stage{stage.split('.')[1]}.pt"
-    return MODEL_FILES[stage]
+from .profiling import profile_pair
+from .ranks import plan_ranks
+from .rundir import RunDir, load_model
+from .train import evaluate, train_baseline
 
 
-def checkpoint_file(stage: str) -> str | None:
-    """The per-epoch checkpoint a training stage resumes from (None for stages without epochs)."""
-    if stage.startswith("finetune."):
-        return f"stage{stage.split('.')[1]}.ckpt"
-    return "train.ckpt" if stage == "train" else None
+def stage_names(cfg: Config) -> list[str]:
+    """The stages of a config, in order."""
+    names = ["train"] if cfg.baseline is None else []
+    if cfg.decompose is not None:
+        names.append("decompose")
+    names += [f"finetune.{i}" for i in range(len(cfg.finetune))]
+    if cfg.profile.enabled:
+        names.append("profile")
+    return names
 
 
-def save_model(path: Path, model: torch.nn.Module, arch: str, num_classes: int, spec=None, layers=None) -> None:
-    """Rank 0 writes the model file; every process waits until it is there."""
-    from . import distributed
+@dataclass
+class Context:
+    """What a stage works with. ``say`` logs a line (and echoes it unless quiet)."""
 
-    if distributed.is_main():
-        save_atomic({"model": model.state_dict(), "arch": arch, "num_classes": num_classes,
-                    "spec": spec, "layers": layers or []}, path)
-    distributed.barrier()
+    cfg: Config
+    run: RunDir
+    device: torch.device
+    say: Callable[[str], None] = lambda message: None
+    quiet: bool = False
+    data_root: str | None = None
+    _data: tuple | None = field(default=None, repr=False)
+    _original: nn.Module | None = field(default=None, repr=False)
 
+    def data(self):
+        """(train, test) :class:`lrx.data.Batches` of the config, loaded on first use."""
+        if self._data is None:
+            self._data = load_data(self.cfg, self.device, self.data_root)
+        return self._data
 
-def load_model(path: Path, arch: str, num_classes: int):
-    """Rebuild a saved model (expanded or not) and load its weights.
+    def original(self) -> nn.Module:
+        """The baseline model this run compresses (the teacher of L2 fine-tuning), on the run's device, eval mode."""
+        if self._original is None:
+            cfg = self.cfg
+            path = (self.run.model_path("train") if cfg.baseline is None
+                    else RunDir(self.run.runs_dir, cfg.baseline).final_model_path())
+            self._original, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+            self._original.to(self.device).eval()
+        return self._original
 
-    Returns (model, replaced layer names, spec), the spec being what :func:`lrx.lowrank.build_expanded` took.
-    """
-    blob = load_checkpoint(path)
-    if blob.get("arch") != arch or blob.get("num_classes") != num_classes:
-        raise UserError(f"{path} holds a {blob.get('arch')} with {blob.get('num_classes')} classes, "
-                        f"but the config asks for {arch} with {num_classes}; use --force to rebuild it")
-    model = build_model(arch, num_classes)
-    if blob.get("spec"):
-        from .lowrank import build_expanded
+    def forget_original(self) -> None:
+        """Drop the cached original (after it was moved off the run's device)."""
+        self._original = None
 
-        model = build_expanded(model, blob["spec"])
-    own = model.state_dict()
-    for key, value in blob["model"].items():
-        if key in own and own[key].shape != value.shape:
-            raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}")
-    try:
-        model.load_state_dict(blob["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from None
-    return model, blob.get("layers") or [], blob.get("spec")
+    def previous_model_path(self, stage: str) -> Path:
+        """The model file ``stage`` starts from: the last model-changing stage before it, or the run it builds on."""
+        names = [n for n in stage_names(self.cfg) if n != "profile"]
+        before = names[: names.index(stage)] if stage in names else names
+        if before:
+            return self.run.model_path(before[-1])
+        return RunDir(self.run.runs_dir, self.cfg.parent or self.cfg.baseline).final_model_path()
 
+    def previous_model(self, stage: str) -> tuple[nn.Module, list[str], dict | None]:
+        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU."""
+        return load_model(self.previous_model_path(stage), self.cfg.model.name, self.cfg.model.num_classes)
 
-def previous_model_file(runner, stage: str) -> Path:
-    """The model file a stage starts from: the last model-changing stage before it, or the run it builds on."""
-    from .runs import stage_names
-
-    cfg = runner.cfg
-    names = [n for n in stage_names(cfg) if n != "profile"]
-    before = names[: names.index(stage)] if stage in names else names
-    if before:
-        return runner.dir.file(model_file(before[-1]))
-    source = cfg.parent or cfg.baseline
-    return final_model_file(runner.runs_dir, source)
-
-
-def final_model_file(runs_dir: Path, name: str) -> Path:
-    """The last model file a finished run wrote."""
-    from .runs import RunDir
-
-    run = RunDir(runs_dir, name)
-    stages = [s for s in run.read_metrics().get("stages", {}) if s != "profile"]
-    if not stages:
-        raise UserError(f"run {name!r} in {runs_dir} has no finished model")
-    return run.file(model_file(stages[-1]))
-
-
-def original_model(runner):
-    """The baseline model this run compresses (the teacher of L2 fine-tuning)."""
-    cfg = runner.cfg
-    if runner._original is None:
-        path = runner.dir.file("model.pt") if cfg.baseline is None else final_model_file(runner.runs_dir, cfg.baseline)
-        runner._original, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
-        runner._original.to(runner.device).eval()
-    return runner._original
-
-
-def data(runner):
-    from .data import load_data
-
-    if runner._data is None:
-        runner._data = load_data(runner.cfg, runner.device, runner.data_root)
-    return runner._data
+    def save_model(self, stage: str, model: nn.Module, spec=None, layers=None) -> None:
+        self.run.save_model(stage, model, self.cfg.model.name, self.cfg.model.num_classes, spec, layers)
 
 
 # ---------------------------------------------------------------- stages
 
 
-class Train:
-    @staticmethod
-    def done(runner, name) -> bool:
-        return runner.dir.file("model.pt").exists()
+class ModelStage:
+    """A stage whose result is its model file: done when the file is there (and its hash unchanged)."""
 
     @staticmethod
-    def run(runner, name, metrics) -> dict:
-        from .train import train_baseline
+    def done(ctx: Context, name: str) -> bool:
+        return ctx.run.model_path(name).exists()
 
-        cfg = runner.cfg
+
+class Train(ModelStage):
+    @staticmethod
+    def run(ctx: Context, name: str) -> dict:
+        cfg = ctx.cfg
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.init).to(runner.device)
-        train, test = data(runner)
-        result = train_baseline(model, train, test, cfg.train, runner.dir.file(checkpoint_file(name)), log=runner.say,
-                                quiet=runner.quiet, runtime=cfg.runtime, seed=cfg.seed)
-        save_model(runner.dir.file("model.pt"), model, cfg.model.name, cfg.model.num_classes)
+        model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.init).to(ctx.device)
+        train, test = ctx.data()
+        result = train_baseline(model, train, test, cfg.train, ctx.run.checkpoint_path(name), log=ctx.say,
+                                quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed)
+        ctx.save_model(name, model)
         return result
 
 
-class Decompose:
+class Decompose(ModelStage):
     @staticmethod
-    def done(runner, name) -> bool:
-        return runner.dir.file("expanded.pt").exists()
-
-    @staticmethod
-    def run(runner, name, metrics) -> dict:
-        from .finetune import l2_norm
-        from .train import evaluate
-
-        cfg, dec = runner.cfg, runner.cfg.decompose
-        original = original_model(runner)
-        start, _, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
-        expanded, report = expand_model(start.cpu(), cfg)
-        expanded.to(runner.device)
+    def run(ctx: Context, name: str) -> dict:
+        cfg, settings = ctx.cfg, ctx.cfg.decompose
+        original = ctx.original()
+        start, _, _ = ctx.previous_model(name)
+        expanded, report = expand_model(start, cfg)
+        expanded.to(ctx.device)
         names = [layer["name"] for layer in report["layers"]]
-        save_model(runner.dir.file("expanded.pt"), expanded, cfg.model.name, cfg.model.num_classes, report["spec"], names)
-        runner.say(report_text(report))
-        _, test = data(runner)
+        ctx.save_model(name, expanded, report["spec"], names)
+        ctx.say(report_text(report))
+        _, test = ctx.data()
         result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
                   "l2": l2_norm(expanded, original, names, test), "report": report["layers"],
-                  "layers": dec.layers, "bases": report["ranks"], "scheme": dec.scheme, "basis": dec.basis,
-                  "method": dec.method, "decomposed": dec.decomposed}
+                  "layers": settings.layers, "bases": report["ranks"], "scheme": settings.scheme,
+                  "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed}
         if "plan" in report:
             result["plan"] = report["plan"]
-        runner.say(f"acc@1 {result['acc1_original']:.2f} -> {result['acc1']:.2f} after decomposition, L2 norm {result['l2']:.1f}")
+        ctx.say(f"acc@1 {result['acc1_original']:.2f} -> {result['acc1']:.2f} after decomposition, "
+                f"L2 norm {result['l2']:.1f}")
         return result
 
 
-def expand_model(model, cfg, input_size=None):
+def expand_model(model: nn.Module, cfg: Config, input_size=None) -> tuple[nn.Module, dict]:
     """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target."""
-    from .lowrank import expand
-
-    dec = cfg.decompose
+    settings = cfg.decompose
     input_size = tuple(input_size or cfg.profile.input_size)
-    plan = None
-    ranks = dec.bases
-    if dec.bases == "auto":
-        from .ranks import plan_ranks
-
-        plan = plan_ranks(model, dec.layers, dec.scheme, dec.target, input_size=input_size, basis=dec.basis,
-                          decomposed=dec.decomposed)
-        ranks = plan["ranks"]
+    rank_plan = None
+    ranks = settings.bases
     try:
-        expanded, report = expand(model, layers=dec.layers, scheme=dec.scheme, bases=ranks, basis=dec.basis,
-                                  method=dec.method, decomposed=dec.decomposed, input_size=input_size,
-                                  order=dec.order, **dec.options)
+        if settings.bases == "auto":
+            rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
+                                   basis=settings.basis, decomposed=settings.decomposed)
+            ranks = rank_plan["ranks"]
+        expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, bases=ranks,
+                                  basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
+                                  input_size=input_size, order=settings.order, **settings.options)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
     except TypeError as err:  # an unknown method option
         raise UserError(f"{err}", file=cfg.path, key="decompose.options") from None
     report["ranks"] = list(ranks)
-    if plan is not None:
-        report["plan"] = plan
+    if rank_plan is not None:
+        report["plan"] = rank_plan
     return expanded, report
 
 
-def report_text(report) -> str:
+def report_text(report: dict) -> str:
     lines = ["layer                 rank  max   rel.error  MACs ratio"]
     for layer in report["layers"]:
         lines.append(f"{layer['name']:<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
@@ -195,53 +167,48 @@ def report_text(report) -> str:
     return "\n".join(lines)
 
 
-class Finetune:
+class Finetune(ModelStage):
     @staticmethod
-    def done(runner, name) -> bool:
-        return runner.dir.file(model_file(name)).exists()
-
-    @staticmethod
-    def run(runner, name, metrics) -> dict:
-        from .finetune import run_stage
-
-        cfg = runner.cfg
+    def run(ctx: Context, name: str) -> dict:
+        cfg = ctx.cfg
         index = int(name.split(".")[1])
-        stage = cfg.finetune[index]
-        original = original_model(runner)
-        student, names, spec = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
-        student.to(runner.device)
-        train, test = data(runner)
-        result = run_stage(student, original, names, train, test, stage, runner.dir.file(checkpoint_file(name)),
-                           log=runner.say, quiet=runner.quiet, runtime=cfg.runtime, seed=cfg.seed + index)
-        save_model(runner.dir.file(model_file(name)), student, cfg.model.name, cfg.model.num_classes, spec, names)
+        original = ctx.original()
+        student, names, spec = ctx.previous_model(name)
+        student.to(ctx.device)
+        train, test = ctx.data()
+        result = run_stage(student, original, names, train, test, cfg.finetune[index], ctx.run.checkpoint_path(name),
+                           log=ctx.say, quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed + index)
+        ctx.save_model(name, student, spec, names)
         return result
 
 
 class Profile:
     @staticmethod
-    def done(runner, name) -> bool:
+    def done(ctx: Context, name: str) -> bool:
         return True
 
     @staticmethod
-    def run(runner, name, metrics) -> dict:
-        from . import distributed
-        from .profiling import profile_pair
-
+    def run(ctx: Context, name: str) -> dict:
         if not distributed.is_main():  # one process times; the others would disturb it
             distributed.barrier()
             return {}
-        cfg = runner.cfg
-        original = original_model(runner).cpu()
-        expanded, names = (None, [])
+        cfg = ctx.cfg
+        original = ctx.original().cpu()
+        ctx.forget_original()  # moved to the CPU here; reloaded on the run's device if needed again
+        expanded, names = None, []
         if cfg.baseline is not None:
-            expanded, names, _ = load_model(previous_model_file(runner, name), cfg.model.name, cfg.model.num_classes)
+            expanded, names, _ = ctx.previous_model(name)
         result = profile_pair(original, expanded, names, cfg.profile)  # cfg.profile.device, "auto" resolved there
-        runner._original = None  # moved to CPU above; reload on the run's device if needed again
         distributed.barrier()
         return result
 
 
 STAGES = {"train": Train, "decompose": Decompose, "finetune": Finetune, "profile": Profile}
+
+
+def stage(name: str):
+    """The stage class that runs stage ``name`` (``finetune.K`` -> :class:`Finetune`)."""
+    return STAGES[name.split(".")[0]]
 
 
 def summarise(metrics: dict, inherited: dict | None = None) -> dict:

@@ -59,7 +59,7 @@ BAD = [
                                "finetune": [{"ce": 1.0, "epochs": -2}]}, "finetune.0.epochs", "must be >= 0"),
     ("bases length", {"baseline": "t01", "decompose": {"layers": [2, 3], "bases": [4]}}, "decompose.bases",
      "has 1 entries but decompose.layers has 2"),
-    ("rank below 1", {"baseline": "t01", "decompose": {"layers": [2], "bases": [0]}}, "decompose.bases.0", ">= 1"),
+    ("rank below 1", {"baseline": "t01", "decompose": {"layers": [2], "bases": [0]}}, "decompose.bases.0", "out of range; allowed 1.."),
     ("missing baseline", {"baseline": "nosuchrun", "decompose": {"layers": [2], "bases": [2]}}, "baseline",
      "no config"),
     ("layer beyond model", {"baseline": "t01", "decompose": {"layers": [9], "bases": [2]}}, "decompose.layers.0",
@@ -121,3 +121,11 @@ def test_base_tiny_is_valid(tiny_configs):
     """The fixture configs themselves pass validation (so the BAD cases fail for their own reason)."""
     assert load_config(tiny_configs / "t02.yaml").decompose.bases == [4, 4, 3]
     assert TINY_BASE["model"]["name"] == "tiny_cnn"
+
+
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3E-4", 3e-4), ("1.e-3", 1e-3), (".5", 0.5), ("2e+1", 20.0)])
+def test_every_float_form_is_a_number_in_files_and_in_set(tiny_configs, text, value):
+    path = tiny_configs / "lr.yaml"
+    path.write_text(f"extends: base.yaml\ntrain:\n  lr: {text}\n")
+    assert load_config(path).train.lr == value, f"lr: {text} in a file"
+    assert load_config(tiny_configs / "t01.yaml", [f"train.lr={text}"]).train.lr == value, f"--set train.lr={text}"

@@ -126,7 +126,7 @@ def test_checkpoint_of_other_ranks_is_refused_naming_both_shapes(reference, tmp_
     configs, _ = reference
     runs = tmp_path / "runs"
     assert runner.invoke(app, ["run", str(configs / "t02.yaml"), "--runs-dir", str(runs), "--quiet"]).exit_code == 0
-    from lrx.stages import load_model, save_model
+    from lrx.rundir import load_model, save_model
     from lrx.lowrank import expand
     from lrx.models import build_model
 

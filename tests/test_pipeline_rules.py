@@ -1,0 +1,109 @@
+"""The pipeline's contracts: exit codes, early checks that use the same rules as the math, the library API."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch import nn
+from typer.testing import CliRunner
+
+from conftest import write_yaml
+from lrx import models
+from lrx.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, app
+from lrx.config import load_config
+from lrx.errors import UserError
+from lrx.runs import Runner, check_against_model, run_with_dependencies
+
+runner = CliRunner()
+
+
+def test_exit_codes_are_the_documented_ones():
+    assert (EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED) == (1, 2, 130), "README's Failure behaviour lists these"
+
+
+def test_user_error_exits_2(tmp_path):
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no such file" in result.output, result.output
+
+
+def test_diverged_training_exits_1_and_keeps_the_run_marked_failed(tiny_configs, tmp_path):
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet",
+                                 "--set", "train.lr=1e30"])
+    assert result.exit_code == 1, f"a diverged training exits 1, got {result.exit_code}: {result.output}"
+    assert "the loss became" in result.output and "Traceback" not in result.output, result.output
+    metrics = json.loads((runs / "t01" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "stage train" in metrics["error"], metrics.get("error")
+    assert not (runs / "t01" / "model.pt").exists(), "no model file from a diverged training"
+
+
+def test_interrupt_exits_130_and_marks_the_run_interrupted(tiny_configs, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lrx.stages.train_baseline", interrupted)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 130, f"Ctrl-C exits 130, got {result.exit_code}: {result.output}"
+    assert "interrupted" in result.output
+    assert json.loads((runs / "t01" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def _odd_kernel_model(num_classes: int = 10) -> nn.Module:
+    """A conv with a 3x5 kernel, 2 -> 4 channels: scheme 2's maximum rank is 6 vertical first, 10 horizontal first."""
+    return nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(2, 4, (3, 5), padding=(1, 2)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+
+@pytest.mark.parametrize("order,rank,ok", [("vh", 6, True), ("vh", 7, False), ("hv", 8, True), ("hv", 11, False),
+                                           ("auto", 10, True)])
+def test_early_rank_check_follows_the_order(tiny_configs, monkeypatch, order, rank, ok):
+    monkeypatch.setitem(models.MODELS, "odd", _odd_kernel_model)
+    monkeypatch.setitem(models.MIN_IMAGE_SIZE, "odd", 8)
+    path = write_yaml(tiny_configs / "odd.yaml", {"extends": "base.yaml", "baseline": "t01", "model": {"name": "odd"},
+                                                  "decompose": {"layers": [2], "scheme": "v2", "bases": [rank],
+                                                                "order": order}})
+    cfg = load_config(path)
+    if ok:
+        check_against_model(cfg)
+        return
+    with pytest.raises(UserError) as err:
+        check_against_model(cfg)
+    assert err.value.key == "decompose.bases.0" and "out of range" in err.value.message, str(err.value)
+    assert f"order {order}" in err.value.message, f"the message names the order: {err.value}"
+
+
+def test_early_check_refuses_a_1x1_conv_for_scheme_2(tiny_configs, monkeypatch):
+    monkeypatch.setitem(models.MODELS, "pointwise",
+                        lambda num_classes=10: nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.LazyLinear(num_classes)))
+    monkeypatch.setitem(models.MIN_IMAGE_SIZE, "pointwise", 8)
+    path = write_yaml(tiny_configs / "pw.yaml", {"extends": "base.yaml", "baseline": "t01",
+                                                 "model": {"name": "pointwise"},
+                                                 "decompose": {"layers": [1], "scheme": "v2", "bases": [1]}})
+    with pytest.raises(UserError, match="1x1 kernel") as err:
+        check_against_model(load_config(path))
+    assert err.value.key == "decompose.layers.0"
+
+
+def test_library_runs_dependencies_as_the_cli_does(tiny_configs, tmp_path):
+    said = []
+    metrics = run_with_dependencies(load_config(tiny_configs / "t02.yaml"), tmp_path / "runs", until="decompose",
+                                    quiet=False, echo=said.append)
+    assert metrics["status"] == "partial" and "decompose" in metrics["stages"], metrics["status"]
+    assert any("needs run t01" in line for line in said), said
+    assert (tmp_path / "runs" / "t01" / "model.pt").exists(), "the baseline was made first"
+
+
+def test_runner_alone_refuses_an_unfinished_dependency(tiny_configs, tmp_path):
+    with pytest.raises(UserError, match="is not finished"):
+        Runner(load_config(tiny_configs / "t02.yaml"), tmp_path / "runs").run()
+    assert not (tmp_path / "runs" / "t02").exists(), "nothing written for a run that could not start"
+
+
+def test_dry_run_header_names_scheme_2_by_its_order(tiny_configs, tmp_path):
+    path = write_yaml(tiny_configs / "v2.yaml", {"extends": "base.yaml", "baseline": "t01",
+                                                 "decompose": {"layers": [2, 3], "scheme": "v2", "bases": [4, 4]}})
+    result = runner.invoke(app, ["decompose", str(path), "--dry-run", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "scheme v2, order vh" in result.output and "basis" not in result.output, result.output
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
