@@ -132,7 +132,7 @@ def main():
     torch.manual_seed(0)
     teacher = build_model(args.model, 10).eval()
     input_size = (3, args.image_size, args.image_size)
-    student, report = expand(teacher, layers=args.layers, scheme=args.scheme, bases=args.bases, input_size=input_size)
+    student, report = expand(teacher, layers=args.layers, scheme=args.scheme, ranks=args.bases, input_size=input_size)
     names = [layer["name"] for layer in report["layers"]]
     prepare_model(teacher, device, runtime)
     prepare_model(student, device, runtime)

@@ -18,6 +18,7 @@ from .plot import plot_pareto
 from .preview import print_preview, save_bases_picture
 from .rundir import RunDir
 from .runs import configs_to_run, run_with_dependencies
+from .stages import last_finetune_stage
 from .table import collect_rows, render
 
 app = typer.Typer(
@@ -73,14 +74,6 @@ def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overr
                                  no_deps=no_deps, echo=_echo)
 
 
-def _last_stage(config: Path, overrides, weight: str) -> str:
-    cfg = load_config(config, overrides or ())
-    indices = [i for i, stage in enumerate(cfg.finetune) if getattr(stage, weight) > 0]
-    if not indices:
-        raise UserError(f"no fine-tune stage has {weight} > 0", file=str(config), key="finetune")
-    return f"finetune.{indices[-1]}"
-
-
 @app.command()
 @user_errors
 def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. configs/exp04.yaml; run in order.",
@@ -110,7 +103,7 @@ def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optiona
 @user_errors
 def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
               set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
-              dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer plan; write nothing."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer ranks, MACs and retained energy; write nothing."),
               show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters.")):
     """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
     cfg = load_config(config, set_ or ())
@@ -132,7 +125,7 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
 def finetune_l2(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
                 set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Fine-tune by data reconstruction (L2 to the original's layer outputs), up to the config's last L2 stage."""
-    metrics = _run_until(config, _last_stage(config, set_, "l2"), runs_dir, data_root, set_, force, no_deps, quiet)
+    metrics = _run_until(config, last_finetune_stage(load_config(config, set_ or ()), "l2"), runs_dir, data_root, set_, force, no_deps, quiet)
     _summary(metrics, quiet)
 
 
@@ -141,7 +134,7 @@ def finetune_l2(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: O
 def finetune_ce(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
                 set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Fine-tune with cross-entropy on labels, up to the config's last CE stage (earlier stages first)."""
-    metrics = _run_until(config, _last_stage(config, set_, "ce"), runs_dir, data_root, set_, force, no_deps, quiet)
+    metrics = _run_until(config, last_finetune_stage(load_config(config, set_ or ()), "ce"), runs_dir, data_root, set_, force, no_deps, quiet)
     _summary(metrics, quiet)
 
 

@@ -3,6 +3,9 @@
 A config may ``extends:`` another YAML (a path relative to it); mappings merge key by key, the
 child winning. Command-line overrides are dotted keys (``finetune.0.epochs=2``). Unknown keys,
 wrong types and out-of-range values raise :class:`UserError` naming the file and the key.
+
+This module is long because the schema, its YAML reading and its model-free checks change together;
+the checks that need the model are :func:`lrx.runs.check_against_model`.
 """
 from __future__ import annotations
 
@@ -404,28 +407,45 @@ def validate(cfg: Config) -> None:
     need(p.warmup >= 0, "profile.warmup", f"must be >= 0, got {p.warmup}")
 
 
-def _validate_decompose(dec: DecomposeConfig, need) -> None:
-    need(len(dec.layers) >= 1, "decompose.layers", "must list at least one layer")
-    need(len(set(map(str, dec.layers))) == len(dec.layers), "decompose.layers", f"lists a layer twice: {dec.layers}")
-    for i, layer in enumerate(dec.layers):
+def _validate_decompose(settings: DecomposeConfig, need) -> None:
+    need(len(settings.layers) >= 1, "decompose.layers", "must list at least one layer")
+    need(len(set(map(str, settings.layers))) == len(settings.layers), "decompose.layers", f"lists a layer twice: {settings.layers}")
+    for i, layer in enumerate(settings.layers):
         need(not isinstance(layer, int) or layer >= 1, f"decompose.layers.{i}", f"layer indices start at 1, got {layer}")
-    if dec.bases == "auto":
-        t = dec.target or {}
-        need(len(t) == 1 and next(iter(t)) in ("speedup", "macs"), "decompose.target",
-             f"bases: auto needs target: {{speedup: X}} or {{macs: F}}, got {dec.target}")
-        if "speedup" in t:
-            need(t["speedup"] > 1, "decompose.target.speedup", f"must be > 1, got {t['speedup']}")
-        if "macs" in t:
-            need(0 < t["macs"] < 1, "decompose.target.macs", f"must be a fraction in (0, 1), got {t['macs']}")
+    if settings.bases == "auto":
+        try:
+            check_target(settings.target)
+        except UserError as err:
+            need(False, err.key, err.message if err.key != "decompose.target" else f"bases: auto needs {err.message}")
     else:
-        need(dec.target is None, "decompose.target", "target: goes with bases: auto")
-        need(len(dec.bases) == len(dec.layers), "decompose.bases",
-             f"has {len(dec.bases)} entries but decompose.layers has {len(dec.layers)}")
+        need(settings.target is None, "decompose.target", "target: goes with bases: auto")
+        need(len(settings.bases) == len(settings.layers), "decompose.bases",
+             f"has {len(settings.bases)} entries but decompose.layers has {len(settings.layers)}")
         # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything runs.
-    need(not (dec.decomposed and dec.scheme == "v2"), "decompose.decomposed",
+    need(not (settings.decomposed and settings.scheme == "v2"), "decompose.decomposed",
          "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
-    need(dec.order == "vh" or dec.scheme == "v2", "decompose.order",
-         f"order {dec.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
+    need(settings.order == "vh" or settings.scheme == "v2", "decompose.order",
+         f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
+
+
+TARGETS = ("speedup", "macs")
+
+
+def check_target(target) -> tuple[str, float]:
+    """``(kind, value)`` of a rank target: ``{speedup: X}`` with X > 1 (the replaced layers' MACs fall X-fold)
+    or ``{macs: F}`` with 0 < F < 1 (the fraction of the whole model's MACs to keep). The one check of a
+    target, for configs (``decompose.target``) and :func:`lrx.ranks.plan_ranks` alike."""
+    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGETS:
+        raise UserError(f"a target {{speedup: X}} (theoretical speedup of the replaced layers, X > 1) or "
+                        f"{{macs: F}} (fraction of the whole model's MACs to keep, 0 < F < 1), got {target!r}",
+                        key="decompose.target")
+    kind, value = next(iter(target.items()))
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if kind == "speedup" and not (number and value > 1):
+        raise UserError(f"must be a number > 1, got {value!r}", key="decompose.target.speedup")
+    if kind == "macs" and not (number and 0 < value < 1):
+        raise UserError(f"must be a fraction in (0, 1), got {value!r}", key="decompose.target.macs")
+    return kind, float(value)
 
 
 def find_config(name: str, beside: str | Path, key: str | None = None) -> Path:

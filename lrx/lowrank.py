@@ -2,7 +2,7 @@
 
     from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, expand, build_expanded
 
-    expanded, report = expand(model, layers=[2, 3, 4, 5], scheme="v1", bases=[8, 8, 6, 4])
+    expanded, report = expand(model, layers=[2, 3, 4, 5], scheme="v1", ranks=[8, 8, 6, 4])
     torch.save({"model": expanded.state_dict(), "spec": report["spec"]}, "expanded.pt")
     ...
     again = build_expanded(build_model("alexnet_cifar10"), saved["spec"])
@@ -89,15 +89,16 @@ def conv_sizes(model: nn.Module, names: Sequence[str], input_size=(3, 224, 224))
     return sizes
 
 
-def _ranks(bases, count: int) -> list:
-    if isinstance(bases, int) and not isinstance(bases, bool):
-        return [bases] * count
-    if isinstance(bases, str):
-        raise UserError(f"bases {bases!r}: give one rank per layer (plan 'auto' ranks with lrx.ranks.plan_ranks)")
-    bases = list(bases)
-    if len(bases) != count:
-        raise UserError(f"{len(bases)} ranks given for {count} layers: bases needs one rank per layer")
-    return bases
+def _ranks(ranks, count: int) -> list:
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        return [ranks] * count
+    if isinstance(ranks, (str, dict)):
+        hint = "pass plan['ranks']" if isinstance(ranks, dict) else "plan ranks from a target with lrx.ranks.plan_ranks"
+        raise UserError(f"ranks {ranks if isinstance(ranks, str) else 'of a dict'!r}: give one rank per layer ({hint})")
+    ranks = list(ranks)
+    if len(ranks) != count:
+        raise UserError(f"{len(ranks)} ranks given for {count} layers: give one rank per layer")
+    return ranks
 
 
 def _new_layer(conv: nn.Conv2d, scheme: str, rank: int, basis: str, decomposed: bool, order: str = "vh") -> nn.Module:
@@ -111,7 +112,7 @@ def _new_layer(conv: nn.Conv2d, scheme: str, rank: int, basis: str, decomposed: 
 
 
 def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme: str = "v1",
-           bases: Sequence[int] | int = (8, 8, 6, 4), basis: str = "shared", method: str = "svd",
+           ranks: Sequence[int] | int = (8, 8, 6, 4), basis: str = "shared", method: str = "svd",
            decomposed: bool = False, input_size=(3, 224, 224), order: str = "vh",
            **method_options) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with the chosen convs replaced by low-rank expansions, and a report.
@@ -122,7 +123,8 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     layers : 1-based positions among the ``nn.Conv2d`` modules in module order (the seed's
         "layers 2,3,4,5"), or qualified module names, or a mix.
     scheme : "v1" (:class:`LowRankExpConvV1`) or "v2" (:class:`LowRankExpConvV2`).
-    bases : one rank per layer (M basis filters for v1, K channels for v2), or one int for all.
+    ranks : one rank per layer (the seed's "#bases": M basis filters for v1, K channels for v2), or one
+        int for all.
     basis : v1 only: "shared" or "per-channel".
     method : "svd", or "alternating" (v1 only) with ``method_options`` (lam, lam_start,
         lam_growth, iterations, tol; see :func:`lrx.decomposition.scheme1_alternating`).
@@ -152,7 +154,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     if scheme == "v1" and order != "vh":
         raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
     chosen = select_layers(model, layers)
-    ranks = _ranks(bases, len(chosen))
+    ranks = _ranks(ranks, len(chosen))
     for (_, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, name)
         check_rank(rank, conv, scheme, basis, order, name)

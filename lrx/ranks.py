@@ -15,6 +15,7 @@ from typing import Sequence
 from torch import nn
 
 from .decomposition import BASES, SCHEMES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
+from .config import check_target
 from .errors import UserError
 from .layers import check_convertible
 from .lowrank import conv_sizes, select_layers
@@ -23,19 +24,6 @@ from .profiling import count
 RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
         "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
         "per MAC saved, until the target is met")
-TARGETS = ("speedup", "macs")
-
-
-def _check_target(target) -> tuple[str, float]:
-    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGETS:
-        raise UserError(f"target must be one of {{speedup: X}} (theoretical speedup of the replaced layers) or "
-                        f"{{macs: F}} (fraction of the whole model's MACs to keep), got {target!r}", key="decompose.target")
-    kind, value = next(iter(target.items()))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UserError(f"target {kind} must be a number > 0, got {value!r}", key=f"decompose.target.{kind}")
-    return kind, float(value)
-
-
 def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
                input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False) -> dict:
     """Choose a rank per layer so that the expanded model meets ``target`` (see the module doc for the rule).
@@ -62,7 +50,7 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     check_choice(basis, BASES, "basis")
     if scheme == "v2":
         basis, decomposed = "shared", False
-    kind, value = _check_target(target)
+    kind, value = check_target(target)
     chosen = select_layers(model, layers)
     for _, name, conv in chosen:
         check_convertible(conv, scheme, decomposed, name)

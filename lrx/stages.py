@@ -39,6 +39,15 @@ def stage_names(cfg: Config) -> list[str]:
     return names
 
 
+def last_finetune_stage(cfg: Config, loss: str) -> str:
+    """The last ``finetune.K`` stage whose ``loss`` ("l2" or "ce") weight is above 0 (what ``lrx finetune-l2``
+    and ``finetune-ce`` run up to)."""
+    indices = [i for i, settings in enumerate(cfg.finetune) if getattr(settings, loss) > 0]
+    if not indices:
+        raise UserError(f"no fine-tune stage has {loss} > 0", file=cfg.path, key="finetune")
+    return f"finetune.{indices[-1]}"
+
+
 @dataclass
 class Context:
     """What a stage works with. ``say`` logs a line (and echoes it unless quiet)."""
@@ -146,7 +155,7 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None) -> tuple[nn.Mod
             rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
                                    basis=settings.basis, decomposed=settings.decomposed)
             ranks = rank_plan["ranks"]
-        expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, bases=ranks,
+        expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, ranks=ranks,
                                   basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
                                   input_size=input_size, order=settings.order, **settings.options)
     except UserError as err:

@@ -71,6 +71,11 @@ BAD = [
     ("bad run name", {"name": "../escape"}, "name", "run name"),
     ("order with scheme v1", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2], "order": "hv"}},
      "decompose.order", "scheme v2's choice"),
+    ("auto without target", {"baseline": "t01", "decompose": {"layers": [2], "bases": "auto"}}, "decompose.target",
+     "bases: auto needs a target {speedup: X}"),
+    ("speedup not above 1", {"baseline": "t01", "decompose": {"layers": [2], "bases": "auto",
+                                                              "target": {"speedup": 0.5}}},
+     "decompose.target.speedup", "must be a number > 1, got 0.5"),
     ("unknown order", {"baseline": "t01", "decompose": {"layers": [2], "scheme": "v2", "bases": [2], "order": "hh"}},
      "decompose.order", "allowed: vh, hv, auto"),
 ]

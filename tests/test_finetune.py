@@ -340,7 +340,7 @@ def test_l2_stage_on_real_expanded_layers(tmp_path, scheme, options):
     lowrank = pytest.importorskip("lrx.lowrank")
     teacher = tiny_cnn()
     teacher.eval()
-    student, report = lowrank.expand(teacher, layers=[2, 3], scheme=scheme, bases=[3, 3], input_size=(3, 16, 16), **options)
+    student, report = lowrank.expand(teacher, layers=[2, 3], scheme=scheme, ranks=[3, 3], input_size=(3, 16, 16), **options)
     names = [layer["name"] for layer in report["layers"]]
     assert names == REPLACED, f"test setup: conv positions 2 and 3 are modules {REPLACED}, got {names}"
     train, test = make_data()

@@ -293,11 +293,11 @@ def tiny_net() -> nn.Sequential:
 
 
 @pytest.mark.parametrize("build, layers, options", [
-    (alexnet_cifar10, [2, 5], dict(scheme="v1", bases=[8, 6], decomposed=True)),
-    (tiny_net, [2, "4"], dict(scheme="v1", bases=[4, 3], basis="per-channel", method="alternating", iterations=3)),
-    (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20])),
-    (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20], order="hv")),
-    (tiny_net, [2, 3], dict(scheme="v2", bases=[7, 20], order="auto")),
+    (alexnet_cifar10, [2, 5], dict(scheme="v1", ranks=[8, 6], decomposed=True)),
+    (tiny_net, [2, "4"], dict(scheme="v1", ranks=[4, 3], basis="per-channel", method="alternating", iterations=3)),
+    (tiny_net, [2, 3], dict(scheme="v2", ranks=[7, 20])),
+    (tiny_net, [2, 3], dict(scheme="v2", ranks=[7, 20], order="hv")),
+    (tiny_net, [2, 3], dict(scheme="v2", ranks=[7, 20], order="auto")),
 ])
 def test_state_dict_round_trip_through_build_expanded(build, layers, options):
     model = build()
@@ -330,12 +330,14 @@ def test_expand_passes_the_v2_order_to_every_layer_and_counts_its_macs():
 @pytest.mark.parametrize("kwargs, words", [
     (dict(layers=[2, 6]), ["6", "5 conv layers"]),
     (dict(layers=["features.4"]), ["features.4", "features.3"]),
-    (dict(layers=[2], bases=[26]), ["features.3", "26", "1..25"]),
-    (dict(layers=[2], scheme="v2", bases=[0]), ["features.3", "1..320"]),
-    (dict(layers=[2, 3], bases=[8]), ["1 ranks", "2 layers"]),
-    (dict(layers=[2, 2], bases=[8, 8]), ["features.3", "more than once"]),
-    (dict(layers=[2], bases=[8], method="svd", lam=0.1), ["svd", "lam"]),
-    (dict(layers=[2], scheme="v3", bases=[8]), ["v3", "v1, v2"]),
+    (dict(layers=[2], ranks=[26]), ["features.3", "26", "1..25"]),
+    (dict(layers=[2], scheme="v2", ranks=[0]), ["features.3", "1..320"]),
+    (dict(layers=[2, 3], ranks=[8]), ["1 ranks", "2 layers"]),
+    (dict(layers=[2, 2], ranks=[8, 8]), ["features.3", "more than once"]),
+    (dict(layers=[2], ranks=[8], method="svd", lam=0.1), ["svd", "lam"]),
+    (dict(layers=[2], scheme="v3", ranks=[8]), ["v3", "v1, v2"]),
+    (dict(layers=[2], ranks={"ranks": [8], "layers": []}), ["plan['ranks']"]),
+    (dict(layers=[2], ranks="auto"), ["'auto'", "plan_ranks"]),
 ])
 def test_expand_errors(alexnet, kwargs, words):
     with pytest.raises(UserError) as err:

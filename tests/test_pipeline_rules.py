@@ -107,3 +107,13 @@ def test_dry_run_header_names_scheme_2_by_its_order(tiny_configs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "scheme v2, order vh" in result.output and "basis" not in result.output, result.output
     assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+def test_finetune_commands_run_up_to_their_last_stage(tiny_configs, tmp_path):
+    from lrx.stages import last_finetune_stage
+
+    cfg = load_config(tiny_configs / "t03.yaml")  # stage 0: l2, stage 1: ce
+    assert (last_finetune_stage(cfg, "l2"), last_finetune_stage(cfg, "ce")) == ("finetune.0", "finetune.1")
+    result = runner.invoke(app, ["finetune-ce", str(tiny_configs / "t02.yaml"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no fine-tune stage has ce > 0" in result.output, result.output
+    assert "t02.yaml" in result.output and not (tmp_path / "runs").exists(), result.output

@@ -107,7 +107,8 @@ def test_unreachable_target_says_best_value(target, words):
         assert word in str(err.value), f"message {str(err.value)!r} should mention {word!r}"
 
 
-@pytest.mark.parametrize("target", [None, {}, {"speed": 2}, {"speedup": 0}, {"macs": -1}, {"speedup": 2, "macs": 0.5}])
+@pytest.mark.parametrize("target", [None, {}, {"speed": 2}, {"speedup": 0}, {"speedup": 0.5}, {"macs": -1}, {"macs": 1.5},
+                                    {"speedup": 2, "macs": 0.5}])
 def test_bad_targets(target):
     with pytest.raises(UserError, match="target"):
         plan_ranks(nn.Sequential(nn.Conv2d(3, 4, 3)), [1], "v2", target, input_size=(3, 8, 8))

@@ -130,7 +130,7 @@ def test_checkpoint_of_other_ranks_is_refused_naming_both_shapes(reference, tmp_
     from lrx.lowrank import expand
     from lrx.models import build_model
 
-    other, report = expand(build_model("tiny_cnn"), layers=[2, 3, 4], scheme="v2", bases=[4, 8, 8], input_size=(3, 16, 16))
+    other, report = expand(build_model("tiny_cnn"), layers=[2, 3, 4], scheme="v2", ranks=[4, 8, 8], input_size=(3, 16, 16))
     save_model(runs / "t02" / "expanded.pt", other, "tiny_cnn", 10, report["spec"], ["3", "6", "8"])
     blob = torch.load(runs / "t02" / "expanded.pt", weights_only=True)
     blob["spec"] = torch.load(runs / "t02" / "stage0.pt", weights_only=True)["spec"]  # claims the old ranks
