@@ -79,7 +79,8 @@ def conv_sizes(model: nn.Module, names: Sequence[str], input_size=(3, 224, 224))
     try:
         probe(x)
     except RuntimeError as err:
-        raise UserError(f"the model does not run on an input of size {tuple(input_size)}: {err}") from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's messages can run to dozens of lines
+        raise UserError(f"the model does not run on an input of size {tuple(input_size)}: {first}") from None
     finally:
         for h in hooks:
             h.remove()

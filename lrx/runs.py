@@ -28,8 +28,9 @@ from .config import Config, find_config, load_config
 from .decomposition import check_rank
 from .errors import UserError
 from .layers import check_convertible
-from .lowrank import select_layers
+from .lowrank import conv_sizes, select_layers
 from .models import build_model, min_image_size
+from .ranks import plan_ranks
 from .rundir import RunDir
 from .stages import Context, stage, stage_names, summarise
 
@@ -87,6 +88,11 @@ def check_against_model(cfg: Config) -> None:
     if cfg.profile.input_size[1] < smallest or cfg.profile.input_size[2] < smallest:
         raise UserError(f"{cfg.model.name} needs an input of at least {smallest}x{smallest}, got {cfg.profile.input_size}",
                         file=cfg.path, key="profile.input_size")
+    input_size = tuple(cfg.profile.input_size)
+    try:  # one forward at the profile's input: a wrong channel count or size shows here, not after training
+        conv_sizes(model, [], input_size)
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="profile.input_size") from None
     settings = cfg.decompose
     if settings is None:
         return
@@ -100,7 +106,12 @@ def check_against_model(cfg: Config) -> None:
         chosen = select_layers(model, settings.layers)  # and together: a layer given by index and by name
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
-    if settings.bases == "auto":
+    if settings.bases == "auto":  # reachability depends on MACs alone, so fresh weights tell it
+        try:
+            plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
+                       basis=settings.basis, decomposed=settings.decomposed)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=err.key or "decompose.target") from None
         return
     for i, ((_, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
         try:
@@ -236,6 +247,7 @@ class Runner:
         metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
         metrics.update(summarise(metrics, inherited))
         self.dir.write_metrics(metrics)
+        distributed.barrier()  # the next stage checks its model file against this record, on every process
         self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
 
     def _header(self, metrics: dict) -> dict:

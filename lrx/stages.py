@@ -73,7 +73,8 @@ class Context:
             cfg = self.cfg
             path = (self.run.model_path("train") if cfg.baseline is None
                     else RunDir(self.run.runs_dir, cfg.baseline).final_model_path())
-            self._original, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+            self._original, _, spec = load_model(path, cfg.model.name, cfg.model.num_classes)
+            check_expansion(path, spec, None, "a baseline run")
             self._original.to(self.device).eval()
         return self._original
 
@@ -90,11 +91,55 @@ class Context:
         return RunDir(self.run.runs_dir, self.cfg.parent or self.cfg.baseline).final_model_path()
 
     def previous_model(self, stage: str) -> tuple[nn.Module, list[str], dict | None]:
-        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU."""
-        return load_model(self.previous_model_path(stage), self.cfg.model.name, self.cfg.model.num_classes)
+        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU.
+
+        The file must hold the expansion that metrics.json records for it (and the table shows): a model
+        file of other layers, scheme or ranks is refused, never used in its place.
+        """
+        path = self.previous_model_path(stage)
+        model, names, spec = load_model(path, self.cfg.model.name, self.cfg.model.num_classes)
+        expected, source = self._recorded_expansion(stage)
+        check_expansion(path, spec, expected, source)
+        return model, names, spec
+
+    def _recorded_expansion(self, stage: str) -> tuple[dict | None, str]:
+        """The decompose record the model ``stage`` starts from must match, and the file it is read from."""
+        cfg = self.cfg
+        if cfg.decompose is not None and stage != "decompose":
+            return self.run.read_metrics().get("stages", {}).get("decompose"), str(self.run.metrics_path)
+        if cfg.parent is not None:
+            parent = RunDir(self.run.runs_dir, cfg.parent)
+            return parent.read_metrics().get("decompose"), str(parent.metrics_path)
+        return None, "a baseline run"
 
     def save_model(self, stage: str, model: nn.Module, spec=None, layers=None) -> None:
         self.run.save_model(stage, model, self.cfg.model.name, self.cfg.model.num_classes, spec, layers)
+
+
+def check_expansion(path: Path, spec: dict | None, expected: dict | None, source: str) -> None:
+    """Refuse a model file whose expansion (``spec``) is not the one ``expected`` (a decompose record of
+    metrics.json: scheme, ``bases``, basis, decomposed, and the replaced layers' names where recorded)."""
+    if expected is None:
+        if spec is not None:
+            raise UserError(f"{path} holds an expansion (scheme {spec.get('scheme')}, ranks {spec.get('ranks')}) "
+                            f"where {source} has the plain model; redo the run with --force")
+        return
+    if spec is None:
+        raise UserError(f"{path} holds a plain model where {source} records an expansion "
+                        f"(ranks {expected.get('bases')}); redo the run with --force")
+    held = {"scheme": spec.get("scheme"), "ranks": list(spec.get("ranks") or []),
+            "decomposed": bool(spec.get("decomposed"))}
+    recorded = {"scheme": expected.get("scheme"), "ranks": list(expected.get("bases") or []),
+                "decomposed": bool(expected.get("decomposed"))}
+    if held["scheme"] == "v1":
+        held["basis"], recorded["basis"] = spec.get("basis"), expected.get("basis")
+    if expected.get("names") is not None:
+        held["layers"], recorded["layers"] = list(spec.get("layers") or []), list(expected["names"])
+    wrong = [key for key in held if held[key] != recorded[key]]
+    if wrong:
+        shown = "; ".join(f"{key} {held[key]} (recorded: {recorded[key]})" for key in wrong)
+        raise UserError(f"{path} does not hold the expansion {source} records: {shown}; "
+                        "redo the run with --force")
 
 
 # ---------------------------------------------------------------- stages
@@ -135,7 +180,7 @@ class Decompose(ModelStage):
         _, test = ctx.data()
         result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
                   "l2": l2_norm(expanded, original, names, test), "report": report["layers"],
-                  "layers": settings.layers, "bases": report["ranks"], "scheme": settings.scheme,
+                  "layers": settings.layers, "names": names, "bases": report["ranks"], "scheme": settings.scheme,
                   "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed}
         if "plan" in report:
             result["plan"] = report["plan"]
@@ -230,7 +275,8 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
         out["acc1"] = stages["train"].get("acc1")
     if "decompose" in stages:
         d = stages["decompose"]
-        out["decompose"] = {k: d.get(k) for k in ("layers", "bases", "scheme", "basis", "method", "decomposed", "plan")}
+        out["decompose"] = {k: d.get(k) for k in ("layers", "names", "bases", "scheme", "basis", "method", "decomposed",
+                                                  "plan")}
         out["acc1_before"], out["acc1"], out["l2_after"] = d.get("acc1_original"), d.get("acc1"), d.get("l2")
     tunes = [stages[k] for k in sorted((k for k in stages if k.startswith("finetune.")), key=lambda k: int(k.split(".")[1]))]
     if tunes:

@@ -117,3 +117,76 @@ def test_finetune_commands_run_up_to_their_last_stage(tiny_configs, tmp_path):
     result = runner.invoke(app, ["finetune-ce", str(tiny_configs / "t02.yaml"), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "no fine-tune stage has ce > 0" in result.output, result.output
     assert "t02.yaml" in result.output and not (tmp_path / "runs").exists(), result.output
+
+
+LATE = [  # mistakes that were found only after the baseline trained (issue 16): now before anything is written
+    ("input channels", {"profile": {"input_size": [1, 16, 16]}}, "profile.input_size", "does not run on an input"),
+    ("unreachable target", {"baseline": "t01", "decompose": {"layers": [2, 3], "scheme": "v2", "bases": "auto",
+                                                             "target": {"speedup": 1e6}}},
+     "decompose.target.speedup", "best reachable"),
+    ("depthwise for v1", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
+                          "profile": {"input_size": [3, 32, 32]}, "decompose": {"layers": [2], "bases": [2]}},
+     "decompose.layers.0", "groups=32"),
+    ("depthwise for auto v2", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
+                               "profile": {"input_size": [3, 32, 32]},
+                               "decompose": {"layers": [2], "scheme": "v2", "bases": "auto", "target": {"speedup": 2}}},
+     "decompose.layers.0", "groups=32"),
+    ("1x1 for v2", {"baseline": "t01", "model": {"name": "resnet18"}, "data": {"image_size": 32},
+                    "profile": {"input_size": [3, 32, 32]},
+                    "decompose": {"layers": ["layer2.0.downsample.0"], "scheme": "v2", "bases": [2]}},
+     "decompose.layers.0", "1x1 kernel"),
+]
+
+
+@pytest.mark.parametrize("label,patch,key,message", LATE, ids=[case[0] for case in LATE])
+def test_model_checks_come_before_anything_is_written(tiny_configs, tmp_path, label, patch, key, message):
+    path = write_yaml(tiny_configs / "late.yaml", {"extends": "base.yaml", **patch})
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2, f"{label}: exit {result.exit_code}: {result.output}"
+    line, = result.output.strip().splitlines()
+    assert str(path) in line and key in line and message in line, f"{label}: {line}"
+    assert not runs.exists(), f"{label}: something was written under runs/ (the baseline trained first)"
+
+
+@pytest.fixture
+def expansion_run(tiny_configs, tmp_path):
+    """t01 and t04 (scheme 2, ranks 4,6,6, then one L2 fine-tune) run; returns (configs, runs)."""
+    write_yaml(tiny_configs / "t04.yaml", {"extends": "base.yaml", "baseline": "t01", "profile": {"enabled": False},
+                                           "decompose": {"layers": [2, 3, 4], "scheme": "v2", "bases": [4, 6, 6]},
+                                           "finetune": [{"l2": 1.0, "epochs": 1}]})
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(tiny_configs / "t04.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return tiny_configs, runs
+
+
+def _swap_in_other_ranks(path, layers=(2, 3, 4)):
+    from lrx.lowrank import expand
+    from lrx.rundir import save_model
+
+    other, report = expand(models.build_model("tiny_cnn"), layers=list(layers), scheme="v2", ranks=[1, 1, 1],
+                           input_size=(3, 16, 16))
+    save_model(path, other, "tiny_cnn", 10, report["spec"], report["spec"]["layers"])
+
+
+def test_a_model_file_of_other_ranks_is_refused_not_used(expansion_run):
+    configs, runs = expansion_run
+    _swap_in_other_ranks(runs / "t04" / "expanded.pt")
+    result = runner.invoke(app, ["run", str(configs / "t04.yaml"), "--runs-dir", str(runs), "--quiet",
+                                 "--set", "finetune.0.lr=0.002"])
+    assert result.exit_code == 2, f"the swapped file must be refused: {result.output}"
+    assert "expanded.pt" in result.output and "metrics.json" in result.output, result.output
+    assert "ranks [1, 1, 1] (recorded: [4, 6, 6])" in result.output, result.output
+    result = runner.invoke(app, ["run", str(configs / "t04.yaml"), "--runs-dir", str(runs), "--quiet", "--force"])
+    assert result.exit_code == 0, f"the advice (--force) works: {result.output}"
+    assert json.loads((runs / "t04" / "metrics.json").read_text())["decompose"]["bases"] == [4, 6, 6]
+
+
+def test_a_parent_model_of_other_ranks_is_refused(expansion_run):
+    configs, runs = expansion_run
+    write_yaml(configs / "t05.yaml", {"extends": "base.yaml", "baseline": "t01", "parent": "t04",
+                                      "profile": {"enabled": False}, "finetune": [{"ce": 1.0, "epochs": 1}]})
+    _swap_in_other_ranks(runs / "t04" / "stage0.pt")
+    result = runner.invoke(app, ["run", str(configs / "t05.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2 and "stage0.pt" in result.output and "t04" in result.output, result.output
