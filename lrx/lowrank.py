@@ -60,6 +60,11 @@ def select_layers(model: nn.Module, layers: Sequence[int | str]) -> list[tuple[i
     return chosen
 
 
+def layer_label(index: int, name: str) -> str:
+    """How messages name a chosen conv: its 1-based position (the seed's "layer 2") and its module name."""
+    return f"{index} ({name!r})"
+
+
 @torch.no_grad()
 def conv_sizes(model: nn.Module, names: Sequence[str], input_size=(3, 224, 224)) -> dict[str, tuple[tuple, tuple]]:
     """Spatial (H, W) at the input and output of the named convs, for one image of ``input_size``.
@@ -156,9 +161,9 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
         raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
     chosen = select_layers(model, layers)
     ranks = _ranks(ranks, len(chosen))
-    for (_, name, conv), rank in zip(chosen, ranks):  # every check before any work
-        check_convertible(conv, scheme, decomposed, name)
-        check_rank(rank, conv, scheme, basis, order, name)
+    for (index, name, conv), rank in zip(chosen, ranks):  # every check before any work
+        check_convertible(conv, scheme, decomposed, layer_label(index, name))
+        check_rank(rank, conv, scheme, basis, order, layer_label(index, name))
     if method == "svd" and method_options:
         raise UserError(f"method 'svd' takes no options, got {', '.join(sorted(method_options))}")
 

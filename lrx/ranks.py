@@ -18,7 +18,7 @@ from .decomposition import BASES, SCHEMES, check_choice, expanded_macs, max_rank
 from .config import check_target
 from .errors import UserError
 from .layers import check_convertible
-from .lowrank import conv_sizes, select_layers
+from .lowrank import conv_sizes, layer_label, select_layers
 from .profiling import count
 
 RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
@@ -52,8 +52,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
         basis, decomposed = "shared", False
     kind, value = check_target(target)
     chosen = select_layers(model, layers)
-    for _, name, conv in chosen:
-        check_convertible(conv, scheme, decomposed, name)
+    for index, name, conv in chosen:
+        check_convertible(conv, scheme, decomposed, layer_label(index, name))
     sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
     total = count(model, input_size)[0]
 

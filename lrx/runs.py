@@ -28,7 +28,7 @@ from .config import Config, find_config, load_config
 from .decomposition import check_rank
 from .errors import UserError
 from .layers import check_convertible
-from .lowrank import conv_sizes, select_layers
+from .lowrank import conv_sizes, layer_label, select_layers
 from .models import build_model, min_image_size
 from .ranks import plan_ranks
 from .rundir import RunDir
@@ -98,8 +98,8 @@ def check_against_model(cfg: Config) -> None:
         return
     for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
         try:
-            (_, name, conv), = select_layers(model, [layer])
-            check_convertible(conv, settings.scheme, settings.decomposed, name)
+            (index, name, conv), = select_layers(model, [layer])
+            check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
     try:
@@ -113,9 +113,10 @@ def check_against_model(cfg: Config) -> None:
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=err.key or "decompose.target") from None
         return
-    for i, ((_, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
+    for i, ((index, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
         try:
-            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order, name=name)
+            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
+                       name=layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
 

@@ -348,6 +348,6 @@ def test_expand_errors(alexnet, kwargs, words):
 
 def test_expand_refuses_unsupported_layer_by_name():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2))
-    with pytest.raises(UserError, match=r"layer 1: groups=2"):
+    with pytest.raises(UserError, match=r"layer 2 \('1'\): groups=2"):  # the user's layer 2 is module '1'
         expand(model, [2], "v1", [2], input_size=(3, 16, 16))
     assert len(conv_layers(model)) == 2
