@@ -5,7 +5,9 @@ A user's mistake prints one line (file, key, what is wrong, what is allowed) and
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,23 +45,35 @@ def fail(message: str, code: int = 2) -> None:
 
 
 # Exit codes: 0 done, 1 training diverged (or an unexpected failure, with its traceback),
-# 2 a user's mistake (one line), 130 interrupted.
+# 2 a user's mistake or the filesystem's refusal (one line), 130 interrupted (Ctrl-C or SIGTERM).
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (schedulers, `timeout`) stops a run the way Ctrl-C does
+
+
 def user_errors(command):
-    """Turn a UserError into one line on stderr and exit code 2 (1 for a diverged training, 130 for Ctrl-C)."""
+    """Turn a UserError into one line on stderr and exit code 2 (1 for a diverged training, 130 for Ctrl-C
+    or SIGTERM, after the run recorded itself as interrupted)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
             return command(*args, **kwargs)
         except TrainingDiverged as err:  # a UserError too: caught first, it has its own code
             fail(str(err), EXIT_DIVERGED)
         except UserError as err:
             fail(str(err), EXIT_USER_ERROR)
+        except OSError as err:  # disk full, no permission, a file where a folder goes: the OS's own words
+            fail(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err), EXIT_USER_ERROR)
         except KeyboardInterrupt:
             fail("interrupted; run the same command again to continue from the last finished epoch", EXIT_INTERRUPTED)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -190,3 +190,37 @@ def test_a_parent_model_of_other_ranks_is_refused(expansion_run):
     _swap_in_other_ranks(runs / "t04" / "stage0.pt")
     result = runner.invoke(app, ["run", str(configs / "t05.yaml"), "--runs-dir", str(runs), "--quiet"])
     assert result.exit_code == 2 and "stage0.pt" in result.output and "t04" in result.output, result.output
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_configs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "lrx", "run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet",
+               "--set", "train.epochs=100000"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt, deadline = runs / "t01" / "train.ckpt", time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "training started and wrote its first checkpoint"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, f"SIGTERM exits 130 as Ctrl-C does, got {process.returncode}: {err[-500:]}"
+    assert "interrupted" in err and "Traceback" not in err, err[-500:]
+    metrics = json.loads((runs / "t01" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", f"metrics.json says {metrics['status']}"
+    again = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet",
+                                "--set", "train.epochs=1"])
+    assert again.exit_code == 0, f"the interrupted run's directory is free again: {again.output}"
+
+
+def test_a_filesystem_refusal_is_one_line(tiny_configs, tmp_path):
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file where the runs folder goes")
+    result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(not_a_folder), "--quiet"])
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    assert len(result.output.strip().splitlines()) == 1 and "runs" in result.output, result.output
