@@ -7,11 +7,15 @@ so a checkpoint cannot run code; they may hold tensors, numbers, strings, lists,
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickle
+import re
+import stat
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -21,28 +25,92 @@ import torch
 from .errors import UserError
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+# A write goes to ``.<target>.<8 random characters>.tmp`` next to the target (tempfile.mkstemp's
+# naming); :func:`is_temp_file` recognises the name, so a run directory can remove what a kill left.
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temporary file an atomic write makes (and a killed one leaves behind)."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+class _ErrorRecorder:
+    """A file wrapper that remembers the first OSError its ``write`` raised.
+
+    ``torch.save`` on a file object reports a failed write as ``RuntimeError: ... unexpected pos``;
+    the OS's own reason (e.g. "No space left on device") is kept here to be reported instead.
+    """
+
+    def __init__(self, file: io.BufferedWriter):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     path = Path(path)
     tmp = None
+    recorder = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _ErrorRecorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise UserError(f"cannot write ({reason}); the previous file, if any, is kept", file=str(path)) from err
+        raise UserError(f"cannot write ({_reason(err)}); the previous file, if any, is kept", file=str(path)) from err
+    except RuntimeError as err:  # torch.save's report of a failed write; find the OS's reason
+        cause = _os_cause(err, recorder, path.parent)
+        if cause is None:
+            raise
+        raise UserError(f"cannot write ({_reason(cause)}); the previous file, if any, is kept",
+                        file=str(path)) from cause
     finally:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def _os_cause(err: BaseException, recorder: _ErrorRecorder | None, folder: Path) -> OSError | None:
+    """The OSError behind ``err``: the one a write raised, one in its exception chain, or a full disk.
+
+    None when the failure was not the file system's (a programming error, to be raised as it is).
+    """
+    if recorder is not None and recorder.error is not None:
+        return recorder.error
+    seen: BaseException | None = err
+    for _ in range(10):  # a chain is short; the bound guards against a cycle
+        seen = (seen.__cause__ or seen.__context__) if seen is not None else None
+        if isinstance(seen, OSError):
+            return seen
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+        return None
+    if stats.f_bavail == 0:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,6 +154,70 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     write_text_atomic(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
+# The most a JSON or YAML file of lrx's may hold; a larger one is refused without being read.
+READ_LIMIT = 16 * 2**20  # bytes
+
+
+def read_text_limited(path: str | os.PathLike, limit: int = READ_LIMIT) -> str:
+    """The UTF-8 text of the regular file ``path``, refused when it is larger than ``limit`` bytes.
+
+    Raises
+    ------
+    FileNotFoundError
+        when ``path`` does not exist (callers decide what a missing file means).
+    UserError
+        naming ``path`` when it cannot be read, is not a regular file (a folder, a FIFO), is too
+        large or is not UTF-8.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # non-blocking: a FIFO must not hang
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise UserError(f"cannot read it ({_reason(err)})", file=str(path)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError("cannot read it: not a regular file", file=str(path))
+        if info.st_size > limit:
+            raise UserError(f"cannot read it: {info.st_size} bytes, more than the {limit} an lrx file may hold",
+                            file=str(path))
+        chunks, size = [], 0
+        while size <= limit:  # the size on disk may change while it is read
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as err:
+        raise UserError(f"cannot read it ({_reason(err)})", file=str(path)) from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UserError(f"cannot read it: more than the {limit} bytes an lrx file may hold", file=str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot read it: not UTF-8 text (byte {err.start})", file=str(path)) from None
+
+
+def load_json(path: str | os.PathLike, limit: int = READ_LIMIT) -> Any:
+    """The JSON value in ``path`` (any type: callers check the shape they need).
+
+    Raises ``FileNotFoundError`` when ``path`` is missing, else :class:`UserError` naming ``path`` for
+    anything :func:`read_text_limited` refuses, invalid JSON, and nesting too deep to parse.
+    """
+    text = read_text_limited(path, limit)
+    try:
+        return json.loads(text)
+    except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+        raise UserError(f"not valid JSON ({_first_sentence(err)})", file=str(path)) from None
+    except RecursionError:
+        raise UserError("not valid JSON: nested too deeply to read", file=str(path)) from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by :func:`save_atomic` onto the CPU.
 
@@ -99,7 +231,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError("no such checkpoint file", file=str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before refusing it: one line is ours
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError("cannot load checkpoint: it is corrupted or holds objects other than tensors and plain "
                         f"containers ({_first_sentence(err)}); delete it to start over", file=str(path)) from None

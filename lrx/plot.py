@@ -5,6 +5,7 @@ notebook's backend) is never touched.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,9 +13,26 @@ from .errors import UserError
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    """A finite float, or None (an infinite or NaN value cannot be placed on an axis)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def skipped(rows: list[dict]) -> list[str]:
+    """One line per run :func:`plot_pareto` leaves out because it is not finished or not readable,
+    e.g. "exp05: unreadable: metrics.json: not valid JSON (...)", for the caller to print on stderr."""
+    out = []
+    for row in rows:
+        status = row.get("status", "done")
+        if status != "done":
+            error = row.get("error")
+            out.append(f"{row.get('name')}: {status}" + (f": {error}" if error else ""))
+    return out
 
 
 def _macs_m(row: dict) -> float | None:

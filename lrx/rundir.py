@@ -5,7 +5,7 @@ Layout::
     config.yaml     the resolved config, with a header of lrx/torch versions
     metrics.json    results (see docs/design.md), written atomically
     log.txt         what the run said, one stamped line each
-    .lock           the PID of the process working on the run
+    .lock           held (flock) by the process working on the run; names it: pid, host, since when
     model.pt        the trained baseline (stage ``train``)
     expanded.pt     the expansion right after stage ``decompose``
     stageK.pt       the model after stage ``finetune.K``
@@ -17,8 +17,12 @@ Every model file is ``{"model": state_dict, "arch", "num_classes", "spec", "laye
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import stat
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import yaml
 from torch import nn
 
 from . import __version__, distributed
-from .checkpoint import load_checkpoint, save_atomic, write_json_atomic, write_text_atomic
+from .checkpoint import is_temp_file, load_checkpoint, load_json, save_atomic, write_json_atomic, write_text_atomic
 from .config import Config
 from .errors import UserError
 from .lowrank import build_expanded
@@ -35,6 +39,12 @@ from .models import build_model
 
 CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
+LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
+
+# What a damaged run file is told to do. metrics.json is moved away rather than retired by --force:
+# the runner (and --force) read metrics.json before anything else, and a file lrx cannot parse holds
+# no results to keep under "replaced"; moved away, the run starts afresh and the old file stays for a person.
+MOVE_AWAY = "move it away (e.g. add .bad to its name) and run again"
 
 
 def model_file(stage: str) -> str:
@@ -62,6 +72,7 @@ class RunDir:
         self.name = name
         self.path = self.runs_dir / name
         self.metrics_path = self.path / METRICS
+        self._lock_fd: int | None = None  # the open .lock file while this process holds its flock
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -83,12 +94,26 @@ class RunDir:
     # ------------------------------------------------------------ metrics, log, config
 
     def read_metrics(self) -> dict:
-        if not self.metrics_path.exists():
-            return {}
+        """metrics.json's content, ``{}`` when there is none.
+
+        Raises :class:`UserError` naming the file, on one line, when it cannot be read or is not what
+        lrx writes (an object whose ``stages`` maps stage names to records with a ``hash``, ...);
+        the advice is to move it away (see ``MOVE_AWAY``), which the runner then treats as a new run.
+        """
+        path = self.metrics_path
+        for folder in (self.runs_dir, self.path):
+            if _is_file(folder):
+                raise UserError(f"{folder} is a file, not a folder; {MOVE_AWAY}")
         try:
-            return json.loads(self.metrics_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot read {self.metrics_path}: {err}; move it away or use --force") from None
+            metrics = load_json(path)
+        except FileNotFoundError:
+            return {}
+        except UserError as err:
+            raise UserError(f"{err.message}; {MOVE_AWAY}", file=err.file) from None
+        problem = _metrics_problem(metrics)
+        if problem:
+            raise UserError(f"damaged: {problem}; {MOVE_AWAY}", file=str(path))
+        return metrics
 
     def write_metrics(self, metrics: dict) -> None:
         if distributed.is_main():
@@ -98,8 +123,11 @@ class RunDir:
         if not distributed.is_main():
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.file(LOG), "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp} {message}\n")
+        try:
+            with open(self.file(LOG), "a", encoding="utf-8") as fh:
+                fh.write(f"{stamp} {message}\n")
+        except OSError as err:
+            raise UserError(f"cannot write ({_reason(err)})", file=str(self.file(LOG))) from None
 
     def write_config(self, cfg: Config) -> None:
         if not distributed.is_main():
@@ -118,50 +146,200 @@ class RunDir:
 
     # ------------------------------------------------------------ lock
 
-    # A lock file holds the PID of the process working on this run; a dead PID's lock is taken over.
+    # The lock is the kernel's: an exclusive flock on the open .lock file, held until unlock() or until
+    # the process ends in any way (the kernel drops it with the last file descriptor), so a dead
+    # process's lock needs no guessing and two processes can never both hold it. What the file says
+    # (pid, host, start) only feeds the "in use by" message; a file with garbage in it is simply taken.
+    #
+    # unlock() removes the file while still holding the flock. That alone could let two hold it: B opens
+    # the file, A unlinks it and lets go, B gets the flock on the removed inode while C creates a new
+    # file and locks that. So lock() checks, with the flock held, that the path still names the inode it
+    # locked, and starts over if not. The holder of the inode at the path is then unique: the file at the
+    # path is only ever removed by a process holding its flock, so while one holds it no other file can
+    # appear there. Removing the file also means that a forked child still holding the inherited
+    # descriptor (a DataLoader worker) cannot block the next run. (Over NFS, Linux maps flock onto NFS
+    # byte-range locks, which cover every client.) Taking the lock twice through one RunDir is a no-op.
+
     def lock(self) -> None:
-        if not distributed.is_main():
+        """Take this run's lock, or raise :class:`UserError` naming the process that holds it.
+
+        Rank 0 alone locks under torchrun. Taking the lock also removes the temporary files that a
+        write killed half-way left in the run folder (:meth:`remove_orphan_temp_files`).
+        """
+        if not distributed.is_main() or self._lock_fd is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        taken_at = time.time()
+        self._make_folder()
         path = self.file(LOCK)
-        for _ in range(2):
+        for _ in range(100):  # each retry means a holder let go between our open and our flock
+            fd = self._open_lock(path)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid = _read_pid(path)
-                if pid is not None and _alive(pid) and pid != os.getpid():
-                    raise UserError(f"run {self.path} is in use by process {pid} (lock file {path}); "
-                                    "wait for it to finish or stop it") from None
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return
-        raise UserError(f"could not take the lock {path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _lock_owner(fd)
+                os.close(fd)
+                raise UserError(f"run {self.path} is in use by {owner} (lock file {path}); "
+                                "wait for it to finish or stop it") from None
+            except OSError as err:  # e.g. ENOLCK: a file system without locks
+                os.close(fd)
+                raise UserError(f"cannot lock it ({_reason(err)})", file=str(path)) from None
+            if _names(path, fd):
+                break
+            os.close(fd)
+        else:
+            raise UserError("cannot lock it: it keeps being replaced by other processes", file=str(path))
+        try:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "lrx": __version__}
+            os.ftruncate(fd, 0)
+            data = json.dumps(info).encode()
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as err:  # a full disk: leave no lock file behind (we hold its flock, so removing is safe)
+            _unlink_quietly(path)
+            os.close(fd)
+            raise UserError(f"cannot take the lock ({_reason(err)})", file=str(path)) from None
+        self._lock_fd = fd
+        self.remove_orphan_temp_files(older_than=taken_at)
 
     def unlock(self) -> None:
-        if not distributed.is_main():
+        """Let go of the lock this RunDir holds (nothing to do if it holds none)."""
+        if self._lock_fd is None:
             return
+        fd, self._lock_fd = self._lock_fd, None
         path = self.file(LOCK)
-        if _read_pid(path) == os.getpid():
-            path.unlink(missing_ok=True)
+        try:
+            if _names(path, fd):
+                _unlink_quietly(path)  # while holding the flock: see the comment above lock()
+        finally:
+            os.close(fd)
+
+    def remove_orphan_temp_files(self, older_than: float | None = None) -> list[Path]:
+        """Remove the temporary files of atomic writes (``.<file>.XXXXXXXX.tmp``) last changed before
+        ``older_than`` (seconds since the epoch; now when None): a write killed half-way leaves one.
+
+        Call it only while holding the lock, so that no write of this run can be under way.
+        Returns the files removed.
+        """
+        cutoff = time.time() if older_than is None else older_than
+        removed = []
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError:
+            return removed
+        for entry in entries:
+            if not is_temp_file(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except OSError:
+                continue  # gone already, or not ours to remove: harmless
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) an interrupted write left: "
+                     + ", ".join(p.name for p in removed))
+        return removed
+
+    def _make_folder(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the run folder ({_folder_trouble(err, self.runs_dir, self.path)})",
+                            file=str(self.path)) from None
+
+    def _open_lock(self, path: Path) -> int:
+        try:  # O_NOFOLLOW: a symlink planted as .lock is refused, not followed to wherever it points
+            return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise UserError(f"cannot open the lock file ({_reason(err)})", file=str(path)) from None
 
 
-def _read_pid(path: Path) -> int | None:
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is (still) the file open as ``fd``."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        on_disk, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _lock_owner(fd: int) -> str:
+    """ "process 1234 on host X since ..." from a lock file; any content that is not lrx's reads as unknown."""
+    try:
+        info = json.loads(os.pread(fd, LOCK_INFO_LIMIT, 0).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
+        info = None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or isinstance(info.get("pid"), bool):
+        return "another process (its lock file does not say which)"
+    text = f"process {info['pid']}"
+    for key, word in (("host", "on host"), ("since", "since")):
+        value = info.get(key)
+        if isinstance(value, str) and value.isprintable() and len(value) <= 100:
+            text += f" {word} {value}"
+    return text
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` exists and is something other than a folder (False when it cannot be told)."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:
+        return False
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+def _folder_trouble(err: OSError, *folders: Path) -> str:
+    """The OS's reason, and which of ``folders`` is in the way when one is a file or a dangling symlink."""
+    reason = _reason(err)
+    for folder in folders:
+        try:
+            if folder.is_symlink() and not folder.exists():
+                return f"{reason}: {folder} is a symlink to {os.readlink(folder)}, which does not exist"
+            if folder.exists() and not folder.is_dir():
+                return f"{reason}: {folder} is a file, not a folder"
+        except OSError:
+            break  # e.g. a name too long to look at: the OS's reason says it
+    return reason
+
+
+def _metrics_problem(metrics) -> str | None:
+    """What makes ``metrics`` (parsed metrics.json) unlike what lrx writes, or None.
+
+    Checked are the keys the runner reads: ``stages`` (name -> record with a string ``hash``),
+    ``running``, ``replaced``, ``status``, ``decompose`` and ``finetune``.
+    """
+    if not isinstance(metrics, dict):
+        return f"it holds {_json_type(metrics)}, not an object"
+    stages = metrics.get("stages", {})
+    if not isinstance(stages, dict):
+        return f"'stages' is {_json_type(stages)}, not an object"
+    for name, record in stages.items():
+        if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
+            return f"stage {name!r} is not a record with a hash"
+    for key, kind, types in (("running", "an object", dict), ("replaced", "a list", list),
+                             ("status", "a string", str), ("decompose", "an object or null", (dict, type(None))),
+                             ("finetune", "a list", list)):
+        if key in metrics and not isinstance(metrics[key], types):
+            return f"'{key}' is {_json_type(metrics[key])}, not {kind}"
+    return None
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 # ---------------------------------------------------------------- model files anywhere
@@ -181,18 +359,32 @@ def load_model(path: Path, arch: str, num_classes: int) -> tuple[nn.Module, list
     Returns (model, replaced layer names, spec), the spec being what :func:`lrx.lowrank.build_expanded` took.
     """
     blob = load_checkpoint(path)
+    state, spec, layers = blob.get("model"), blob.get("spec"), blob.get("layers")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError("not an lrx model file: its 'model' entry is missing or not a state dict of tensors; "
+                        "delete it or use --force to rebuild it", file=str(path))
+    if not (spec is None or isinstance(spec, dict)) or not (layers is None or isinstance(layers, list)):
+        raise UserError("not an lrx model file: its 'spec' or 'layers' entry has the wrong type; "
+                        "delete it or use --force to rebuild it", file=str(path))
     if blob.get("arch") != arch or blob.get("num_classes") != num_classes:
         raise UserError(f"{path} holds a {blob.get('arch')} with {blob.get('num_classes')} classes, "
                         f"but the config asks for {arch} with {num_classes}; use --force to rebuild it")
     model = build_model(arch, num_classes)
-    if blob.get("spec"):
-        model = build_expanded(model, blob["spec"])
+    if spec:
+        try:
+            model = build_expanded(model, spec)
+        except UserError as err:
+            raise UserError(f"its expansion cannot be rebuilt: {err}; delete it or use --force to rebuild it",
+                            file=str(path)) from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            raise UserError(f"its expansion cannot be rebuilt ({type(err).__name__}: {err}); "
+                            "delete it or use --force to rebuild it", file=str(path)) from None
     own = model.state_dict()
-    for key, value in blob["model"].items():
+    for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise UserError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}")
     try:
-        model.load_state_dict(blob["model"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from None
-    return model, blob.get("layers") or [], blob.get("spec")
+    return model, layers or [], spec

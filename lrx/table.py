@@ -19,12 +19,17 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import load_json, read_text_limited
 from .errors import UserError
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
 HEADER = "|" + "|".join(COLUMNS) + "|"
 RULE = "|" + "|".join("---" for _ in COLUMNS) + "|"
+
+# libyaml's safe loader when installed: it refuses a deeply nested file at once, where the pure-Python
+# one takes seconds to run into Python's recursion limit.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # States of a row that is not a finished run (anything but status "done").
 NO_METRICS = "not run"
@@ -43,7 +48,8 @@ def collect_rows(runs_dir: str | Path) -> list[dict]:
 
     - ``name``: metrics' name, else the config's, else the folder name; ``dir``: the folder;
     - ``status``: metrics' status ("done", "running", "failed"), ``"not run"`` without metrics.json,
-      ``"unreadable"`` when metrics.json is not a JSON object; ``error``: why, or None;
+      ``"unreadable"`` when metrics.json (or, without one, config.yaml) cannot be read, is too large,
+      too deeply nested or not a JSON object; ``error``: why, or None;
     - ``history``: the fine-tune stages that made this model: metrics.json's ``finetune`` (which
       lrx.runs writes with the parent's stages first); for a run not yet measured, the parent
       run's ``history`` followed by the stages in its config.yaml;
@@ -55,8 +61,12 @@ def collect_rows(runs_dir: str | Path) -> list[dict]:
     root = Path(runs_dir)
     if not root.is_dir():
         raise UserError(f"{str(root)!r} is not a folder of runs (e.g. runs/)")
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as err:
+        raise UserError(f"cannot list {root} ({err.strerror or err})") from None
     rows = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in folders:
         row = _read_run(folder)
         if row is not None:
             rows.append(row)
@@ -65,42 +75,94 @@ def collect_rows(runs_dir: str | Path) -> list[dict]:
 
 
 def _read_run(folder: Path) -> dict | None:
+    """The row of one run folder (None when it holds neither file); never raises for a damaged file.
+
+    A file that cannot be read, is larger than :data:`lrx.checkpoint.READ_LIMIT` (refused unread),
+    nests too deeply or holds the wrong type makes the row "unreadable", with the reason as its error.
+    """
     metrics_path, config_path = folder / "metrics.json", folder / "config.yaml"
-    if not metrics_path.exists() and not config_path.exists():
+    if not _present(metrics_path) and not _present(config_path):
         return None
     row: dict[str, Any] = {}
-    if config_path.exists():
+    config_error = None
+    if _present(config_path):
         try:
-            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                row.update(loaded)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            pass  # the config only supplies defaults; metrics.json or the folder name still name the row
+            loaded = yaml.load(read_text_limited(config_path), Loader=_YAML_LOADER)
+        except FileNotFoundError:
+            loaded = None
+        except UserError as err:
+            loaded, config_error = None, f"config.yaml: {err.message}"
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. an integer too long to convert
+            loaded, config_error = None, f"config.yaml: not valid YAML ({_one_line(err, 120)})"
+        except RecursionError:
+            loaded, config_error = None, "config.yaml: nested too deeply to read"
+        if isinstance(loaded, dict):
+            row.update(loaded)
+        elif loaded is not None:
+            config_error = f"config.yaml holds {_kind(loaded)}, not a mapping"
     status, error = NO_METRICS, "no metrics.json"
     metrics_keys: set = set()
-    if metrics_path.exists():
+    metrics: Any = None
+    if _present(metrics_path):
+        status = UNREADABLE
         try:
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as err:
-            metrics, error = None, f"metrics.json: {type(err).__name__}: {err}"
-        if isinstance(metrics, dict):
-            row.update(metrics)
-            metrics_keys = set(metrics)
-            status, error = str(metrics.get("status") or "done"), metrics.get("error")
+            metrics = load_json(metrics_path)
+        except FileNotFoundError:
+            status = NO_METRICS  # removed while we looked
+        except UserError as err:
+            error = f"metrics.json: {err.message}"
         else:
-            status = UNREADABLE
-            if metrics is not None:
-                error = f"metrics.json holds {type(metrics).__name__}, not an object"
+            if isinstance(metrics, dict):
+                row.update(metrics)
+                metrics_keys = set(metrics)
+                status, error = str(_scalar(metrics.get("status")) or "done"), metrics.get("error")
+            else:
+                error = f"metrics.json holds {_kind(metrics)}, not an object"
+    if status == NO_METRICS and config_error:
+        status, error = UNREADABLE, config_error
+    for key in ("name", "no", "group", "remark", "parent"):  # shown or compared: plain values only
+        if key in row:
+            row[key] = _scalar(row[key])
     row["name"] = str(row.get("name") or folder.name)
     row["dir"] = str(folder)
     row["status"] = status
-    row["error"] = error if status != "done" else None
+    row["error"] = _one_line(_scalar(error)) if status != "done" and error is not None else None
     if not isinstance(row.get("finetune"), list):
         row["finetune"] = []
     row["finetune_from"] = "metrics.json" if "finetune" in metrics_keys else "config.yaml"
     if not isinstance(row.get("decompose"), dict):
         row["decompose"] = None
     return row
+
+
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path`` (a dangling symlink or a folder too: reading it says what is wrong)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return True
+
+
+def _scalar(value: Any) -> Any:
+    """``value`` when it is a string or a finite-size number (or None); None for containers and other types.
+
+    YAML and JSON can put anything in a field the table prints; a nested or aliased structure printed
+    whole could be enormous, and dates or sets would break the json output.
+    """
+    if value is None or isinstance(value, (str, bool, float)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**18 else None
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _one_line(value: Any, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _inherit(rows: list[dict]) -> None:
@@ -145,9 +207,13 @@ def sort_rows(rows: list[dict]) -> list[dict]:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _fmt(value: Any, digits: int, scale: float = 1.0) -> str:
@@ -157,7 +223,8 @@ def _fmt(value: Any, digits: int, scale: float = 1.0) -> str:
 
 def _join(values: Any) -> str:
     if isinstance(values, (list, tuple)) and values:
-        return ",".join(str(v) for v in values)
+        plain = [_scalar(v) for v in values]
+        return ",".join(str(v) for v in plain) if None not in plain else "?"
     if isinstance(values, (str, int)) and not isinstance(values, bool):
         return str(values)
     return "-"
@@ -167,7 +234,7 @@ def _schedule(stages: list[dict], loss: str) -> str:
     """ "1.0x20" per stage where ``loss`` has weight > 0, joined by "+"; "0.0" when none has."""
     parts = []
     for stage in stages:
-        weight, epochs = _number(stage.get(loss)), stage.get("epochs")
+        weight, epochs = _number(stage.get(loss)), _scalar(stage.get("epochs"))
         if weight is not None and weight > 0:
             parts.append(f"{weight:.1f}x{epochs if epochs is not None else '?'}")
     return "+".join(parts) if parts else "0.0"
@@ -195,7 +262,7 @@ def _measured(row: dict) -> list[str]:
 
 
 def _remark(row: dict) -> str:
-    remark = str(row.get("remark") or "").strip()
+    remark = str(_scalar(row.get("remark")) or "").strip()
     measured = ", ".join(_measured(row))
     text = "; ".join(part for part in (remark, measured) if part)
     if row.get("status") != "done":

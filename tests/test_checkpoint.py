@@ -90,3 +90,13 @@ def test_bad_checkpoint_names_the_file(tmp_path, damage):
 
 class UnsafeThing:
     """An object weights_only loading must refuse."""
+
+
+def test_a_raw_pickle_is_refused_in_one_line_without_torch_warnings(tmp_path, recwarn):
+    import pickle as raw_pickle
+
+    path = tmp_path / "raw.pt"
+    path.write_bytes(raw_pickle.dumps({"model": [1, 2]}, protocol=4))
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)], "torch's protocol warning leaked"

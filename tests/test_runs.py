@@ -121,14 +121,19 @@ def test_table_of_the_runs(finished):
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(finished, tmp_path):
     folder, runs, _ = finished
     lock = runs / "t03" / ".lock"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid()}).encode()); "
+                               "print('locked', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(str(sleeper.pid))
+        assert holder.stdout.readline().strip() == "locked"
         result = lrx("run", folder / "t03.yaml", "--runs-dir", runs)
-        assert result.exit_code == 2 and f"in use by process {sleeper.pid}" in result.output
+        assert result.exit_code == 2 and f"in use by process {holder.pid}" in result.output, result.output
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
+    lock.write_text("9" * 20)  # left behind by a process that is gone, held by nobody: taken over
     result = lrx("run", folder / "t03.yaml", "--runs-dir", runs)
     assert result.exit_code == 0 and "nothing to do" in result.output, "a dead process's lock is taken over"
     assert not lock.exists(), "the lock is released"

@@ -125,7 +125,7 @@ def test_unfinished_and_broken_runs_are_rows(seed_runs):
     assert rows["7"][11] == "[not run: no metrics.json] planned", f"and that it has not run: {rows['7'][11]!r}"
     assert rows["8"][1:6] == ["2,3,4,5", "8,8,6,4", "-", "1.0x20", "1.0x10"], \
         f"a configured run continuing from row 3 shows row 3's expansion and L2 stage before its own CE: {rows['8']}"
-    assert rows["s_broken"][11].startswith("[unreadable: metrics.json: JSONDecodeError"), \
+    assert rows["s_broken"][11].startswith("[unreadable: metrics.json: not valid JSON (Expecting property name"), \
         f"unreadable metrics.json is a row saying so: {rows['s_broken']}"
 
 
@@ -150,3 +150,84 @@ def test_csv_and_json_parse(seed_runs):
     assert data[1]["latency_speedup"] == 1.02 and data[6]["status"] == "not run", "json keeps speedup and states"
     with pytest.raises(UserError, match="allowed: markdown, csv, json"):
         render(rows, "html")
+
+
+# ---------------------------------------------------------------- damaged run folders
+
+
+def _huge(path):
+    with open(path, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: 64 MiB without writing them; must be refused unread
+
+
+DAMAGE = {
+    "metrics null": ("metrics.json", "null", "metrics.json holds null, not an object"),
+    "metrics list": ("metrics.json", "[]", "metrics.json holds a list, not an object"),
+    "metrics deep": ("metrics.json", "[" * 100_000, "metrics.json: not valid JSON: nested too deeply"),
+    "metrics huge": ("metrics.json", _huge, "metrics.json: cannot read it: 67108864 bytes"),
+    "metrics binary": ("metrics.json", b"\xff\xfe\x00", "metrics.json: cannot read it: not UTF-8"),
+    "metrics folder": ("metrics.json", "mkdir", "metrics.json: cannot read it"),
+    "metrics long int": ("metrics.json", '{"acc1": ' + "9" * 5000 + "}", "metrics.json: not valid JSON"),
+    "config deep": ("config.yaml", "[" * 100_000, "config.yaml: "),
+    "config huge": ("config.yaml", _huge, "config.yaml: cannot read it: 67108864 bytes"),
+    "config list": ("config.yaml", "- 1\n- 2\n", "config.yaml holds a list, not a mapping"),
+    "config long int": ("config.yaml", "no: " + "9" * 5000 + "\n", "config.yaml: not valid YAML"),
+    "config binary": ("config.yaml", b"\xff\xfe\x00", "config.yaml: cannot read it: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_run_is_an_unreadable_row_and_the_rest_still_shows(tmp_path, case):
+    from lrx.plot import plot_pareto, skipped
+
+    name, content, expected = DAMAGE[case]
+    root = tmp_path / "runs"
+    write_run(root, "good", done("good", 1, 1, acc1=80.0, macs=1e8, latency={"original_ms": 10.0}))
+    bad = root / "bad"
+    bad.mkdir()
+    target = bad / name
+    if callable(content):
+        content(target)
+    elif content == "mkdir":
+        target.mkdir()
+    elif isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content)
+    rows = {row["name"]: row for row in collect_rows(root)}
+    assert rows["good"]["status"] == "done", f"{case}: the sound run is still a finished row: {rows['good']}"
+    assert rows["bad"]["status"] == "unreadable", f"{case}: the damaged run is a row marked unreadable: {rows['bad']}"
+    assert expected in rows["bad"]["error"], f"{case}: the row says what is wrong ({expected!r}): {rows['bad']['error']}"
+    for fmt in ("markdown", "csv", "json"):
+        text = render(list(rows.values()), fmt)
+        assert "[unreadable: " in text, f"{case}: the {fmt} table shows the unreadable run: {text[:300]}"
+    out = plot_pareto(list(rows.values()), tmp_path / "p.png")
+    assert out.exists(), f"{case}: the plot draws the sound run"
+    assert any(line.startswith("bad: unreadable: ") for line in skipped(list(rows.values()))), \
+        f"{case}: the plot's skipped list names the unreadable run"
+
+
+def test_null_metrics_is_not_called_missing(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "n", raw_metrics="null")
+    (row,) = collect_rows(root)
+    assert row["error"] == "metrics.json holds null, not an object", \
+        f"a null metrics.json says what it holds, not 'no metrics.json': {row['error']!r}"
+
+
+def test_hostile_field_values_do_not_break_the_table(tmp_path):
+    root = tmp_path / "runs"
+    # YAML aliases nest a list 2**30 elements wide if printed whole; a date cannot go into json output.
+    config = "a: &a [1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n" \
+             "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n" \
+             "name: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\nremark: *e\ngroup: 2024-01-01\nno: *e\n" \
+             "decompose: {layers: *e, bases: [1, 2]}\nfinetune: [{l2: 1.0, epochs: *e}]\n"
+    (root / "hostile").mkdir(parents=True)
+    (root / "hostile" / "config.yaml").write_text(config)
+    write_run(root, "big", {"name": "big", "status": "done", "acc1": 10**400, "macs": 1e999, "no": 10**100})
+    rows = collect_rows(root)
+    for fmt in ("markdown", "csv", "json"):
+        text = render(rows, fmt)
+        assert len(text) < 10_000, f"{fmt}: hostile values are not printed whole ({len(text)} characters)"
+    names = sorted(row["name"] for row in rows)
+    assert names == ["big", "hostile"], f"a name that is not text falls back to the folder's: {names}"
