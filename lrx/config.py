@@ -4,21 +4,25 @@ A config may ``extends:`` another YAML (a path relative to it); mappings merge k
 child winning. Command-line overrides are dotted keys (``finetune.0.epochs=2``). Unknown keys,
 wrong types and out-of-range values raise :class:`UserError` naming the file and the key.
 
-This module is long because the schema, its YAML reading and its model-free checks change together;
-the checks that need the model are :func:`lrx.runs.check_against_model`.
+Every mistake found without the model is refused here, before anything runs or is written: an empty
+file, a run that names itself as baseline or parent, counts and sizes outside their bounds (``MAX_*``),
+method options the method does not take. Reading the YAML itself (limits, duplicate keys, no aliases,
+``extends:``, ``--set``) is :mod:`lrx.yamlread`'s. The checks that need the model are
+:func:`lrx.runs.check_against_model`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 
 from .errors import UserError
+from .yamlread import apply_override, key_text, read_yaml, show
 
 Number = Union[int, float]
 
@@ -132,112 +136,6 @@ class Config:
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-# ---------------------------------------------------------------- loading
-
-
-class _Loader(yaml.SafeLoader):
-    """The safe loader with YAML 1.2 booleans: only true/false, so the table's ``no:`` key stays a key."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.1 reads 1e-4 and 3E-4 as strings (it wants a dot and a signed exponent); YAML 1.2 and people read numbers.
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                              list("-+.0123456789"))
-
-
-def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping with the safe loader; ``extends:`` is resolved recursively."""
-    return _read_yaml(Path(path), seen=())
-
-
-def _read_yaml(path: Path, seen: tuple) -> dict:
-    if path.resolve() in seen:
-        raise UserError("extends: loops back to this file", file=str(path), key="extends")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("no such file", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read: {err}", file=str(path)) from None
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader: never builds Python objects
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserError(f"not valid YAML{where}: {problem}", file=str(path)) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"expected a mapping of keys, got {type(raw).__name__}", file=str(path))
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if not isinstance(parent, str):
-        raise UserError("extends: must be a path to another YAML", file=str(path), key="extends")
-    base = _read_yaml(path.parent / parent, seen + (path.resolve(),))
-    return _merge(base, raw)
-
-
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def apply_override(raw: dict, assignment: str, file: str = "--set") -> None:
-    """Apply ``a.b.0.c=value`` to the raw mapping; the value is parsed as YAML."""
-    if "=" not in assignment:
-        raise UserError(f"override {assignment!r} must look like key.sub=value", file=file)
-    dotted, text = assignment.split("=", 1)
-    try:
-        value = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        value = text
-    keys = dotted.strip().split(".")
-    node: Any = raw
-    for i, key in enumerate(keys[:-1]):
-        nxt = keys[i + 1]
-        if isinstance(node, list):
-            node = _list_slot(node, key, dotted, file)
-            continue
-        if key not in node or node[key] is None:
-            node[key] = [] if nxt.isdigit() else {}
-        node = node[key]
-    last = keys[-1]
-    if isinstance(node, list):
-        idx = _index(last, dotted, file)
-        while len(node) <= idx:
-            node.append({})
-        node[idx] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise UserError(f"cannot set {dotted}: {'.'.join(keys[:-1])} is not a mapping", file=file, key=dotted)
-
-
-def _index(key: str, dotted: str, file: str) -> int:
-    if not key.isdigit():
-        raise UserError(f"expected a list index, got {key!r}", file=file, key=dotted)
-    return int(key)
-
-
-def _list_slot(node: list, key: str, dotted: str, file: str):
-    idx = _index(key, dotted, file)
-    while len(node) <= idx:
-        node.append({})
-    return node[idx]
-
-
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
     """Load, merge, override and validate one experiment config.
 
@@ -260,12 +158,12 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
 
 def _build(cls, raw: Any, file: str, prefix: str):
     if not isinstance(raw, dict):
-        raise UserError(f"expected a mapping, got {_show(raw)}", file=file, key=prefix or None)
+        raise UserError(f"expected a mapping, got {show(raw)}", file=file, key=prefix or None)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
     for key in raw:
         if key not in fields:
             allowed = ", ".join(fields)
-            raise UserError(f"unknown key {key!r}; allowed: {allowed}", file=file, key=_join(prefix, str(key)))
+            raise UserError(f"unknown key {show(key)}; allowed: {allowed}", file=file, key=_join(prefix, key_text(key)))
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -275,11 +173,6 @@ def _build(cls, raw: Any, file: str, prefix: str):
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _type_name(tp) -> str:
@@ -312,21 +205,21 @@ def _coerce(tp, value: Any, file: str, key: str):
         for err in errors:
             if err.key != key:
                 raise err
-        raise UserError(f"expected {_type_name(tp)}, got {_show(value)}", file=file, key=key)
+        raise UserError(f"expected {_type_name(tp)}, got {show(value)}", file=file, key=key)
     if origin is Literal:
         if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
             return value
-        raise UserError(f"got {_show(value)}; allowed: {', '.join(map(str, typing.get_args(tp)))}", file=file, key=key)
+        raise UserError(f"got {show(value)}; allowed: {', '.join(map(str, typing.get_args(tp)))}", file=file, key=key)
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"expected {_type_name(tp)}, got {_show(value)}", file=file, key=key)
+            raise UserError(f"expected {_type_name(tp)}, got {show(value)}", file=file, key=key)
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, file, f"{key}.{i}") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise UserError(f"expected a mapping, got {_show(value)}", file=file, key=key)
+            raise UserError(f"expected a mapping, got {show(value)}", file=file, key=key)
         _, vtype = typing.get_args(tp)
-        return {k: _coerce(vtype, v, file, f"{key}.{k}") for k, v in value.items()}
+        return {k: _coerce(vtype, v, file, f"{key}.{key_text(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, file, key)
     if tp is Any:
@@ -341,15 +234,49 @@ def _coerce(tp, value: Any, file: str, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
-            return float(value)
+        if _is_number(value):
+            if _finite(value):
+                return float(value)
+            raise UserError(f"must be a finite number, got {show(value)}", file=file, key=key)
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"expected {_type_name(tp)}, got {_show(value)}", file=file, key=key)
+    raise UserError(f"expected {_type_name(tp)}, got {show(value)}", file=file, key=key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    """A number that is a finite float (a huge YAML integer overflows one)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ---------------------------------------------------------------- validation
+
+
+# Upper bounds of counts and sizes: far above any real run, low enough that nothing downstream
+# overflows, allocates without bound or loops for ever.
+MAX_SEED = 2**32 - 1  # numpy and random take 32-bit seeds; lrx.data's seed * 1_000_003 + epoch stays in torch's 64 bits
+MAX_EPOCHS = 100_000
+MAX_IMAGE_SIZE = 4096  # pixels per side
+MAX_BATCH = 65_536
+MAX_SUBSET = 10**9  # images; more than any dataset lrx reads (null means all of them)
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 1024  # profile.input_size's C
+MAX_ROW = 10**6  # the table's no: and group:
+MAX_LAYER = 1000  # a conv layer's 1-based position
+MAX_RANK = 100_000  # above any conv's maximum rank; the exact maximum is checked against the model
+MAX_NAME = 100  # characters of a run name (it names a folder)
+
+# Method options of decompose.options (the source of truth; tests check lrx.decomposition's defaults
+# name the same options).
+METHOD_OPTIONS = {"svd": (), "alternating": ("lam", "lam_start", "lam_growth", "iterations", "tol")}
+MAX_ITERATIONS = 100_000
 
 
 def validate(cfg: Config) -> None:
@@ -360,58 +287,75 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(message, file=file, key=key)
 
-    need(bool(NAME_RE.match(cfg.name)) and cfg.name not in (".", ".."), "name",
-         f"run name {cfg.name!r} must be letters, digits, '.', '_' or '-', not starting with '.' (it names a folder under runs/)")
-    for key in ("baseline", "parent"):
+    def within(value, key: str, low, high, why_low: str = "", why_high: str = "") -> None:
+        need(value >= low, key, f"must be >= {low}{why_low}, got {show(value)}")
+        need(value <= high, key, f"must be <= {high}{why_high}, got {show(value)}")
+
+    for key in ("name", "baseline", "parent"):
         value = getattr(cfg, key)
-        need(value is None or bool(NAME_RE.match(value)), key, f"{value!r} is not a run name (letters, digits, '.', '_', '-')")
-    need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    need(cfg.model.num_classes >= 2, "model.num_classes", f"must be >= 2, got {cfg.model.num_classes}")
+        if value is not None:
+            need(bool(NAME_RE.match(value)) and len(value) <= MAX_NAME and value not in (".", ".."), key,
+                 f"run name {show(value)} must be letters, digits, '.', '_' or '-', not starting with '.', "
+                 f"at most {MAX_NAME} characters (it names a folder under runs/)")
+        if key != "name":
+            need(value != cfg.name, key, f"names this run itself ({cfg.name!r}); {key}: names another run")
+    within(cfg.seed, "seed", 0, MAX_SEED, why_high=" (2**32 - 1: numpy and random take 32-bit seeds)")
+    for key in ("no", "group"):
+        value = getattr(cfg, key)
+        if value is not None:
+            within(value, key, 0, MAX_ROW)
+    within(cfg.model.num_classes, "model.num_classes", 2, MAX_CLASSES)
     d = cfg.data
-    need(d.image_size >= 1, "data.image_size", f"must be >= 1, got {d.image_size}")
-    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
-    need(d.test_batch_size >= 1, "data.test_batch_size", f"must be >= 1, got {d.test_batch_size}")
+    within(d.image_size, "data.image_size", 1, MAX_IMAGE_SIZE)
+    within(d.batch_size, "data.batch_size", 1, MAX_BATCH)
+    within(d.test_batch_size, "data.test_batch_size", 1, MAX_BATCH)
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
-        need(value is None or value >= 1, f"data.{key}", f"must be >= 1 or null, got {value}")
-    need(d.synthetic_size >= 8, "data.synthetic_size", f"must be >= 8, got {d.synthetic_size}")
+        if value is not None:
+            within(value, f"data.{key}", 1, MAX_SUBSET, why_low=" or null", why_high=" or null (every image)")
+    within(d.synthetic_size, "data.synthetic_size", 8, MAX_IMAGE_SIZE)
     t = cfg.train
-    need(t.epochs >= 0, "train.epochs", f"must be >= 0, got {t.epochs}")
+    within(t.epochs, "train.epochs", 0, MAX_EPOCHS)
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
-    need(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
+    within(t.warmup_epochs, "train.warmup_epochs", 0, MAX_EPOCHS)
     if cfg.decompose is not None:
-        _validate_decompose(cfg.decompose, need)
+        _validate_decompose(cfg.decompose, need, within)
         need(cfg.baseline is not None or cfg.parent is not None, "baseline",
              "a run with decompose: needs baseline: (the run that trains the original model)")
     need(cfg.parent is None or cfg.baseline is not None, "baseline", "a run with parent: also needs baseline:")
     for i, stage in enumerate(cfg.finetune):
         key = f"finetune.{i}"
-        need(stage.epochs >= 0, f"{key}.epochs", f"must be >= 0, got {stage.epochs}")
+        within(stage.epochs, f"{key}.epochs", 0, MAX_EPOCHS)
         need(stage.l2 >= 0 and stage.ce >= 0, key, f"loss weights must be >= 0, got l2={stage.l2}, ce={stage.ce}")
         need(stage.l2 > 0 or stage.ce > 0, key, "a stage needs l2 > 0 or ce > 0")
         need(stage.lr > 0, f"{key}.lr", f"must be > 0, got {stage.lr}")
         need(stage.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {stage.weight_decay}")
         need(len(stage.betas) == 2 and all(0 <= b < 1 for b in stage.betas), f"{key}.betas",
-             f"must be two numbers in [0, 1), got {stage.betas}")
+             f"must be two numbers in [0, 1), got {show(stage.betas)}")
     need(not cfg.finetune or cfg.decompose is not None or cfg.parent is not None, "finetune",
          "fine-tuning needs an expanded model: add decompose: or parent:")
     p = cfg.profile
-    need(len(p.input_size) == 3 and all(s >= 1 for s in p.input_size), "profile.input_size",
-         f"must be [channels, height, width] of positive integers, got {p.input_size}")
-    need(p.batch >= 1, "profile.batch", f"must be >= 1, got {p.batch}")
-    need(p.threads is None or p.threads >= 1, "profile.threads", f"must be >= 1 or null, got {p.threads}")
-    need(p.repeats >= 5, "profile.repeats", f"must be >= 5 (a median needs several runs), got {p.repeats}")
-    need(p.warmup >= 0, "profile.warmup", f"must be >= 0, got {p.warmup}")
+    need(len(p.input_size) == 3, "profile.input_size",
+         f"must be [channels, height, width] of positive integers, got {show(p.input_size)}")
+    for i, (size, top) in enumerate(zip(p.input_size, (MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_IMAGE_SIZE))):
+        within(size, f"profile.input_size.{i}", 1, top)
+    within(p.batch, "profile.batch", 1, MAX_BATCH)
+    if p.threads is not None:
+        within(p.threads, "profile.threads", 1, 1024, why_low=" or null")
+    within(p.repeats, "profile.repeats", 5, 10_000, why_low=" (a median needs several runs)")
+    within(p.warmup, "profile.warmup", 0, 1000)
 
 
-def _validate_decompose(settings: DecomposeConfig, need) -> None:
+def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
     need(len(settings.layers) >= 1, "decompose.layers", "must list at least one layer")
-    need(len(set(map(str, settings.layers))) == len(settings.layers), "decompose.layers", f"lists a layer twice: {settings.layers}")
+    need(len(set(map(str, settings.layers))) == len(settings.layers), "decompose.layers",
+         f"lists a layer twice: {show(settings.layers)}")
     for i, layer in enumerate(settings.layers):
-        need(not isinstance(layer, int) or layer >= 1, f"decompose.layers.{i}", f"layer indices start at 1, got {layer}")
+        if isinstance(layer, int):
+            within(layer, f"decompose.layers.{i}", 1, MAX_LAYER, why_low=" (layer indices start at 1)")
     if settings.bases == "auto":
         try:
             check_target(settings.target)
@@ -421,11 +365,45 @@ def _validate_decompose(settings: DecomposeConfig, need) -> None:
         need(settings.target is None, "decompose.target", "target: goes with bases: auto")
         need(len(settings.bases) == len(settings.layers), "decompose.bases",
              f"has {len(settings.bases)} entries but decompose.layers has {len(settings.layers)}")
-        # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything runs.
+        # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything
+        # runs; only a rank no conv can have is refused here.
+        for i, rank in enumerate(settings.bases):
+            need(rank <= MAX_RANK, f"decompose.bases.{i}", f"must be <= {MAX_RANK}, got {show(rank)}")
     need(not (settings.decomposed and settings.scheme == "v2"), "decompose.decomposed",
          "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
     need(settings.order == "vh" or settings.scheme == "v2", "decompose.order",
          f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
+    try:
+        check_method_options(settings.method, settings.options)
+    except UserError as err:
+        need(False, err.key, err.message)
+
+
+def check_method_options(method: str, options: dict) -> None:
+    """Refuse, with a UserError keyed ``decompose.options[.name]``, options that ``method`` does not take
+    (see :data:`METHOD_OPTIONS`) or values it cannot use: numbers (``lam_start`` may be null),
+    ``lam``, ``lam_start``, ``tol`` >= 0, ``lam_growth`` >= 1, ``iterations`` an integer in 0..100000."""
+    allowed = METHOD_OPTIONS[method]
+    if options and not allowed:
+        others = ", ".join(f"{m} ({', '.join(names)})" for m, names in METHOD_OPTIONS.items() if names)
+        raise UserError(f"method {method} takes no options, got {show(sorted(map(str, options)))}; "
+                        f"methods with options: {others}", key="decompose.options")
+    for name, value in options.items():
+        key = f"decompose.options.{key_text(name)}"
+        if name not in allowed:
+            raise UserError(f"unknown option {show(name)} of method {method}; allowed: {', '.join(allowed)}", key=key)
+        if name == "lam_start" and value is None:
+            continue
+        if name == "iterations" and not (_is_number(value) and isinstance(value, int) and 0 <= value <= MAX_ITERATIONS):
+            raise UserError(f"must be an integer in 0..{MAX_ITERATIONS}, got {show(value)}", key=key)
+        if not _finite(value):
+            null = " or null" if name == "lam_start" else ""
+            raise UserError(f"must be a finite number{null}, got {show(value)}", key=key)
+        low = 1 if name == "lam_growth" else 0
+        if value < low:
+            raise UserError(f"must be >= {low}, got {show(value)}", key=key)
+    if options.get("lam", 0) > 0 and options.get("lam_start", 1) == 0:
+        raise UserError("must be > 0 when lam > 0 (it grows geometrically towards lam)", key="decompose.options.lam_start")
 
 
 TARGETS = ("speedup", "macs")
@@ -437,14 +415,14 @@ def check_target(target) -> tuple[str, float]:
     target, for configs (``decompose.target``) and :func:`lrx.ranks.plan_ranks` alike."""
     if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGETS:
         raise UserError(f"a target {{speedup: X}} (theoretical speedup of the replaced layers, X > 1) or "
-                        f"{{macs: F}} (fraction of the whole model's MACs to keep, 0 < F < 1), got {target!r}",
+                        f"{{macs: F}} (fraction of the whole model's MACs to keep, 0 < F < 1), got {show(target)}",
                         key="decompose.target")
     kind, value = next(iter(target.items()))
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    number = _finite(value)
     if kind == "speedup" and not (number and value > 1):
-        raise UserError(f"must be a number > 1, got {value!r}", key="decompose.target.speedup")
+        raise UserError(f"must be a number > 1, got {show(value)}", key="decompose.target.speedup")
     if kind == "macs" and not (number and 0 < value < 1):
-        raise UserError(f"must be a fraction in (0, 1), got {value!r}", key="decompose.target.macs")
+        raise UserError(f"must be a fraction in (0, 1), got {show(value)}", key="decompose.target.macs")
     return kind, float(value)
 
 

@@ -24,6 +24,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .config import check_method_options
 from .errors import UserError
 
 SCHEMES = ("v1", "v2")
@@ -259,14 +260,8 @@ def scheme1_alternating(
     """
     _check_weight(weight)
     check_rank(rank, tuple(weight.shape), "v1", basis)  # checks the basis too
-    if lam < 0 or (lam_start is not None and lam_start < 0):
-        raise UserError(f"lam must be >= 0, got lam={lam}, lam_start={lam_start}")
-    if lam_growth < 1:
-        raise UserError(f"lam_growth must be >= 1, got {lam_growth}")
-    if lam > 0 and lam_start == 0:
-        raise UserError("lam_start must be > 0 when lam > 0 (it grows geometrically towards lam)")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise UserError(f"iterations must be an integer >= 0, got {iterations!r}")
+    check_method_options("alternating", dict(lam=lam, lam_start=lam_start, lam_growth=lam_growth,
+                                             iterations=iterations, tol=tol))
     return _block_descent(weight, rank, basis, lam, lam_start, lam_growth, iterations, tol)
 
 
@@ -326,15 +321,9 @@ def _block_descent(weight, rank, basis, lam, lam_start, lam_growth, iterations, 
 def scheme1(weight: Tensor, rank: int, basis: str = "shared", method: str = "svd", **options) -> Scheme1Factors:
     """Scheme 1 factors by ``method`` ("svd" or "alternating"); ``options`` go to the alternating method."""
     check_choice(method, METHODS, "method")
+    check_method_options(method, options)
     if method == "svd":
-        if options:
-            raise UserError(f"method 'svd' takes no options, got {', '.join(sorted(options))}; "
-                            f"options of 'alternating': {', '.join(ALTERNATING_DEFAULTS)}")
         return scheme1_svd(weight, rank, basis)
-    unknown = sorted(set(options) - set(ALTERNATING_DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for method 'alternating'; "
-                        f"allowed: {', '.join(ALTERNATING_DEFAULTS)}")
     return scheme1_alternating(weight, rank, basis, **options)
 
 

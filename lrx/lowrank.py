@@ -18,6 +18,7 @@ from torch import nn
 
 from .decomposition import (BASES, METHODS, ORDERS, SCHEMES, check_choice, check_rank, energy_first_sv,
                             expanded_macs, max_rank, original_macs, scheme1)
+from .config import check_method_options
 from .errors import UserError
 from .layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
 from .models import conv_layers
@@ -164,8 +165,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     for (index, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, layer_label(index, name))
         check_rank(rank, conv, scheme, basis, order, layer_label(index, name))
-    if method == "svd" and method_options:
-        raise UserError(f"method 'svd' takes no options, got {', '.join(sorted(method_options))}")
+    check_method_options(method, method_options)
 
     names = [name for _, name, _ in chosen]
     sizes = conv_sizes(model, names, input_size)

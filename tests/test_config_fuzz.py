@@ -57,3 +57,22 @@ def test_any_text_file_is_handled(tmp_path_factory, text):
         load_config(path)
     except UserError as err:
         assert "\n" not in str(err)
+
+
+KEY_PARTS = st.one_of(st.sampled_from(["train", "epochs", "finetune", "decompose", "options", "bases", "layers",
+                                       "profile", "input_size", "seed", "lam", "x", ""]),
+                      st.integers(0, 10**12).map(str))
+dotted_keys = st.lists(KEY_PARTS, min_size=1, max_size=6).map(".".join)
+override_values = st.one_of(st.text(max_size=20), st.sampled_from(["[1, 2]", "{a: 1}", "&a [*a]", "10" * 300,
+                                                                   "[[[[[[[[", "null", "-1", "1e999"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dotted=dotted_keys, value=override_values)
+def test_any_override_applies_or_raises_a_user_error(tiny_configs, dotted, value):
+    try:
+        cfg = load_config(tiny_configs / "t03.yaml", [f"{dotted}={value}"])
+    except UserError as err:
+        assert "\n" not in str(err) and len(str(err)) < 600, f"one short line: {str(err)[:300]}"
+        return
+    assert isinstance(cfg, Config), f"--set {dotted}={value} loads a Config"
