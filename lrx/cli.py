@@ -11,12 +11,14 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
 from rich.console import Console
 
+from . import __version__
 from .config import load_config
 from .errors import TrainingDiverged, UserError
-from .plot import plot_pareto
+from .plot import plot_pareto, skipped
 from .preview import print_preview, save_bases_picture
 from .rundir import RunDir
 from .runs import configs_to_run, run_with_dependencies
@@ -25,16 +27,40 @@ from .table import collect_rows, render
 
 app = typer.Typer(
     help="lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys.",
+    epilog="Examples:\n\n\b\n"  # \b: click keeps the lines below as they are
+           "  lrx run configs/exp04.yaml                   # runs the baseline and expansion it builds on first\n"
+           "  lrx run configs/quick/exp1*.yaml --runs-dir runs/quick\n"
+           "  lrx decompose configs/exp11.yaml --dry-run   # ranks, MACs, retained energy; writes nothing\n"
+           "  lrx profile configs/exp11.yaml --force       # redo the profile stage only\n"
+           "  lrx table runs/ > RESULTS.md",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags show as flags, not "<bool>"
 )
 
-ConfigArg = typer.Argument(..., help="Experiment YAML, e.g. configs/exp04.yaml.", show_default=False)
-RunsDir = typer.Option("runs", "--runs-dir", help="Folder holding one run directory per experiment.")
-DataRoot = typer.Option(None, "--data-root", help="Dataset folder (overrides data.root and LRX_DATA).")
-Overrides = typer.Option(None, "--set", help="Dotted override, repeatable: --set finetune.0.epochs=2.")
-Force = typer.Option(False, "--force", help="Redo every stage, even those that are up to date.")
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"lrx {__version__}, torch {torch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print lrx's and torch's versions and exit.")) -> None:
+    """lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys."""
+
+
+ConfigArg = typer.Argument(..., help="Experiment YAML, e.g. configs/exp04.yaml.", show_default=False,
+                           metavar="CONFIG")
+RunsDir = typer.Option("runs", "--runs-dir", help="Folder holding one run directory per experiment.", metavar="DIR")
+DataRoot = typer.Option(None, "--data-root", help="Dataset folder (overrides data.root and LRX_DATA).", metavar="DIR")
+Overrides = typer.Option(None, "--set", help="Dotted override, repeatable: --set finetune.0.epochs=2.",
+                         metavar="KEY=VALUE")
+Force = typer.Option(False, "--force", help="Redo this command's stage even if it is up to date (earlier stages "
+                                            "are redone only if their settings changed).")
+ForceAll = typer.Option(False, "--force", help="Redo every stage of the run, even those that are up to date "
+                                               "(never the runs it builds on).")
 NoDeps = typer.Option(False, "--no-deps", help="Fail instead of first running the runs this one builds on.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars or messages; the log file still gets them.")
 
@@ -79,21 +105,23 @@ def user_errors(command):
 
 
 def _echo(message: str) -> None:
-    Console(stderr=True, highlight=False).print(message, markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)  # never wrap mid-phrase
 
 
 def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet):
+    """Run ``config`` up to stage ``until``; ``force`` redoes that stage (every stage when ``until`` is None)."""
     cfg = load_config(config, overrides or ())
-    return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force,
-                                 no_deps=no_deps, echo=_echo)
+    return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force and until is None,
+                                 redo=until if force else None, no_deps=no_deps, echo=_echo)
 
 
 @app.command()
 @user_errors
 def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. configs/exp04.yaml; run in order.",
+                                             metavar="CONFIG...",
                                              show_default=False),
         runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
-        set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
+        set_: Optional[List[str]] = Overrides, force: bool = ForceAll, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
     for config in configs:  # every config is validated before the first one starts
         configs_to_run(load_config(config, set_ or ()))
@@ -185,7 +213,10 @@ def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, 
 def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories."),
          output: Path = typer.Option(Path("pareto.png"), "-o", "--output", help="PNG to write.")):
     """Plot acc@1 against MACs and against measured CPU time, one point per run, with the Pareto front."""
-    plot_pareto(collect_rows(runs_dir), output)
+    rows = collect_rows(runs_dir)
+    plot_pareto(rows, output)
+    for line in skipped(rows):
+        typer.echo(f"not drawn: {line}", err=True)
     typer.echo(f"wrote {output}")
 
 

@@ -167,9 +167,11 @@ class Runner:
     """Runs one config's stages in its run directory (the runs it builds on must be finished)."""
 
     def __init__(self, cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
-                 quiet: bool = False, force: bool = False, echo: Echo | None = None):
+                 quiet: bool = False, force: bool = False, echo: Echo | None = None, redo: str | None = None):
         self.cfg, self.runs_dir = cfg, Path(runs_dir)
-        self.quiet, self.force = quiet, force
+        self.quiet = quiet
+        # Redo from this stage on even where up to date: every stage with force, else the stage named by redo.
+        self.redo = stage_names(cfg)[0] if force and stage_names(cfg) else redo
         self.dir = RunDir(self.runs_dir, cfg.name)
         self.echo = echo or (lambda message: None)
         self.device = device_of(cfg)
@@ -193,22 +195,21 @@ class Runner:
                 raise UserError(f"run {name!r} (which {cfg.name} builds on) is not finished in {self.runs_dir}; "
                                 f"run `lrx run {find_config(name, cfg.path)}` first", file=cfg.path)
         hashes = stage_hashes(cfg, deps)
-        metrics = self.dir.read_metrics()
-        distributed.barrier()  # every process has read the same state before rank 0 writes
         self.dir.lock()
         try:
-            if self.force and metrics:
-                metrics = self._retire(metrics, "--force")
+            metrics = self.dir.read_metrics()  # under the lock: a run that just finished is seen finished
+            distributed.barrier()  # every process has read the same state before rank 0 writes
             metrics = self._header(metrics)
             self.dir.write_config(cfg)
-            todo = [n for n in names if self.force or metrics["stages"].get(n, {}).get("hash") != hashes[n]
+            forced = every.index(self.redo) if self.redo in every else len(every)
+            todo = [n for n in names if every.index(n) >= forced or metrics["stages"].get(n, {}).get("hash") != hashes[n]
                     or not stage(n).done(self.context, n)]
             if todo:
                 first = every.index(todo[0])
                 stale = [n for n in every[first:] if n in metrics["stages"]]
-                if stale and not self.force:
-                    metrics = self._retire(metrics, f"settings changed from stage {todo[0]}", keep=every[:first])
-                    metrics = self._header(metrics)
+                if stale:
+                    why = "--force" if first >= forced else f"settings changed from stage {todo[0]}"
+                    metrics = self._header(self._retire(metrics, why, keep=every[:first]))
                 todo = [n for n in names if every.index(n) >= first]
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
@@ -281,10 +282,12 @@ class Runner:
 
 def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,
                           data_root: str | None = None, quiet: bool = False, force: bool = False,
+                          redo: str | None = None,
                           no_deps: bool = False, echo: Echo | None = None) -> dict:
     """Run ``cfg`` up to stage ``until``, first running the runs it builds on that are not finished.
 
-    ``force`` redoes every stage of ``cfg`` (never of the runs it builds on); ``no_deps`` refuses
+    ``force`` redoes every stage of ``cfg`` (never of the runs it builds on), ``redo`` the named stage and
+    those after it up to ``until``; ``no_deps`` refuses
     instead of running an unfinished dependency. Returns ``cfg``'s metrics.json content.
     """
     say = echo or (lambda message: None)
@@ -298,4 +301,4 @@ def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str
         if not quiet:
             say(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
         Runner(dep, runs_dir, data_root, quiet, echo=echo).run()
-    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo).run(until)
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo).run(until)

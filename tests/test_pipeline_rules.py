@@ -224,3 +224,35 @@ def test_a_filesystem_refusal_is_one_line(tiny_configs, tmp_path):
     result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(not_a_folder), "--quiet"])
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
     assert len(result.output.strip().splitlines()) == 1 and "runs" in result.output, result.output
+
+
+def test_force_on_a_stage_command_redoes_that_stage_only(tiny_configs, tmp_path):
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet"]).exit_code == 0
+    before = json.loads((runs / "t01" / "metrics.json").read_text())["stages"]
+    result = runner.invoke(app, ["profile", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet", "--force"])
+    assert result.exit_code == 0, result.output
+    after = json.loads((runs / "t01" / "metrics.json").read_text())
+    assert after["stages"]["train"] == before["train"], "profile --force must not retrain the baseline"
+    assert after["stages"]["profile"]["wall_s"] != before["profile"]["wall_s"] or \
+        after["replaced"][-1]["why"] == "--force", "the profile stage was redone"
+    assert after["replaced"][-1]["metrics"]["stages"]["profile"] == before["profile"], "the old profile is kept"
+    log = (runs / "t01" / "log.txt").read_text()
+    assert log.count("stage train ...") == 1 and log.count("stage profile ...") == 2, log
+
+
+def test_help_shows_flags_as_flags_and_version_exists():
+    help_text = runner.invoke(app, ["run", "--help"]).output
+    assert "<bool>" not in help_text and "--set KEY=VALUE" in help_text and "CONFIG..." in help_text, help_text
+    assert "Examples:" in runner.invoke(app, ["--help"]).output
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("lrx "), version.output
+
+
+def test_the_summary_is_one_line_when_piped(tiny_configs, tmp_path):
+    long_name = "a_run_whose_name_pushes_the_summary_past_eighty_columns"
+    (tiny_configs / f"{long_name}.yaml").write_text((tiny_configs / "t02.yaml").read_text())
+    result = runner.invoke(app, ["run", str(tiny_configs / f"{long_name}.yaml"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    summary = [line for line in result.output.splitlines() if line.startswith(f"run {long_name}:")]
+    assert len(summary) == 1 and "measured speedup" in summary[0] and len(summary[0]) > 80, result.output[-800:]
