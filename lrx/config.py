@@ -63,6 +63,14 @@ class TrainConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """What ``fit: data`` fits to: the first ``images`` training images of the run's data (epoch 0's order)."""
+    images: int = 512
+    sequential: bool = True  # each layer's input from the model whose earlier layers are already expanded
+    iterations: int = 20  # alternating least-squares sweeps after the closed form
+
+
+@dataclass
 class DecomposeConfig:
     layers: list[Union[int, str]] = field(default_factory=lambda: [2, 3, 4, 5])
     scheme: Literal["v1", "v2"] = "v1"
@@ -73,6 +81,8 @@ class DecomposeConfig:
     decomposed: bool = False
     order: Literal["vh", "hv", "auto"] = "vh"  # scheme v2: which 1-D conv runs first (auto: fewer MACs per layer)
     options: dict[str, Any] = field(default_factory=dict)  # method options (lambda, iterations, ...)
+    fit: Literal["weights", "data"] = "weights"  # to the filters (the seed's), or to outputs (lrx.datafit)
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig())
 
 
 @dataclass
@@ -356,13 +366,18 @@ def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
     for i, layer in enumerate(settings.layers):
         if isinstance(layer, int):
             within(layer, f"decompose.layers.{i}", 1, MAX_LAYER, why_low=" (layer indices start at 1)")
+    need(settings.fit == "weights" or settings.method == "svd", "decompose.method",
+         f"fit: data starts from the SVD and refits to the outputs; method {settings.method!r} fits the weights only")
+    within(settings.calibration.images, "decompose.calibration.images", 1, MAX_SUBSET)
+    within(settings.calibration.iterations, "decompose.calibration.iterations", 0, MAX_ITERATIONS)
     if settings.bases == "auto":
         try:
             check_target(settings.target)
         except UserError as err:
             need(False, err.key, err.message if err.key != "decompose.target" else f"bases: auto needs {err.message}")
     else:
-        need(settings.target is None, "decompose.target", "target: goes with bases: auto")
+        need(settings.target is None, "decompose.target",
+             "target: goes with bases: auto; with explicit ranks set it to null (--set decompose.target=null)")
         need(len(settings.bases) == len(settings.layers), "decompose.bases",
              f"has {len(settings.bases)} entries but decompose.layers has {len(settings.layers)}")
         # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything

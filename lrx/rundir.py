@@ -37,6 +37,7 @@ from .errors import UserError
 from .lowrank import build_expanded
 from .models import build_model
 
+LOCK_PATIENCE_S = 0.5  # how long lock() waits for a lock held only for an instant (a probe) before refusing
 CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
 LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
@@ -171,11 +172,17 @@ class RunDir:
         taken_at = time.time()
         self._make_folder()
         path = self.file(LOCK)
+        busy_since = None
         for _ in range(100):  # each retry means a holder let go between our open and our flock
             fd = self._open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                busy_since = busy_since or time.monotonic()
+                if time.monotonic() - busy_since < LOCK_PATIENCE_S:  # e.g. `lrx table` probing it: wait a moment
+                    os.close(fd)
+                    time.sleep(0.02)
+                    continue
                 owner = _lock_owner(fd)
                 os.close(fd)
                 raise UserError(f"run {self.path} is in use by {owner} (lock file {path}); "
@@ -201,6 +208,23 @@ class RunDir:
             raise UserError(f"cannot take the lock ({_reason(err)})", file=str(path)) from None
         self._lock_fd = fd
         self.remove_orphan_temp_files(older_than=taken_at)
+
+    def in_use(self) -> bool:
+        """Whether a process holds this run's lock now (a run marked "running" whose holder is gone was
+        interrupted). Probes with a shared flock for an instant; :meth:`lock` waits that long."""
+        try:
+            fd = os.open(self.file(LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # closing drops the probe's flock
+        return False
 
     def unlock(self) -> None:
         """Let go of the lock this RunDir holds (nothing to do if it holds none)."""

@@ -124,9 +124,28 @@ def check_against_model(cfg: Config) -> None:
 def configs_to_run(cfg: Config, with_deps: bool = True) -> list[Config]:
     """Every config that running ``cfg`` involves, dependencies first; all checked before anything runs."""
     configs = (dependencies(cfg) if with_deps else []) + [cfg]
+    by_name = {c.name: c for c in configs}
     for c in configs:
         check_against_model(c)
+        for key in ("baseline", "parent"):
+            if getattr(c, key) in by_name:
+                check_shared_settings(c, key, by_name[getattr(c, key)])
     return configs
+
+
+# A run and the run it builds on must agree on these: its model file is loaded as this model, and its
+# accuracy is this run's "before".
+SHARED = ("model.name", "model.num_classes", "data.name", "data.image_size")
+
+
+def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
+    """Refuse ``cfg`` when it differs from the run it builds on (``key``: baseline or parent) in :data:`SHARED`."""
+    for dotted in SHARED:
+        section, name = dotted.split(".")
+        mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(other, section), name)
+        if mine != theirs:
+            raise UserError(f"is {mine!r} but the {key} run {other.name!r} ({other.path}) has {dotted}: {theirs!r}; "
+                            f"a run and the run it builds on share {', '.join(SHARED)}", file=cfg.path, key=dotted)
 
 
 # ---------------------------------------------------------------- stage hashes
@@ -142,6 +161,8 @@ def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
             own = asdict(cfg.train)
         elif name == "decompose":
             own = asdict(cfg.decompose)
+            if own["fit"] == "weights":  # calibration is unused; runs made before fit: existed keep their hash
+                del own["fit"], own["calibration"]
         elif name.startswith("finetune."):
             own = asdict(cfg.finetune[int(name.split(".")[1])])
         else:
@@ -250,6 +271,9 @@ class Runner:
         metrics.update(summarise(metrics, inherited))
         self.dir.write_metrics(metrics)
         distributed.barrier()  # the next stage checks its model file against this record, on every process
+        ckpt = self.dir.checkpoint_path(name)
+        if ckpt is not None and distributed.is_main():  # resuming is over: the model file holds the result
+            ckpt.unlink(missing_ok=True)
         self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
 
     def _header(self, metrics: dict) -> dict:

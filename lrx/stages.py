@@ -18,6 +18,7 @@ from torch import nn
 from . import distributed
 from .config import Config
 from .data import load_data
+from .datafit import expand_to_data
 from .errors import UserError
 from .finetune import l2_norm, run_stage
 from .lowrank import expand
@@ -172,7 +173,11 @@ class Decompose(ModelStage):
         cfg, settings = ctx.cfg, ctx.cfg.decompose
         original = ctx.original()
         start, _, _ = ctx.previous_model(name)
-        expanded, report = expand_model(start, cfg)
+        train, _ = ctx.data()
+        if settings.fit == "data":
+            start.to(ctx.device)
+            train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
+        expanded, report = expand_model(start, cfg, batches=train)
         expanded.to(ctx.device)
         names = [layer["name"] for layer in report["layers"]]
         ctx.save_model(name, expanded, report["spec"], names)
@@ -181,16 +186,20 @@ class Decompose(ModelStage):
         result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
                   "l2": l2_norm(expanded, original, names, test), "report": report["layers"],
                   "layers": settings.layers, "names": names, "bases": report["ranks"], "scheme": settings.scheme,
-                  "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed}
-        if "plan" in report:
-            result["plan"] = report["plan"]
+                  "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
+                  "fit": settings.fit}
+        for key in ("plan", "fit_data"):
+            if key in report:
+                result[key] = report[key]
         ctx.say(f"acc@1 {result['acc1_original']:.2f} -> {result['acc1']:.2f} after decomposition, "
                 f"L2 norm {result['l2']:.1f}")
         return result
 
 
-def expand_model(model: nn.Module, cfg: Config, input_size=None) -> tuple[nn.Module, dict]:
-    """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target."""
+def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None) -> tuple[nn.Module, dict]:
+    """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target (by
+    filter energy). With ``fit: data`` and calibration ``batches`` the factors are then fitted to the layers'
+    outputs (:func:`lrx.datafit.expand_to_data`); without batches (a dry run) the weights fit is shown."""
     settings = cfg.decompose
     input_size = tuple(input_size or cfg.profile.input_size)
     rank_plan = None
@@ -200,9 +209,18 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None) -> tuple[nn.Mod
             rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
                                    basis=settings.basis, decomposed=settings.decomposed)
             ranks = rank_plan["ranks"]
-        expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, ranks=ranks,
-                                  basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
-                                  input_size=input_size, order=settings.order, **settings.options)
+        if settings.fit == "data" and batches is not None:
+            calibration = settings.calibration
+            expanded, report = expand_to_data(model, settings.layers, settings.scheme, ranks, batches,
+                                              images=calibration.images, sequential=calibration.sequential,
+                                              basis=settings.basis, decomposed=settings.decomposed,
+                                              order=settings.order, input_size=input_size,
+                                              iterations=calibration.iterations)
+            report["fit_data"] = report.pop("fit")
+        else:
+            expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, ranks=ranks,
+                                      basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
+                                      input_size=input_size, order=settings.order, **settings.options)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
     except TypeError as err:  # an unknown method option
@@ -214,10 +232,15 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None) -> tuple[nn.Mod
 
 
 def report_text(report: dict) -> str:
-    lines = ["layer                 rank  max   rel.error  MACs ratio"]
+    data = "fit_data" in report
+    lines = ["layer                 rank  max   rel.error  MACs ratio" + ("  output error: weights fit -> data fit"
+                                                                          if data else "")]
     for layer in report["layers"]:
-        lines.append(f"{layer['name']:<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
-                     f"{layer['mac_ratio']:.2f}x")
+        line = (f"{layer['name']:<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
+                f"{layer['mac_ratio']:.2f}x")
+        if data:
+            line += f"       {layer['output_error_weights']:.4f} -> {layer['output_error']:.4f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

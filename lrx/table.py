@@ -21,6 +21,7 @@ import yaml
 
 from .checkpoint import load_json, read_text_limited
 from .errors import UserError
+from .rundir import RunDir
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
@@ -123,6 +124,8 @@ def _read_run(folder: Path) -> dict | None:
     for key in ("name", "no", "group", "remark", "parent"):  # shown or compared: plain values only
         if key in row:
             row[key] = _scalar(row[key])
+    if status == "running" and not RunDir(folder.parent, folder.name).in_use():
+        status, error = "interrupted", "marked running, but no process holds its lock: stopped before it finished"
     row["name"] = str(row.get("name") or folder.name)
     row["dir"] = str(folder)
     row["status"] = status

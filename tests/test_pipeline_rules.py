@@ -256,3 +256,50 @@ def test_the_summary_is_one_line_when_piped(tiny_configs, tmp_path):
     assert result.exit_code == 0, result.output
     summary = [line for line in result.output.splitlines() if line.startswith(f"run {long_name}:")]
     assert len(summary) == 1 and "measured speedup" in summary[0] and len(summary[0]) > 80, result.output[-800:]
+
+
+@pytest.mark.parametrize("patch,key", [({"model": {"num_classes": 100}}, "model.num_classes"),
+                                       ({"data": {"image_size": 32}}, "data.image_size"),
+                                       ({"model": {"name": "vgg11"}, "data": {"image_size": 32},
+                                         "profile": {"input_size": [3, 32, 32]}}, "model.name")])
+def test_a_run_that_differs_from_its_baseline_is_refused_before_anything_is_written(tiny_configs, tmp_path,
+                                                                                      patch, key):
+    path = write_yaml(tiny_configs / "child.yaml", {"extends": "base.yaml", "baseline": "t01",
+                                                    "decompose": {"layers": [2], "bases": [2]}, **patch})
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2, result.output
+    line, = result.output.strip().splitlines()
+    assert str(path) in line and key in line and "t01.yaml" in line, f"names both files and the key: {line}"
+    assert not runs.exists(), "nothing written"
+
+
+def test_a_finished_stage_leaves_no_per_epoch_checkpoint(expansion_run):
+    _, runs = expansion_run
+    left = sorted(p.name for p in runs.rglob("*.ckpt"))
+    assert not left, f"per-epoch checkpoints of finished stages are disk nobody needs: {left}"
+    assert (runs / "t01" / "model.pt").exists() and (runs / "t04" / "stage0.pt").exists(), "the models stay"
+
+
+def test_fit_data_runs_as_a_stage_and_beats_the_weights_fit_on_outputs(tiny_configs, tmp_path):
+    write_yaml(tiny_configs / "t06.yaml", {"extends": "base.yaml", "baseline": "t01", "profile": {"enabled": False},
+                                           "decompose": {"layers": [2, 3], "scheme": "v2", "bases": [2, 3],
+                                                         "fit": "data", "calibration": {"images": 64,
+                                                                                        "iterations": 3}}})
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(tiny_configs / "t06.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((runs / "t06" / "metrics.json").read_text())["stages"]["decompose"]
+    assert stage["fit"] == "data" and stage["fit_data"]["images"] == 64, stage.get("fit_data")
+    for row in stage["report"]:
+        assert row["output_error"] <= row["output_error_weights"] + 1e-9, f"{row['name']}: data fit is no worse"
+    weights = load_config(tiny_configs / "t06.yaml", ["decompose.fit=weights"])
+    assert weights.decompose.fit == "weights"
+
+
+def test_fit_data_with_the_alternating_method_is_refused(tiny_configs, tmp_path):
+    path = write_yaml(tiny_configs / "bad.yaml", {"extends": "base.yaml", "baseline": "t01",
+                                                  "decompose": {"layers": [2], "bases": [2], "fit": "data",
+                                                                "method": "alternating"}})
+    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 2 and "decompose.method" in result.output, result.output

@@ -119,7 +119,8 @@ def test_remarks_in_the_seeds_style(seed_runs):
 
 def test_unfinished_and_broken_runs_are_rows(seed_runs):
     rows = {cells_of(line)[0]: cells_of(line) for line in table_lines(seed_runs)[2:] if line != "|"}
-    assert rows["6"][6] == "-" and rows["6"][11].startswith("[running]"), f"a running run shows its state: {rows['6']}"
+    assert rows["6"][6] == "-" and rows["6"][11].startswith("[interrupted"), \
+        f"a run marked running whose lock nobody holds was stopped: {rows['6']}"
     assert rows["7"][1:6] == ["2,3,4,5", "8,8,6,4", "Y", "1.0x20", "0.0"], \
         f"a run with config.yaml only shows what it is configured to be: {rows['7']}"
     assert rows["7"][11] == "[not run: no metrics.json] planned", f"and that it has not run: {rows['7'][11]!r}"
@@ -231,3 +232,15 @@ def test_hostile_field_values_do_not_break_the_table(tmp_path):
         assert len(text) < 10_000, f"{fmt}: hostile values are not printed whole ({len(text)} characters)"
     names = sorted(row["name"] for row in rows)
     assert names == ["big", "hostile"], f"a name that is not text falls back to the folder's: {names}"
+
+
+def test_a_run_whose_lock_is_held_shows_as_running(seed_runs):
+    from lrx.rundir import RunDir
+
+    holder = RunDir(seed_runs, "u_running")
+    holder.lock()
+    try:
+        rows = {cells_of(line)[0]: cells_of(line) for line in table_lines(seed_runs)[2:] if line != "|"}
+    finally:
+        holder.unlock()
+    assert rows["6"][11].startswith("[running]"), f"a run with a live lock holder is running: {rows['6']}"
