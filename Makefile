@@ -60,6 +60,7 @@ results: install
 bench: install
 	$(BIN)/python benchmarks/layer_speed.py
 	$(BIN)/python benchmarks/finetune_speed.py
+	$(BIN)/python benchmarks/datafit_speed.py
 
 clean:
 	rm -rf $(VENV) runs/quick

@@ -73,22 +73,28 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None
         tmp = None
         _fsync_dir(path.parent)
     except OSError as err:
-        raise UserError(f"cannot write ({_reason(err)}); the previous file, if any, is kept", file=str(path)) from err
+        raise UserError(f"cannot write ({os_reason(err)}); the previous file, if any, is kept", file=str(path)) from err
     except RuntimeError as err:  # torch.save's report of a failed write; find the OS's reason
         cause = _os_cause(err, recorder, path.parent)
         if cause is None:
             raise
-        raise UserError(f"cannot write ({_reason(cause)}); the previous file, if any, is kept",
+        raise UserError(f"cannot write ({os_reason(cause)}); the previous file, if any, is kept",
                         file=str(path)) from cause
     finally:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            unlink_quietly(tmp)
 
 
-def _reason(err: OSError) -> str:
+def unlink_quietly(path) -> None:
+    """Remove ``path`` if it is there; a failure to remove is not worth a second error."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def os_reason(err: OSError) -> str:
+    """The OS's words for ``err`` (e.g. "No space left on device"), for one-line messages."""
     return err.strerror or str(err) or type(err).__name__
 
 
@@ -175,7 +181,7 @@ def read_text_limited(path: str | os.PathLike, limit: int = READ_LIMIT) -> str:
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise UserError(f"cannot read it ({_reason(err)})", file=str(path)) from None
+        raise UserError(f"cannot read it ({os_reason(err)})", file=str(path)) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -192,7 +198,7 @@ def read_text_limited(path: str | os.PathLike, limit: int = READ_LIMIT) -> str:
             size += len(chunk)
         data = b"".join(chunks)
     except OSError as err:
-        raise UserError(f"cannot read it ({_reason(err)})", file=str(path)) from None
+        raise UserError(f"cannot read it ({os_reason(err)})", file=str(path)) from None
     finally:
         os.close(fd)
     if len(data) > limit:

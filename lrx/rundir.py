@@ -31,7 +31,8 @@ import yaml
 from torch import nn
 
 from . import __version__, distributed
-from .checkpoint import is_temp_file, load_checkpoint, load_json, save_atomic, write_json_atomic, write_text_atomic
+from .checkpoint import (is_temp_file, load_checkpoint, load_json, os_reason, save_atomic, unlink_quietly,
+                         write_json_atomic, write_text_atomic)
 from .config import Config
 from .errors import UserError
 from .lowrank import build_expanded
@@ -128,7 +129,7 @@ class RunDir:
             with open(self.file(LOG), "a", encoding="utf-8") as fh:
                 fh.write(f"{stamp} {message}\n")
         except OSError as err:
-            raise UserError(f"cannot write ({_reason(err)})", file=str(self.file(LOG))) from None
+            raise UserError(f"cannot write ({os_reason(err)})", file=str(self.file(LOG))) from None
 
     def write_config(self, cfg: Config) -> None:
         if not distributed.is_main():
@@ -189,7 +190,7 @@ class RunDir:
                                 "wait for it to finish or stop it") from None
             except OSError as err:  # e.g. ENOLCK: a file system without locks
                 os.close(fd)
-                raise UserError(f"cannot lock it ({_reason(err)})", file=str(path)) from None
+                raise UserError(f"cannot lock it ({os_reason(err)})", file=str(path)) from None
             if _names(path, fd):
                 break
             os.close(fd)
@@ -203,9 +204,9 @@ class RunDir:
             if os.pwrite(fd, data, 0) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as err:  # a full disk: leave no lock file behind (we hold its flock, so removing is safe)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             os.close(fd)
-            raise UserError(f"cannot take the lock ({_reason(err)})", file=str(path)) from None
+            raise UserError(f"cannot take the lock ({os_reason(err)})", file=str(path)) from None
         self._lock_fd = fd
         self.remove_orphan_temp_files(older_than=taken_at)
 
@@ -234,7 +235,7 @@ class RunDir:
         path = self.file(LOCK)
         try:
             if _names(path, fd):
-                _unlink_quietly(path)  # while holding the flock: see the comment above lock()
+                unlink_quietly(path)  # while holding the flock: see the comment above lock()
         finally:
             os.close(fd)
 
@@ -277,7 +278,7 @@ class RunDir:
         try:  # O_NOFOLLOW: a symlink planted as .lock is refused, not followed to wherever it points
             return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
-            raise UserError(f"cannot open the lock file ({_reason(err)})", file=str(path)) from None
+            raise UserError(f"cannot open the lock file ({os_reason(err)})", file=str(path)) from None
 
 
 def _names(path: Path, fd: int) -> bool:
@@ -313,20 +314,9 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _reason(err: OSError) -> str:
-    return err.strerror or str(err) or type(err).__name__
-
-
 def _folder_trouble(err: OSError, *folders: Path) -> str:
     """The OS's reason, and which of ``folders`` is in the way when one is a file or a dangling symlink."""
-    reason = _reason(err)
+    reason = os_reason(err)
     for folder in folders:
         try:
             if folder.is_symlink() and not folder.exists():
