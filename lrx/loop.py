@@ -258,7 +258,7 @@ def load_weights(model: nn.Module, state: dict, path) -> None:
     try:
         distributed.unwrap(model).load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as err:
-        first = " ".join(str(err).split())[:200]
+        first = " ".join(str(err).split())[:400]  # room for both shapes of a size mismatch
         raise UserError(f"the checkpoint does not fit the model ({first}); delete it to start over", file=str(path)) from None
 
 

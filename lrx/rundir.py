@@ -38,6 +38,9 @@ from .errors import UserError
 from .lowrank import build_expanded
 from .models import build_model
 
+# The advice for a model file that is not what it should be: it belongs to run {run}, which --force on
+# another run (one that builds on it) never redoes.
+_REBUILD = "lrx run <the config of run {run!r}> --force"
 LOCK_PATIENCE_S = 0.5  # how long lock() waits for a lock held only for an instant (a probe) before refusing
 CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
@@ -112,7 +115,7 @@ class RunDir:
             return {}
         except UserError as err:
             raise UserError(f"{err.message}; {MOVE_AWAY}", file=err.file) from None
-        problem = _metrics_problem(metrics)
+        problem = metrics_problem(metrics)
         if problem:
             raise UserError(f"damaged: {problem}; {MOVE_AWAY}", file=str(path))
         return metrics
@@ -328,7 +331,7 @@ def _folder_trouble(err: OSError, *folders: Path) -> str:
     return reason
 
 
-def _metrics_problem(metrics) -> str | None:
+def metrics_problem(metrics) -> str | None:
     """What makes ``metrics`` (parsed metrics.json) unlike what lrx writes, or None.
 
     Checked are the keys the runner reads: ``stages`` (name -> record with a string ``hash``),
@@ -374,25 +377,26 @@ def load_model(path: Path, arch: str, num_classes: int) -> tuple[nn.Module, list
     """
     blob = load_checkpoint(path)
     state, spec, layers = blob.get("model"), blob.get("spec"), blob.get("layers")
+    rebuild = f"rebuild it: {_REBUILD.format(run=Path(path).parent.name)}"
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UserError("not an lrx model file: its 'model' entry is missing or not a state dict of tensors; "
-                        "delete it or use --force to rebuild it", file=str(path))
+                        + rebuild, file=str(path))
     if not (spec is None or isinstance(spec, dict)) or not (layers is None or isinstance(layers, list)):
         raise UserError("not an lrx model file: its 'spec' or 'layers' entry has the wrong type; "
-                        "delete it or use --force to rebuild it", file=str(path))
+                        + rebuild, file=str(path))
     if blob.get("arch") != arch or blob.get("num_classes") != num_classes:
         raise UserError(f"{path} holds a {blob.get('arch')} with {blob.get('num_classes')} classes, "
-                        f"but the config asks for {arch} with {num_classes}; use --force to rebuild it")
+                        f"but the config asks for {arch} with {num_classes}; {rebuild}")
     model = build_model(arch, num_classes)
     if spec:
         try:
             model = build_expanded(model, spec)
         except UserError as err:
-            raise UserError(f"its expansion cannot be rebuilt: {err}; delete it or use --force to rebuild it",
+            raise UserError(f"its expansion cannot be rebuilt: {err}; {rebuild}",
                             file=str(path)) from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise UserError(f"its expansion cannot be rebuilt ({type(err).__name__}: {err}); "
-                            "delete it or use --force to rebuild it", file=str(path)) from None
+            raise UserError(f"its expansion cannot be rebuilt ({type(err).__name__}: {err}); {rebuild}",
+                            file=str(path)) from None
     own = model.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:

@@ -235,18 +235,36 @@ class Runner:
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
             inherited = self._inherited()
-            for name in todo:
-                self._run_stage(name, hashes[name], metrics, inherited)
-            complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
-            metrics["status"] = "done" if complete else "partial"
-            metrics.update(summarise(metrics, self._inherited()))
-            metrics.pop("running", None)
-            metrics.pop("error", None)
-            self.dir.write_metrics(metrics)
+            current = None
+            try:
+                for name in todo:
+                    current = f"stage {name}"
+                    self._run_stage(name, hashes[name], metrics, inherited)
+                    current = f"after stage {name}"
+                current = "the end of the run"
+                complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
+                metrics["status"] = "done" if complete else "partial"
+                metrics.update(summarise(metrics, self._inherited()))
+                metrics.pop("running", None)
+                metrics.pop("error", None)
+                self.dir.write_metrics(metrics)
+            except BaseException as err:  # a stage's failure, Ctrl-C or SIGTERM, also between stages
+                if current is not None and metrics.get("status") != "done":
+                    self._stopped(metrics, current, err)
+                raise
             distributed.barrier()  # no process reads this run's results before rank 0 has written them
             return metrics
         finally:
             self.dir.unlock()
+
+    def _stopped(self, metrics: dict, where: str, err: BaseException) -> None:
+        """Record in metrics.json that the run stopped at ``where``: interrupted (resumable) or failed."""
+        interrupted = isinstance(err, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else (str(err) or type(err).__name__)
+        metrics["status"] = "interrupted" if interrupted else "failed"
+        metrics["error"] = f"{where}: {reason}"
+        self.dir.write_metrics(metrics)
+        self.say(f"stopped at {where}: {reason}")
 
     def _run_stage(self, name: str, hash_: str, metrics: dict, inherited: dict) -> None:
         """Run one stage, recording it in ``metrics`` (and on disk) before, after, and if it stops."""
@@ -259,14 +277,7 @@ class Runner:
         self.dir.write_metrics(metrics)
         self.say(f"stage {name} ...")
         start = time.perf_counter()
-        try:
-            result = stage(name).run(self.context, name)
-        except BaseException as err:
-            metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            metrics["error"] = f"stage {name}: {err}"
-            self.dir.write_metrics(metrics)
-            self.say(f"stage {name} stopped: {err}")
-            raise
+        result = stage(name).run(self.context, name)  # if it stops, run() records why
         metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
         metrics.update(summarise(metrics, inherited))
         self.dir.write_metrics(metrics)

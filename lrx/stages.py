@@ -117,17 +117,22 @@ class Context:
         self.run.save_model(stage, model, self.cfg.model.name, self.cfg.model.num_classes, spec, layers)
 
 
+def _redo(path: Path) -> str:
+    """The advice for a model file of run X that does not hold what X recorded: redo X itself."""
+    return f"redo run {path.parent.name!r} with `lrx run <its config> --force`"
+
+
 def check_expansion(path: Path, spec: dict | None, expected: dict | None, source: str) -> None:
     """Refuse a model file whose expansion (``spec``) is not the one ``expected`` (a decompose record of
     metrics.json: scheme, ``bases``, basis, decomposed, and the replaced layers' names where recorded)."""
     if expected is None:
         if spec is not None:
             raise UserError(f"{path} holds an expansion (scheme {spec.get('scheme')}, ranks {spec.get('ranks')}) "
-                            f"where {source} has the plain model; redo the run with --force")
+                            f"where {source} has the plain model; {_redo(path)}")
         return
     if spec is None:
         raise UserError(f"{path} holds a plain model where {source} records an expansion "
-                        f"(ranks {expected.get('bases')}); redo the run with --force")
+                        f"(ranks {expected.get('bases')}); {_redo(path)}")
     held = {"scheme": spec.get("scheme"), "ranks": list(spec.get("ranks") or []),
             "decomposed": bool(spec.get("decomposed"))}
     recorded = {"scheme": expected.get("scheme"), "ranks": list(expected.get("bases") or []),
@@ -140,7 +145,7 @@ def check_expansion(path: Path, spec: dict | None, expected: dict | None, source
     if wrong:
         shown = "; ".join(f"{key} {held[key]} (recorded: {recorded[key]})" for key in wrong)
         raise UserError(f"{path} does not hold the expansion {source} records: {shown}; "
-                        "redo the run with --force")
+                        f"{_redo(path)}")
 
 
 # ---------------------------------------------------------------- stages

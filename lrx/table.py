@@ -21,7 +21,7 @@ import yaml
 
 from .checkpoint import load_json, read_text_limited
 from .errors import UserError
-from .rundir import RunDir
+from .rundir import RunDir, metrics_problem
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
@@ -113,12 +113,14 @@ def _read_run(folder: Path) -> dict | None:
         except UserError as err:
             error = f"metrics.json: {err.message}"
         else:
-            if isinstance(metrics, dict):
+            if not isinstance(metrics, dict):
+                error = f"metrics.json holds {_kind(metrics)}, not an object"
+            elif metrics_problem(metrics):  # the runner's own check: what it refuses, the table shows so
+                error = f"metrics.json: damaged: {metrics_problem(metrics)}"
+            else:
                 row.update(metrics)
                 metrics_keys = set(metrics)
                 status, error = str(_scalar(metrics.get("status")) or "done"), metrics.get("error")
-            else:
-                error = f"metrics.json holds {_kind(metrics)}, not an object"
     if status == NO_METRICS and config_error:
         status, error = UNREADABLE, config_error
     for key in ("name", "no", "group", "remark", "parent"):  # shown or compared: plain values only

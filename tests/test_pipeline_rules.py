@@ -190,6 +190,7 @@ def test_a_parent_model_of_other_ranks_is_refused(expansion_run):
     _swap_in_other_ranks(runs / "t04" / "stage0.pt")
     result = runner.invoke(app, ["run", str(configs / "t05.yaml"), "--runs-dir", str(runs), "--quiet"])
     assert result.exit_code == 2 and "stage0.pt" in result.output and "t04" in result.output, result.output
+    assert "redo run 't04'" in result.output, f"the advice names the run to redo (--force on t05 would not): {result.output}"
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_configs, tmp_path):
@@ -303,3 +304,23 @@ def test_fit_data_with_the_alternating_method_is_refused(tiny_configs, tmp_path)
                                                                 "method": "alternating"}})
     result = runner.invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
     assert result.exit_code == 2 and "decompose.method" in result.output, result.output
+
+
+def test_an_interrupt_between_stages_is_recorded_too(tiny_configs, tmp_path, monkeypatch):
+    from lrx import runs as runs_module
+
+    real_say = runs_module.Runner.say
+
+    def say(self, message):  # SIGTERM arriving right after a stage finished, as the attack found
+        real_say(self, message)
+        if message.startswith("stage train done"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs_module.Runner, "say", say)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 130, result.output
+    metrics = json.loads((runs / "t01" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", f"not left 'running': {metrics['status']}"
+    assert metrics["error"] == "stage train: interrupted (Ctrl-C or SIGTERM)", f"says where and why: {metrics['error']}"
+    assert "train" in metrics["stages"], "the finished stage stays recorded: the same command resumes after it"

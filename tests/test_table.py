@@ -163,6 +163,8 @@ def _huge(path):
 
 DAMAGE = {
     "metrics null": ("metrics.json", "null", "metrics.json holds null, not an object"),
+    "stages a list": ("metrics.json", '{"stages": []}', "metrics.json: damaged: 'stages' is"),
+    "status a number": ("metrics.json", '{"stages": {}, "status": 7}', "metrics.json: damaged:"),
     "metrics list": ("metrics.json", "[]", "metrics.json holds a list, not an object"),
     "metrics deep": ("metrics.json", "[" * 100_000, "metrics.json: not valid JSON: nested too deeply"),
     "metrics huge": ("metrics.json", _huge, "metrics.json: cannot read it: 67108864 bytes"),
