@@ -49,7 +49,10 @@ def _contender(runs, barrier, got, worker, trials):
 
 
 @pytest.mark.parametrize("workers", [2, 4])
-def test_processes_starting_together_never_both_hold_the_lock(tmp_path, workers):
+def test_processes_starting_together_never_both_hold_the_lock(tmp_path, workers, monkeypatch):
+    # No patience: a loser refuses at once (lock() waits LOCK_PATIENCE_S for a probe's instant otherwise,
+    # which would make each of the 200 trials last that long; the holder keeps the lock until all tried).
+    monkeypatch.setattr("lrx.rundir.LOCK_PATIENCE_S", 0.0)
     trials = 200
     barrier = FORK.Barrier(workers, timeout=60)
     got = FORK.Array("i", workers * trials, lock=False)
