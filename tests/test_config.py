@@ -81,6 +81,27 @@ BAD = [
 ]
 
 
+# Mistakes that were found only after the baseline trained (issue 16): now before anything is written.
+BAD += [
+    ("input channels", {"profile": {"input_size": [1, 16, 16]}}, "profile.input_size", "does not run on an input"),
+    ("unreachable target", {"baseline": "t01", "decompose": {"layers": [2, 3], "scheme": "v2", "bases": "auto",
+                                                             "target": {"speedup": 1e6}}},
+     "decompose.target.speedup", "best reachable"),
+    ("depthwise for v1", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
+                          "profile": {"input_size": [3, 32, 32]}, "decompose": {"layers": [2], "bases": [2]}},
+     "decompose.layers.0", "groups=32"),
+    ("depthwise for auto v2", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
+                               "profile": {"input_size": [3, 32, 32]},
+                               "decompose": {"layers": [2], "scheme": "v2", "bases": "auto", "target": {"speedup": 2}}},
+     "decompose.layers.0", "groups=32"),
+    ("1x1 for v2", {"baseline": "t01", "model": {"name": "resnet18"}, "data": {"image_size": 32},
+                    "profile": {"input_size": [3, 32, 32]},
+                    "decompose": {"layers": ["layer2.0.downsample.0"], "scheme": "v2", "bases": [2]}},
+     "decompose.layers.0", "1x1 kernel"),
+]
+
+
+
 @pytest.mark.parametrize("label,patch,key,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tiny_configs, tmp_path, label, patch, key, message):
     path = write_yaml(tiny_configs / "bad.yaml", {"extends": "base.yaml", **patch})

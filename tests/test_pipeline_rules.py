@@ -119,36 +119,6 @@ def test_finetune_commands_run_up_to_their_last_stage(tiny_configs, tmp_path):
     assert "t02.yaml" in result.output and not (tmp_path / "runs").exists(), result.output
 
 
-LATE = [  # mistakes that were found only after the baseline trained (issue 16): now before anything is written
-    ("input channels", {"profile": {"input_size": [1, 16, 16]}}, "profile.input_size", "does not run on an input"),
-    ("unreachable target", {"baseline": "t01", "decompose": {"layers": [2, 3], "scheme": "v2", "bases": "auto",
-                                                             "target": {"speedup": 1e6}}},
-     "decompose.target.speedup", "best reachable"),
-    ("depthwise for v1", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
-                          "profile": {"input_size": [3, 32, 32]}, "decompose": {"layers": [2], "bases": [2]}},
-     "decompose.layers.0", "groups=32"),
-    ("depthwise for auto v2", {"baseline": "t01", "model": {"name": "mobilenet_v2"}, "data": {"image_size": 32},
-                               "profile": {"input_size": [3, 32, 32]},
-                               "decompose": {"layers": [2], "scheme": "v2", "bases": "auto", "target": {"speedup": 2}}},
-     "decompose.layers.0", "groups=32"),
-    ("1x1 for v2", {"baseline": "t01", "model": {"name": "resnet18"}, "data": {"image_size": 32},
-                    "profile": {"input_size": [3, 32, 32]},
-                    "decompose": {"layers": ["layer2.0.downsample.0"], "scheme": "v2", "bases": [2]}},
-     "decompose.layers.0", "1x1 kernel"),
-]
-
-
-@pytest.mark.parametrize("label,patch,key,message", LATE, ids=[case[0] for case in LATE])
-def test_model_checks_come_before_anything_is_written(tiny_configs, tmp_path, label, patch, key, message):
-    path = write_yaml(tiny_configs / "late.yaml", {"extends": "base.yaml", **patch})
-    runs = tmp_path / "runs"
-    result = runner.invoke(app, ["run", str(path), "--runs-dir", str(runs), "--quiet"])
-    assert result.exit_code == 2, f"{label}: exit {result.exit_code}: {result.output}"
-    line, = result.output.strip().splitlines()
-    assert str(path) in line and key in line and message in line, f"{label}: {line}"
-    assert not runs.exists(), f"{label}: something was written under runs/ (the baseline trained first)"
-
-
 @pytest.fixture
 def expansion_run(tiny_configs, tmp_path):
     """t01 and t04 (scheme 2, ranks 4,6,6, then one L2 fine-tune) run; returns (configs, runs)."""
