@@ -108,11 +108,12 @@ def _echo(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)  # never wrap mid-phrase
 
 
-def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet):
+def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet,
+               checked: set[str] | None = None):
     """Run ``config`` up to stage ``until``; ``force`` redoes that stage (every stage when ``until`` is None)."""
     cfg = load_config(config, overrides or ())
     return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force and until is None,
-                                 redo=until if force else None, no_deps=no_deps, echo=_echo)
+                                 redo=until if force else None, no_deps=no_deps, echo=_echo, checked=checked)
 
 
 @app.command()
@@ -123,10 +124,11 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
         runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
         set_: Optional[List[str]] = Overrides, force: bool = ForceAll, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
+    checked: set[str] = set()  # each config (a shared baseline too) is checked against its model once
     for config in configs:  # every config is validated before the first one starts
-        configs_to_run(load_config(config, set_ or ()))
+        configs_to_run(load_config(config, set_ or ()), checked=checked)
     for config in configs:
-        _summary(_run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet), quiet)
+        _summary(_run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet, checked), quiet)
 
 
 @app.command()

@@ -121,16 +121,29 @@ def check_against_model(cfg: Config) -> None:
             raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
 
 
-def configs_to_run(cfg: Config, with_deps: bool = True) -> list[Config]:
-    """Every config that running ``cfg`` involves, dependencies first; all checked before anything runs."""
+def configs_to_run(cfg: Config, with_deps: bool = True, checked: set[str] | None = None) -> list[Config]:
+    """Every config that running ``cfg`` involves, dependencies first; all checked before anything runs.
+
+    ``checked``: keys (:func:`config_key`) of configs already checked against their model, skipped here
+    and added to as they pass; share one set across the configs of one command (a check builds the model
+    and, for ``bases: auto``, plans its ranks: 1-2 s for AlexNet).
+    """
     configs = (dependencies(cfg) if with_deps else []) + [cfg]
+    checked = set() if checked is None else checked
     by_name = {c.name: c for c in configs}
     for c in configs:
-        check_against_model(c)
+        if config_key(c) not in checked:
+            check_against_model(c)
+            checked.add(config_key(c))
         for key in ("baseline", "parent"):
             if getattr(c, key) in by_name:
                 check_shared_settings(c, key, by_name[getattr(c, key)])
     return configs
+
+
+def config_key(cfg: Config) -> str:
+    """What identifies a config's content (its file and every resolved setting, overrides included)."""
+    return json.dumps([cfg.path, cfg.to_dict()], sort_keys=True, default=str)
 
 
 # A run and the run it builds on must agree on these: its model file is loaded as this model, and its
@@ -188,11 +201,14 @@ class Runner:
     """Runs one config's stages in its run directory (the runs it builds on must be finished)."""
 
     def __init__(self, cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
-                 quiet: bool = False, force: bool = False, echo: Echo | None = None, redo: str | None = None):
+                 quiet: bool = False, force: bool = False, echo: Echo | None = None, redo: str | None = None,
+                 checked: bool = False):
         self.cfg, self.runs_dir = cfg, Path(runs_dir)
         self.quiet = quiet
         # Redo from this stage on even where up to date: every stage with force, else the stage named by redo.
-        self.redo = stage_names(cfg)[0] if force and stage_names(cfg) else redo
+        every = stage_names(cfg)
+        self.redo = every[0] if force and every else redo
+        self.checked = checked  # True when the caller ran check_against_model on cfg (configs_to_run)
         self.dir = RunDir(self.runs_dir, cfg.name)
         self.echo = echo or (lambda message: None)
         self.device = device_of(cfg)
@@ -207,7 +223,8 @@ class Runner:
     def run(self, until: str | None = None) -> dict:
         """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content."""
         cfg = self.cfg
-        check_against_model(cfg)
+        if not self.checked:
+            check_against_model(cfg)
         every = stage_names(cfg)
         names = every if until is None else (every[: every.index(until) + 1] if until in every else [])
         deps = {name: final_hash(self.runs_dir, name) for name in (cfg.baseline, cfg.parent) if name}
@@ -317,16 +334,16 @@ class Runner:
 
 def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,
                           data_root: str | None = None, quiet: bool = False, force: bool = False,
-                          redo: str | None = None,
-                          no_deps: bool = False, echo: Echo | None = None) -> dict:
+                          redo: str | None = None, no_deps: bool = False, echo: Echo | None = None,
+                          checked: set[str] | None = None) -> dict:
     """Run ``cfg`` up to stage ``until``, first running the runs it builds on that are not finished.
 
     ``force`` redoes every stage of ``cfg`` (never of the runs it builds on), ``redo`` the named stage and
-    those after it up to ``until``; ``no_deps`` refuses
-    instead of running an unfinished dependency. Returns ``cfg``'s metrics.json content.
+    those after it up to ``until``; ``no_deps`` refuses instead of running an unfinished dependency;
+    ``checked`` as for :func:`configs_to_run`. Returns ``cfg``'s metrics.json content.
     """
     say = echo or (lambda message: None)
-    configs = configs_to_run(cfg)
+    configs = configs_to_run(cfg, checked=checked)
     for dep in configs[:-1]:
         if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
             continue
@@ -335,5 +352,5 @@ def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str
                             file=cfg.path)
         if not quiet:
             say(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
-        Runner(dep, runs_dir, data_root, quiet, echo=echo).run()
-    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo).run(until)
+        Runner(dep, runs_dir, data_root, quiet, echo=echo, checked=True).run()
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo, checked=True).run(until)

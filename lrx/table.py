@@ -113,10 +113,11 @@ def _read_run(folder: Path) -> dict | None:
         except UserError as err:
             error = f"metrics.json: {err.message}"
         else:
+            problem = metrics_problem(metrics) if isinstance(metrics, dict) else None
             if not isinstance(metrics, dict):
                 error = f"metrics.json holds {_kind(metrics)}, not an object"
-            elif metrics_problem(metrics):  # the runner's own check: what it refuses, the table shows so
-                error = f"metrics.json: damaged: {metrics_problem(metrics)}"
+            elif problem:  # the runner's own check: what it refuses, the table shows so
+                error = f"metrics.json: damaged: {problem}"
             else:
                 row.update(metrics)
                 metrics_keys = set(metrics)

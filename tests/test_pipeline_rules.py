@@ -294,3 +294,15 @@ def test_an_interrupt_between_stages_is_recorded_too(tiny_configs, tmp_path, mon
     assert metrics["status"] == "interrupted", f"not left 'running': {metrics['status']}"
     assert metrics["error"] == "stage train: interrupted (Ctrl-C or SIGTERM)", f"says where and why: {metrics['error']}"
     assert "train" in metrics["stages"], "the finished stage stays recorded: the same command resumes after it"
+
+
+def test_each_config_is_checked_against_its_model_once_per_command(tiny_configs, tmp_path, monkeypatch):
+    from lrx import runs as runs_module
+
+    calls = []
+    real = runs_module.check_against_model
+    monkeypatch.setattr(runs_module, "check_against_model", lambda cfg: calls.append(cfg.name) or real(cfg))
+    result = runner.invoke(app, ["run", str(tiny_configs / "t02.yaml"), str(tiny_configs / "t03.yaml"),
+                                 "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == ["t01", "t02", "t03"], f"a check builds the model (and plans ranks): once each, got {calls}"
