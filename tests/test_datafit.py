@@ -93,14 +93,20 @@ def test_scheme2_beats_filter_svd_at_every_rank(geometry, order):
         factors = datafit.fit_scheme2(w, rank, stats, order, history=history)
         fitted = LowRankExpConvV2.from_factors(conv, factors, order=order).dense_weight()
         svd = LowRankExpConvV2.from_factors(conv, scheme2_factors(w, rank, order), order=order).dense_weight()
-        err, err_svd = datafit.output_error(w, fitted, stats), datafit.output_error(w, svd, stats)
-        assert err <= err_svd * (1 + 1e-9) + 1e-12, f"rank {rank}: data fit {err} <= filter SVD {err_svd}"
-        scale = stats_energy(w, stats)  # rounding is relative to the target's energy
-        assert all(b <= a + 1e-10 * scale for a, b in zip(history, history[1:])), \
-            f"rank {rank}: ALS objective never increases: {history}"
+        err = beats_svd_monotonically(w, fitted, svd, stats, history, rank)
         assert err ** 2 == pytest.approx(min(history) / stats_energy(w, stats), rel=1e-6, abs=1e-12), \
             "the returned factors are the best iterate"
     assert err < 1e-6, f"full rank {top} reproduces the outputs, got relative error {err}"
+
+
+def beats_svd_monotonically(w, fitted, svd, stats, history, rank) -> float:
+    """Assert the data fit's output error is <= the filter SVD's and its ALS objective never rose; return it."""
+    err, err_svd = datafit.output_error(w, fitted, stats), datafit.output_error(w, svd, stats)
+    assert err <= err_svd * (1 + 1e-9) + 1e-12, f"rank {rank}: data fit {err} <= filter SVD {err_svd}"
+    scale = stats_energy(w, stats)  # rounding is relative to the target's energy
+    assert all(b <= a + 1e-10 * scale for a, b in zip(history, history[1:])), \
+        f"rank {rank}: ALS objective never increases: {history}"
+    return err
 
 
 def stats_energy(w, stats):
@@ -120,10 +126,7 @@ def test_scheme1_beats_filter_svd_at_every_rank(geometry, basis):
         factors = datafit.fit_scheme1(w, rank, stats, basis, history=history)
         fitted = LowRankExpConvV1.from_factors(conv, factors, basis=basis).dense_weight()
         svd = LowRankExpConvV1.from_factors(conv, scheme1_svd(w, rank, basis), basis=basis).dense_weight()
-        err, err_svd = datafit.output_error(w, fitted, stats), datafit.output_error(w, svd, stats)
-        assert err <= err_svd * (1 + 1e-9) + 1e-12, f"rank {rank}: data fit {err} <= filter SVD {err_svd}"
-        assert all(b <= a + 1e-10 * stats_energy(w, stats) for a, b in zip(history, history[1:])), \
-            f"rank {rank}: ALS objective never increases: {history}"
+        err = beats_svd_monotonically(w, fitted, svd, stats, history, rank)
     assert err < 1e-6, f"full rank {top} reproduces the outputs, got relative error {err}"
 
 

@@ -84,19 +84,25 @@ def _stop(proc):
     proc.join(30)
 
 
-def test_a_live_holder_is_named_and_a_killed_one_lets_go(tmp_path):
+def _refusal_while_held(runs, holder, *args) -> tuple[str, int]:
+    """(the one-line refusal of RunDir(runs, "r").lock(), the holder's pid) while ``holder(*args, ready)``,
+    in another process, holds the lock; the holder is killed after."""
     ready = FORK.Event()
-    proc = FORK.Process(target=_holder, args=(tmp_path, ready))
+    proc = FORK.Process(target=holder, args=(*args, ready))
     proc.start()
     try:
         assert ready.wait(30), "the holder took the lock"
         with pytest.raises(UserError) as err:
-            RunDir(tmp_path, "r").lock()
-        text = one_line(err)
-        assert f"in use by process {proc.pid} on host {socket.gethostname()} since" in text, \
-            f"the refusal names the holding process, its host and since when: {text}"
+            RunDir(runs, "r").lock()
+        return one_line(err), proc.pid
     finally:
         _stop(proc)
+
+
+def test_a_live_holder_is_named_and_a_killed_one_lets_go(tmp_path):
+    text, pid = _refusal_while_held(tmp_path, _holder, tmp_path)
+    assert f"in use by process {pid} on host {socket.gethostname()} since" in text, \
+        f"the refusal names the holding process, its host and since when: {text}"
     run = RunDir(tmp_path, "r")
     run.lock()  # a killed holder's lock is free at once: no stale-pid guessing
     info = json.loads((tmp_path / "r" / ".lock").read_text())
@@ -130,18 +136,9 @@ def _raw_holder(path, content, ready):
 @pytest.mark.parametrize("content", [b"", b"-1", b"9" * 20, b"{\"pid\": true}", b"\xff\xfe", b"[" * 10_000])
 def test_a_held_lock_with_unreadable_content_refuses_in_one_line(tmp_path, content):
     (tmp_path / "r").mkdir()
-    ready = FORK.Event()
-    proc = FORK.Process(target=_raw_holder, args=(tmp_path / "r" / ".lock", content, ready))
-    proc.start()
-    try:
-        assert ready.wait(30), "the holder took the lock"
-        with pytest.raises(UserError) as err:
-            RunDir(tmp_path, "r").lock()
-        text = one_line(err)
-        assert "in use by another process" in text and str(tmp_path / "r" / ".lock") in text, \
-            f"content {content[:20]!r}: refused, naming the lock file without trusting its content: {text}"
-    finally:
-        _stop(proc)
+    text, _ = _refusal_while_held(tmp_path, _raw_holder, tmp_path / "r" / ".lock", content)
+    assert "in use by another process" in text and str(tmp_path / "r" / ".lock") in text, \
+        f"content {content[:20]!r}: refused, naming the lock file without trusting its content: {text}"
 
 
 # ---------------------------------------------------------------- file-system trouble
