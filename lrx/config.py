@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -441,9 +442,27 @@ def check_target(target) -> tuple[str, float]:
     return kind, float(value)
 
 
+def config_candidates(name: str, beside: str | Path) -> list[Path]:
+    """Where the config of run ``name`` may be, first match wins: beside the config ``beside``, in the
+    current directory, in ``configs/`` under the current directory (each ``<name>.yaml``)."""
+    out: list[Path] = []
+    for folder in (Path(beside).parent, Path("."), Path("configs")):
+        path = folder / f"{name}.yaml"
+        if not any(_same_place(path, seen) for seen in out):
+            out.append(path)
+    return out
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def find_config(name: str, beside: str | Path, key: str | None = None) -> Path:
-    """The config of run ``name``: ``<name>.yaml`` in the folder of the config ``beside``."""
-    path = Path(beside).parent / f"{name}.yaml"
-    if not path.exists():
-        raise UserError(f"names run {name!r} but there is no config {path}", file=str(beside), key=key)
-    return path
+    """The config of run ``name`` (a ``baseline:`` or ``parent:``), the first of :func:`config_candidates`
+    that is a file; :class:`UserError` naming every place looked at when none is."""
+    candidates = config_candidates(name, beside)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"names run {name!r} but there is no config {name}.yaml; looked for "
+                    + ", ".join(str(p) for p in candidates), file=str(beside), key=key)
