@@ -65,6 +65,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, NEW_FILE_MODE & ~current_umask())  # mkstemp makes 0600; a file lrx writes follows the umask
             recorder = _ErrorRecorder(f)
             write(recorder)
             f.flush()
@@ -83,6 +84,24 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None
     finally:
         if tmp is not None:
             unlink_quietly(tmp)
+
+
+NEW_FILE_MODE = 0o666  # what open() asks for a new file; the umask then takes away bits, as for any program's
+
+
+def current_umask() -> int:
+    """The process's umask (e.g. 0o022), read from /proc where it is there: setting it to read it back
+    (``os.umask``) would leave another thread creating a file in between with the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def unlink_quietly(path) -> None:

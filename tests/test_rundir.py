@@ -370,3 +370,35 @@ def test_damaged_model_file_is_a_user_error(tmp_path, damage):
     with pytest.raises(UserError) as err:
         load_model(path, "tiny_cnn", 10)
     assert str(path) in one_line(err), f"{damage}: the error names the file: {err.value}"
+
+
+# ---------------------------------------------------------------- file modes follow the umask
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for one test: ``umask(0o077)``; the previous one is restored after."""
+    before = os.umask(0o022)
+    yield os.umask
+    os.umask(before)
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_a_run_writes_follow_the_umask(tmp_path, umask, mask, mode, tiny_configs):
+    from lrx.config import load_config
+
+    umask(mask)
+    run = RunDir(tmp_path / "runs", "r")
+    run.lock()
+    run.write_metrics({"name": "r", "stages": {}})
+    run.write_config(load_config(tiny_configs / "t01.yaml"))
+    run.log("hello")
+    run.save_model("train", build_model("tiny_cnn", 10), "tiny_cnn", 10)
+    save_atomic({"epoch": 1}, run.checkpoint_path("train"))
+    checkpoint.write_text_atomic("x", run.file("notes.txt"))
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run.path.iterdir() if p.name != ".lock"}
+    run.unlock()
+    assert modes == {name: oct(mode) for name in
+                     ("metrics.json", "config.yaml", "log.txt", "model.pt", "train.ckpt", "notes.txt")}, \
+        f"umask {oct(mask)}: every file is {oct(mode)} as a plain open() makes it: {modes}"
+    assert run.path.stat().st_mode & 0o777 == 0o777 & ~mask, "the run folder follows the umask too"
