@@ -9,6 +9,9 @@ file, a run that names itself as baseline or parent, counts and sizes outside th
 method options the method does not take. Reading the YAML itself (limits, duplicate keys, no aliases,
 ``extends:``, ``--set``) is :mod:`lrx.yamlread`'s. The checks that need the model are
 :func:`lrx.runs.check_against_model`.
+
+It is long because every config rule that needs no model lives here, beside the dataclass it checks,
+and so does finding the config of a run that another names (:func:`find_config`).
 """
 from __future__ import annotations
 
