@@ -20,7 +20,7 @@ from .config import load_config
 from .errors import TrainingDiverged, UserError
 from .plot import plot_pareto, skipped
 from .preview import print_preview, save_bases_picture
-from .rundir import RunDir
+from .rundir import RunDir, clean_runs, format_size
 from .runs import configs_to_run, run_with_dependencies
 from .stages import last_finetune_stage
 from .table import collect_rows, render
@@ -220,6 +220,22 @@ def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories.")
     for line in skipped(rows):
         typer.echo(f"not drawn: {line}", err=True)
     typer.echo(f"wrote {output}")
+
+
+@app.command()
+@user_errors
+def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (or one run directory)."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing.")):
+    """Remove what neither resuming, a rerun's skipping nor the table needs: checkpoints of finished stages,
+    model files of stages redone anyway, temporary files of killed writes. Runs in use are not touched."""
+    removed, not_touched = clean_runs(runs_dir, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path, size, why in removed:
+        typer.echo(f"{verb} {path} ({format_size(size)}): {why}")
+    for line in not_touched:
+        typer.echo(f"lrx: note: {line}", err=True)
+    typer.echo(f"{'would free' if dry_run else 'freed'} {format_size(sum(s for _, s, _ in removed))} "
+               f"in {len(removed)} file(s)")
 
 
 def _summary(metrics: dict, quiet: bool) -> None:

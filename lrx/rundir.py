@@ -11,6 +11,10 @@ Layout::
     stageK.pt       the model after stage ``finetune.K``
     train.ckpt, stageK.ckpt   per-epoch checkpoints that an interrupted stage resumes from
 
+What a run needs to resume, to be skipped on a rerun and to be shown in the table, and what
+``lrx clean`` removes as unneeded, is decided in one place: :meth:`RunDir.unneeded_files`.
+It is long because the directory's whole contract lives here: layout, metrics, lock, model files, cleaning.
+
 Every model file is ``{"model": state_dict, "arch", "num_classes", "spec", "layers"}``: ``spec`` is what
 :func:`lrx.lowrank.build_expanded` needs to rebuild an expansion's structure (None for a plain model),
 ``layers`` the names of the replaced convs.
@@ -21,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import stat
 import time
@@ -270,6 +275,79 @@ class RunDir:
                      + ", ".join(p.name for p in removed))
         return removed
 
+    # ------------------------------------------------------------ what is kept, what `lrx clean` removes
+
+    def unneeded_files(self, metrics: dict) -> list[tuple[Path, str]]:
+        """The files of this run that nothing reads again, each with why, given its ``metrics``.
+
+        Needed, so kept: metrics.json, config.yaml (the table reads both), log.txt, the lock, the model
+        file of every stage metrics.json records (a rerun skips a stage only while its file is there; the
+        next stage, a redone later stage and the runs that build on this one read them), the checkpoint
+        of the stage an unfinished run was in (``running``: the one checkpoint a rerun resumes from), and
+        every file lrx does not write. Not needed: the other per-epoch checkpoints (the runner resumes
+        only the running stage's and deletes any other before a stage starts), model files of stages
+        metrics.json does not record (left by an interruption or a changed setting: the stage is redone
+        before anything reads its file) and the temporary files of killed writes.
+        """
+        stages = metrics.get("stages")
+        if not isinstance(stages, dict):
+            return []  # not a run lrx wrote: nothing is known to be unneeded
+        running = metrics.get("running") if metrics.get("status") != "done" else None
+        resumable = set(running) if isinstance(running, dict) else set()
+        out = []
+        try:
+            entries = sorted(os.scandir(self.path), key=lambda e: e.name)
+        except OSError:
+            return out
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if is_temp_file(entry.name):
+                out.append((Path(entry.path), "temporary file of a write that was killed"))
+                continue
+            known = stage_of_file(entry.name)
+            if known is None:
+                continue
+            stage, kind = known
+            if kind == "checkpoint" and stage not in resumable:
+                why = "which finished" if stage in stages else "which no rerun resumes from"
+                out.append((Path(entry.path), f"per-epoch checkpoint of stage {stage}, {why}"))
+            elif kind == "model" and stage not in stages:
+                out.append((Path(entry.path), f"model of stage {stage}, which metrics.json does not record "
+                                              "(a rerun redoes the stage before reading it)"))
+        return out
+
+    def clean(self, dry_run: bool = False) -> list[tuple[Path, int, str]]:
+        """Remove :meth:`unneeded_files` under the run's lock; ``(path, bytes, why)`` of each file removed
+        (with ``dry_run``: that would be; nothing is written, not even the lock).
+
+        Raises :class:`UserError` when the run is in use (another process holds its lock) or its
+        metrics.json is missing or damaged; the run is then left as it is.
+        """
+        if not self.metrics_path.is_file():
+            raise UserError("not a run: no metrics.json, so nothing is known to be unneeded", file=str(self.path))
+        if dry_run:
+            if self.in_use():
+                raise UserError(f"run {self.path} is in use by another process (lock file {self.file(LOCK)})")
+            return _sized(self.unneeded_files(self.read_metrics()))
+        temp = _sized((p, "temporary file of a write that was killed") for p in self.path.iterdir()
+                      if is_temp_file(p.name))
+        self.lock()  # removes the temporary files of killed writes itself
+        try:
+            found = [t for t in temp if not t[0].exists()]
+            found += _sized(self.unneeded_files(self.read_metrics()))
+            for path, _, _ in found:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as err:
+                    raise UserError(f"cannot remove it ({os_reason(err)})", file=str(path)) from None
+            if found:
+                self.log(f"lrx clean removed {len(found)} file(s), {format_size(sum(s for _, s, _ in found))}: "
+                         + ", ".join(p.name for p, _, _ in found))
+            return found
+        finally:
+            self.unlock()
+
     def _make_folder(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -282,6 +360,62 @@ class RunDir:
             return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
             raise UserError(f"cannot open the lock file ({os_reason(err)})", file=str(path)) from None
+
+
+def stage_of_file(name: str) -> tuple[str, str] | None:
+    """``(stage, "model" | "checkpoint")`` of a file name :func:`model_file` or :func:`checkpoint_file`
+    gives (``stage1.ckpt`` -> ``("finetune.1", "checkpoint")``), None for any other name."""
+    match = re.fullmatch(r"stage(0|[1-9][0-9]{0,5})\.(pt|ckpt)", name)
+    stage = f"finetune.{match[1]}" if match else {"model.pt": "train", "expanded.pt": "decompose",
+                                                  "train.ckpt": "train"}.get(name)
+    if stage is None:
+        return None
+    return (stage, "model") if name == model_file(stage) else (stage, "checkpoint")
+
+
+def clean_runs(runs_dir: str | Path, dry_run: bool = False) -> tuple[list[tuple[Path, int, str]], list[str]]:
+    """:meth:`RunDir.clean` on every run under ``runs_dir`` (or on ``runs_dir`` itself when it is a run).
+
+    Returns ``(removed, not_touched)``: ``(path, bytes, why)`` of each file removed (with ``dry_run``:
+    that would be) and one line per run left as it is, with the reason (in use, damaged metrics.json).
+    A folder without metrics.json is not a run and is passed over. Raises :class:`UserError` when
+    ``runs_dir`` is not a folder.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"{str(root)!r} is not a folder of runs (e.g. runs/)")
+    try:
+        folders = [root] if (root / METRICS).is_file() else sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / METRICS).is_file())
+    except OSError as err:
+        raise UserError(f"cannot list {root} ({os_reason(err)})") from None
+    removed, not_touched = [], []
+    for folder in folders:
+        try:
+            removed += RunDir(folder.parent, folder.name).clean(dry_run)
+        except UserError as err:
+            not_touched.append(f"{folder.name}: not touched: {err}")
+    return removed, not_touched
+
+
+def format_size(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``: sizes in binary units, as ``du -h`` shows them."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _sized(found) -> list[tuple[Path, int, str]]:
+    """``(path, bytes, why)`` for each ``(path, why)`` still there."""
+    out = []
+    for path, why in found:
+        try:
+            out.append((path, path.stat(follow_symlinks=False).st_size, why))
+        except OSError:
+            continue  # gone meanwhile: nothing to remove
+    return out
 
 
 def _names(path: Path, fd: int) -> bool:
