@@ -1,17 +1,12 @@
-"""Model statistics and timing: ptflops counts, torch.profiler times, interleaved wall-clock latency.
-
-Three kinds of numbers, each with a different use:
+"""Model statistics and one run's profile: ptflops counts, torch.profiler times, per-layer times.
 
 - :func:`count`: MACs and parameters with ptflops (the seed's "macs(M)" and "params(M)").
-- :func:`profiler_times`: the seed's "CPU time(ms)" and "CUDA time(ms)", from ``torch.profiler``.
-- :func:`latency` / :func:`layer_latency`: plain wall-clock medians of repeated forwards, the
-  models timed in turn within each repeat, so that a shared machine's drift hits them alike. Their
-  *ratio* is what a reader should trust; an absolute time only holds on the machine that made it.
-
-:func:`profile_pair` runs all of them for one run and returns the ``metrics.json`` fields.
-
-This module is long because the three share their helpers (device, threads, inputs, the interleaved clock) and one
-``profile_pair`` reads them all; split it where a fourth kind of number arrives.
+- :func:`profiler_times`: one forward under ``torch.profiler`` (the seed's way to fill its time
+  columns; one run, so kept for looking inside a forward, not for the table).
+- :func:`layer_latency`: each replaced layer alone against the conv it replaces, interleaved, with
+  both MAC counts.
+- :func:`profile_pair`: everything ``metrics.json`` holds about a run's size and speed; every time in
+  it is a median of interleaved repeats from :mod:`lrx.timing`.
 """
 from __future__ import annotations
 
@@ -20,10 +15,8 @@ import copy
 import io
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -35,9 +28,8 @@ from .config import ProfileConfig
 from .distributed import resolve_device
 from .errors import UserError
 from .speed import describe, optimise
-
-# The clock behind every latency figure; a module attribute so that tests can replace it.
-_clock: Callable[[], float] = time.perf_counter
+from .timing import (_cudnn_benchmark, _flagged, _interleaved, _prepared, _random_input, _sync, layer_inputs,
+                     module_times, original_layouts, time_pair, torch_threads)
 
 # The ptflops setting that reproduces the seed's row 1 (698.89M MACs, 44.43M params for
 # alexnet_cifar10 at 3x224x224): the "pytorch" backend (module hooks: convs and linears with their
@@ -46,41 +38,6 @@ _clock: Callable[[], float] = time.perf_counter
 # 699.76M; the "aten" backend counts only convolutions and matmuls and gives 698.01M.
 PTFLOPS_BACKEND = "pytorch"
 PTFLOPS_CONFIG = {"count_functional": False}
-
-
-# ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[int]:
-    """Set ``torch.set_num_threads`` for the block (None: leave it) and restore it after.
-
-    Yields the number of threads in effect.
-    """
-    before = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads must be >= 1 or None, got {threads}", key="profile.threads")
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _prepared(model: nn.Module, device: torch.device) -> nn.Module:
-    """A deep copy in eval mode on ``device``; the caller's model (and its mode) stay untouched."""
-    return copy.deepcopy(model).to(device).eval()
-
-
-def _random_input(batch: int, input_size: Sequence[int], device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *input_size, generator=generator).to(device)
 
 
 # ---------------------------------------------------------------- counts
@@ -234,112 +191,7 @@ def _self_device_us(event) -> float:
     return 0.0
 
 
-# ---------------------------------------------------------------- wall-clock latency
-
-
-def _stats(runs_ms: list[float]) -> dict:
-    q1, _, q3 = statistics.quantiles(runs_ms, n=4, method="inclusive") if len(runs_ms) > 1 else (runs_ms[0],) * 3
-    return {
-        "median_ms": statistics.median(runs_ms),
-        "min_ms": min(runs_ms),
-        "max_ms": max(runs_ms),
-        "iqr_ms": q3 - q1,
-        "runs_ms": list(runs_ms),
-    }
-
-
-def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
-    """Time each callable once per repeat, in an order that rotates by one each repeat.
-
-    Returns ``{name: stats}`` (see :func:`_stats`); the first name gets no ``speedup``, each other
-    one ``speedup = median(first) / median(name)``.
-    """
-    if repeats < 1:
-        raise UserError(f"repeats must be >= 1, got {repeats}", key="profile.repeats")
-    names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    _sync(device)
-    runs: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = _clock()
-            calls[name]()
-            _sync(device)
-            runs[name].append((_clock() - start) * 1000.0)
-    out = {name: _stats(runs[name]) for name in names}
-    reference = out[names[0]]["median_ms"]
-    for name in names[1:]:
-        median = out[name]["median_ms"]
-        out[name]["speedup"] = reference / median if median > 0 else None
-    return out
-
-
-def latency(
-    models: dict[str, nn.Module],
-    batch: int = 64,
-    input_size: Sequence[int] = (3, 224, 224),
-    device: str | torch.device = "cpu",
-    threads: int | None = None,
-    warmup: int = 2,
-    repeats: int = 5,
-) -> dict:
-    """Wall-clock forward latency of several models, interleaved in one process.
-
-    Each model (a deep copy in eval mode on ``device``) runs ``warmup`` untimed forwards; then each
-    of ``repeats`` rounds times every model once on the same ``(batch, *input_size)`` input, the
-    order rotating by one model per round, under ``torch.inference_mode`` with CUDA synchronised
-    around each forward. Drift of a shared machine therefore hits all models alike, and the ratio
-    of medians is the figure to trust.
-
-    Returns
-    -------
-    ``{"threads": int, "device": str, "batch", "input_size", "warmup", "repeats",
-    "models": {name: {"median_ms", "min_ms", "max_ms", "iqr_ms", "runs_ms", ["speedup"]}}}``
-    where ``speedup = median(first model) / median(this model)`` for every model but the first.
-    """
-    if not models:
-        raise UserError("latency needs at least one model")
-    device = resolve_device(device)
-    nets = {name: _prepared(m, device) for name, m in models.items()}
-    x = _random_input(batch, input_size, device)
-    with torch_threads(threads) as used, torch.inference_mode():
-        calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
-        stats = _interleaved(calls, device, warmup, repeats)
-    return {
-        "threads": used,
-        "device": str(device),
-        "batch": batch,
-        "input_size": list(input_size),
-        "warmup": warmup,
-        "repeats": repeats,
-        "models": stats,
-    }
-
-
-def layer_inputs(model: nn.Module, layer_names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input tensor each named submodule receives in one forward of ``x`` (forward pre-hooks)."""
-    modules = dict(model.named_modules())
-    missing = [n for n in layer_names if n not in modules]
-    if missing:
-        convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-        raise UserError(f"no layer named {', '.join(map(repr, missing))}; conv layers: {', '.join(convs)}")
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layer_names:
-        def hook(module, args, name=name):
-            captured.setdefault(name, args[0].detach())
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
+# ---------------------------------------------------------------- one layer at a time
 
 
 def layer_latency(
@@ -352,6 +204,8 @@ def layer_latency(
     threads: int | None = None,
     warmup: int = 2,
     repeats: int = 5,
+    counted: tuple[nn.Module, nn.Module] | None = None,
+    original_flags: Callable = contextlib.nullcontext,
 ) -> list[dict]:
     """Time each replaced layer alone, original conv against its replacement, interleaved.
 
@@ -359,11 +213,16 @@ def layer_latency(
     ``(batch, *input_size)`` random image batch, so each layer runs on its real shape
     (e.g. ``(64, 64, 27, 27)`` for AlexNet's conv2 at 224x224).
 
+    ``counted``: the (original, expansion) to count MACs on, when the timed ones cannot be counted
+    (an expansion after lrx.speed.optimise runs oneDNN ops that no counter sees); default the timed
+    ones. ``original_flags``: the context the original convs run in (its layout's, e.g. oneDNN off).
+
     Returns
     -------
-    One dict per layer: ``{"layer", "input_shape", "original_ms", "expanded_ms", "spread",
+    One dict per layer: ``{"layer", "input_shape", "original_ms", "expanded_ms", "spread", "noisy",
     "speedup", "macs_original", "macs_expanded", "mac_ratio", "realised"}`` with medians in ms,
-    ``spread`` the IQR of each, ``speedup`` = original / expanded median, ``mac_ratio`` = original /
+    ``spread`` the IQR of each and the repeat count, ``noisy`` whether either median is noisy
+    (:data:`NOISY_SPREAD`), ``speedup`` = original / expanded median, ``mac_ratio`` = original /
     expanded MACs (ptflops, one image) and ``realised`` = speedup / mac_ratio.
     """
     device = resolve_device(device)
@@ -373,6 +232,7 @@ def layer_latency(
     missing = [n for n in layer_names if n not in new_modules]
     if missing:
         raise UserError(f"the expanded model has no layer named {', '.join(map(repr, missing))}")
+    count_orig, count_new = (dict(m.named_modules()) for m in (counted or (orig, new)))
     out = []
     with torch_threads(threads):
         inputs = layer_inputs(orig, layer_names, _random_input(batch, input_size, device))
@@ -380,9 +240,10 @@ def layer_latency(
         for name in layer_names:
             a, b, x = orig_modules[name], new_modules[name], inputs[name]
             with torch.inference_mode():
-                stats = _interleaved({"original": lambda: a(x), "expanded": lambda: b(x)}, device, warmup, repeats)
-            macs_a, _ = count(a, tuple(x.shape[1:]))
-            macs_b, _ = count(b, tuple(x.shape[1:]))
+                stats = _interleaved({"original": _flagged(a, original_flags, x),
+                                      "expanded": _flagged(b, contextlib.nullcontext, x)}, device, warmup, repeats)
+            macs_a, _ = count(count_orig[name], tuple(x.shape[1:]))
+            macs_b, _ = count(count_new[name], tuple(x.shape[1:]))
             mac_ratio = macs_a / macs_b if macs_b else None
             speedup = stats["expanded"]["speedup"]
             out.append({
@@ -390,7 +251,9 @@ def layer_latency(
                 "input_shape": list(x.shape),
                 "original_ms": stats["original"]["median_ms"],
                 "expanded_ms": stats["expanded"]["median_ms"],
-                "spread": {"original_iqr_ms": stats["original"]["iqr_ms"], "expanded_iqr_ms": stats["expanded"]["iqr_ms"]},
+                "spread": {"original_iqr_ms": stats["original"]["iqr_ms"], "expanded_iqr_ms": stats["expanded"]["iqr_ms"],
+                           "repeats": repeats},
+                "noisy": stats["original"]["noisy"] or stats["expanded"]["noisy"],
                 "speedup": speedup,
                 "macs_original": macs_a,
                 "macs_expanded": macs_b,
@@ -403,29 +266,32 @@ def layer_latency(
 # ---------------------------------------------------------------- one run's profile
 
 
-def _cpu_models(original: nn.Module, expanded: nn.Module | None, cfg: ProfileConfig,
-                input_size: Sequence[int]) -> tuple[dict[str, nn.Module], list | None]:
-    """The models as timed on the CPU, and the expansion's chosen paths (None unless optimised).
+def _models_on(device: torch.device, original: nn.Module, expanded: nn.Module | None, cfg: ProfileConfig,
+               input_size: Sequence[int]) -> tuple[nn.Module, nn.Module | None, dict | None]:
+    """Copies of the models on ``device`` in eval mode, the expansion as it will run, and its chosen paths.
 
-    With ``cfg.optimise``, each in its fastest layout: channels_last for the original, lrx.speed's
-    chosen paths for the expansion (MACs are counted before, on the plain models: an optimised layer no
-    longer runs its nn.Conv2d children). Models already on the CPU are copied only when optimised.
+    With ``cfg.optimise`` the expansion runs lrx.speed's chosen paths for ``device`` (None paths
+    otherwise); the original stays plain: :func:`original_layouts` tries its layouts.
     """
-    def on_cpu(model: nn.Module) -> nn.Module:
-        on_gpu = any(p.device.type != "cpu" for p in model.parameters())
-        return copy.deepcopy(model).cpu() if on_gpu or cfg.optimise else model
-
-    models = {"original": on_cpu(original)}
-    if expanded is not None:
-        models["expanded"] = on_cpu(expanded)
-    if not cfg.optimise:
-        return models, None
-    models["original"] = models["original"].to(memory_format=torch.channels_last)
+    orig = _prepared(original, device)
     if expanded is None:
-        return models, None
-    cpu = torch.device("cpu")
-    models["expanded"] = optimise(models["expanded"], cpu, torch.randn(cfg.batch, *input_size))
-    return models, describe(models["expanded"])
+        return orig, None, None
+    new = _prepared(expanded, device)
+    if not cfg.optimise:
+        return orig, new, None
+    new = optimise(new, device, _random_input(cfg.batch, input_size, device))
+    return orig, new, describe(new)
+
+
+def _column(timed: dict, baseline: bool, batch: int, threads: int) -> dict:
+    """The stats behind a time column: the expansion's median, or for a baseline the fastest original layout's."""
+    stats = timed["original"] if baseline else timed["expanded"]
+    keep = ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy")
+    out = {k: stats[k] for k in keep}
+    out.update(batch=batch, threads=threads, source="interleaved")
+    if baseline:
+        out["layout"] = timed["original_layout"]
+    return out
 
 
 def profile_pair(
@@ -435,80 +301,113 @@ def profile_pair(
     cfg: ProfileConfig,
     device: str | torch.device | None = None,
     per_layer: bool = True,
+    breakdown: bool = True,
 ) -> dict:
     """Everything ``metrics.json`` holds about a run's size and speed.
+
+    Every time is a median of ``cfg.repeats`` interleaved forwards (:func:`time_pair`): the original
+    in each plain layout (:func:`original_layouts`; the fastest is the reference) and the expansion
+    (with ``cfg.optimise``, on lrx.speed's paths), alternately, on the profile device. The CPU time
+    column is such a median on the CPU (a second interleaved timing when profiling on a GPU), the
+    CUDA time column such a median on the GPU (CUDA events); the speedup is the ratio of the same
+    medians. MACs and params are counted on the plain models.
 
     Parameters
     ----------
     original : the original (baseline) model.
     expanded : the run's expanded model, or None for a baseline run (then only ``original`` is measured).
     replaced_layer_names : qualified names of the replaced convs (``conv_layers`` names), for the per-layer times.
-    cfg : input size, batch, threads, warm-up, repeats and device.
+    cfg : input size, batch, threads, warm-up, repeats, device and whether to optimise.
     device : overrides ``cfg.device`` when given; ``"auto"`` picks CUDA when available.
     per_layer : time each replaced layer alone too (:func:`layer_latency`); on 2 CPU cores at the
         seed's input this is about half of the ~2 minutes an expanded profile takes.
+    breakdown : time every module inside the forward too (:func:`module_times`), both models.
 
     Returns
     -------
-    ``{"macs", "params", "cpu_time_ms", "cuda_time_ms", "input_size", "batch", "device",
-    "latency": {"threads", "repeats", "warmup", "original_ms", "expanded_ms", "spread", "speedup",
-    "mac_ratio", "realised", "layers"}}``. ``macs``/``params``/times are of the expanded model (the
-    original for a baseline). ``spread`` maps "original"/"expanded" to ``{"min_ms", "max_ms",
-    "iqr_ms", "runs_ms"}``; ``speedup`` = original / expanded median latency; ``mac_ratio`` =
-    original / expanded MACs; ``realised`` = speedup / mac_ratio, the share of the theoretical
-    speedup that is real. For a baseline the expanded fields are None and ``layers`` is empty.
+    ``{"macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "input_size",
+    "batch", "optimised", "paths", "device", "latency": {...}}``. ``macs``/``params``/times are of
+    the expanded model (the original for a baseline, in its fastest layout). ``cpu_time`` /
+    ``cuda_time`` hold the column's stats (median, p25, p75, min, max, IQR, repeats, noisy, batch,
+    threads). ``latency`` (on the profile device): ``threads``, ``repeats``, ``warmup``, ``batch``,
+    ``original_ms`` (the fastest layout's median), ``original_layout``, ``original_default_ms``,
+    ``expanded_ms``, ``spread`` ({"original", "expanded", "layouts": {layout: ...}} with each
+    median's quartiles, min, max, runs and noisy flag), ``speedup`` = original_ms / expanded_ms,
+    ``speedup_default`` = original_default_ms / expanded_ms, ``noisy`` (either median), ``mac_ratio``
+    = original / expanded MACs, ``realised`` = speedup / mac_ratio, ``layers`` and ``modules`` (the
+    per-module breakdown, or None). For a baseline the expanded fields are None and ``layers`` is empty.
     """
     device = resolve_device(device if device is not None else cfg.device)
+    cpu = torch.device("cpu")
     input_size = tuple(int(s) for s in cfg.input_size)
-    target = expanded if expanded is not None else original
-    macs, params = count(target, input_size)
+    plain_original, plain_expanded = original, expanded
+    macs, params = count(expanded if expanded is not None else original, input_size)
     original_macs = count(original, input_size)[0] if expanded is not None else macs
-    on_cpu, paths = _cpu_models(original, expanded, cfg, input_size)
-    if device.type == "cpu":
-        original, expanded = on_cpu["original"], on_cpu.get("expanded")
-        target = expanded if expanded is not None else original
+    baseline = expanded is None
+    plain_only = not cfg.optimise
     with torch_threads(cfg.threads) as threads:
-        times = profiler_times(target, cfg.batch, input_size, device, cfg.warmup)
+        orig, new, paths = _models_on(device, original, expanded, cfg, input_size)
+        timed = time_pair(orig, new, input_size, cfg.batch, device, cfg.warmup, cfg.repeats, plain_only)
+        cpu_timed = timed
         if device.type != "cpu":  # the seed's CPU time column is a CPU run, also on a GPU machine
-            cpu_target = on_cpu.get("expanded", on_cpu["original"])
-            times["cpu_time_ms"] = profiler_times(cpu_target, cfg.batch, input_size, "cpu", cfg.warmup)["cpu_time_ms"]
-        models = {"original": original} if expanded is None else {"original": original, "expanded": expanded}
-        lat = latency(models, cfg.batch, input_size, device, None, cfg.warmup, cfg.repeats)
+            cpu_models = _models_on(cpu, original, expanded, cfg, input_size)
+            cpu_timed = time_pair(*cpu_models[:2], input_size, cfg.batch, cpu, cfg.warmup, cfg.repeats, plain_only)
+            del cpu_models
+        best_net, best_flags = original_layouts(orig, device, plain_only)[timed["original_layout"]]
         layers = []
-        if per_layer and expanded is not None and replaced_layer_names:
-            layers = layer_latency(original, expanded, replaced_layer_names, cfg.batch, input_size, device,
-                                   None, cfg.warmup, cfg.repeats)
+        if per_layer and new is not None and replaced_layer_names:
+            layers = layer_latency(best_net, new, replaced_layer_names, cfg.batch, input_size, device, None,
+                                   cfg.warmup, cfg.repeats, counted=(plain_original, plain_expanded),
+                                   original_flags=best_flags)
+        modules = None
+        if breakdown:
+            pair = {"original": (best_net, best_flags)}
+            if new is not None:
+                pair["expanded"] = (new, _cudnn_benchmark if device.type == "cuda" and not plain_only
+                                    else contextlib.nullcontext)
+            modules = module_times(pair, replaced_layer_names, _random_input(cfg.batch, input_size, device), device,
+                                   cfg.warmup, cfg.repeats)
 
     def spread(stats: dict) -> dict:
-        return {k: stats[k] for k in ("min_ms", "max_ms", "iqr_ms", "runs_ms")}
+        return {k: stats[k] for k in ("p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy", "runs_ms")}
 
-    orig_stats = lat["models"]["original"]
-    new_stats = lat["models"].get("expanded")
-    speedup = mac_ratio = realised = None
+    orig_stats, new_stats = timed["original"], timed["expanded"]
+    mac_ratio = realised = None
+    speedup = timed["speedup"]
     if new_stats is not None:
-        speedup = new_stats["speedup"]
         mac_ratio = original_macs / macs if macs else None
         realised = speedup / mac_ratio if speedup and mac_ratio else None
+    cuda_column = _column(timed, baseline, cfg.batch, threads) if device.type == "cuda" else None
+    cpu_column = _column(cpu_timed, baseline, cfg.batch, threads)
     return {
         "macs": macs,
         "params": params,
-        "cpu_time_ms": times["cpu_time_ms"],
-        "cuda_time_ms": times["cuda_time_ms"],
+        "cpu_time_ms": cpu_column["median_ms"],
+        "cpu_time": cpu_column,
+        "cuda_time_ms": cuda_column["median_ms"] if cuda_column else None,
+        "cuda_time": cuda_column,
         "input_size": list(input_size),
         "batch": cfg.batch,
-        "optimised": cfg.optimise,  # on CPU: the CPU time and latency; on a GPU: the CPU time column only
+        "optimised": cfg.optimise,
         "paths": paths,
         "device": str(device),
         "latency": {
             "threads": threads,
             "repeats": cfg.repeats,
             "warmup": cfg.warmup,
+            "batch": cfg.batch,
             "original_ms": orig_stats["median_ms"],
+            "original_layout": timed["original_layout"],
+            "original_default_ms": timed["layouts"]["default"]["median_ms"],
             "expanded_ms": new_stats["median_ms"] if new_stats else None,
-            "spread": {"original": spread(orig_stats), **({"expanded": spread(new_stats)} if new_stats else {})},
+            "spread": {"original": spread(orig_stats), **({"expanded": spread(new_stats)} if new_stats else {}),
+                       "layouts": {name: spread(s) for name, s in timed["layouts"].items()}},
             "speedup": speedup,
+            "speedup_default": timed["speedup_default"],
+            "noisy": orig_stats["noisy"] or bool(new_stats and new_stats["noisy"]),
             "mac_ratio": mac_ratio,
             "realised": realised,
             "layers": layers,
+            "modules": modules,
         },
     }

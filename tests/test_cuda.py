@@ -40,29 +40,35 @@ def test_pipeline_runs_on_the_gpu_and_measures_cuda_time(tmp_path, bf16, channel
 
 
 def test_profile_on_the_gpu_times_the_cpu_column_on_the_cpu(monkeypatch):
-    """As the seed's table: CPU time from a run on the CPU, CUDA time from the GPU, on one machine."""
+    """As the seed's table: CPU time from an interleaved timing on the CPU, CUDA time from one on the GPU."""
     from lrx import profiling
     from lrx.config import ProfileConfig
     from lrx.lowrank import expand
     from lrx.models import build_model
 
     calls = []
-    real = profiling.profiler_times
+    real = profiling.time_pair
 
-    def recording(model, batch, input_size, device, warmup):
-        out = real(model, batch, input_size, device, warmup)
-        calls.append((torch.device(device).type, next(model.parameters()).device.type, out))
+    def recording(original, expanded, *args):
+        out = real(original, expanded, *args)
+        calls.append((args[2].type, next(original.parameters()).device.type, next(expanded.parameters()).device.type, out))
         return out
 
-    monkeypatch.setattr(profiling, "profiler_times", recording)
+    monkeypatch.setattr(profiling, "time_pair", recording)
     original = build_model("tiny_cnn").cuda()
     expanded, report = expand(build_model("tiny_cnn"), [2, 3], "v1", [4, 4])
     names = [layer["name"] for layer in report["layers"]]
     cfg = ProfileConfig(input_size=[3, 16, 16], batch=4, warmup=1, repeats=5, device="cuda")
     out = profiling.profile_pair(original, expanded.cuda(), names, cfg, per_layer=False)
-    assert [(run, model) for run, model, _ in calls] == [("cuda", "cuda"), ("cpu", "cpu")], calls
-    assert out["cpu_time_ms"] == calls[1][2]["cpu_time_ms"] and out["cuda_time_ms"] == calls[0][2]["cuda_time_ms"]
+    assert [c[:3] for c in calls] == [("cuda", "cuda", "cuda"), ("cpu", "cpu", "cpu")], [c[:3] for c in calls]
+    gpu, cpu = calls[0][3], calls[1][3]
+    assert out["cuda_time_ms"] == gpu["expanded"]["median_ms"] == out["latency"]["expanded_ms"], out["cuda_time"]
+    assert out["cpu_time_ms"] == cpu["expanded"]["median_ms"], out["cpu_time"]
+    assert "cudnn_benchmark" in gpu["layouts"] and "nnpack" not in gpu["layouts"], list(gpu["layouts"])
     assert out["device"] == "cuda" and out["latency"]["speedup"] > 0
+    modules = out["latency"]["modules"]["expanded"]
+    assert all(m["ms"] >= 0 for m in modules["modules"]) and 0 < modules["replaced_share"] < 1, \
+        f"per-module times with CUDA events: {modules}"
 
 
 def test_profiler_times_on_the_gpu_count_kernel_time():

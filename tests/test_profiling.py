@@ -1,4 +1,5 @@
 """Profiling: ptflops counts against the seed's numbers, interleaved latency, profiler times."""
+import contextlib
 import copy
 
 import pytest
@@ -6,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrx import profiling
+from lrx import timing
 from lrx.config import ProfileConfig
-from lrx.models import alexnet_cifar10, conv_layers
-from lrx.profiling import count, latency, layer_latency, profile_pair, profiler_times
+from lrx.lowrank import expand
+from lrx.models import alexnet_cifar10, build_model, conv_layers
+from lrx.profiling import count, layer_latency, profile_pair, profiler_times
+from lrx.timing import NOISY_SPREAD, _stats, latency, module_times, original_layouts, time_pair, timed_units
 
 SEED_BASES = [8, 8, 6, 4]  # the seed's #bases for layers 2,3,4,5
 
@@ -103,7 +106,7 @@ class FakeCost(nn.Module):
 def fake_clock(monkeypatch):
     CALLS.clear()
     CLOCK["s"] = 0.0
-    monkeypatch.setattr(profiling, "_clock", lambda: CLOCK["s"])
+    monkeypatch.setattr(timing, "_clock", lambda: CLOCK["s"])
 
 
 def test_latency_interleaves_models_and_uses_medians(fake_clock):
@@ -176,3 +179,140 @@ def test_profile_pair_fields():
     assert base["params"] == count(original, (3, 12, 12))[1], "a baseline counts the original"
     assert base["latency"]["expanded_ms"] is None and base["latency"]["speedup"] is None and not base["latency"]["layers"], \
         f"a baseline measures the original only: {base['latency']}"
+
+
+# ---------------------------------------------------------------- numbers a user can trust (issue 14)
+
+
+@pytest.mark.parametrize("runs, noisy", [
+    ([10, 10, 10, 10, 10], False),
+    ([8, 10, 12, 14, 10], False),  # quartiles 10 and 12: (p75 - p25) / median = 0.2, the limit itself
+    ([8, 10, 13, 14, 10], True),   # quartiles 10 and 13: 0.3 > NOISY_SPREAD
+    ([10, 10], True),              # too few repeats to know
+])
+def test_noise_rule(runs, noisy):
+    stats = _stats(runs)
+    assert NOISY_SPREAD == 0.2, "the documented rule: the middle half of the repeats within 20% of the median"
+    assert stats["noisy"] is noisy, f"{runs}: {stats}"
+    assert stats["repeats"] == len(runs) and stats["p25_ms"] <= stats["median_ms"] <= stats["p75_ms"], stats
+
+
+class LayoutCost(nn.Module):
+    """Costs (ms on the fake clock) by layout: NCHW 10, channels_last weights 6, oneDNN off 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(2, 3, 2, 2))
+
+    def forward(self, x):
+        last = self.weight.is_contiguous(memory_format=torch.channels_last)
+        CALLS.append("channels_last" if last else "nnpack" if not torch.backends.mkldnn.enabled else "default")
+        CLOCK["s"] += (6 if last else 10 if torch.backends.mkldnn.enabled else 8) / 1000.0
+        return x
+
+
+class Costly(FakeCost):
+    """A FakeCost with a parameter (a model ptflops counts and lrx.speed optimises)."""
+
+    def __init__(self, name, costs_ms):
+        super().__init__(name, costs_ms)
+        self.weight = nn.Parameter(torch.zeros(1))
+
+
+def test_time_pair_compares_with_the_fastest_plain_layout_and_reports_the_default(fake_clock):
+    cpu = torch.device("cpu")
+    timed = time_pair(LayoutCost(), FakeCost("expanded", [3]), (3, 2, 2), 1, cpu, warmup=0, repeats=4)
+    assert set(timed["layouts"]) >= {"default", "channels_last"}, f"layouts tried: {list(timed['layouts'])}"
+    assert timed["original_layout"] == "channels_last" and timed["original"]["median_ms"] == pytest.approx(6), timed
+    assert timed["speedup"] == pytest.approx(6 / 3), "speedup against the fastest layout of the original"
+    assert timed["speedup_default"] == pytest.approx(10 / 3), "PyTorch's default layout beside it"
+    assert CALLS[:len(timed["layouts"]) + 1] != CALLS[len(timed["layouts"]) + 1:2 * (len(timed["layouts"]) + 1)], \
+        f"original layouts and expansion alternate in a rotating order: {CALLS}"
+    plain = time_pair(LayoutCost(), None, (3, 2, 2), 1, cpu, warmup=0, repeats=3, plain_only=True)
+    assert list(plain["layouts"]) == ["default"] and plain["expanded"] is None and plain["speedup"] is None, plain
+
+
+def test_original_layouts_on_cpu():
+    model = nn.Conv2d(3, 4, 3).eval()
+    layouts = original_layouts(model, torch.device("cpu"))
+    assert layouts["default"][0] is model, "the default layout is the model as given"
+    assert layouts["channels_last"][0].weight.is_contiguous(memory_format=torch.channels_last), "a channels_last copy"
+    assert model.weight.is_contiguous(), "the caller's model keeps its layout"
+    if torch._nnpack_available():
+        with layouts["nnpack"][1]():
+            assert not torch.backends.mkldnn.enabled, "the NNPACK layout runs with oneDNN off"
+        assert torch.backends.mkldnn.enabled, "and restores it"
+    assert list(original_layouts(model, torch.device("cpu"), plain_only=True)) == ["default"]
+
+
+def test_profile_pair_time_columns_are_the_interleaved_medians(fake_clock):
+    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=5, device="cpu")
+    # The expansion's five repeats: 5, 5, 9, 5, 9 ms -> median 5, quartiles 5 and 9: noisy.
+    out = profile_pair(LayoutCost(), Costly("expanded", [5, 5, 9, 5, 9]), [], cfg, "cpu", per_layer=False,
+                       breakdown=False)
+    lat = out["latency"]
+    assert out["cpu_time_ms"] == pytest.approx(5) and out["cpu_time"]["median_ms"] == lat["expanded_ms"], \
+        f"the CPU time column is the expansion's interleaved median: {out['cpu_time']}"
+    assert (out["cpu_time"]["p25_ms"], out["cpu_time"]["p75_ms"], out["cpu_time"]["repeats"]) == pytest.approx((5, 9, 5)), \
+        out["cpu_time"]
+    assert out["cpu_time"]["noisy"] and lat["noisy"], "a spread of 80% of the median is marked noisy"
+    assert out["cpu_time"]["batch"] == 1, "the column records the batch it was timed at"
+    assert lat["original_layout"] == "channels_last" and lat["original_ms"] == pytest.approx(6), lat
+    assert lat["speedup"] == pytest.approx(6 / 5) and lat["speedup_default"] == pytest.approx(10 / 5), \
+        "the remark's speedup comes from the same medians as the column"
+    assert set(lat["spread"]["layouts"]) >= {"default", "channels_last"} and lat["spread"]["expanded"]["runs_ms"] == \
+        pytest.approx([5, 5, 9, 5, 9]), lat["spread"]
+
+    base = profile_pair(LayoutCost(), None, [], cfg, "cpu", per_layer=False, breakdown=False)
+    assert base["cpu_time_ms"] == pytest.approx(6) and base["cpu_time"]["layout"] == "channels_last", \
+        f"a baseline's column is the original in its fastest layout: {base['cpu_time']}"
+    assert not base["cpu_time"]["noisy"], base["cpu_time"]
+
+
+def tiny_expansion(scheme="v2"):
+    original = build_model("tiny_cnn")
+    expanded, report = expand(build_model("tiny_cnn"), [2, 3], scheme, [4, 4])
+    return original, expanded, [layer["name"] for layer in report["layers"]]
+
+
+@pytest.mark.parametrize("scheme", ["v1", "v2"])
+def test_optimised_profile_fills_per_layer_macs(one_thread, scheme):
+    original, expanded, names = tiny_expansion(scheme)
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu", optimise=True)
+    out = profile_pair(original, expanded, names, cfg, "cpu", breakdown=False)
+    assert out["paths"] and all(p != "default" for p in out["paths"].values()), f"optimised paths: {out['paths']}"
+    layers = out["latency"]["layers"]
+    assert [entry["layer"] for entry in layers] == names, layers
+    for entry in layers:
+        shape = tuple(entry["input_shape"][1:])
+        want = count(dict(expanded.named_modules())[entry["layer"]], shape)[0]
+        assert entry["macs_expanded"] == want > 0, f"MACs of the plain layer, not of its oneDNN path: {entry}"
+        assert entry["mac_ratio"] == pytest.approx(entry["macs_original"] / want), entry
+        assert entry["realised"] == pytest.approx(entry["speedup"] / entry["mac_ratio"]), entry
+        assert isinstance(entry["noisy"], bool) and entry["spread"]["repeats"] == 3, entry
+
+
+def test_module_times_add_up_per_module(fake_clock):
+    model = nn.Sequential(FakeCost("a", [2]), FakeCost("b", [3]))
+    out = module_times({"m": (model, contextlib.nullcontext)}, ["1"], torch.zeros(1), torch.device("cpu"),
+                       warmup=1, repeats=3)["m"]
+    assert [(m["name"], m["type"]) for m in out["modules"]] == [("0", "FakeCost"), ("1", "FakeCost")], out
+    assert [m["ms"] for m in out["modules"]] == pytest.approx([2, 3]) and out["total_ms"] == pytest.approx(5), out
+    assert out["outside_ms"] == pytest.approx(0), "no time outside the modules on the fake clock"
+    assert out["replaced_ms"] == pytest.approx(3) and out["replaced_share"] == pytest.approx(0.6), out
+    assert [m["share"] for m in out["modules"]] == pytest.approx([0.4, 0.6]), out
+    assert not model._forward_pre_hooks and not model[0]._forward_hooks, "hooks removed afterwards"
+
+
+def test_breakdown_times_expansion_layers_whole(one_thread):
+    original, expanded, names = tiny_expansion()
+    units = dict(timed_units(expanded))
+    assert all(type(units[n]).__name__ == "LowRankExpConvV2" for n in names), f"expansion layers are units: {units}"
+    assert not any(u.startswith(f"{n}.") for u in units for n in names), "their children are not timed apart"
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu")
+    modules = profile_pair(original, expanded, names, cfg, "cpu", per_layer=False)["latency"]["modules"]
+    for which in ("original", "expanded"):
+        part = modules[which]
+        assert 0 < part["replaced_share"] < 1, f"{which}: the replaced layers' share of the forward: {part}"
+        assert sum(m["ms"] for m in part["modules"]) <= part["total_ms"], f"{which}: units within the forward"
+        assert {m["name"] for m in part["modules"]} >= set(names), part
