@@ -33,16 +33,28 @@ beyond noise), the 1-D convs as im2col + MKL GEMM in NHWC (slower than oneDNN's 
 horizontal-first order of scheme 2 (``order="hv"``, a structural option of the layer; no speed difference
 beyond noise at stride 1, where both orders cost the same MACs).
 
-On CUDA nothing has been measured yet, so ``optimise_for("cuda")`` keeps the default path.
+On CUDA a layer keeps its default forward (its factors as ``nn.Conv2d``: cuDNN's kernels); what pays
+there is how the whole model runs, which :func:`optimise` sets for ``"cuda"``: channels_last parameters
+and inputs, ``torch.backends.cudnn.benchmark`` (cuDNN times its algorithms once per shape), the dtype
+(bfloat16/float16 under autocast, or the weights cast), a CUDA graph per fixed input shape (one launch
+instead of one per kernel: it pays where kernels are short, small batches), and ``torch.compile`` as an
+option, applied by the caller to the original and the expansion alike. Those return an
+:class:`InferenceModel` wrapper; every one agrees with the default forward within its dtype's rounding
+(``tests/test_speed_paths.py`` on CPU, ``tests/test_cuda.py`` on a GPU).
 
 A path is used only where it is valid: CPU float32 input, no autograd graph wanted (``torch.no_grad`` /
 ``inference_mode``, or nothing requiring grad). Elsewhere, e.g. while fine-tuning, the layer runs its
 default forward. If the layer's weights change after the path was built (an optimiser step,
 ``load_state_dict``), the path rebuilds its snapshot on the next call, so it never runs stale weights.
 A path holds no parameters and adds nothing to the state_dict.
+
+This module is long because the CPU paths (engines, per-layer paths) and the whole-model GPU path are one
+choice, "how does this model run fastest on that device", made by one :func:`optimise`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Callable
 
 import torch
@@ -52,6 +64,7 @@ from torch import Tensor, nn
 from .errors import UserError
 
 PATHS = ("auto", "default", "factored", "dense")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Relative MAC rates on CPU (MACs per second; a dense oneDNN conv in channels_last = 1.0), measured
 # with benchmarks/layer_speed.py on AlexNet conv2-5 at batch 64, 2 threads, AMD EPYC (AVX2): scheme 2's
@@ -289,6 +302,9 @@ class Optimisable:
     """
 
     _fast: FastPath | None = None
+    # TorchScript compiles a module's properties; the path is Python-only state, never part of a scripted model.
+    __jit_unused_properties__ = ["inference_path"]
+    __jit_ignored_attributes__ = ["_fast"]
 
     def _factored_convs(self) -> list:
         raise NotImplementedError
@@ -344,9 +360,16 @@ class Optimisable:
         return _stages(self._factored_convs(), input_shape, prepack)
 
     def _run(self, x: Tensor):
-        """The chosen path's output, or None where no path applies."""
+        """The chosen path's output, or None where no path applies.
+
+        None too while the model is being captured (``torch.jit.trace``, ``torch.export``, ``torch.compile``,
+        the ONNX exporter): a path's prepacked oneDNN weights and private ops are this process's, not a
+        graph's, so a captured model holds the factors as the plain convs they are.
+        """
         fast = self._fast
-        if fast is not None and fast.applies(self, x):
+        if fast is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        if fast.applies(self, x):
             return fast(self, x)
         return None
 
@@ -362,10 +385,99 @@ def expansion_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Optimisable)]
 
 
+class InferenceModel(nn.Module):
+    """``model`` run as a served model runs: inputs moved to its device (and to channels_last), a dtype, a
+    CUDA graph per input shape, ``torch.compile``; the output is float32. Made by :func:`optimise`.
+
+    Parameters
+    ----------
+    dtype : "float32", "bfloat16" or "float16".
+    autocast : run a lower dtype under ``torch.autocast`` (weights stay float32); False casts the
+        weights and inputs to ``dtype`` instead.
+    cuda_graph : on CUDA, capture one graph per input shape on the first inference call with it, then
+        replay it (inputs copied into the captured input); calls that want gradients run eagerly.
+    compile : False, True (``torch.compile`` with its default backend) or a backend's name.
+    """
+
+    def __init__(self, model: nn.Module, device, dtype: str = "float32", autocast: bool = True,
+                 channels_last: bool = True, cuda_graph: bool = False, compile: bool | str = False):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", key="profile.dtype")
+        self.device = torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise UserError(f"CUDA graphs need a CUDA device, got {self.device}")
+        self.model = model
+        self._settings = dict(dtype=dtype, autocast=autocast, channels_last=channels_last, cuda_graph=cuda_graph,
+                              compile=compile)
+        self.dtype = DTYPES[dtype]
+        self.autocast = autocast and self.dtype != torch.float32
+        if not autocast and self.dtype != torch.float32:
+            model.to(self.dtype)
+        self.channels_last, self.cuda_graph = channels_last, cuda_graph
+        runner = model
+        if compile:
+            runner = torch.compile(model) if compile is True else torch.compile(model, backend=compile)
+        self._runner = [runner]  # in a list: a compiled wrapper is not a submodule (no second state_dict)
+        self._graphs: dict[tuple, tuple] = {}
+
+    def _eager(self, x: Tensor) -> Tensor:
+        context = (torch.autocast(self.device.type, dtype=self.dtype) if self.autocast
+                   else contextlib.nullcontext())
+        with context:
+            return self._runner[0](x)
+
+    def _graphed(self, x: Tensor) -> Tensor:
+        shape = (tuple(x.shape), x.dtype)
+        with torch.inference_mode():  # static tensors and their updates in one mode (inference tensors)
+            if shape not in self._graphs:
+                static = x.clone()
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+                    for _ in range(3):
+                        self._eager(static)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self._eager(static)
+                self._graphs[shape] = (graph, static, out)
+            graph, static, out = self._graphs[shape]
+            static.copy_(x)
+            graph.replay()
+            return out.clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.device)
+        if self.channels_last and x.dim() == 4:
+            x = _channels_last(x)
+        if not self.autocast and self.dtype != torch.float32:
+            x = x.to(self.dtype)
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.cuda_graph and not wants_grad:
+            y = self._graphed(x)
+        else:
+            y = self._eager(x)
+        return y.float()
+
+    def __deepcopy__(self, memo):
+        # A copy carries the choice, not the compiled code or captured graphs: it compiles and captures its own.
+        return InferenceModel(copy.deepcopy(self.model, memo), self.device, **self._settings)
+
+    def extra_repr(self) -> str:
+        return (f"dtype={str(self.dtype).split('.')[-1]}, autocast={self.autocast}, channels_last={self.channels_last}, "
+                f"cuda_graph={self.cuda_graph}, compiled={self._runner[0] is not self.model}")
+
+
 @torch.no_grad()
 def optimise(model: nn.Module, device=None, example_input: Tensor | None = None, channels_last: bool = True,
-             path: str = "auto", prepack: bool = True) -> nn.Module:
-    """Choose, once, the inference path of every expansion layer in ``model`` (in place; returns ``model``).
+             path: str = "auto", prepack: bool = True, dtype: str = "float32", autocast: bool = True,
+             cuda_graph: bool = False, compile: bool | str = False) -> nn.Module:
+    """Choose, once, how ``model`` runs inference on ``device``: the path of every expansion layer (in
+    place), and on CUDA or with a lower dtype or ``compile``, an :class:`InferenceModel` around it.
+
+    Returns ``model`` itself on the CPU in float32 without compiling (the usual CPU case), else the
+    wrapper (whose ``.model`` is ``model``).
 
     Parameters
     ----------
@@ -376,14 +488,22 @@ def optimise(model: nn.Module, device=None, example_input: Tensor | None = None,
         convs before the first expansion layer (and everything after) run NHWC as the layers do. Values
         are unchanged; it is a layout change of the parameters in place.
     path, prepack : passed to each layer's ``optimise_for`` ("auto" picks per layer; see the layers).
+    dtype, autocast, cuda_graph, compile : see :class:`InferenceModel`. On CUDA, channels_last puts the
+        parameters (and the wrapper's inputs) in channels_last, and ``torch.backends.cudnn.benchmark`` is
+        turned on (a process-wide setting: cuDNN then times its algorithms on each new shape).
     """
     check_path(path)
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else "cpu"
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", key="profile.dtype")
     layers = expansion_layers(model)
-    if cpu_device(device) and channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     shapes: dict[str, tuple] = {}
     if example_input is not None and layers:
         def recorder(name):
@@ -399,6 +519,8 @@ def optimise(model: nn.Module, device=None, example_input: Tensor | None = None,
                 h.remove()
     for name, layer in layers:
         layer.optimise_for(device, input_shape=shapes.get(name), path=path, prepack=prepack)
+    if device.type == "cuda" or dtype != "float32" or cuda_graph or compile:
+        return InferenceModel(model, device, dtype, autocast, channels_last, cuda_graph, compile)
     return model
 
 

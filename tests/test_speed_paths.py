@@ -291,3 +291,43 @@ def test_basis_filters_of_scheme_1():
     split = LowRankExpConvV1.from_conv(conv, 3, decomposed=True).basis_filters()
     assert split.shape == (3, 3, 5) and all(torch.linalg.matrix_rank(f) <= 1 for f in split), \
         "decomposed: M rank-1 filters"
+
+
+# ------------------------------------------------------------------ whole-model paths: dtype, compile (issue 11)
+
+
+def small_expanded_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 5)).eval()
+    expanded, _ = expand(model, [2], "v2", [6], input_size=(3, 8, 8))
+    return model, expanded.eval()
+
+
+@pytest.mark.parametrize("dtype, autocast, bound", [("bfloat16", True, 3e-2), ("bfloat16", False, 3e-2),
+                                                    ("float32", True, 1e-5)])
+def test_optimise_with_a_dtype_agrees_with_the_default_forward_within_its_rounding(dtype, autocast, bound):
+    _, expanded = small_expanded_model()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = expanded(x)
+    net = speed.optimise(copy.deepcopy(expanded), "cpu", x, dtype=dtype, autocast=autocast, compile="eager")
+    assert isinstance(net, speed.InferenceModel), "a dtype or compile on CPU wraps the model"
+    with torch.no_grad():
+        got = net(x)
+    assert got.dtype == torch.float32 and got.shape == expected.shape, f"output {got.dtype} {tuple(got.shape)}"
+    assert rel(got, expected) < bound, f"{dtype} (autocast {autocast}) differs by {rel(got, expected):.2e} > {bound}"
+    assert set(net.state_dict()) == {f"model.{k}" for k in expanded.state_dict()}, \
+        "the wrapper adds nothing to the state_dict (no second copy of a compiled module)"
+    twin = copy.deepcopy(net)  # lrx.timing copies models to try layouts: a copy runs and agrees
+    with torch.no_grad():
+        assert rel(twin(x), got) < 1e-6, "a copy of the wrapper computes what the wrapper does"
+
+
+def test_optimise_on_cpu_float32_is_in_place_and_cuda_graphs_need_cuda():
+    _, expanded = small_expanded_model()
+    assert speed.optimise(expanded, "cpu") is expanded, "plain CPU float32: the model itself, in place"
+    with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
+        speed.optimise(expanded, "cpu", cuda_graph=True)
+    with pytest.raises(UserError, match="dtype 'int8' is not one of float32, bfloat16, float16"):
+        speed.optimise(expanded, "cpu", dtype="int8")
