@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,19 @@ Number = Union[int, float]
 
 @dataclass
 class ModelConfig:
+    # A registry name (lrx.models.MODELS), "torchvision:<name>" (torchvision's model registry) or
+    # "python:<package.module>:<factory>" (the user's code: a callable(num_classes=...) returning an nn.Module).
     name: str = "alexnet_cifar10"
     num_classes: int = 10
     init: Literal["scratch", "imagenet"] = "scratch"
+    weights: Union[str, None] = None  # torchvision: models only: a weights name (DEFAULT, IMAGENET1K_V1, ...)
+    checkpoint: Union[str, None] = None  # the user's trained weights (state_dict or lrx model file) to start from
 
 
 @dataclass
 class DataConfig:
-    name: Literal["cifar10", "fashion-mnist", "synthetic"] = "cifar10"
+    # cifar10, fashion-mnist, synthetic, imagefolder (data.root holds train/ and val/), torchvision:<Dataset>
+    name: str = "cifar10"
     root: str = "data"  # overridden by --data-root, then by the LRX_DATA env var
     image_size: int = 224  # pixels; images are resized on whole batches
     batch_size: int = 64
@@ -49,6 +55,8 @@ class DataConfig:
     test_subset: Union[int, None] = None
     download: bool = True
     synthetic_size: int = 32  # native pixels of the synthetic images
+    stream: Union[bool, None] = None  # read batches with a DataLoader; null: when the images exceed 4 GiB in memory
+    workers: int = 2  # DataLoader worker processes (streaming, and decoding imagefolder / torchvision: sets)
 
 
 @dataclass
@@ -164,6 +172,10 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
     if not cfg.name:
         cfg.name = path.stem
     validate(cfg)
+    if cfg.model.name.startswith("python:"):  # the user's module may sit next to the config
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
     return cfg
 
 
@@ -319,6 +331,7 @@ def validate(cfg: Config) -> None:
         if value is not None:
             within(value, key, 0, MAX_ROW)
     within(cfg.model.num_classes, "model.num_classes", 2, MAX_CLASSES)
+    _validate_sources(cfg, need)
     d = cfg.data
     within(d.image_size, "data.image_size", 1, MAX_IMAGE_SIZE)
     within(d.batch_size, "data.batch_size", 1, MAX_BATCH)
@@ -361,6 +374,34 @@ def validate(cfg: Config) -> None:
         within(p.threads, "profile.threads", 1, 1024, why_low=" or null")
     within(p.repeats, "profile.repeats", 5, 10_000, why_low=" (a median needs several runs)")
     within(p.warmup, "profile.warmup", 0, 1000)
+
+
+PYTHON_MODEL_RE = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+TORCHVISION_RE = re.compile(r"^torchvision:[A-Za-z_]\w*$")
+DATASETS = ("cifar10", "fashion-mnist", "synthetic", "imagefolder")
+MAX_WORKERS = 256
+
+
+def _validate_sources(cfg: Config, need) -> None:
+    """The forms of model.name and data.name, and the model's starting weights (one source of them)."""
+    m, d = cfg.model, cfg.data
+    if m.name.startswith("python:"):
+        need(bool(PYTHON_MODEL_RE.match(m.name)), "model.name",
+             f"{show(m.name)} must be python:<package.module>:<factory>, e.g. python:mynets:build")
+    if m.name.startswith("torchvision:"):
+        need(bool(TORCHVISION_RE.match(m.name)), "model.name",
+             f"{show(m.name)} must be torchvision:<model name>, e.g. torchvision:resnet18")
+    need(m.weights is None or m.name.startswith("torchvision:"), "model.weights",
+         f"weights {show(m.weights)} name torchvision's pretrained weights and go with a torchvision:<name> model; "
+         f"model.name is {show(m.name)}")
+    starts = [key for key, on in (("model.init: imagenet", m.init == "imagenet"), ("model.weights", m.weights),
+                                  ("model.checkpoint", m.checkpoint)) if on]
+    need(len(starts) <= 1, "model.checkpoint" if m.checkpoint else "model.weights",
+         f"{' and '.join(starts)} both set the starting weights; keep one")
+    need(m.checkpoint is None or bool(m.checkpoint.strip()), "model.checkpoint", "must be a file path or null")
+    need(d.name in DATASETS or bool(TORCHVISION_RE.match(d.name)), "data.name",
+         f"got {show(d.name)}; allowed: {', '.join(DATASETS)}, torchvision:<Dataset> (e.g. torchvision:CIFAR100)")
+    need(0 <= d.workers <= MAX_WORKERS, "data.workers", f"must be in 0..{MAX_WORKERS}, got {show(d.workers)}")
 
 
 def _validate_decompose(settings: DecomposeConfig, need, within) -> None:

@@ -27,8 +27,8 @@ from torch import nn
 from . import distributed
 from .config import RuntimeConfig, StageConfig
 from .errors import UserError
-from .loop import (LossFn, autocast, batches_device, fit, kept_modes, main_log, prepare_model, resume, start_device,
-                   to_memory_format)
+from .loop import (LossFn, autocast, batches_device, fit, for_model, kept_modes, main_log, prepare_model, resume,
+                   start_device, to_memory_format)
 from .train import adamw
 
 Log = Callable[[str], None]
@@ -131,6 +131,7 @@ def measure(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], 
     """
     names = list(layer_names)
     student, teacher = distributed.unwrap(student), distributed.unwrap(teacher)
+    batches = for_model(batches, student)
     device = batches_device(batches)
     limit = distributed.own_count(total) if total is not None else None
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, images, sum of per-image L2 norms
@@ -213,8 +214,11 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
         epoch's weights (``stage.keep``: best-acc, best-l2 or last) and every parameter has
         ``requires_grad=True`` again.
     teacher : the original model; never changed.
-    train, test : :class:`lrx.data.Batches` (unsharded; each process takes its shard under DDP).
-        Batches give float32 (B, 3, S, S) images and int64 (B,) labels on the device to train on.
+    train, test : :class:`lrx.data.Batches` or :class:`lrx.data.StreamBatches` (unsharded; each process takes
+        its shard under DDP), giving float32 (B, 3, S, S) images and int64 (B,) labels on the device to train
+        on; or any iterable of (images, labels) batches that can be iterated again (a DataLoader, a list),
+        moved to the student's device batch by batch (under DDP: this process's share, e.g. with a
+        DistributedSampler, whose ``set_epoch`` is called).
     stage : loss weights ``l2``/``ce``, ``epochs``, AdamW's ``lr``, ``betas``, ``weight_decay``, ``keep``.
     ckpt_path : the per-epoch checkpoint ``{model, optimizer, scheduler (None), epoch, best, best_epoch, history,
         before, rng, settings, wall_s}``, written atomically by rank 0 after every epoch (and as epoch 0
@@ -239,6 +243,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     names = list(layer_names)
     if not names:
         raise UserError("fine-tuning needs the names of the replaced layers; got none", key="layers")
+    train, test = for_model(train, student), for_model(test, student)
     device = start_device(train)
     say = main_log(log)
     ckpt_path = Path(ckpt_path)

@@ -21,6 +21,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import load_checkpoint, save_atomic
 from .config import RuntimeConfig
+from .data import as_batches, length
 from .errors import TrainingDiverged, UserError
 from .progress import progress
 
@@ -61,6 +62,19 @@ def prepare_model(model: nn.Module, device: torch.device, runtime: RuntimeConfig
 def batches_device(batches) -> torch.device:
     """Where ``batches`` are prepared (an explicit GPU index for ``cuda``)."""
     return distributed.local_device(getattr(batches, "device", "cpu"))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; the CPU for a model without either."""
+    for tensor in (*distributed.unwrap(model).parameters(), *distributed.unwrap(model).buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def for_model(batches, model: nn.Module):
+    """``batches`` as the loops use them: lrx's own as they are; any other iterable of (images, labels)
+    (a DataLoader, a list) wrapped to deliver each batch on ``model``'s device (:func:`lrx.data.as_batches`)."""
+    return as_batches(batches, model_device(model))
 
 
 def start_device(batches) -> torch.device:
@@ -125,7 +139,8 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     ----------
     model : the model the optimizer updates (it may be wrapped in DistributedDataParallel); its
         train/eval flags are the caller's choice and are left alone.
-    batches : yields (x float32 (B, 3, S, S), y int64 (B,)) on the model's device.
+    batches : yields (x float32 (B, 3, S, S), y int64 (B,)): :class:`lrx.data.Batches`, or any iterable
+        of such batches (a DataLoader, a list), moved to the model's device.
     loss_fn : ``loss_fn(model, x, y) -> scalar tensor``.
     scheduler : stepped once per batch when given (the baseline's warm-up and cosine schedule).
 
@@ -138,12 +153,27 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     TrainingDiverged
         naming the epoch and the first step whose loss was NaN or infinite.
     """
+    batches = for_model(batches, model)
     device = batches_device(batches)
     batches.set_epoch(epoch)
-    steps = len(batches)
+    steps = length(batches)  # None: an iterable that does not say
     total = torch.zeros((), dtype=torch.float64, device=device)
     pending: list[torch.Tensor] = []
     done = 0
+
+    def check(bar) -> None:
+        nonlocal total, done, pending
+        values = torch.stack(pending)
+        finite = torch.isfinite(values)
+        if distributed.any_true(not bool(finite.all()), device):
+            bad = (~finite).nonzero()
+            first = int(bad[0]) if len(bad) else len(pending) - 1  # another rank diverged
+            raise TrainingDiverged(float(values[first]), epoch, done + first + 1, steps or done + len(pending))
+        total += values.double().sum()
+        done += len(pending)
+        pending = []
+        bar.advance(0, loss=float(total) / done)
+
     with progress(steps, description, quiet) as bar:
         for step, (x, y) in enumerate(batches, 1):
             x = to_memory_format(x, runtime)
@@ -156,17 +186,10 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                 scheduler.step()
             pending.append(loss.detach().float())
             if len(pending) == CHECK_EVERY or step == steps:
-                values = torch.stack(pending)
-                finite = torch.isfinite(values)
-                if distributed.any_true(not bool(finite.all()), device):
-                    bad = (~finite).nonzero()
-                    first = int(bad[0]) if len(bad) else len(pending) - 1  # another rank diverged
-                    raise TrainingDiverged(float(values[first]), epoch, done + first + 1, steps)
-                total += values.double().sum()
-                done += len(pending)
-                pending = []
-                bar.advance(0, loss=float(total) / done)
+                check(bar)
             bar.advance()
+        if pending:  # the last steps of an iterable without a length
+            check(bar)
     if done == 0:
         raise UserError("no training batches: the training split is empty or smaller than one batch", key="data")
     stats = distributed.all_reduce_sum(torch.stack([total, torch.tensor(float(done), dtype=torch.float64, device=device)]))
@@ -181,6 +204,7 @@ def evaluate(model: nn.Module, batches, runtime: RuntimeConfig | None = None, to
     shard repeats is not counted, so the result equals a single process's.
     """
     model = distributed.unwrap(model)
+    batches = for_model(batches, model)
     device = batches_device(batches)
     limit = distributed.own_count(total) if total is not None else None
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -363,7 +387,8 @@ def fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, state: Loop
                 loss = train_one_epoch(net, batches, optimizer, loss_fn, epoch, runtime=runtime, quiet=quiet,
                                        description=f"{label} {epoch}/{epochs}", scheduler=scheduler)
             except TrainingDiverged as err:
-                raise TrainingDiverged(err.value, epoch, err.step, len(batches), ckpt_path, epoch - 1) from None
+                steps = length(batches) or err.step
+                raise TrainingDiverged(err.value, epoch, err.step, steps, ckpt_path, epoch - 1) from None
         record = {"epoch": epoch, "loss": loss, **evaluate_epoch()}
         state.history.append(record)
         if is_better(record, state.best, keep):

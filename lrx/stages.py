@@ -22,7 +22,7 @@ from .datafit import expand_to_data
 from .errors import UserError
 from .finetune import l2_norm, run_stage
 from .lowrank import expand
-from .models import build_model
+from .models import initial_model
 from .profiling import profile_pair
 from .ranks import plan_ranks
 from .rundir import RunDir, load_model
@@ -164,7 +164,8 @@ class Train(ModelStage):
     def run(ctx: Context, name: str) -> dict:
         cfg = ctx.cfg
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.init).to(ctx.device)
+        # model.checkpoint: the user's trained weights; with train.epochs: 0 the stage only evaluates them.
+        model = initial_model(cfg.model).to(ctx.device)
         train, test = ctx.data()
         result = train_baseline(model, train, test, cfg.train, ctx.run.checkpoint_path(name), log=ctx.say,
                                 quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed)

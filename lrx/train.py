@@ -20,8 +20,8 @@ from torch import nn
 from . import distributed
 from .config import RuntimeConfig, TrainConfig
 from .errors import TrainingDiverged, UserError
-from .loop import (LossFn, batches_device, evaluate, fit, is_better, main_log, prepare_model, resume, start_device,
-                   train_one_epoch)
+from .loop import (LossFn, batches_device, evaluate, fit, for_model, is_better, main_log, prepare_model, resume,
+                   start_device, train_one_epoch)
 
 __all__ = ["TrainingDiverged", "adamw", "batches_device", "cross_entropy", "evaluate", "fusable", "is_better",
            "lr_factor", "prepare_model", "train_baseline", "train_one_epoch"]
@@ -104,7 +104,8 @@ def train_baseline(model: nn.Module, train, test, cfg: TrainConfig, ckpt_path, l
     Parameters
     ----------
     model : the freshly built model (moved to the batches' device here).
-    train, test : :class:`lrx.data.Batches` (unsharded; each process takes its shard under DDP).
+    train, test : :class:`lrx.data.Batches` (unsharded; each process takes its shard under DDP), or any
+        iterable of (images, labels) batches, as :func:`lrx.finetune.run_stage` takes them.
     log : receives one line per epoch (rank 0 only).
     on_epoch : called as ``on_epoch(epoch, record)`` after each epoch's checkpoint is written.
 
@@ -120,6 +121,7 @@ def train_baseline(model: nn.Module, train, test, cfg: TrainConfig, ckpt_path, l
     """
     started = time.perf_counter()
     runtime = runtime or RuntimeConfig()
+    train, test = for_model(train, model), for_model(test, model)
     device = start_device(train)
     say = main_log(log)
     ckpt_path = Path(ckpt_path)

@@ -117,3 +117,153 @@ def test_data_root_precedence(monkeypatch):
     monkeypatch.setenv("LRX_DATA", "/env")
     assert data_root("cfg") == Path("/env"), "LRX_DATA over the config"
     assert data_root("cfg", "/flag") == Path("/flag"), "--data-root over both"
+
+
+# ---------------------------------------------------------------- image folders, torchvision sets, streaming
+
+CLASSES = ("cat", "dog", "eel")
+
+
+def write_image_folder(root: Path, per_class: int = 6, size: int = 32) -> Path:
+    """root/{train,val}/<class>/<i>.png: each class a colour of its own plus noise; odd sizes, to resize and crop."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = size + 3 * i, size + 2 * c
+                base = np.zeros((h, w, 3), dtype=np.uint8)
+                base[..., c] = 200
+                pixels = np.clip(base + rng.integers(0, 55, size=(h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def folder_config(tmp_path: Path, images: Path, **data):
+    from conftest import write_yaml
+    from lrx.config import load_config
+
+    settings = {"name": "imagefolder", "root": str(images), "image_size": 24, "batch_size": 4, "test_batch_size": 4,
+                "workers": 0, **data}
+    return load_config(write_yaml(tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml",
+                                  {"model": {"name": "tiny_cnn", "num_classes": 3}, "data": settings, "seed": 5}))
+
+
+def test_image_folder_decodes_resizes_and_keeps_the_training_labels(tmp_path):
+    from lrx.data import load_data
+
+    images = write_image_folder(tmp_path / "images")
+    (images / "val" / "dog").rename(images / "val" / "zz-dog")  # a val folder must use the training classes
+    with pytest.raises(UserError, match="classes the training folder lacks: zz-dog"):
+        load_data(folder_config(tmp_path, images))
+    (images / "val" / "zz-dog").rename(images / "val" / "dog")
+    (images / "val" / "eel").rename(tmp_path / "eel")  # fewer classes in val: labels stay the training ones
+    train, test = load_data(folder_config(tmp_path, images))
+    assert train.images.shape == (18, 3, 24, 24) and train.images.dtype == torch.uint8
+    assert sorted(train.labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    assert sorted(test.labels.tolist()) == [0] * 3 + [1] * 3, "cat 0, dog 1 in val as in train"
+    red = train.images[train.labels == 0].float().mean(dim=(0, 2, 3))
+    assert red[0] > 200 and red[1] < 60, f"class 0's images are red after decoding and resizing: {red}"
+
+
+def test_image_folder_mistakes_are_user_errors(tmp_path):
+    from lrx.data import load_data
+
+    with pytest.raises(UserError, match="needs .*/train/<class>/<images> and .*/val/<class>/<images>"):
+        load_data(folder_config(tmp_path, tmp_path / "nothing"))
+    images = write_image_folder(tmp_path / "images")
+    (images / "train" / "cat" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read image .*0.png"):
+        load_data(folder_config(tmp_path, images))
+    from conftest import write_yaml
+    from lrx.config import load_config
+
+    cfg = load_config(write_yaml(tmp_path / "two.yaml", {"model": {"name": "tiny_cnn", "num_classes": 2},
+                                                         "data": {"name": "imagefolder", "root": str(images)}}))
+    (images / "train" / "cat" / "0.png").unlink()
+    with pytest.raises(UserError, match="the data has 3 classes \\(cat, dog, eel\\) but the model has 2 outputs"):
+        load_data(cfg)
+
+
+def all_batches(batches, epoch):
+    batches.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in batches]
+
+
+def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
+    from lrx.data import Batches, StreamBatches, load_data
+
+    images = write_image_folder(tmp_path / "images")
+    memory = load_data(folder_config(tmp_path, images, train_subset=14, stream=False))
+    stream = load_data(folder_config(tmp_path, images, train_subset=14, stream=True, workers=2))
+    assert all(isinstance(b, Batches) for b in memory) and all(isinstance(b, StreamBatches) for b in stream)
+    for split in (0, 1):
+        for epoch in (0, 1):
+            a, b = all_batches(memory[split], epoch), all_batches(stream[split], epoch)
+            assert len(a) == len(b) == len(memory[split]) == (4 if split == 0 else 3)
+            for (xa, ya), (xb, yb) in zip(a, b):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb), f"split {split} epoch {epoch}: the same batch"
+        for rank in (0, 1):  # DDP: each rank's shard is the same on both paths
+            a, b = all_batches(memory[split].shard(rank, 2), 1), all_batches(stream[split].shard(rank, 2), 1)
+            assert all(torch.equal(ya, yb) and torch.equal(xa, xb) for (xa, ya), (xb, yb) in zip(a, b))
+            assert memory[split].shard(rank, 2).num_images == stream[split].shard(rank, 2).num_images
+    first = torch.cat([y for _, y in all_batches(memory[0], 0)])
+    assert not torch.equal(first, torch.cat([y for _, y in all_batches(memory[0], 1)])), "shuffled per epoch"
+
+
+def test_large_sets_stream_unless_told_otherwise(tmp_path, monkeypatch):
+    import lrx.data
+    from lrx.data import Batches, StreamBatches, load_data
+
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    monkeypatch.setattr(lrx.data, "STREAM_ABOVE_BYTES", 3 * 24 * 24 * 5)  # more than 5 images streams
+    train, test = load_data(folder_config(tmp_path, images))
+    assert isinstance(train, StreamBatches) and isinstance(test, Batches), "6 training images stream, 3 test not"
+    train, _ = load_data(folder_config(tmp_path, images, stream=False))
+    assert isinstance(train, Batches), "stream: false keeps them in memory"
+    train, _ = load_data(folder_config(tmp_path, images, name="synthetic", train_subset=64, stream=None))
+    assert isinstance(train, Batches), "a set read whole into memory stays there"
+
+
+class TinyTrainSet(torch.utils.data.Dataset):
+    """A stand-in for a torchvision dataset taking train=True/False (CIFAR100, MNIST, ...)."""
+
+    classes = ["a", "b"]
+
+    def __init__(self, root, train=True, download=False):
+        self.train = train
+
+    def __len__(self):
+        return 6 if self.train else 4
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return Image.new("L", (10, 12), color=40 * i), i % 2  # grayscale, not square
+
+
+class TinySplitSet(TinyTrainSet):
+    """One taking split= (SVHN, Food101, ...) and knowing "train" and "val" only."""
+
+    def __init__(self, root, split="train", download=False):
+        if split not in ("train", "val"):
+            raise ValueError(f"Unknown value '{split}' for argument split")
+        self.train = split == "train"
+
+
+def test_torchvision_datasets_by_name(tmp_path, monkeypatch):
+    import torchvision
+    from lrx.data import load_data
+
+    monkeypatch.setattr(torchvision.datasets, "TinyTrainSet", TinyTrainSet, raising=False)
+    monkeypatch.setattr(torchvision.datasets, "TinySplitSet", TinySplitSet, raising=False)
+    for name in ("TinyTrainSet", "TinySplitSet"):
+        train, test = load_data(folder_config(tmp_path, tmp_path, name=f"torchvision:{name}", image_size=8))
+        assert train.images.shape == (6, 3, 8, 8) and test.images.shape == (4, 3, 8, 8), name
+        assert train.labels.tolist() == [0, 1, 0, 1, 0, 1]
+        assert torch.equal(train.images[2], torch.full((3, 8, 8), 80, dtype=torch.uint8)), "gray to RGB, resized"
+    with pytest.raises(UserError, match="torchvision has no dataset 'NoSuchSet'"):
+        load_data(folder_config(tmp_path, tmp_path, name="torchvision:NoSuchSet"))
