@@ -84,10 +84,14 @@ class CalibrationConfig:
 
 @dataclass
 class DecomposeConfig:
-    layers: list[Union[int, str]] = field(default_factory=lambda: [2, 3, 4, 5])
+    # 1-based conv indices, module names, glob patterns ("layer3.*") or "auto"; a single entry may stand alone
+    layers: Union[list[Union[int, str]], int, str] = field(default_factory=lambda: [2, 3, 4, 5])
     scheme: Literal["v1", "v2"] = "v1"
     bases: Union[list[int], Literal["auto"]] = field(default_factory=lambda: [8, 8, 6, 4])
-    target: Union[dict[str, float], None] = None  # with bases: auto: {speedup: 3.0} or {macs: 0.4}
+    target: Union[dict[str, float], None] = None  # with bases: auto: {speedup: 3.0}, {macs: 0.4} or {latency: 2.0}
+    # Ranks are multiples of this (capped at the layer's maximum rank), for every target; auto: the
+    # device's rule (lrx.ranks.device_align: 32 on CUDA, 1 on CPU).
+    align: Union[Literal[1, 8, 16, 32], Literal["auto"]] = 1
     basis: Literal["shared", "per-channel"] = "shared"
     method: Literal["svd", "alternating"] = "svd"
     decomposed: bool = False
@@ -95,6 +99,16 @@ class DecomposeConfig:
     options: dict[str, Any] = field(default_factory=dict)  # method options (lambda, iterations, ...)
     fit: Literal["weights", "data"] = "weights"  # to the filters (the seed's), or to outputs (lrx.datafit)
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig())
+
+    def __post_init__(self):
+        if not isinstance(self.layers, list):  # `layers: auto` means `layers: [auto]`
+            self.layers = [self.layers]
+
+
+def layer_pattern(entry) -> bool:
+    """Whether a ``decompose.layers`` entry stands for several convs: ``auto`` or a glob pattern (``*?[``);
+    how many it selects is known only with the model (:func:`lrx.lowrank.select_layers`)."""
+    return isinstance(entry, str) and (entry == "auto" or any(c in entry for c in "*?["))
 
 
 @dataclass
@@ -122,6 +136,10 @@ class ProfileConfig:
     # On CPU, time both models in their fastest layout: the original in channels_last, the expansion
     # with lrx.speed.optimise's per-layer paths (MACs and params are counted before, on the plain models).
     optimise: bool = True
+    # The dtype models run in for latency (a latency target plans for it too): float32, or bfloat16 /
+    # float16 under autocast (GPU; on CPU bfloat16 autocast only).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False  # torch.compile both models (original and expansion alike) before timing them
 
 
 @dataclass
@@ -423,12 +441,17 @@ def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
     else:
         need(settings.target is None, "decompose.target",
              "target: goes with bases: auto; with explicit ranks set it to null (--set decompose.target=null)")
-        need(len(settings.bases) == len(settings.layers), "decompose.bases",
-             f"has {len(settings.bases)} entries but decompose.layers has {len(settings.layers)}")
+        need(len(settings.bases) == len(settings.layers) or any(map(layer_pattern, settings.layers)),
+             "decompose.bases", f"has {len(settings.bases)} entries but decompose.layers has {len(settings.layers)}")
         # Each rank's range is checked against its layer (lrx.runs.check_against_model), before anything
         # runs; only a rank no conv can have is refused here.
         for i, rank in enumerate(settings.bases):
             need(rank <= MAX_RANK, f"decompose.bases.{i}", f"must be <= {MAX_RANK}, got {show(rank)}")
+    if settings.bases == "auto" and "latency" in (settings.target or {}):
+        need(settings.scheme == "v2", "decompose.target",
+             f"a latency target plans scheme v2 (two 1-D convs per layer); scheme {settings.scheme!r} writes a "
+             "C*M-channel map and ran at about half a dense conv's MAC rate on CPU (0.37x-0.61x the original "
+             "on an H100), so its measured plans would keep nearly every layer dense: use scheme: v2")
     need(not (settings.decomposed and settings.scheme == "v2"), "decompose.decomposed",
          "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
     need(settings.order == "vh" or settings.scheme == "v2", "decompose.order",
@@ -466,21 +489,23 @@ def check_method_options(method: str, options: dict) -> None:
         raise UserError("must be > 0 when lam > 0 (it grows geometrically towards lam)", key="decompose.options.lam_start")
 
 
-TARGETS = ("speedup", "macs")
+TARGETS = ("speedup", "macs", "latency")
 
 
 def check_target(target) -> tuple[str, float]:
-    """``(kind, value)`` of a rank target: ``{speedup: X}`` with X > 1 (the replaced layers' MACs fall X-fold)
-    or ``{macs: F}`` with 0 < F < 1 (the fraction of the whole model's MACs to keep). The one check of a
-    target, for configs (``decompose.target``) and :func:`lrx.ranks.plan_ranks` alike."""
+    """``(kind, value)`` of a rank target: ``{speedup: X}`` with X > 1 (the replaced layers' MACs fall X-fold),
+    ``{macs: F}`` with 0 < F < 1 (the fraction of the whole model's MACs to keep) or ``{latency: X}`` with
+    X > 1 (the whole model runs X times faster, measured: :func:`lrx.latency.plan_latency`). The one check
+    of a target, for configs (``decompose.target``), :func:`lrx.ranks.plan_ranks` and the latency planner."""
     if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGETS:
-        raise UserError(f"a target {{speedup: X}} (theoretical speedup of the replaced layers, X > 1) or "
-                        f"{{macs: F}} (fraction of the whole model's MACs to keep, 0 < F < 1), got {show(target)}",
+        raise UserError(f"a target {{speedup: X}} (theoretical speedup of the replaced layers, X > 1), "
+                        f"{{macs: F}} (fraction of the whole model's MACs to keep, 0 < F < 1) or {{latency: X}} "
+                        f"(the whole model measured X times faster, X > 1), got {show(target)}",
                         key="decompose.target")
     kind, value = next(iter(target.items()))
     number = _finite(value)
-    if kind == "speedup" and not (number and value > 1):
-        raise UserError(f"must be a number > 1, got {show(value)}", key="decompose.target.speedup")
+    if kind in ("speedup", "latency") and not (number and value > 1):
+        raise UserError(f"must be a number > 1, got {show(value)}", key=f"decompose.target.{kind}")
     if kind == "macs" and not (number and 0 < value < 1):
         raise UserError(f"must be a fraction in (0, 1), got {show(value)}", key="decompose.target.macs")
     return kind, float(value)

@@ -14,10 +14,11 @@ from .rundir import RunDir, load_model
 from .stages import expand_model
 
 
-def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str]:
+def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str, dict | None]:
     """Per layer: rank, MACs before/after, retained energy, for the baseline's weights if trained yet.
 
-    Returns (rows, where the weights came from). Writes nothing.
+    Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None). Writes nothing
+    (a latency target reads the runs folder's cached layer times but does not add to them).
     """
     source = "fresh random weights (the baseline is not trained yet)"
     model = build_model(cfg.model.name, cfg.model.num_classes)
@@ -29,19 +30,19 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[l
                 source = f"the trained baseline {path}"
         except UserError:
             pass
-    _, report = expand_model(model, cfg)
+    _, report = expand_model(model, cfg, runs_dir=runs_dir, write_cache=False)
     rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
              "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
              "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
             for layer in report["layers"]]
     if "plan" in report:
         source += f"; ranks by rule: {report['plan']['rule']}"
-    return rows, source
+    return rows, source, report.get("plan")
 
 
 def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
     """Print :func:`preview_decomposition` as a table (what ``lrx decompose --dry-run`` shows)."""
-    rows, source = preview_decomposition(cfg, runs_dir)
+    rows, source, plan = preview_decomposition(cfg, runs_dir)
     settings = cfg.decompose
     if settings.scheme == "v1":
         form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
@@ -62,6 +63,28 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
         console = Console(width=120)
     console.print(table)
     console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
+    if plan is not None and "table" in plan:
+        console.print(latency_table(plan))
+        for i, step in enumerate(plan["rounds"]):
+            console.print(f"round {i + 1}: ranks {dict(zip(step['names'], step['ranks']))}, predicted "
+                          f"{step['predicted_speedup']:.2f}x, measured {step['measured_speedup']:.2f}x "
+                          f"(against the original {step['original_layout']})")
+        console.print(f"chosen: predicted {plan['predicted_speedup']:.2f}x, measured {plan['measured_speedup']:.2f}x "
+                      f"for target {plan['target']['latency']:g}x on {plan['device']}, batch {plan['batch']}")
+
+
+def latency_table(plan: dict) -> Table:
+    """A latency plan's measured layer table: ms dense and per rank, the choice marked with '*'."""
+    table = Table(title=f"layer times (ms, batch {plan['batch']}, {plan['device']}; * = chosen)")
+    table.add_column("layer")
+    table.add_column("dense", justify="right")
+    table.add_column("rank: ms", justify="left")
+    for row in plan["table"]:
+        mark = {k: "*" if row.get("choice") == k else "" for k in row["ms"]}
+        ranks = "  ".join(f"{r}: {row['ms'][str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
+        table.add_row(row["name"] + (" (cached)" if row["cached"] else ""), f"{row['ms']['dense']:.2f}{mark['dense']}",
+                      ranks)
+    return table
 
 
 def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:

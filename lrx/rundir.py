@@ -11,6 +11,9 @@ Layout::
     stageK.pt       the model after stage ``finetune.K``
     train.ckpt, stageK.ckpt   per-epoch checkpoints that an interrupted stage resumes from
 
+and one file shared by the runs of a runs folder: ``latency-tables.json``, the per-layer times the latency
+planner measured (:mod:`lrx.latency`), keyed by machine, device and layer shape.
+
 What a run needs to resume, to be skipped on a rerun and to be shown in the table, and what
 ``lrx clean`` removes as unneeded, is decided in one place: :meth:`RunDir.unneeded_files`.
 It is long because the directory's whole contract lives here: layout, metrics, lock, model files, cleaning.
@@ -49,6 +52,7 @@ _REBUILD = "lrx run <the config of run {run!r}> --force"
 LOCK_PATIENCE_S = 0.5  # how long lock() waits for a lock held only for an instant (a probe) before refusing
 CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
+LATENCY_TABLES = "latency-tables.json"
 LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
 
 # What a damaged run file is told to do. metrics.json is moved away rather than retired by --force:
@@ -62,6 +66,11 @@ def model_file(stage: str) -> str:
     if stage.startswith("finetune."):
         return f"stage{stage.split('.')[1]}.pt"
     return MODEL_FILES[stage]
+
+
+def latency_cache_path(runs_dir: str | Path) -> Path:
+    """The runs folder's cache of measured layer times (:func:`lrx.latency.layer_table`), shared by its runs."""
+    return Path(runs_dir) / LATENCY_TABLES
 
 
 def checkpoint_file(stage: str) -> str | None:

@@ -29,8 +29,8 @@ from .decomposition import check_rank
 from .errors import UserError
 from .layers import check_convertible
 from .lowrank import conv_sizes, layer_label, select_layers
-from .models import build_model, min_image_size
-from .ranks import plan_ranks
+from .models import build_model, check_start, min_image_size
+from .ranks import device_align, plan_ranks
 from .rundir import RunDir
 from .stages import Context, stage, stage_names, summarise
 
@@ -79,6 +79,7 @@ def check_against_model(cfg: Config) -> None:
     """Checks that need the model: image size, layers, ranks. Nothing is loaded, trained or written."""
     try:
         model = build_model(cfg.model.name, cfg.model.num_classes)
+        check_start(cfg.model, model)  # weights' name, the checkpoint's keys and shapes
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key=err.key or "model.name") from None
     smallest = min_image_size(cfg.model.name)
@@ -98,18 +99,25 @@ def check_against_model(cfg: Config) -> None:
         return
     for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
         try:
-            (index, name, conv), = select_layers(model, [layer])
-            check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
+            for index, name, conv in select_layers(model, [layer], settings.scheme, settings.decomposed):
+                check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
-    try:
-        chosen = select_layers(model, settings.layers)  # and together: a layer given by index and by name
+    try:  # and together: a layer given by index and by name, or by a pattern too
+        chosen = select_layers(model, settings.layers, settings.scheme, settings.decomposed)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
+    if settings.bases != "auto" and len(settings.bases) != len(chosen):
+        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} convs "
+                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per conv",
+                        file=cfg.path, key="decompose.bases")
+    if settings.bases == "auto" and "latency" in settings.target:
+        return  # measured on the device by the planner itself (lrx.latency); nothing to count here
     if settings.bases == "auto":  # reachability depends on MACs alone, so fresh weights tell it
         try:
             plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
-                       basis=settings.basis, decomposed=settings.decomposed)
+                       basis=settings.basis, decomposed=settings.decomposed,
+                       align=device_align(settings.align, cfg.runtime.device))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=err.key or "decompose.target") from None
         return

@@ -23,9 +23,10 @@ from .errors import UserError
 from .finetune import l2_norm, run_stage
 from .lowrank import expand
 from .models import initial_model
+from .latency import DeviceTiming, plan_latency
 from .profiling import profile_pair
-from .ranks import plan_ranks
-from .rundir import RunDir, load_model
+from .ranks import device_align, plan_ranks
+from .rundir import RunDir, latency_cache_path, load_model
 from .train import evaluate, train_baseline
 
 
@@ -183,7 +184,7 @@ class Decompose(ModelStage):
         if settings.fit == "data":
             start.to(ctx.device)
             train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
-        expanded, report = expand_model(start, cfg, batches=train)
+        expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say)
         expanded.to(ctx.device)
         names = [layer["name"] for layer in report["layers"]]
         ctx.save_model(name, expanded, report["spec"], names)
@@ -191,7 +192,7 @@ class Decompose(ModelStage):
         _, test = ctx.data()
         result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
                   "l2": l2_norm(expanded, original, names, test), "report": report["layers"],
-                  "layers": settings.layers, "names": names, "bases": report["ranks"], "scheme": settings.scheme,
+                  "layers": report.get("chosen_layers", settings.layers), "names": names, "bases": report["ranks"], "scheme": settings.scheme,
                   "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
                   "fit": settings.fit}
         for key in ("plan", "fit_data"):
@@ -202,29 +203,38 @@ class Decompose(ModelStage):
         return result
 
 
-def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None) -> tuple[nn.Module, dict]:
+def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
+                 write_cache: bool = True, log=lambda message: None) -> tuple[nn.Module, dict]:
     """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target (by
-    filter energy). With ``fit: data`` and calibration ``batches`` the factors are then fitted to the layers'
-    outputs (:func:`lrx.datafit.expand_to_data`); without batches (a dry run) the weights fit is shown."""
+    filter energy; a latency target by times measured on ``runtime.device``, :func:`lrx.latency.plan_latency`,
+    with the layer tables cached in ``runs_dir`` unless ``write_cache`` is off). With ``fit: data`` and
+    calibration ``batches`` the factors are then fitted to the layers' outputs
+    (:func:`lrx.datafit.expand_to_data`); without batches (a dry run) the weights fit is shown."""
     settings = cfg.decompose
     input_size = tuple(input_size or cfg.profile.input_size)
     rank_plan = None
-    ranks = settings.bases
+    ranks, layers = settings.bases, settings.layers
     try:
-        if settings.bases == "auto":
+        align = device_align(settings.align, cfg.runtime.device)
+        if settings.bases == "auto" and "latency" in settings.target:
+            cache = latency_cache_path(runs_dir) if runs_dir is not None else None
+            rank_plan = plan_latency(model, settings.layers, settings.target, DeviceTiming.from_config(cfg),
+                                     align=align, cache=cache, write_cache=write_cache, log=log)
+            ranks, layers = rank_plan["ranks"], rank_plan["layers"]
+        elif settings.bases == "auto":
             rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
-                                   basis=settings.basis, decomposed=settings.decomposed)
+                                   basis=settings.basis, decomposed=settings.decomposed, align=align)
             ranks = rank_plan["ranks"]
         if settings.fit == "data" and batches is not None:
             calibration = settings.calibration
-            expanded, report = expand_to_data(model, settings.layers, settings.scheme, ranks, batches,
+            expanded, report = expand_to_data(model, layers, settings.scheme, ranks, batches,
                                               images=calibration.images, sequential=calibration.sequential,
                                               basis=settings.basis, decomposed=settings.decomposed,
                                               order=settings.order, input_size=input_size,
                                               iterations=calibration.iterations)
             report["fit_data"] = report.pop("fit")
         else:
-            expanded, report = expand(model, layers=settings.layers, scheme=settings.scheme, ranks=ranks,
+            expanded, report = expand(model, layers=layers, scheme=settings.scheme, ranks=ranks,
                                       basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
                                       input_size=input_size, order=settings.order, **settings.options)
     except UserError as err:
@@ -234,6 +244,8 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None) -
     report["ranks"] = list(ranks)
     if rank_plan is not None:
         report["plan"] = rank_plan
+        if "latency" in rank_plan["target"]:
+            report["chosen_layers"] = list(layers)
     return expanded, report
 
 
@@ -314,6 +326,6 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
         out["finetune"] += [{k: t.get(k) for k in ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before",
                                                    "l2_after", "best_epoch", "wall_s")} for t in tunes]
     prof = stages.get("profile", {})
-    for key in ("macs", "params", "cpu_time_ms", "cuda_time_ms", "latency"):
+    for key in ("macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "latency"):
         out[key] = prof.get(key)
     return out

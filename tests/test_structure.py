@@ -28,7 +28,7 @@ LEVEL = {
     "latency": 6.5,
     "rundir": 7,
     "stages": 8, "table": 8,
-    "runs": 9, "preview": 9,
+    "runs": 9, "preview": 9, "report": 9,
     "cli": 10,
     "__main__": 11,
 }

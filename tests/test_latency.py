@@ -1,0 +1,204 @@
+"""The latency planner (lrx.latency) on fake time tables: the choice, keep-dense, alignment, the adjustment
+step, the cache; rank alignment of MAC targets (lrx.ranks); the config keys. No timing here: every time is
+made up, so the expectations are exact."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from lrx import latency
+from lrx.cli import app
+from lrx.config import load_config
+from lrx.decomposition import max_rank
+from lrx.errors import UserError
+from lrx.layers import LowRankExpConvV2
+from lrx.ranks import device_align, plan_ranks, rank_ladder
+
+INPUT = (3, 12, 12)
+
+
+def small_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(24, 5)).eval()
+
+
+class FakeTiming:
+    """Times from formulas, per conv geometry (in, out channels): ``dense[g]`` ms, ``rank_ms[g](rank)`` ms.
+
+    ``whole`` adds ``rest`` ms for everything else; the expansion's layers take ``reality`` times what the
+    table says (the planner's prediction is then off and must adjust).
+    """
+
+    def __init__(self, dense, rank_ms, rest=5.0, reality=1.0, device="fake cpu", batch=4):
+        self.dense, self.rank_ms, self.rest, self.reality, self.device = dense, rank_ms, rest, reality, device
+        self.batch, self.input_size = batch, INPUT
+        self.layer_calls, self.whole_calls = [], 0
+
+    def key(self):
+        return {"device": self.device}
+
+    def layer(self, conv, input_shape, ranks):
+        g = (conv.in_channels, conv.out_channels)
+        self.layer_calls.append(g)
+        assert tuple(input_shape) == (self.batch, conv.in_channels, 12, 12), f"layer timed on {input_shape}"
+        return {"dense": self.dense[g], **{str(r): self.rank_ms[g](r) for r in ranks}}
+
+    def _ms(self, model):
+        total = self.rest
+        for m in model.modules():
+            if isinstance(m, LowRankExpConvV2):
+                total += self.reality * self.rank_ms[(m.in_channels, m.out_channels)](m.rank)
+            elif isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                total += self.dense[(m.in_channels, m.out_channels)]
+        return total
+
+    def whole(self, original, expanded):
+        self.whole_calls += 1
+        base = self._ms(original)
+        return {"original_ms": base, "layout": "channels_last", "layouts": {"default": 1.2 * base, "channels_last": base},
+                "expanded_ms": self._ms(expanded) if expanded is not None else None}
+
+
+DENSE = {(3, 8): 1.0, (8, 16): 10.0, (16, 24): 10.0}
+LINEAR = lambda r: 0.2 * r  # noqa: E731  conv2's ranks: fast
+SLOW = lambda r: 12.0 + 0.01 * r  # noqa: E731  every rank slower than the dense conv
+LINEAR_PROXY = {name: [r / 100 for r in range(1, 101)] for name in ("0", "2", "4")}  # loss falls linearly with rank
+
+
+def fake(**kw) -> FakeTiming:
+    return FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): LINEAR, (16, 24): SLOW}, **kw)
+
+
+def test_the_choice_keeps_slow_layers_dense_and_takes_the_largest_rank_that_meets_the_budget():
+    model, timing = small_model(), fake()
+    plan = latency.plan_latency(model, [1, 2, 3], {"latency": 1.5}, timing, proxy=LINEAR_PROXY)
+    by_name = {row["name"]: row for row in plan["table"]}
+    assert by_name["0"]["choice"] == "dense" and by_name["4"]["choice"] == "dense", \
+        "a layer whose every rank is slower than its dense conv stays dense"
+    assert plan["layers"] == [2] and plan["names"] == ["2"], f"only conv 2 is expanded: {plan['layers']}"
+    budget = 26.0 / 1.5  # the original: 5 rest + 1 + 10 + 10 ms
+    fits = [r for r in by_name["2"]["ranks"] if 16.0 + 0.2 * r <= budget]
+    assert plan["ranks"] == [max(fits)], f"with a linear proxy the least loss is the largest rank that fits: {plan['ranks']}"
+    assert plan["predicted_speedup"] == pytest.approx(26.0 / (16.0 + 0.2 * max(fits))), "prediction = rest + table"
+    assert plan["measured_speedup"] == pytest.approx(plan["predicted_speedup"]), "the fake measures what the table says"
+    assert len(plan["rounds"]) == 1, "a prediction within 10% needs no adjustment"
+    assert plan["measured_speedup"] >= 1.5
+
+
+def test_the_proxy_decides_which_layer_gives_up_rank():
+    timing = FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): LINEAR, (16, 24): LINEAR})
+    lossless_4 = {**LINEAR_PROXY, "4": [1.0] * 100}  # conv 3 ('4') loses nothing at any rank
+    plan = latency.plan_latency(small_model(), [2, 3], {"latency": 1.3}, timing, proxy=lossless_4)
+    assert plan["names"] == ["4"], f"the layer that loses nothing per ms saved goes first: {plan['names']}"
+
+
+def test_ranks_are_aligned_and_capped_at_the_maximum_rank():
+    model = small_model()
+    conv = model[4]
+    top = max_rank(conv, "v2")
+    for align in (1, 8, 16):
+        ranks = latency.candidate_ranks(conv, (12, 12), (12, 12), align)
+        assert ranks and all(r % align == 0 or r == top for r in ranks), f"align {align}: candidates {ranks}"
+    assert rank_ladder(20, 8) == [8, 16, 20] and rank_ladder(5, 8) == [5], "multiples below the top, then the top"
+    plan = latency.plan_latency(model, [2, 3], {"latency": 1.3}, FakeTiming(DENSE, {k: LINEAR for k in DENSE}),
+                                align=8)
+    assert plan["align"] == 8 and all(r % 8 == 0 for r in plan["ranks"]), f"aligned plan: {plan['ranks']}"
+
+
+def test_a_prediction_off_by_more_than_10_percent_is_adjusted():
+    half = lambda r: 0.5 * r  # noqa: E731
+    timing = FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): half, (16, 24): half}, reality=2.0)  # layers run 2x the table
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing)
+    first, second = plan["rounds"][0], plan["rounds"][1]
+    assert abs(first["predicted_speedup"] / first["measured_speedup"] - 1) > 0.1, "round 1 is off (the premise)"
+    assert second["scale"] == pytest.approx(2.0), f"the expanded layers' times are scaled by what was measured: {second}"
+    assert second["predicted_speedup"] == pytest.approx(second["measured_speedup"]), "the adjusted prediction holds"
+    assert len(plan["rounds"]) == 2, "within 10% after the adjustment: no third round"
+    assert plan["measured_speedup"] >= 1.5 and plan["ranks"] == second["ranks"], "the kept plan meets the target"
+    assert timing.whole_calls == 3, "the baseline once, then the whole model once per round"
+
+
+def test_an_unreachable_target_says_the_best_reachable():
+    with pytest.raises(UserError, match="best reachable is") as info:
+        latency.plan_latency(small_model(), [1, 2, 3], {"latency": 50.0}, fake())
+    assert info.value.key == "decompose.target.latency"
+    with pytest.raises(UserError, match="plan_ranks"):
+        latency.plan_latency(small_model(), [2], {"speedup": 2.0}, fake())
+
+
+def test_layers_auto_means_every_conv_scheme_2_can_replace():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 5))
+    assert [i for i, _, _ in latency.candidate_layers(model, "auto")] == [1, 4], "1x1 and grouped convs are left out"
+    assert [i for i, _, _ in latency.candidate_layers(model, ["auto"])] == [1, 4]
+
+
+def test_the_layer_table_is_cached_per_device_and_shape(tmp_path):
+    cache = tmp_path / "latency-tables.json"
+    first = fake()
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, first, cache=cache)
+    assert len(first.layer_calls) == 3 and cache.exists(), "three layers measured and written"
+    again = fake()
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, again, cache=cache)
+    assert again.layer_calls == [] and all(row["cached"] for row in plan["table"]), "a second run reuses the table"
+    other = fake(device="another gpu")
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, other, cache=cache, write_cache=False)
+    assert len(other.layer_calls) == 3, "another device is measured afresh"
+    assert len(json.loads(cache.read_text())["tables"]) == 3, "write_cache=False adds nothing to the file"
+    cache.write_text("{not json")
+    fresh = fake()
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fresh, cache=cache)
+    assert len(fresh.layer_calls) == 3 and json.loads(cache.read_text())["version"] == latency.CACHE_VERSION, \
+        "a damaged cache is measured again and rewritten"
+
+
+def test_mac_targets_take_the_alignment_too():
+    model = small_model()
+    plan = plan_ranks(model, [2, 3], "v2", {"speedup": 2.0}, input_size=INPUT, align=8)
+    tops = [max_rank(model[i], "v2") for i in (2, 4)]
+    assert all(r % 8 == 0 or r == top for r, top in zip(plan["ranks"], tops)), f"aligned MAC plan: {plan['ranks']}"
+    assert plan["predicted_speedup"] >= 2.0, "the target is still met"
+    assert device_align("auto", "cpu") == 1 and device_align(16) == 16
+    with pytest.raises(UserError, match="must be auto or one of 1, 8, 16, 32, got 7") as info:
+        device_align(7)
+    assert info.value.key == "decompose.align"
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["decompose.scheme=v1", "decompose.bases=auto", "decompose.target={latency: 2.0}"], "decompose.target",
+     "a latency target plans scheme v2"),
+    (["decompose.scheme=v2", "decompose.bases=auto", "decompose.target={latency: 0.9}"], "decompose.target.latency",
+     "must be a number > 1, got 0.9"),
+    (["decompose.align=7"], "decompose.align", "expected one of 1, 8, 16, 32 or one of auto, got 7"),
+    (["profile.dtype=int8"], "profile.dtype", "allowed: float32, bfloat16, float16"),
+])
+def test_config_refuses_bad_latency_settings(tiny_configs, overrides, key, message):
+    with pytest.raises(UserError) as info:
+        load_config(tiny_configs / "t02.yaml", overrides)
+    assert info.value.key == key and message in str(info.value), str(info.value)
+
+
+def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothing(tiny_configs, tmp_path, monkeypatch):
+    # tiny_cnn's convs: 3->16, 16->32, 32->32 (twice); conv 2 expands fast, the others stay dense.
+    dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
+    timing = FakeTiming(dense, {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW})
+    timing.input_size = (3, 16, 16)
+    monkeypatch.setattr(FakeTiming, "layer", lambda self, conv, shape, ranks: {
+        "dense": dense[(conv.in_channels, conv.out_channels)],
+        **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})
+    monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(lambda cls, cfg: timing))
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs), "--dry-run",
+                                      "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
+                                      "--set", "decompose.layers=[1, 2, 3, 4]",
+                                      "--set", "decompose.target={latency: 1.3}"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "layer times" in out and "dense" in out and "*" in out, "the measured table, the choice marked"
+    assert "predicted" in out and "measured" in out and "round 1" in out, out
+    assert not runs.exists(), "--dry-run writes nothing, not even the cache"
