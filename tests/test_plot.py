@@ -4,7 +4,7 @@ import json
 import pytest
 
 from lrx.errors import UserError
-from lrx.plot import pareto_front, plot_pareto
+from lrx.plot import pareto_figure, pareto_front, plot_pareto, row_label, text_box
 from lrx.table import collect_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,3 +62,121 @@ def test_time_axis_is_relative_to_the_original_from_in_process_speedups():
     assert _time_ms({"decompose": DECOMPOSE, "latency": {"original_ms": 195.0, "expanded_ms": 100.0,
                                                         "speedup": 2.0}}) == 0.5, "1 / measured speedup"
     assert _time_ms({"decompose": DECOMPOSE, "cpu_time_ms": 300.0}) is None, "no cross-process absolute times"
+
+
+# ---------------------------------------------------------------- the figure: labels, legend, fronts
+
+V1 = {"layers": [2, 3, 4, 5], "scheme": "v1", "bases": [8, 8, 6, 4], "decomposed": False, "basis": "shared"}
+L2, CE = {"l2": 1.0, "ce": 0.0, "epochs": 1}, {"l2": 0.0, "ce": 1.0, "epochs": 1}
+
+
+def quick_rows(root, model="alexnet_cifar10"):
+    """The README's quick table (rows 1-13): crowded, rows 3-5 and 7-9 at their parent's cost."""
+    def run(name, no, acc, macs=None, speedup=None, dec=None, parent=None, finetune=(), original=False):
+        latency = {"original_ms": 100.0}
+        if speedup:
+            latency.update(expanded_ms=100.0 / speedup, speedup=speedup)
+        write_metrics(root, name, no=no, acc1=acc, decompose=dec, parent=parent, finetune=list(finetune),
+                      macs=macs and macs * 1e6, latency=latency if (original or speedup) else None)
+        (root / name / "config.yaml").write_text(json.dumps({"model": {"name": model}, "data": {"name": "fm"}}))
+
+    dec = {**V1, "decomposed": True}
+    run("exp01", 1, 85.90, macs=698.89, original=True)
+    run("exp02", 2, 73.70, macs=445.65, speedup=1.09, dec=V1)
+    run("exp03", 3, 83.90, dec=V1, parent="exp02", finetune=[L2])
+    run("exp04", 4, 82.70, dec=V1, parent="exp03", finetune=[L2, CE])
+    run("exp05", 5, 81.50, dec=V1, parent="exp02", finetune=[CE])
+    run("exp06", 6, 56.30, macs=437.59, speedup=1.03, dec=dec)
+    run("exp07", 7, 80.90, dec=dec, parent="exp06", finetune=[L2])
+    run("exp08", 8, 81.50, dec=dec, parent="exp07", finetune=[L2, CE])
+    run("exp09", 9, 80.70, dec=dec, parent="exp06", finetune=[CE])
+    for no, acc, macs, speedup in ((10, 83.40, 405.58, 1.34), (11, 83.30, 308.36, 1.85), (12, 82.80, 259.53, 1.97)):
+        run(f"exp{no}", no, acc, macs=macs, speedup=speedup, finetune=[L2, CE],
+            dec={**V1, "scheme": "v2", "plan": {"target": {"speedup": no - 8.0}}})
+    run("exp13", 13, 83.10, macs=445.65, speedup=1.07, dec={**V1, "basis": "per-channel"}, finetune=[L2, CE])
+    return collect_rows(root)
+
+
+QUICK_LABELS = {"1: original", "2: s1", "3: s1 L2", "4: s1 L2+CE", "5: s1 CE", "6: s1 dec", "7: s1 dec L2",
+                "8: s1 dec L2+CE", "9: s1 dec CE", "10: s2 2x L2+CE", "11: s2 3x L2+CE", "12: s2 4x L2+CE",
+                "13: s1 per-ch L2+CE"}
+
+
+def labels(ax):
+    from matplotlib.text import Annotation
+
+    return [t for t in ax.texts if isinstance(t, Annotation)]
+
+
+@pytest.fixture(scope="module")
+def quick_figure(tmp_path_factory):
+    fig = pareto_figure(quick_rows(tmp_path_factory.mktemp("quick") / "runs"))
+    fig.canvas.draw()
+    return fig
+
+
+def test_points_are_labelled_by_row_number_and_a_short_description(quick_figure):
+    for ax in quick_figure.axes:
+        texts = [t.get_text() for t in labels(ax)]
+        assert sorted(texts) == sorted(QUICK_LABELS), f"{ax.get_xlabel()}: one label per row, as the table numbers it"
+        assert not any("exp" in t for t in texts), f"no run names: {texts}"
+
+
+def test_labels_are_apart_inside_the_axes_and_off_the_points(quick_figure):
+    renderer = quick_figure.canvas.get_renderer()
+    for ax in quick_figure.axes:
+        frame = ax.get_window_extent(renderer)
+        boxes = {t.get_text(): text_box(t, renderer) for t in labels(ax)}
+        for name, box in boxes.items():
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, \
+                f"{ax.get_xlabel()}: label {name!r} {box.extents} is cut by the axes {frame.extents}"
+        names = sorted(boxes)
+        touching = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if boxes[a].overlaps(boxes[b])]
+        assert not touching, f"{ax.get_xlabel()}: labels overlap: {touching}"
+        centres = [c for coll in ax.collections for c in ax.transData.transform(coll.get_offsets())]
+        assert len(centres) == len(QUICK_LABELS), f"{ax.get_xlabel()}: one point per row"
+        for x, y in centres:
+            covered = [n for n, box in boxes.items() if box.contains(x, y)]
+            assert not covered, f"{ax.get_xlabel()}: the point at {(x, y)} is hidden under {covered}"
+
+
+def test_the_legend_is_outside_the_axes_and_inside_the_figure(quick_figure):
+    renderer = quick_figure.canvas.get_renderer()
+    (legend,) = quick_figure.legends
+    box, page = legend.get_window_extent(renderer), quick_figure.bbox
+    for ax in quick_figure.axes:
+        assert not box.overlaps(ax.get_window_extent(renderer)), f"the legend covers the {ax.get_xlabel()} panel"
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, "legend cut"
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert any("alexnet_cifar10" in t for t in texts) and "original model" in texts, texts
+
+
+def test_each_model_has_its_own_pareto_front(tmp_path):
+    root = tmp_path / "runs"
+    quick_rows(root)
+    write_metrics(root, "r01", no=21, acc1=90.0, macs=1.8e9, latency={"original_ms": 100.0})
+    write_metrics(root, "r02", no=22, acc1=88.0, macs=2e8, decompose={**V1, "scheme": "v2"}, finetune=[L2],
+                  latency={"original_ms": 100.0, "expanded_ms": 40.0, "speedup": 2.5})
+    for name in ("r01", "r02"):
+        (root / name / "config.yaml").write_text(json.dumps({"model": {"name": "resnet18"}, "data": {"name": "fm"}}))
+    rows = collect_rows(root)
+    fig = pareto_figure(rows)
+    macs_panel = fig.axes[0]
+    fronts = {line.get_gid(): list(zip(line.get_xdata(), line.get_ydata())) for line in macs_panel.get_lines()}
+    assert set(fronts) == {"front:alexnet_cifar10", "front:resnet18"}, f"one front per model: {set(fronts)}"
+    assert fronts["front:resnet18"] == [(200.0, 88.0), (1800.0, 90.0)], fronts["front:resnet18"]
+    alexnet = [pytest.approx(p) for p in [(259.53, 82.8), (308.36, 83.3), (405.58, 83.4), (445.65, 83.9),
+                                               (698.89, 85.9)]]
+    assert fronts["front:alexnet_cifar10"] == alexnet, \
+        "resnet18's cheaper, more accurate runs do not push alexnet's runs off alexnet's front"
+    assert "21: original" in [t.get_text() for t in labels(macs_panel)]
+
+
+@pytest.mark.parametrize("row,text", [
+    ({"no": 7, "decompose": None}, "7: original"),
+    ({"name": "mine", "decompose": {**V1, "scheme": "v2", "plan": {"target": {"macs": 0.4}}},
+      "history": [{"l2": 1.0, "ce": 0.5}]}, "mine: s2 macs 0.4 L2&CE"),
+    ({"no": True, "name": "odd", "decompose": {"scheme": ["x"]}, "history": "nonsense"}, "odd: ['x']"),
+])
+def test_row_label(row, text):
+    assert row_label(row) == text
