@@ -160,9 +160,16 @@ class StreamBatches(_Order):
     def __iter__(self):
         order = self._order()
         chunks = [order[i * self.batch_size : (i + 1) * self.batch_size].tolist() for i in range(len(self))]
-        loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
-        for images, labels in loader:
+        loader = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
+                                 pin_memory=self.device.type == "cuda"))
+        while True:
+            try:
+                images, labels = next(loader)
+            except StopIteration:
+                return
+            except UserError as err:  # raised in a worker: its message carries the worker's traceback
+                last = str(err).strip().splitlines()[-1]
+                raise UserError(last.split("UserError: ", 1)[-1]) from None
             yield (self.prepare(images.to(self.device, non_blocking=True)),
                    labels.to(self.device, dtype=torch.int64, non_blocking=True))
 

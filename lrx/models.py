@@ -158,17 +158,22 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None) -> nn.M
                         "(all: torchvision.models.list_models())", key="model.name")
     if weights is None:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    options, member = _weights_member(name, weights)
+    state = _download(options[member], name, "model.weights", "set model.weights: null")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+    return model
+
+
+def _weights_member(name: str, weights: str):
+    """(torchvision's weights enum of model ``name``, the member ``weights`` names), checked without a download."""
     options = torchvision.models.get_model_weights(name)
     member = weights.split(".")[-1]  # "ResNet18_Weights.IMAGENET1K_V1" or "IMAGENET1K_V1"
     if member not in options.__members__:
         raise UserError(f"{name} has no weights {weights!r}; allowed: {', '.join(options.__members__)}",
                         key="model.weights")
-    chosen = options[member]
-    state = _download(chosen, name, "model.weights", "set model.weights: null")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
-    return model
+    return options, member
 
 
 @contextlib.contextmanager
@@ -224,6 +229,16 @@ def initial_model(settings: ModelConfig) -> nn.Module:
     if settings.checkpoint is not None:
         load_user_weights(model, settings.checkpoint)
     return model
+
+
+def check_start(settings: ModelConfig, model: nn.Module) -> None:
+    """What :func:`initial_model` would refuse, found before anything runs and without a download: a
+    ``weights`` name the model does not have, a ``checkpoint`` that is missing or does not fit ``model``
+    (a freshly built model of the config; its weights are overwritten)."""
+    if settings.weights is not None and settings.name.startswith(TORCHVISION):
+        _weights_member(settings.name[len(TORCHVISION):], settings.weights)
+    if settings.checkpoint is not None:
+        load_user_weights(model, settings.checkpoint)
 
 
 def load_user_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -174,7 +174,11 @@ def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
 
 def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
     """Each stage's hash: its own settings chained with the previous stage's and the runs it builds on."""
-    common = (asdict(cfg.model), asdict(cfg.data), cfg.seed, asdict(cfg.runtime))
+    # Keys added later count only when set, so runs made before them keep their hash; data.stream and
+    # data.workers say how batches are read, not which (both paths give the same batches).
+    model = {k: v for k, v in asdict(cfg.model).items() if not (k in ("weights", "checkpoint") and v is None)}
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("stream", "workers")}
+    common = (model, data, cfg.seed, asdict(cfg.runtime))
     previous = _hash(common, dep_hashes.get(cfg.baseline), dep_hashes.get(cfg.parent))
     out = {}
     for name in stage_names(cfg):

@@ -178,6 +178,10 @@ def test_image_folder_mistakes_are_user_errors(tmp_path):
     (images / "train" / "cat" / "0.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="cannot read image .*0.png"):
         load_data(folder_config(tmp_path, images))
+    train, _ = load_data(folder_config(tmp_path, images, stream=True, workers=1))
+    with pytest.raises(UserError, match="cannot read image .*0.png") as err:
+        list(train)  # raised in a worker process: still one line
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
     from conftest import write_yaml
     from lrx.config import load_config
 

@@ -162,3 +162,33 @@ def test_run_stage_evaluate_and_train_take_a_dataloader(tmp_path, one_thread):
     assert len(trained["epochs"]) == 1 and 0 <= trained["acc1"] <= 100
     with pytest.raises(UserError, match="iterable again"):
         evaluate(teacher, ((a, b) for a, b in loader))
+
+
+def test_checkpoint_mistakes_are_found_before_anything_is_written(tmp_path, isolated_imports):
+    images = write_image_folder(tmp_path / "images", per_class=2)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    torch.save(build_model("tiny_cnn", 10).state_dict(), tmp_path / "ten.pt")  # 10 classes, the config has 3
+    config = configs(folder, "tiny_cnn", tmp_path / "ten.pt", images, "2")
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "model.checkpoint" in result.output and "shape mismatches 14.weight (10, 128) (model: (3, 128))" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not runs.exists(), "one line, nothing written"
+    write_yaml(folder / "base.yaml", {"model": {"name": "torchvision:resnet18", "num_classes": 3,
+                                                "weights": "IMAGENET9K"}, "train": {"epochs": 0}})
+    result = runner.invoke(app, ["run", str(folder / "base.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 2 and "has no weights 'IMAGENET9K'; allowed: IMAGENET1K_V1" in result.output, \
+        result.output
+
+
+def test_stage_hashes_ignore_how_batches_are_read_and_count_a_checkpoint(tiny_configs):
+    from lrx.config import load_config
+    from lrx.runs import stage_hashes
+
+    path = tiny_configs / "t01.yaml"
+    base = stage_hashes(load_config(path), {})
+    assert stage_hashes(load_config(path, ["data.stream=true", "data.workers=0"]), {}) == base, \
+        "streaming gives the same batches: nothing to redo"
+    assert stage_hashes(load_config(path, ["model.checkpoint=mine.pt"]), {})["train"] != base["train"]
+    assert stage_hashes(load_config(path, ["model.checkpoint=null"]), {}) == base, "unset: runs made before keep their hash"
