@@ -23,6 +23,7 @@ from .preview import print_preview, save_bases_picture
 from .rundir import RunDir, clean_runs, format_size
 from .runs import configs_to_run, run_with_dependencies
 from .stages import last_finetune_stage
+from .report import print_profile
 from .table import collect_rows, render
 
 app = typer.Typer(
@@ -189,10 +190,13 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
             threads: Optional[int] = typer.Option(None, help="torch threads for timing (profile.threads)."),
             batch: Optional[int] = typer.Option(None, help="Batch size for timing (profile.batch)."),
             device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (profile.device).")):
-    """MACs and params (ptflops), CPU/CUDA time (torch.profiler) and the measured speedup over the original."""
+    """MACs, params, CPU/CUDA time (medians of interleaved repeats), speedup over the original's fastest layout,
+    per-layer times and where the time goes."""
     extra = [f"profile.{k}={v}" for k, v in (("threads", threads), ("batch", batch), ("device", device)) if v is not None]
     metrics = _run_until(config, "profile", runs_dir, data_root, (set_ or []) + extra, force, no_deps, quiet)
     _summary(metrics, quiet)
+    if not quiet:
+        print_profile(metrics)
 
 
 @app.command()
@@ -224,7 +228,8 @@ def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories.")
 
 @app.command()
 @user_errors
-def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (or one run directory)."),
+def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (or one run directory).",
+                                          metavar="RUNS_DIR", show_default=False),
           dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing.")):
     """Remove what neither resuming, a rerun's skipping nor the table needs: checkpoints of finished stages,
     model files of stages redone anyway, temporary files of killed writes. Runs in use are not touched."""

@@ -369,7 +369,8 @@ def profile_pair(
                                    cfg.warmup, cfg.repeats)
 
     def spread(stats: dict) -> dict:
-        return {k: stats[k] for k in ("p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy", "runs_ms")}
+        return {k: stats[k] for k in ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy",
+                                      "runs_ms")}
 
     orig_stats, new_stats = timed["original"], timed["expanded"]
     mac_ratio = realised = None

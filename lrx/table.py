@@ -6,7 +6,12 @@ the seed's markdown table, or as csv / json records for plotting elsewhere.
 
 Notation (the seed's): layers "2,3,4,5", #bases "8,8,6,4", decomped "Y" or "-", fine-tune
 schedules "1.0x20" (loss weight x epochs, stages joined by "+"), "0.0" (that loss not used),
-"-" (no fine-tuning at all); "-" for anything not measured.
+"-" (no fine-tuning at all); "-" for anything not measured. Time columns are medians of interleaved
+repeats (lrx.timing); a noisy one ends in "~", and :func:`footnotes` under the table say what the
+marks, mixed batch sizes, older single-run times and the speedups' references mean.
+
+This module is long because those footnotes read the same cells the rows print; split reading runs
+(``collect_rows``) from printing them if it grows further.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import yaml
 from .checkpoint import load_json, read_text_limited
 from .errors import UserError
 from .rundir import RunDir, metrics_problem
+from .timing import NOISY_MIN_REPEATS, NOISY_SPREAD
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
@@ -211,6 +217,22 @@ def sort_rows(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- cells
 
+# Appended to a time (or speedup) whose repeats spread too widely (lrx.timing.NOISY_SPREAD); a footnote says so.
+NOISY = "~"
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _time(row: dict, column: str, digits: int) -> str:
+    """A time column's cell: ``column + "_ms"`` formatted, with :data:`NOISY` when its stats say noisy."""
+    text = _fmt(row.get(f"{column}_ms"), digits)
+    if text != "-" and _dict(row.get(column)).get("noisy") is True:
+        text += NOISY
+    return text
+
+
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -257,10 +279,10 @@ def _measured(row: dict) -> list[str]:
         parts.append(f"L2 norm {l2_before:.0f} -> {l2_after:.0f}")
     elif l2_before is not None or l2_after is not None:
         parts.append(f"L2 norm {(l2_before if l2_before is not None else l2_after):.0f}")
-    latency = row.get("latency") if isinstance(row.get("latency"), dict) else {}
+    latency = _dict(row.get("latency"))
     speedup, mac_ratio = _number(latency.get("speedup")), _number(latency.get("mac_ratio"))
     if speedup is not None:
-        text = f"speedup {speedup:.2f}x measured"
+        text = f"speedup {speedup:.2f}x{NOISY if latency.get('noisy') is True else ''} measured"
         if mac_ratio is not None:
             text += f" / {mac_ratio:.2f}x by MACs"
         parts.append(text)
@@ -298,8 +320,8 @@ def cells(row: dict) -> dict[str, str]:
         "acc@1(%)": _fmt(row.get("acc1"), 2),
         "macs(M)": _fmt(row.get("macs"), 2, 1e6),
         "params(M)": _fmt(row.get("params"), 2, 1e6),
-        "CPU time(ms)": _fmt(row.get("cpu_time_ms"), 0),
-        "CUDA time(ms)": _fmt(row.get("cuda_time_ms"), 2),
+        "CPU time(ms)": _time(row, "cpu_time", 0),
+        "CUDA time(ms)": _time(row, "cuda_time", 2),
         "Remark": _remark(row),
     }
 
@@ -307,7 +329,7 @@ def cells(row: dict) -> dict[str, str]:
 def record(row: dict) -> dict:
     """A flat record for csv / json: the notation columns as text, the measurements as numbers."""
     c = cells(row)
-    latency = row.get("latency") if isinstance(row.get("latency"), dict) else {}
+    latency = _dict(row.get("latency"))
     return {
         "no": row.get("no"),
         "name": row.get("name"),
@@ -323,19 +345,94 @@ def record(row: dict) -> dict:
         "params_m": _scaled(row.get("params")),
         "cpu_time_ms": _number(row.get("cpu_time_ms")),
         "cuda_time_ms": _number(row.get("cuda_time_ms")),
+        "cpu_time_noisy": _flag(_dict(row.get("cpu_time")).get("noisy")),
+        "cuda_time_noisy": _flag(_dict(row.get("cuda_time")).get("noisy")),
+        "timing_batch": _timing_batch(row),
         "latency_speedup": _number(latency.get("speedup")),
+        "latency_noisy": _flag(latency.get("noisy")),
+        "original_layout": _scalar(latency.get("original_layout")),
+        "speedup_default": _number(latency.get("speedup_default")),
         "mac_ratio": _number(latency.get("mac_ratio")),
         "remark": c["Remark"],
     }
 
 
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
 RECORD_FIELDS = ["no", "name", "group", "status", "layers", "bases", "decomposed", "l2_finetune", "ce_finetune",
-                 "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "latency_speedup", "mac_ratio", "remark"]
+                 "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy", "cuda_time_noisy",
+                 "timing_batch", "latency_speedup", "latency_noisy", "original_layout", "speedup_default", "mac_ratio",
+                 "remark"]
 
 
 def _scaled(value: Any) -> float | None:
     number = _number(value)
     return None if number is None else number / 1e6
+
+
+# ---------------------------------------------------------------- footnotes
+
+
+def _timing_batch(row: dict) -> int | None:
+    """The batch the row's times were measured at (older metrics: the profile stage's setting), or None."""
+    for source in (_dict(row.get("cpu_time")), _dict(row.get("latency")), _dict(_dict(row.get("stages")).get("profile"))):
+        batch = _scalar(source.get("batch"))
+        if isinstance(batch, int) and not isinstance(batch, bool):
+            return batch
+    return None
+
+
+def _timed(row: dict) -> bool:
+    return _number(row.get("cpu_time_ms")) is not None or _number(row.get("cuda_time_ms")) is not None
+
+
+def _rows_text(label: str, rows: list[dict]) -> str:
+    ids = [cells(row)["No."] for row in rows]
+    return f"{label}{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+
+
+def footnotes(rows: list[dict]) -> list[str]:
+    """What a reader must know to trust the time columns and speedups, one line each (none when all is plain).
+
+    - which figures are marked noisy (:data:`NOISY`) and the rule behind the mark;
+    - a time column that mixes batch sizes, naming the rows of each batch;
+    - rows whose time comes from one torch.profiler run (metrics written before lrx timed repeats);
+    - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it.
+    """
+    notes = []
+    noisy = [row for row in rows if _timed(row) and (
+        any(_dict(row.get(c)).get("noisy") is True for c in ("cpu_time", "cuda_time"))
+        or _dict(row.get("latency")).get("noisy") is True)]
+    if noisy:
+        notes.append(f"{NOISY} noisy ({_rows_text('row', noisy)}): the middle half of the repeats spans more than "
+                     f"{NOISY_SPREAD:.0%} of the median, or fewer than {NOISY_MIN_REPEATS} repeats; the spread is in metrics.json "
+                     f"(cpu_time, cuda_time, latency.spread). Re-time on a quiet machine: lrx profile CONFIG --force.")
+    batches: dict[int | None, list[dict]] = {}
+    for row in rows:
+        if _timed(row):
+            batches.setdefault(_timing_batch(row), []).append(row)
+    if len(batches) > 1:
+        parts = [f"batch {batch if batch is not None else 'unknown'} ({_rows_text('row', group)})"
+                 for batch, group in sorted(batches.items(), key=lambda item: (item[0] is None, item[0] or 0))]
+        notes.append(f"The time columns mix batch sizes: {'; '.join(parts)}; compare times only within one batch.")
+    single = [row for row in rows if _timed(row) and not row.get("cpu_time") and not row.get("cuda_time")]
+    if single:
+        notes.append(f"{_rows_text('Row', single)}: time from one torch.profiler run (profiled by an older lrx), "
+                     f"not a median; lrx profile CONFIG --force re-times it.")
+    against = []
+    for row in rows:
+        latency = _dict(row.get("latency"))
+        layout, speedup = _scalar(latency.get("original_layout")), _number(latency.get("speedup"))
+        if speedup is not None and isinstance(layout, str):
+            default = _number(latency.get("speedup_default"))
+            beside = f", {default:.2f}x against PyTorch's default" if default is not None and layout != "default" else ""
+            against.append(f"row {cells(row)['No.']} {speedup:.2f}x against {layout}{beside}")
+    if against:
+        notes.append("Measured speedups are against the original in its fastest plain layout on the profile device: "
+                     + "; ".join(against) + ".")
+    return notes
 
 
 # ---------------------------------------------------------------- rendering
@@ -345,7 +442,8 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
     """The table as text, ending with a newline.
 
     ``markdown``: the seed's header, a ``|---|`` rule, one line per row and a blank ``|`` line
-    wherever ``group`` changes between consecutive rows; a ``|`` inside a cell is escaped as ``\\|``.
+    wherever ``group`` changes between consecutive rows; a ``|`` inside a cell is escaped as ``\\|``;
+    then, after an empty line, the :func:`footnotes` as a list (nothing when there are none).
     ``csv`` / ``json``: one record per row (see :func:`record`), numbers unformatted.
     """
     if fmt == "markdown":
@@ -358,6 +456,9 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
             previous = group
             c = cells(row)
             lines.append("|" + "|".join(c[col].replace("|", "\\|") for col in COLUMNS) + "|")
+        notes = footnotes(rows)
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
         return "\n".join(lines) + "\n"
     if fmt == "csv":
         out = io.StringIO()

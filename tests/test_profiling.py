@@ -316,3 +316,27 @@ def test_breakdown_times_expansion_layers_whole(one_thread):
         assert 0 < part["replaced_share"] < 1, f"{which}: the replaced layers' share of the forward: {part}"
         assert sum(m["ms"] for m in part["modules"]) <= part["total_ms"], f"{which}: units within the forward"
         assert {m["name"] for m in part["modules"]} >= set(names), part
+
+
+def test_lrx_profile_prints_per_layer_figures_and_the_breakdown(tiny_configs, tmp_path, one_thread):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lrx.cli import app
+
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["profile", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((runs / "t02" / "metrics.json").read_text())
+    lat = metrics["latency"]
+    assert metrics["cpu_time"]["median_ms"] == metrics["cpu_time_ms"] == lat["expanded_ms"], \
+        "metrics.json holds the time column's stats beside it"
+    out = result.output
+    assert "replaced layers alone" in out and "where the time goes" in out and "whole model" in out, out
+    for entry in lat["layers"]:
+        assert entry["macs_expanded"] > 0 and entry["mac_ratio"] > 1, f"per-layer MACs filled: {entry}"
+        assert f"{entry['mac_ratio']:.2f}x" in out, f"layer {entry['layer']}'s MAC ratio is printed: {out}"
+    share = lat["modules"]["expanded"]["replaced_share"]
+    assert f"({share:.0%})" in out and "LowRankExpConvV1" in out, f"the replaced layers' share is printed: {out}"
+    assert f"original, {lat['original_layout']} (fastest: the reference)" in out, out

@@ -70,7 +70,8 @@ def seed_runs(tmp_path):
 
 
 def table_lines(root):
-    return render(collect_rows(root)).splitlines()
+    """The table's lines, without the footnotes after it."""
+    return render(collect_rows(root)).split("\n\n")[0].splitlines()
 
 
 def cells_of(line):
@@ -246,3 +247,49 @@ def test_a_run_whose_lock_is_held_shows_as_running(seed_runs):
     finally:
         holder.unlock()
     assert rows["6"][11].startswith("[running]"), f"a run with a live lock holder is running: {rows['6']}"
+
+
+# ---------------------------------------------------------------- time columns a reader can trust (issue 14)
+
+
+def timed(name, no, median, batch=16, noisy=False, **latency):
+    stats = {"median_ms": median, "p25_ms": median * 0.9, "p75_ms": median * (1.5 if noisy else 1.05),
+             "repeats": 5, "noisy": noisy, "batch": batch, "threads": 2, "source": "interleaved"}
+    return done(name, no, 1, acc1=80.0, macs=1e8, params=1e6, cpu_time_ms=median, cpu_time=stats,
+                latency={"batch": batch, "noisy": noisy, **latency})
+
+
+def test_noisy_times_are_marked_not_printed_as_fact(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", timed("a", 1, 214.2))
+    write_run(root, "b", timed("b", 2, 104.4, noisy=True, speedup=1.85, mac_ratio=2.27, original_layout="channels_last",
+                               speedup_default=2.4))
+    text = render(collect_rows(root))
+    table, _, notes = text.partition("\n\n")
+    rows = {cells_of(line)[0]: cells_of(line) for line in table.splitlines()[2:]}
+    assert rows["1"][9] == "214" and rows["2"][9] == "104~", f"a noisy median ends in '~': {rows['1'][9]}, {rows['2'][9]}"
+    assert "speedup 1.85x~ measured / 2.27x by MACs" in rows["2"][11], f"the speedup is marked too: {rows['2'][11]}"
+    noisy_notes = [n for n in notes.splitlines() if n.startswith("- ~ noisy")]
+    assert len(noisy_notes) == 1 and "(row 2)" in noisy_notes[0] and "20%" in noisy_notes[0], notes
+    assert "row 2 1.85x against channels_last, 2.40x against PyTorch's default" in notes, \
+        f"the footnote names each speedup's reference and the default beside it: {notes}"
+    assert "batch" not in notes and "torch.profiler" not in notes, f"nothing else to qualify: {notes}"
+    record = json.loads(render(collect_rows(root), "json"))[1]
+    assert (record["cpu_time_noisy"], record["latency_noisy"], record["timing_batch"], record["original_layout"],
+            record["speedup_default"]) == (True, True, 16, "channels_last", 2.4), record
+
+
+def test_a_time_column_mixing_batch_sizes_says_so(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", timed("a", 1, 214.0))
+    write_run(root, "b", timed("b", 2, 60.0, batch=4))
+    write_run(root, "c", timed("c", 3, 110.0))
+    notes = render(collect_rows(root)).partition("\n\n")[2]
+    assert "- The time columns mix batch sizes: batch 4 (row 2); batch 16 (rows 1, 3);" in notes, notes
+
+
+def test_single_profiler_runs_are_named(seed_runs):
+    notes = render(collect_rows(seed_runs)).partition("\n\n")[2].splitlines()
+    assert "- Rows 1, 2: time from one torch.profiler run (profiled by an older lrx), not a median; " \
+           "lrx profile CONFIG --force re-times it." in notes, notes
+    assert render([]).count("\n") == 2, "no rows, no footnotes"
