@@ -29,7 +29,7 @@ from .distributed import resolve_device
 from .errors import UserError
 from .speed import describe, optimise
 from .timing import (_cudnn_benchmark, _flagged, _interleaved, _prepared, _random_input, _sync, layer_inputs,
-                     module_times, original_layouts, time_pair, torch_threads)
+                     module_times, original_layouts, time_pair, torch_threads, unwrapped)
 
 # The ptflops setting that reproduces the seed's row 1 (698.89M MACs, 44.43M params for
 # alexnet_cifar10 at 3x224x224): the "pytorch" backend (module hooks: convs and linears with their
@@ -271,16 +271,23 @@ def _models_on(device: torch.device, original: nn.Module, expanded: nn.Module | 
     """Copies of the models on ``device`` in eval mode, the expansion as it will run, and its chosen paths.
 
     With ``cfg.optimise`` the expansion runs lrx.speed's chosen paths for ``device`` (None paths
-    otherwise); the original stays plain: :func:`original_layouts` tries its layouts.
+    otherwise); the original stays plain: :func:`original_layouts` tries its layouts. A ``profile.dtype``
+    other than float32, or ``profile.compile``, applies to both models alike (lrx.speed's
+    :class:`~lrx.speed.InferenceModel` around each).
     """
+    x = _random_input(cfg.batch, input_size, device)
     orig = _prepared(original, device)
+    if cfg.dtype != "float32" or cfg.compile:
+        orig = optimise(orig, device, x, channels_last=False, dtype=cfg.dtype, compile=cfg.compile)
     if expanded is None:
         return orig, None, None
     new = _prepared(expanded, device)
     if not cfg.optimise:
+        if cfg.dtype != "float32" or cfg.compile:
+            new = optimise(new, device, x, channels_last=False, path="default", dtype=cfg.dtype, compile=cfg.compile)
         return orig, new, None
-    new = optimise(new, device, _random_input(cfg.batch, input_size, device))
-    return orig, new, describe(new)
+    new = optimise(new, device, x, dtype=cfg.dtype, compile=cfg.compile)  # on CUDA: an InferenceModel around it
+    return orig, new, describe(unwrapped(new))
 
 
 def _column(timed: dict, baseline: bool, batch: int, threads: int) -> dict:
@@ -356,7 +363,7 @@ def profile_pair(
         best_net, best_flags = original_layouts(orig, device, plain_only)[timed["original_layout"]]
         layers = []
         if per_layer and new is not None and replaced_layer_names:
-            layers = layer_latency(best_net, new, replaced_layer_names, cfg.batch, input_size, device, None,
+            layers = layer_latency(unwrapped(best_net), unwrapped(new), replaced_layer_names, cfg.batch, input_size, device, None,
                                    cfg.warmup, cfg.repeats, counted=(plain_original, plain_expanded),
                                    original_flags=best_flags)
         modules = None

@@ -23,7 +23,7 @@ from torch import nn
 
 from .distributed import resolve_device
 from .errors import UserError
-from .speed import Optimisable
+from .speed import InferenceModel, Optimisable
 
 # The clock behind every CPU latency figure; a module attribute so that tests can replace it.
 _clock: Callable[[], float] = time.perf_counter
@@ -293,14 +293,20 @@ def layer_inputs(model: nn.Module, layer_names: Sequence[str], x: torch.Tensor) 
     return captured
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside lrx.speed's :class:`InferenceModel` (whose module names are the model's), else ``model``."""
+    return model.model if isinstance(model, InferenceModel) else model
+
+
 def timed_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules a per-module breakdown times: every leaf module, and each lrx expansion layer whole.
 
     An expansion layer's children do not run on its optimised path, so it counts as one unit; units
     never nest, so their times add up. A model without children is its own unit, named ``"(model)"``.
+    Names are those of the model inside an :class:`InferenceModel` (as in ``conv_layers``).
     """
     units, skip = [], ()
-    for name, m in model.named_modules():
+    for name, m in unwrapped(model).named_modules():
         if skip and name.startswith(skip):
             continue
         if isinstance(m, Optimisable):

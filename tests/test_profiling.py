@@ -340,3 +340,15 @@ def test_lrx_profile_prints_per_layer_figures_and_the_breakdown(tiny_configs, tm
     share = lat["modules"]["expanded"]["replaced_share"]
     assert f"({share:.0%})" in out and "LowRankExpConvV1" in out, f"the replaced layers' share is printed: {out}"
     assert f"original, {lat['original_layout']} (fastest: the reference)" in out, out
+
+
+def test_a_wrapped_profile_keeps_the_models_layer_names(one_thread):
+    """profile.dtype bfloat16 runs both models in lrx.speed's InferenceModel; names stay the model's own."""
+    original, expanded, names = tiny_expansion()
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu", dtype="bfloat16")
+    out = profile_pair(original, expanded, names, cfg, "cpu")
+    lat = out["latency"]
+    assert sorted(out["paths"]) == sorted(names), f"paths by the model's layer names: {out['paths']}"
+    assert [entry["layer"] for entry in lat["layers"]] == names and all(e["macs_expanded"] > 0 for e in lat["layers"])
+    assert {m["name"] for m in lat["modules"]["expanded"]["modules"]} >= set(names), lat["modules"]["expanded"]
+    assert lat["modules"]["original"]["replaced_share"] > 0, lat["modules"]["original"]
