@@ -35,27 +35,47 @@ def _label(conv: nn.Module, name: str | None) -> str:
     return name if name else repr(conv)
 
 
-def check_convertible(conv: nn.Module, scheme: str, decomposed: bool = False, name: str | None = None) -> None:
-    """Refuse, with a UserError naming the layer, a conv that the expansion cannot express exactly.
+def unsupported_reason(conv: nn.Module, scheme: str, decomposed: bool = False) -> str | None:
+    """Why the expansion cannot replace ``conv`` usefully (one phrase), or None: the one rule behind
+    :func:`check_convertible` (which refuses) and ``layers: auto`` / patterns (which skip with a note).
 
-    Refused: anything but an ``nn.Conv2d``; ``groups > 1``; ``padding_mode`` other than zeros;
-    a 1x1 kernel for the separable forms (scheme 2, scheme 1 decomposed); string padding other
-    than "same"/"valid".
+    Not replaceable: anything but an ``nn.Conv2d``; ``groups > 1`` (depthwise or grouped); ``padding_mode``
+    other than zeros; string padding other than "same"/"valid"; a 1x1 kernel for the separable forms
+    (scheme 2, scheme 1 decomposed), and for scheme 1 at all: its basis conv plus 1x1 combination cost
+    C*M + C*M*N MACs per position against the conv's C*N, more at every rank.
     """
     check_choice(scheme, SCHEMES, "scheme")
-    where = f"layer {_label(conv, name)}"
     if not isinstance(conv, nn.Conv2d):
-        raise UserError(f"{where}: only nn.Conv2d can be expanded, got {type(conv).__name__}")
+        return f"only nn.Conv2d can be expanded, got {type(conv).__name__}"
     if conv.groups != 1:
-        raise UserError(f"{where}: groups={conv.groups} is not supported (only groups=1 convs can be expanded)")
+        kind = "depthwise" if conv.groups == conv.in_channels else "grouped"
+        return f"groups={conv.groups} is not supported ({kind}; only groups=1 convs can be expanded)"
     if conv.padding_mode != "zeros":
-        raise UserError(f"{where}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
     if isinstance(conv.padding, str) and conv.padding not in ("same", "valid"):
-        raise UserError(f"{where}: padding={conv.padding!r} cannot be mapped (allowed: integers, 'same', 'valid')")
-    separable = scheme == "v2" or decomposed
-    if separable and tuple(conv.kernel_size) == (1, 1):
-        form = "scheme v2" if scheme == "v2" else "scheme v1 with decomposed=True"
-        raise UserError(f"{where}: a 1x1 kernel has no spatial extent to split; {form} needs a kernel larger than 1x1")
+        return f"padding={conv.padding!r} cannot be mapped (allowed: integers, 'same', 'valid')"
+    if tuple(conv.kernel_size) == (1, 1):
+        if scheme == "v2" or decomposed:
+            form = "scheme v2" if scheme == "v2" else "scheme v1 with decomposed=True"
+            return f"a 1x1 kernel has no spatial extent to split; {form} needs a kernel larger than 1x1"
+        return ("a 1x1 conv: scheme v1 costs C*M + C*M*N MACs per position against its C*N, more at every rank "
+                "(nothing to gain; scheme v1 needs a kernel larger than 1x1)")
+    return None
+
+
+def check_convertible(conv: nn.Module, scheme: str, decomposed: bool = False, name: str | None = None) -> None:
+    """Refuse, with a UserError naming the layer, a conv the expansion cannot replace (:func:`unsupported_reason`)."""
+    reason = unsupported_reason(conv, scheme, decomposed)
+    if reason is not None:
+        raise UserError(f"layer {_label(conv, name)}: {reason}")
+
+
+def adds_macs(conv: nn.Conv2d, scheme: str, rank: int, decomposed: bool = False, order: str = "vh") -> bool:
+    """Whether the expansion of ``conv`` at ``rank`` costs more MACs per output position than the conv itself
+    (bias excluded: both add the same)."""
+    shape = (conv.out_channels, conv.in_channels, *conv.kernel_size)
+    dense = conv_macs(conv.in_channels, conv.out_channels, conv.kernel_size, (1, 1))
+    return expanded_macs(shape, scheme, rank, _pair(conv.stride), (1, 1), decomposed, order, bias=False) > dense
 
 
 def _split(stride, padding, dilation):
@@ -182,8 +202,11 @@ class LowRankExpConvV1(Optimisable, nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = self._run(x)
-        return fast if fast is not None else self.combine(self.spatial(x))
+        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: a path is Python-only
+            fast = self._run(x)
+            if fast is not None:
+                return fast
+        return self.combine(self.spatial(x))
 
     def _factored_convs(self) -> list:
         spatial = [self.spatial.vertical, self.spatial.horizontal] if self.decomposed else [self.spatial]
@@ -336,9 +359,10 @@ class LowRankExpConvV2(Optimisable, nn.Module):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        fast = self._run(x)
-        if fast is not None:
-            return fast
+        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: a path is Python-only
+            fast = self._run(x)
+            if fast is not None:
+                return fast
         if self.order == "vh":
             return self.horizontal(self.vertical(x))
         return self.vertical(self.horizontal(x))

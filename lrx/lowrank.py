@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+import warnings
 from typing import Sequence
 
 import torch
@@ -18,9 +20,9 @@ from torch import nn
 
 from .decomposition import (BASES, METHODS, ORDERS, SCHEMES, check_choice, check_rank, energy_first_sv,
                             expanded_macs, max_rank, original_macs, scheme1)
-from .config import check_method_options
+from .config import check_method_options, layer_pattern
 from .errors import UserError
-from .layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
+from .layers import LowRankExpConvV1, LowRankExpConvV2, adds_macs, check_convertible, unsupported_reason
 from .models import conv_layers
 
 __all__ = ["LowRankExpConvV1", "LowRankExpConvV2", "expand", "build_expanded", "select_layers", "conv_sizes"]
@@ -28,37 +30,79 @@ __all__ = ["LowRankExpConvV1", "LowRankExpConvV2", "expand", "build_expanded", "
 SPEC_KEYS = ("layers", "scheme", "ranks", "basis", "decomposed")
 
 
-def select_layers(model: nn.Module, layers: Sequence[int | str]) -> list[tuple[int, str, nn.Conv2d]]:
-    """Resolve 1-based positions among the model's ``nn.Conv2d`` modules (module order) or module names.
+class ExpansionNote(UserWarning):
+    """What :func:`expand` tells about its choice (``report["notes"]`` holds the same lines): a conv a
+    pattern or ``auto`` skipped, a layer whose rank costs more MACs than the conv."""
 
-    Returns (1-based index, qualified name, conv) per requested layer, in the order given.
+
+def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, scheme: str = "v1",
+                  decomposed: bool = False, notes: list[str] | None = None) -> list[tuple[int, str, nn.Conv2d]]:
+    """The convs a ``layers`` list means: the one rule for ``decompose.layers`` and ``expand(layers=...)``.
+
+    Each entry is a 1-based position among the model's ``nn.Conv2d`` modules (module order; the seed's
+    "layers 2,3,4,5"), a qualified module name, a glob pattern on qualified names (``"layer3.*"``,
+    :func:`fnmatch.fnmatchcase`), or ``"auto"``: every conv. A pattern or ``auto`` keeps the convs that
+    ``scheme`` can replace and that can save MACs (:func:`lrx.layers.unsupported_reason`,
+    :func:`lrx.layers.adds_macs` at rank 1) and skips the others, appending one line per skipped conv to
+    ``notes``; a conv named by index or name is taken as given (``expand`` then refuses what it cannot
+    replace). Returns (1-based index, qualified name, conv) per chosen conv: entries in the order given,
+    a pattern's matches in module order. A conv chosen twice is refused.
     """
     convs = conv_layers(model)
     by_name = {name: i for i, (name, _) in enumerate(convs)}
     if isinstance(layers, (int, str)):
         layers = [layers]
     if not layers:
-        raise UserError("no layers to expand: give 1-based conv indices or module names")
+        raise UserError("no layers to expand: give 1-based conv indices, module names, glob patterns or 'auto'")
     chosen = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, (int, str)):
-            raise UserError(f"layer {layer!r} must be a 1-based conv index or a module name")
+            raise UserError(f"layer {layer!r} must be a 1-based conv index, a module name, a glob pattern or 'auto'")
         if isinstance(layer, int):
             if not 1 <= layer <= len(convs):
                 raise UserError(f"layer {layer} does not exist: the model has {len(convs)} conv layers "
                                 f"(indices 1..{len(convs)})")
-            i = layer - 1
+            chosen.append((layer, *convs[layer - 1]))
         elif layer in by_name:
-            i = by_name[layer]
+            chosen.append((by_name[layer] + 1, *convs[by_name[layer]]))
+        elif layer_pattern(layer):
+            chosen += _matching(convs, layer, scheme, decomposed, notes)
         else:
-            shown = ", ".join(list(by_name)[:10]) + (", ..." if len(by_name) > 10 else "")
-            raise UserError(f"no conv layer named {layer!r}; conv layers: {shown}")
-        chosen.append((i + 1, *convs[i]))
+            raise UserError(f"no conv layer named {layer!r}; conv layers: {_shown(by_name)} "
+                            "(or a glob pattern such as 'layer3.*', or 'auto')")
     names = [name for _, name, _ in chosen]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"layer(s) {', '.join(repeated)} given more than once")
     return chosen
+
+
+def _shown(names) -> str:
+    names = list(names)
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+
+def _matching(convs, pattern: str, scheme: str, decomposed: bool, notes: list[str] | None) -> list:
+    """The convs ``pattern`` (a glob or "auto") selects that ``scheme`` can replace; notes for the rest."""
+    matched = [(i + 1, name, conv) for i, (name, conv) in enumerate(convs)
+               if pattern == "auto" or fnmatch.fnmatchcase(name, pattern)]
+    if not matched:
+        raise UserError(f"pattern {pattern!r} matches no conv layer; conv layers: {_shown(n for n, _ in convs)}")
+    kept, skipped = [], []
+    for index, name, conv in matched:
+        reason = unsupported_reason(conv, scheme, decomposed)
+        if reason is None and adds_macs(conv, scheme, 1, decomposed):
+            reason = f"scheme {scheme} costs more MACs than the conv even at rank 1"
+        if reason is None:
+            kept.append((index, name, conv))
+        else:
+            skipped.append(f"layer {layer_label(index, name)} skipped: {reason}")
+    if notes is not None:
+        notes.extend(skipped)
+    if not kept:
+        raise UserError(f"{pattern!r} selects no conv that scheme {scheme} can replace: "
+                        + "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
+    return kept
 
 
 def layer_label(index: int, name: str) -> str:
@@ -96,7 +140,7 @@ def conv_sizes(model: nn.Module, names: Sequence[str], input_size=(3, 224, 224))
     return sizes
 
 
-def _ranks(ranks, count: int) -> list:
+def _ranks(ranks, count: int, names: Sequence[str] = ()) -> list:
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         return [ranks] * count
     if isinstance(ranks, (str, dict)):
@@ -104,7 +148,8 @@ def _ranks(ranks, count: int) -> list:
         raise UserError(f"ranks {ranks if isinstance(ranks, str) else 'of a dict'!r}: give one rank per layer ({hint})")
     ranks = list(ranks)
     if len(ranks) != count:
-        raise UserError(f"{len(ranks)} ranks given for {count} layers: give one rank per layer")
+        chosen = f" ({_shown(names)})" if names else ""
+        raise UserError(f"{len(ranks)} ranks given for {count} layers{chosen}: give one rank per layer")
     return ranks
 
 
@@ -128,7 +173,9 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     ----------
     model : any module; it is deep-copied and never modified.
     layers : 1-based positions among the ``nn.Conv2d`` modules in module order (the seed's
-        "layers 2,3,4,5"), or qualified module names, or a mix.
+        "layers 2,3,4,5"), qualified module names, glob patterns (``"layer3.*"``) or ``"auto"``, or a mix
+        (:func:`select_layers`; what a pattern skips is in ``report["notes"]`` and warned as
+        :class:`ExpansionNote`).
     scheme : "v1" (:class:`LowRankExpConvV1`) or "v2" (:class:`LowRankExpConvV2`).
     ranks : one rank per layer (the seed's "#bases": M basis filters for v1, K channels for v2), or one
         int for all.
@@ -149,6 +196,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     mac_ratio = macs_before / macs_after, and for v1 energy_first_sv: per basis filter the
     share of its energy in its first singular value (per-channel: averaged over channels),
     taken before any rank-1 split; None for v2; and order ("vh"/"hv" for v2, None for v1).
+    ``report["notes"]``: one line per conv a pattern skipped and per layer whose rank adds MACs.
     """
     check_choice(scheme, SCHEMES, "scheme")
     check_choice(basis, BASES, "basis")
@@ -160,8 +208,9 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
     check_choice(order, ORDERS, "order")
     if scheme == "v1" and order != "vh":
         raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
-    chosen = select_layers(model, layers)
-    ranks = _ranks(ranks, len(chosen))
+    notes: list[str] = []
+    chosen = select_layers(model, layers, scheme, decomposed, notes)
+    ranks = _ranks(ranks, len(chosen), [name for _, name, _ in chosen])
     for (index, name, conv), rank in zip(chosen, ranks):  # every check before any work
         check_convertible(conv, scheme, decomposed, layer_label(index, name))
         check_rank(rank, conv, scheme, basis, order, layer_label(index, name))
@@ -195,12 +244,17 @@ def expand(model: nn.Module, layers: Sequence[int | str] = (2, 3, 4, 5), scheme:
             "macs_before": before, "macs_after": after, "mac_ratio": before / after,
             "energy_first_sv": energy, "order": layer_order,
         })
+        if after > before:
+            notes.append(f"layer {layer_label(index, name)}: rank {rank} costs {after / before:.2f}x the conv's MACs "
+                         f"(MAC ratio {before / after:.2f}); a lower rank saves MACs")
         new.set_submodule(name, layer)
     spec = {"layers": names, "scheme": scheme, "ranks": list(ranks), "basis": basis, "decomposed": decomposed,
             "method": method, "method_options": dict(method_options)}
     if scheme == "v2":
         spec["orders"] = [row["order"] for row in rows]
-    return new, {"spec": spec, "layers": rows}
+    for note in notes:
+        warnings.warn(note, ExpansionNote, stacklevel=2)
+    return new, {"spec": spec, "layers": rows, "notes": notes}
 
 
 def build_expanded(model: nn.Module, spec: dict) -> nn.Module:

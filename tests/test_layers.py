@@ -8,8 +8,9 @@ from torch import nn
 
 from lrx import decomposition as dec
 from lrx.errors import UserError
-from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, build_expanded, expand
+from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, build_expanded, expand, select_layers
 from lrx.models import alexnet_cifar10, build_model, conv_layers
+from lrx.speed import optimise
 
 # Conv geometries the layers must reproduce: stride, dilation, padding (1, 2), kernel (3, 5), no bias,
 # 'same' with an even kernel (PyTorch pads it asymmetrically), and everything mixed.
@@ -92,11 +93,11 @@ def test_full_rank_on_torchvision_convs(resnet18, name, form):
     assert rel(layer(x), conv(x)) < 1e-4, f"{form} on resnet18.{name} ({conv}) is not exact at full rank"
 
 
-def test_v1_handles_1x1_convs(resnet18):
-    conv = resnet18.get_submodule("layer2.0.downsample.0")  # 1x1, stride 2, no bias
-    layer = LowRankExpConvV1.from_conv(conv, 1)
-    x = torch.randn(1, conv.in_channels, 10, 10)
-    assert rel(layer(x), conv(x)) < 1e-4, "scheme 1 at rank 1 reproduces a 1x1 conv"
+def test_v1_refuses_1x1_convs_it_would_slow_down(resnet18):
+    conv = resnet18.get_submodule("layer2.0.downsample.0")  # 1x1, stride 2, no bias: C*M + C*M*N > C*N MACs
+    with pytest.raises(UserError, match="more at every rank") as err:
+        LowRankExpConvV1.from_conv(conv, 1, name="layer2.0.downsample.0")
+    assert "layer2.0.downsample.0" in str(err.value), str(err.value)
 
 
 def test_decomposed_exact_when_bases_are_separable():
@@ -116,6 +117,8 @@ def refusals():
         "padding_mode": (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), "v1", False, "padding_mode"),
         "1x1 v2": (nn.Conv2d(4, 6, 1), "v2", False, "1x1"),
         "1x1 decomposed": (nn.Conv2d(4, 6, 1), "v1", True, "1x1"),
+        "1x1 v1": (nn.Conv2d(4, 6, 1), "v1", False, "1x1 conv"),
+        "depthwise": (nn.Conv2d(4, 4, 3, groups=4), "v2", False, "depthwise"),
         "linear": (nn.Linear(4, 6), "v1", False, "nn.Conv2d"),
     }
     odd = nn.Conv2d(4, 6, 3)
@@ -351,3 +354,90 @@ def test_expand_refuses_unsupported_layer_by_name():
     with pytest.raises(UserError, match=r"layer 2 \('1'\): groups=2"):  # the user's layer 2 is module '1'
         expand(model, [2], "v1", [2], input_size=(3, 16, 16))
     assert len(conv_layers(model)) == 2
+
+
+# ---------------------------------------------------------------- layer selection: patterns and auto
+
+@pytest.fixture(scope="module")
+def mobilenet_v2():
+    return build_model("mobilenet_v2")
+
+
+def test_a_glob_picks_the_convs_of_a_block_and_notes_the_1x1_it_skips(resnet18):
+    with pytest.warns(UserWarning, match=r"layer3\.0\.downsample\.0.*skipped.*1x1"):
+        expanded, report = expand(resnet18, ["layer3.*"], "v2", 4, input_size=(3, 32, 32))
+    names = [row["name"] for row in report["layers"]]
+    assert names == ["layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2"], names
+    assert len(report["notes"]) == 1 and "layer 13 ('layer3.0.downsample.0')" in report["notes"][0], report["notes"]
+    assert type(expanded.layer3[0].downsample[0]) is nn.Conv2d, "the skipped 1x1 conv stays as it was"
+
+
+@pytest.mark.parametrize("scheme", ["v1", "v2"])
+def test_auto_on_resnet18_takes_every_spatial_conv(resnet18, scheme):
+    notes = []
+    chosen = select_layers(resnet18, "auto", scheme, notes=notes)
+    spatial = [name for name, conv in conv_layers(resnet18) if conv.kernel_size != (1, 1)]
+    assert [name for _, name, _ in chosen] == spatial and len(spatial) == 17, [name for _, name, _ in chosen]
+    assert [n.split("'")[1] for n in notes] == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)], notes
+
+
+def test_auto_on_mobilenet_v2_leaves_depthwise_and_pointwise_convs(mobilenet_v2):
+    notes = []
+    chosen = select_layers(mobilenet_v2, ["auto"], "v2", notes=notes)
+    assert [name for _, name, _ in chosen] == ["features.0.0"], "the only full 3x3 conv of mobilenet_v2"
+    convs = conv_layers(mobilenet_v2)
+    depthwise = [n for n, c in convs if c.groups > 1]
+    assert len(notes) == len(convs) - 1 and len(depthwise) == 17, (len(notes), len(convs), len(depthwise))
+    assert sum("depthwise" in n for n in notes) == 17 and sum("1x1" in n for n in notes) == len(convs) - 18, notes
+    with pytest.raises(UserError, match=r"'features\.1\*' selects no conv that scheme v1 can replace"):
+        select_layers(mobilenet_v2, ["features.1*"], "v1")  # features.1, features.10-18: depthwise and 1x1 only
+
+
+def test_patterns_mix_with_indices_and_names_and_refuse_what_they_cannot_mean(resnet18):
+    chosen = select_layers(resnet18, [1, "layer1.0.conv?", "layer4.1.conv2"], "v2")
+    assert [i for i, _, _ in chosen] == [1, 2, 3, 20], [(i, n) for i, n, _ in chosen]
+    with pytest.raises(UserError, match="more than once"):
+        select_layers(resnet18, ["layer1.0.conv1", "layer1.*"], "v2")
+    with pytest.raises(UserError, match=r"pattern 'block\*' matches no conv layer; conv layers: conv1"):
+        select_layers(resnet18, ["block*"], "v2")
+    with pytest.raises(UserError, match=r"'\*downsample\*' selects no conv that scheme v2 can replace.*1x1"):
+        select_layers(resnet18, ["*downsample*"], "v2")
+    with pytest.raises(UserError, match=r"4 ranks given for 17 layers \(conv1, layer1"):
+        expand(resnet18, "auto", "v2", [2, 2, 2, 2], input_size=(3, 32, 32))
+
+
+def test_an_explicit_rank_that_adds_macs_is_warned_about():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False))  # v2 at rank 12: 12*4*3 + 4*12*3 = 288 > 144 MACs
+    with pytest.warns(UserWarning, match=r"rank 12 costs 2\.00x the conv's MACs"):
+        _, report = expand(model, [1], "v2", [12], input_size=(4, 8, 8))
+    assert report["layers"][0]["mac_ratio"] == pytest.approx(0.5), report["layers"][0]
+
+
+# ---------------------------------------------------------------- TorchScript, tracing, torch.export
+
+CAPTURE_FORMS = {
+    "v1 shared": dict(scheme="v1"), "v1 per-channel": dict(scheme="v1", basis="per-channel"),
+    "v1 decomposed": dict(scheme="v1", decomposed=True), "v2 vh": dict(scheme="v2"),
+    "v2 hv": dict(scheme="v2", order="hv"),
+}
+
+
+@pytest.mark.parametrize("optimised", [False, True], ids=["plain", "optimised"])
+@pytest.mark.parametrize("form", CAPTURE_FORMS)
+def test_every_expansion_layer_scripts_traces_and_exports(form, optimised):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2))
+    net, _ = expand(nn.Sequential(conv, nn.ReLU()), [1], ranks=[2], input_size=(4, 12, 12), **CAPTURE_FORMS[form])
+    net.eval()
+    x = torch.randn(2, 4, 12, 12)
+    if optimised:
+        optimise(net, "cpu", x, path="factored")
+    with torch.no_grad():
+        want = net(x)
+        captured = {"script": torch.jit.script(net), "trace": torch.jit.trace(net, x),
+                    "export": torch.export.export(net, (x,)).module()}
+        for how, module in captured.items():
+            got = module(x)
+            assert rel(got, want) < 1e-5, f"{form} ({'optimised' if optimised else 'plain'}): {how} gives other outputs"
+    graph = str(captured["trace"].inlined_graph) + str(torch.export.export(net, (x,)).graph)
+    assert "mkldnn" not in graph, f"{form}: a captured model must hold plain convs, not the process's fast path"
