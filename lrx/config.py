@@ -412,6 +412,9 @@ def _validate_sources(cfg: Config, need) -> None:
     need(m.weights is None or m.name.startswith("torchvision:"), "model.weights",
          f"weights {show(m.weights)} name torchvision's pretrained weights and go with a torchvision:<name> model; "
          f"model.name is {show(m.name)}")
+    need(m.init == "scratch" or not m.name.startswith(("torchvision:", "python:")), "model.init",
+         f"init {m.init} is for registry models; {m.name} starts from scratch, model.weights (torchvision: models) "
+         "or model.checkpoint")
     starts = [key for key, on in (("model.init: imagenet", m.init == "imagenet"), ("model.weights", m.weights),
                                   ("model.checkpoint", m.checkpoint)) if on]
     need(len(starts) <= 1, "model.checkpoint" if m.checkpoint else "model.weights",

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import inspect
 import os
 import pickle
 from pathlib import Path
-
-import inspect
 
 import numpy as np
 import torch
@@ -400,8 +399,8 @@ class FolderImages(Dataset):
             raise UserError(f"cannot read image folder {folder}: {err}; expected {folder}/<class>/<image> with "
                             f"images ending in {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)}",
                             key="data.root") from None
-        self.classes = found.classes
         self.class_to_idx = class_to_idx or found.class_to_idx
+        self.classes = list(self.class_to_idx)  # the training split's, for both splits
         unknown = sorted(set(found.classes) - set(self.class_to_idx))
         if unknown:
             raise UserError(f"{folder} has classes the training folder lacks: {', '.join(unknown[:10])}; "
@@ -450,15 +449,19 @@ class TensorImages(Dataset):
         return self.images[i], int(self.labels[i])
 
 
-def image_folder(root: Path, size: int) -> tuple[FolderImages, FolderImages]:
-    """The ``train`` and ``val`` (else ``test``) splits of an image folder at ``root``."""
+def image_folder(root: Path, size: int, split: str) -> FolderImages:
+    """Split ``split`` of an image folder at ``root``: ``train/``, or for "test" ``val/`` (else ``test/``),
+    labelled by the training folder's classes."""
     val = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or val is None:
         raise UserError(f"data.name imagefolder needs {root}/train/<class>/<images> and {root}/val/<class>/<images> "
                         "(torchvision's ImageFolder layout); set data.root (or --data-root) to that folder",
                         key="data.root")
-    train = FolderImages(root / "train", size)
-    return train, FolderImages(val, size, train.class_to_idx)
+    try:
+        _, class_to_idx = torchvision.datasets.folder.find_classes(str(root / "train"))
+    except FileNotFoundError as err:
+        raise UserError(f"{err}; expected {root}/train/<class>/<images>", key="data.root") from None
+    return FolderImages(root / "train" if split == "train" else val, size, class_to_idx)
 
 
 SPLIT_NAMES = {"train": ("train", "trainval"), "test": ("test", "val")}
@@ -497,7 +500,7 @@ def torchvision_split(name: str, root: Path, split: str, download: bool):
 def source(d, root: Path, split: str, num_classes: int) -> Dataset:
     """One split of the config's data (``d``: :class:`lrx.config.DataConfig`) as a dataset of uint8 images."""
     if d.name == "imagefolder":
-        return image_folder(root, d.image_size)[0 if split == "train" else 1]
+        return image_folder(root, d.image_size, split)
     if d.name.startswith("torchvision:"):
         return TorchvisionImages(torchvision_split(d.name.split(":", 1)[1], root, split, d.download), d.image_size)
     return TensorImages(*load_split(d.name, root, split, d.download, d.synthetic_size, num_classes))

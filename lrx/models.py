@@ -108,6 +108,9 @@ def build_model(name: str, num_classes: int = 10, init: str = "scratch", weights
     models only) names torchvision's pretrained weights (``DEFAULT``, ``IMAGENET1K_V1``, ...); with
     another number of classes than the weights', every tensor but the classifier's is copied.
     """
+    if init != "scratch" and name.startswith((TORCHVISION, PYTHON)):
+        raise UserError(f"init {init!r} is for registry models; {name} starts from scratch, model.weights "
+                        "(torchvision: models) or model.checkpoint", key="model.init")
     if name.startswith(TORCHVISION):
         return _torchvision_model(name[len(TORCHVISION):], num_classes, weights)
     if weights is not None:

@@ -192,3 +192,23 @@ def test_stage_hashes_ignore_how_batches_are_read_and_count_a_checkpoint(tiny_co
         "streaming gives the same batches: nothing to redo"
     assert stage_hashes(load_config(path, ["model.checkpoint=mine.pt"]), {})["train"] != base["train"]
     assert stage_hashes(load_config(path, ["model.checkpoint=null"]), {}) == base, "unset: runs made before keep their hash"
+
+
+@pytest.mark.parametrize("model, data, key, message", [
+    ({"name": "python:mynets"}, {}, "model.name", "must be python:<package.module>:<factory>"),
+    ({"name": "torchvision:resnet-18"}, {}, "model.name", "must be torchvision:<model name>"),
+    ({"name": "resnet18", "weights": "DEFAULT"}, {}, "model.weights", "go with a torchvision:<name> model"),
+    ({"name": "torchvision:resnet18", "weights": "DEFAULT", "checkpoint": "a.pt"}, {}, "model.checkpoint",
+     "model.weights and model.checkpoint both set the starting weights"),
+    ({"name": "torchvision:resnet18", "init": "imagenet"}, {}, "model.init", "init imagenet is for registry models"),
+    ({}, {"name": "torchvision:CIFAR-100"}, "data.name", "allowed: cifar10, fashion-mnist, synthetic, imagefolder, "
+                                                         "torchvision:<Dataset>"),
+    ({}, {"workers": -1}, "data.workers", "must be in 0..256"),
+])
+def test_own_model_and_data_keys_are_checked_when_loaded(tmp_path, model, data, key, message):
+    from lrx.config import load_config
+
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"name": "tiny_cnn", **model}, "data": data})
+    with pytest.raises(UserError, match=message) as err:
+        load_config(path)
+    assert err.value.key == key and err.value.file == str(path)
