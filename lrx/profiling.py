@@ -328,7 +328,8 @@ def profile_pair(
     device : overrides ``cfg.device`` when given; ``"auto"`` picks CUDA when available.
     per_layer : time each replaced layer alone too (:func:`layer_latency`); on 2 CPU cores at the
         seed's input this is about half of the ~2 minutes an expanded profile takes.
-    breakdown : time every module inside the forward too (:func:`module_times`), both models.
+    breakdown : time every module inside the forward too (:func:`module_times`), both models; not with
+        ``profile.compile`` (a compiled forward runs no module hooks), then ``latency.modules`` is None.
 
     Returns
     -------
@@ -367,7 +368,7 @@ def profile_pair(
                                    cfg.warmup, cfg.repeats, counted=(plain_original, plain_expanded),
                                    original_flags=best_flags)
         modules = None
-        if breakdown:
+        if breakdown and not cfg.compile:  # a compiled forward does not run the modules' hooks
             pair = {"original": (best_net, best_flags)}
             if new is not None:
                 pair["expanded"] = (new, _cudnn_benchmark if device.type == "cuda" and not plain_only

@@ -163,7 +163,7 @@ def test_layer_latency_times_layers_on_their_real_input():
     assert layer["speedup"] == pytest.approx(layer["original_ms"] / layer["expanded_ms"]), "speedup from the medians"
 
 
-def test_profile_pair_fields():
+def test_profile_pair_fields(one_thread):
     original, expanded = tiny_pair()
     cfg = ProfileConfig(input_size=[3, 12, 12], batch=2, warmup=0, repeats=5, device="cpu")
     out = profile_pair(original, expanded, ["2"], cfg, "cpu")
