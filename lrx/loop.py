@@ -200,8 +200,10 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
 def evaluate(model: nn.Module, batches, runtime: RuntimeConfig | None = None, total: int | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` on ``batches`` (eval mode; flags restored after).
 
-    Under DDP pass this rank's shard and ``total``, the unsharded number of images: the padding a
-    shard repeats is not counted, so the result equals a single process's.
+    ``batches``: lrx's :class:`lrx.data.Batches`, or any iterable of (images, labels) batches that can be
+    iterated again (a DataLoader, a list), moved to the model's device. Under DDP pass this rank's shard
+    and ``total``, the unsharded number of images: the padding a shard repeats is not counted, so the
+    result equals a single process's.
     """
     model = distributed.unwrap(model)
     batches = for_model(batches, model)

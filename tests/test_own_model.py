@@ -164,6 +164,23 @@ def test_run_stage_evaluate_and_train_take_a_dataloader(tmp_path, one_thread):
         evaluate(teacher, ((a, b) for a, b in loader))
 
 
+def test_a_loaders_distributed_sampler_is_told_the_epoch():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lrx.data import as_batches
+
+    dataset = TensorDataset(torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2), torch.arange(8))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
+    batches = as_batches(DataLoader(dataset, batch_size=2, sampler=sampler))
+    assert batches.shard(1, 2) is batches and batches.num_images is None, "the loader is this process's share"
+    orders = []
+    for epoch in (0, 1, 0):
+        batches.set_epoch(epoch)
+        orders.append(torch.cat([y for _, y in batches]).tolist())
+    assert sampler.epoch == 0 and orders[0] == orders[2] != orders[1], "set_epoch reshuffles as DDP expects"
+    assert len(orders[0]) == 4 and len(batches) == 2
+
+
 def test_checkpoint_mistakes_are_found_before_anything_is_written(tmp_path, isolated_imports):
     images = write_image_folder(tmp_path / "images", per_class=2)
     folder = tmp_path / "configs"
