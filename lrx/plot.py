@@ -1,8 +1,8 @@
 """The accuracy / cost picture of a runs folder: acc@1 against MACs and against measured CPU time.
 
 Each point is labelled as the table numbers its row, with a short description ("4: s1 L2+CE": scheme 1,
-then L2 and CE fine-tuning); labels are placed greedily where they overlap no other label and no point
-and stay inside the axes (far ones get a leader line). The legend sits outside the axes. Every model
+then L2 and CE fine-tuning); labels are placed greedily where they overlap no other label and no point,
+stay inside the axes and sit nearer their own point than any other (far ones get a leader line). The legend sits outside the axes. Every model
 (and dataset, when the runs use several) has its own colour and its own Pareto front: accuracies of
 different models are never compared on one front.
 
@@ -207,7 +207,7 @@ def pareto_figure(rows: list[dict]):
     drawn = sorted({p.group for points in data for p in points})
     colours = {group: f"C{i % 10}" for i, group in enumerate(drawn)}
 
-    fig = Figure(figsize=(13, 6), dpi=120, layout="constrained")
+    fig = Figure(figsize=(13, 7), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     for ax, (xlabel, _), points in zip(axes, PANELS, data):
@@ -253,22 +253,26 @@ LEADER_FROM = 18  # a label at least this far (points) from its point gets a lin
 
 
 def place_labels(ax, points: list[Point], renderer) -> list:
-    """Annotate each point with its label where the label's box overlaps no label placed before, no
-    point's marker and nothing outside the axes, trying :data:`DISTANCES` x :data:`DIRECTIONS` in order;
-    the points with the most neighbours are placed first. Where no place is free, the place inside the
-    axes with the least overlap is taken. Returns the annotations, in the order of ``points``."""
+    """Annotate each point with its label at the first place, of :data:`DISTANCES` x :data:`DIRECTIONS`
+    in order, where the label's box stays inside the axes and overlaps no label placed before, no
+    point's marker and no front, and where its leader line (from :data:`LEADER_FROM` points away) crosses
+    no label, marker or other leader. The points with the most neighbours are placed first. Where no
+    place is free, the one with the least overlap is taken. Returns the annotations, in the order of
+    ``points``."""
     from matplotlib.transforms import Bbox  # local: matplotlib is heavy to import, only the plot needs it
 
     frame = ax.get_window_extent(renderer)
-    centres = [ax.transData.transform((p.cost, p.acc)) for p in points]
+    centres = [tuple(ax.transData.transform((p.cost, p.acc))) for p in points]
     radii = [math.sqrt(MARKER_AREA[p.original]) / 2 * ax.figure.dpi / 72 + 1 for p in points]  # pixels
     markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for (x, y), r in zip(centres, radii)]
-    markers += _line_boxes(ax)  # the fronts' segments: a label across a dashed line is hard to read
+    lines = _line_boxes(ax)  # the fronts' segments: a label across a dashed line is hard to read
     crowd = [sum(math.dist(c, o) < 60 for o in centres) for c in centres]
-    placed: list = []
+    placed: list = []  # label boxes
+    leaders: list = []  # (from, to) in pixels
     out: list = [None] * len(points)
     for i in sorted(range(len(points)), key=lambda k: (-crowd[k], -points[k].acc)):
-        point = points[i]
+        point, centre = points[i], centres[i]
+        others = markers[:i] + markers[i + 1:]
         probe = ax.annotate(point.label, (point.cost, point.acc), xytext=(0, 0), textcoords="offset points",
                             fontsize=FONT_SIZE)
         best, best_cost, best_box = None, math.inf, None
@@ -278,7 +282,16 @@ def place_labels(ax, points: list[Point], renderer) -> list:
                 box = probe.get_window_extent(renderer)
                 if not _inside(box, frame):
                     continue
-                cost = sum(_overlap(box, other) for other in placed + markers)
+                cost = sum(_overlap(box, other) for other in placed) + _overlap(box, markers[i])
+                cost += FRONT_WEIGHT * sum(_overlap(box, line) for line in lines)
+                cost += MARKER_WEIGHT * sum(_overlap(box, other) for other in others)
+                own = _distance(centre, box)  # a label nearer another point than its own reads as that point's
+                cost += AMBIGUITY_COST * sum(_distance(c, box) < own for k, c in enumerate(centres) if k != i)
+                cost += LINE_WEIGHT * sum(_clip_length(a, b, box) for a, b in leaders)
+                if distance >= LEADER_FROM:
+                    leader = (centre, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2))
+                    cost += LINE_WEIGHT * sum(_clip_length(*leader, other) for other in placed + others)
+                    cost += CROSSING_COST * sum(_crosses(leader, other) for other in leaders)
                 if cost < best_cost:
                     best, best_cost, best_box = (dx, dy, distance), cost, box
                 if cost == 0:
@@ -287,13 +300,57 @@ def place_labels(ax, points: list[Point], renderer) -> list:
                 break
         probe.remove()
         dx, dy, distance = best or (1, 1, DISTANCES[0])
-        leader = {"arrowstyle": "-", "color": "0.45", "linewidth": 0.6, "shrinkA": 1, "shrinkB": 3}
-        label = ax.annotate(point.label, (point.cost, point.acc), xytext=(0, 0), textcoords="offset points", fontsize=FONT_SIZE,
-                            arrowprops=leader if distance >= LEADER_FROM else None, zorder=4)
+        arrow = {"arrowstyle": "-", "color": "0.3", "linewidth": 0.7, "shrinkA": 1, "shrinkB": 3}
+        label = ax.annotate(point.label, (point.cost, point.acc), xytext=(0, 0), textcoords="offset points",
+                            fontsize=FONT_SIZE, arrowprops=arrow if distance >= LEADER_FROM else None, zorder=4)
         _aim(label, dx, dy, distance)
-        placed.append((best_box or text_box(label, renderer)).padded(2))  # the probe had no leader: its box is the text's
+        box = best_box or text_box(label, renderer)  # the probe had no leader: its box is the text's
+        placed.append(box.padded(2))
+        if distance >= LEADER_FROM:
+            leaders.append((centre, ((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2)))
         out[i] = label
     return out
+
+
+LINE_WEIGHT = 4.0  # a leader's length inside a box counts as this many pixels of width
+FRONT_WEIGHT = 0.1  # a front under a label costs less than a far label: a long leader misleads more
+CROSSING_COST = 200.0  # two leaders crossing count as this many square pixels of overlap
+MARKER_WEIGHT = 10.0  # a label over another point hides it: worse than the same area of another label
+AMBIGUITY_COST = 100.0  # per other point nearer to a label than the label's own point (square pixels)
+
+
+def _distance(point, box) -> float:
+    """From ``point`` to the nearest edge of ``box`` (0 inside), in pixels."""
+    x, y = point
+    return math.hypot(max(box.x0 - x, 0.0, x - box.x1), max(box.y0 - y, 0.0, y - box.y1))
+
+
+def _clip_length(a, b, box) -> float:
+    """The length (pixels) of segment ``a``-``b`` inside ``box`` (Liang-Barsky clipping)."""
+    (x, y), (dx, dy) = a, (b[0] - a[0], b[1] - a[1])
+    low, high = 0.0, 1.0
+    for p, q in ((-dx, x - box.x0), (dx, box.x1 - x), (-dy, y - box.y0), (dy, box.y1 - y)):
+        if p == 0:
+            if q < 0:
+                return 0.0
+            continue
+        t = q / p
+        if p < 0:
+            low = max(low, t)
+        else:
+            high = min(high, t)
+        if low > high:
+            return 0.0
+    return (high - low) * math.hypot(dx, dy)
+
+
+def _crosses(one, other) -> bool:
+    """Whether two segments ((x, y), (x, y)) cross (touching ends do not count)."""
+    def side(a, b, c):
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    (p, q), (r, t) = one, other
+    return side(p, q, r) * side(p, q, t) < 0 and side(r, t, p) * side(r, t, q) < 0
 
 
 def text_box(label, renderer):

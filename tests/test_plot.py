@@ -1,5 +1,6 @@
 """The Pareto plot: a PNG from run folders, the front, and a clear error when nothing can be drawn."""
 import json
+import math
 
 import pytest
 
@@ -102,6 +103,11 @@ QUICK_LABELS = {"1: original", "2: s1", "3: s1 L2", "4: s1 L2+CE", "5: s1 CE", "
                 "13: s1 per-ch L2+CE"}
 
 
+def distance_to_box(point, box):
+    x, y = point
+    return math.hypot(max(box.x0 - x, 0.0, x - box.x1), max(box.y0 - y, 0.0, y - box.y1))
+
+
 def labels(ax):
     from matplotlib.text import Annotation
 
@@ -138,6 +144,14 @@ def test_labels_are_apart_inside_the_axes_and_off_the_points(quick_figure):
         for x, y in centres:
             covered = [n for n, box in boxes.items() if box.contains(x, y)]
             assert not covered, f"{ax.get_xlabel()}: the point at {(x, y)} is hidden under {covered}"
+        for label in labels(ax):
+            if label.arrow_patch is not None:
+                continue  # a leader line shows which point it belongs to
+            box, own = boxes[label.get_text()], ax.transData.transform(label.xy)
+            apart = [c for c in centres if math.dist(c, own) > 6]  # closer than a marker: one place for the eye
+            nearest = min(apart, key=lambda c: distance_to_box(c, box))
+            assert distance_to_box(own, box) <= distance_to_box(nearest, box) + 0.5, \
+                f"{ax.get_xlabel()}: {label.get_text()!r} sits nearer another point than its own"
 
 
 def test_the_legend_is_outside_the_axes_and_inside_the_figure(quick_figure):
