@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+import warnings
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .data import load_data
 from .datafit import expand_to_data
 from .errors import UserError
 from .finetune import l2_norm, run_stage
-from .lowrank import expand
+from .lowrank import ExpansionNote, expand
 from .models import initial_model
 from .latency import DeviceTiming, plan_latency
 from .profiling import profile_pair
@@ -214,33 +215,37 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
     input_size = tuple(input_size or cfg.profile.input_size)
     rank_plan = None
     ranks, layers = settings.bases, settings.layers
-    try:
-        align = device_align(settings.align, cfg.runtime.device)
-        if settings.bases == "auto" and "latency" in settings.target:
-            cache = latency_cache_path(runs_dir) if runs_dir is not None else None
-            rank_plan = plan_latency(model, settings.layers, settings.target, DeviceTiming.from_config(cfg),
-                                     align=align, cache=cache, write_cache=write_cache, log=log)
-            ranks, layers = rank_plan["ranks"], rank_plan["layers"]
-        elif settings.bases == "auto":
-            rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
-                                   basis=settings.basis, decomposed=settings.decomposed, align=align)
-            ranks = rank_plan["ranks"]
-        if settings.fit == "data" and batches is not None:
-            calibration = settings.calibration
-            expanded, report = expand_to_data(model, layers, settings.scheme, ranks, batches,
-                                              images=calibration.images, sequential=calibration.sequential,
-                                              basis=settings.basis, decomposed=settings.decomposed,
-                                              order=settings.order, input_size=input_size,
-                                              iterations=calibration.iterations)
-            report["fit_data"] = report.pop("fit")
-        else:
-            expanded, report = expand(model, layers=layers, scheme=settings.scheme, ranks=ranks,
-                                      basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
-                                      input_size=input_size, order=settings.order, **settings.options)
-    except UserError as err:
-        raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
-    except TypeError as err:  # an unknown method option
-        raise UserError(f"{err}", file=cfg.path, key="decompose.options") from None
+    with warnings.catch_warnings():  # expand's notes (a conv a pattern skipped, a rank adding MACs): said below
+        warnings.simplefilter("ignore", ExpansionNote)
+        try:
+            align = device_align(settings.align, cfg.runtime.device)
+            if settings.bases == "auto" and "latency" in settings.target:
+                cache = latency_cache_path(runs_dir) if runs_dir is not None else None
+                rank_plan = plan_latency(model, settings.layers, settings.target, DeviceTiming.from_config(cfg),
+                                         align=align, cache=cache, write_cache=write_cache, log=log)
+                ranks, layers = rank_plan["ranks"], rank_plan["layers"]
+            elif settings.bases == "auto":
+                rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
+                                       basis=settings.basis, decomposed=settings.decomposed, align=align)
+                ranks = rank_plan["ranks"]
+            if settings.fit == "data" and batches is not None:
+                calibration = settings.calibration
+                expanded, report = expand_to_data(model, layers, settings.scheme, ranks, batches,
+                                                  images=calibration.images, sequential=calibration.sequential,
+                                                  basis=settings.basis, decomposed=settings.decomposed,
+                                                  order=settings.order, input_size=input_size,
+                                                  iterations=calibration.iterations)
+                report["fit_data"] = report.pop("fit")
+            else:
+                expanded, report = expand(model, layers=layers, scheme=settings.scheme, ranks=ranks,
+                                          basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
+                                          input_size=input_size, order=settings.order, **settings.options)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
+        except TypeError as err:  # an unknown method option
+            raise UserError(f"{err}", file=cfg.path, key="decompose.options") from None
+    for note in report.get("notes", []):
+        log(f"note: {note}")
     report["ranks"] = list(ranks)
     if rank_plan is not None:
         report["plan"] = rank_plan

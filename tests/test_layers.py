@@ -1,16 +1,21 @@
 """The expansion layers and the public API: exact where the math is exact, counts that match ptflops."""
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import write_yaml
 from lrx import decomposition as dec
+from lrx.config import load_config
 from lrx.errors import UserError
-from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, build_expanded, expand, select_layers
+from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, ExpansionNote, build_expanded, expand, select_layers
 from lrx.models import alexnet_cifar10, build_model, conv_layers
+from lrx.runs import check_against_model
 from lrx.speed import optimise
+from lrx.stages import expand_model
 
 # Conv geometries the layers must reproduce: stride, dilation, padding (1, 2), kernel (3, 5), no bias,
 # 'same' with an even kernel (PyTorch pads it asymmetrically), and everything mixed.
@@ -441,3 +446,20 @@ def test_every_expansion_layer_scripts_traces_and_exports(form, optimised):
             assert rel(got, want) < 1e-5, f"{form} ({'optimised' if optimised else 'plain'}): {how} gives other outputs"
     graph = str(captured["trace"].inlined_graph) + str(torch.export.export(net, (x,)).graph)
     assert "mkldnn" not in graph, f"{form}: a captured model must hold plain convs, not the process's fast path"
+
+
+def test_a_config_with_layers_auto_is_checked_against_the_model_and_its_notes_are_said(tiny_configs):
+    path = write_yaml(tiny_configs / "auto.yaml", {"extends": "base.yaml", "baseline": "t01",
+                                                   "decompose": {"layers": "auto", "scheme": "v2", "bases": [2]}})
+    with pytest.raises(UserError, match=r"decompose\.bases: has 1 entries but decompose\.layers selects 4 convs \(0, 3, 6, 8\)"):
+        check_against_model(load_config(path))
+    cfg = load_config(path, ["decompose.bases=[9,2,2,2]"])  # conv1 (3 -> 16) at rank 9: 513 MACs per position > 432
+    assert cfg.decompose.layers == ["auto"], "a lone entry is a one-entry list"
+    check_against_model(cfg)
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = expand_model(build_model("tiny_cnn"), cfg, log=said.append)
+    assert [row["name"] for row in report["layers"]] == ["0", "3", "6", "8"], report["layers"]
+    assert said == [f"note: {report['notes'][0]}"] and "layer 1 ('0'): rank 9 costs" in said[0], said
+    assert not [w for w in caught if issubclass(w.category, ExpansionNote)], "the stage says its notes once, as lines"
