@@ -31,14 +31,28 @@ def _number(value: Any) -> float | None:
 
 
 def skipped(rows: list[dict]) -> list[str]:
-    """One line per run :func:`plot_pareto` leaves out because it is not finished or not readable,
-    e.g. "exp05: unreadable: metrics.json: not valid JSON (...)", for the caller to print on stderr."""
+    """One line per run :func:`plot_pareto` leaves out of a panel or both, for the caller to print on
+    stderr: not finished or not readable ("exp05: unreadable: metrics.json: not valid JSON (...)"), or
+    finished without an accuracy or a cost, its own or a parent run's ("exp14: no MACs or CPU time ...")."""
     out = []
     for row in rows:
         status = row.get("status", "done")
         if status != "done":
             error = row.get("error")
             out.append(f"{row.get('name')}: {status}" + (f": {error}" if error else ""))
+    done = [r for r in rows if r.get("status", "done") == "done"]
+    by_name = {r.get("name"): r for r in done}
+    for row in done:
+        name = row.get("name")
+        if _number(row.get("acc1")) is None:
+            out.append(f"{name}: finished without an acc1")
+            continue
+        missing = [what for what, get in zip(("MACs", "CPU time"), (_macs_m, _time_ms))
+                   if _lookup(row, get, by_name) is None]
+        if len(missing) == 2:
+            out.append(f"{name}: no MACs or CPU time measured, its own or a parent run's (profile: enabled: false?)")
+        elif missing:
+            out.append(f"{name}: not on the {missing[0]} panel: no {missing[0]} measured, its own or a parent run's")
     return out
 
 

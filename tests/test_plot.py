@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lrx.errors import UserError
-from lrx.plot import pareto_figure, pareto_front, plot_pareto, row_label, text_box
+from lrx.plot import pareto_figure, pareto_front, plot_pareto, row_label, skipped, text_box
 from lrx.table import collect_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -26,8 +26,11 @@ def test_plot_writes_a_png(tmp_path):
                   latency={"original_ms": 910.0, "expanded_ms": 400.0, "speedup": 2.275})
     write_metrics(runs, "exp11", no=11, acc1=81.0, decompose=DECOMPOSE)  # no cost of its own, no parent: skipped
     write_metrics(runs, "exp12", no=12, macs=250_000_000, decompose=DECOMPOSE)  # no accuracy: skipped
-    out = plot_pareto(collect_rows(runs), tmp_path / "pics" / "pareto.png")
+    rows = collect_rows(runs)
+    out = plot_pareto(rows, tmp_path / "pics" / "pareto.png")
     data = out.read_bytes()
+    assert skipped(rows) == ["exp11: no MACs or CPU time measured, its own or a parent run's (profile: enabled: false?)",
+                             "exp12: finished without an acc1"], "the runs left out are named, with why"
     assert data[:8] == PNG_SIGNATURE, f"the file is a PNG, starts with {data[:8]!r}"
     assert len(data) > 10_000, f"the PNG holds a drawing, not an empty canvas ({len(data)} bytes)"
 
