@@ -159,8 +159,11 @@ class StreamBatches(_Order):
     def __iter__(self):
         order = self._order()
         chunks = [order[i * self.batch_size : (i + 1) * self.batch_size].tolist() for i in range(len(self))]
+        # Its own generator: the loader's worker seed must not draw from the global RNG, whose next draws
+        # are the training's dropout masks (else the two paths would train differently on the same batches).
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         loader = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
-                                 pin_memory=self.device.type == "cuda"))
+                                 pin_memory=self.device.type == "cuda", generator=gen))
         while True:
             try:
                 images, labels = next(loader)
@@ -512,7 +515,7 @@ def in_memory(dataset: Dataset, workers: int = 0) -> tuple[torch.Tensor, torch.T
         return dataset.images, dataset.labels
     if len(dataset) == 0:
         raise UserError("the dataset has no images", key="data.root")
-    loader = DataLoader(dataset, batch_size=256, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers, generator=torch.Generator().manual_seed(0))
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat(labels).to(torch.int64)
 

@@ -271,3 +271,24 @@ def test_torchvision_datasets_by_name(tmp_path, monkeypatch):
         assert torch.equal(train.images[2], torch.full((3, 8, 8), 80, dtype=torch.uint8)), "gray to RGB, resized"
     with pytest.raises(UserError, match="torchvision has no dataset 'NoSuchSet'"):
         load_data(folder_config(tmp_path, tmp_path, name="torchvision:NoSuchSet"))
+
+
+def test_both_paths_train_to_the_same_weights(tmp_path, one_thread):
+    """The same batches and the same dropout masks: the streaming loader must not draw from the global RNG."""
+    from lrx.config import TrainConfig
+    from lrx.data import StreamBatches, load_data
+    from lrx.models import build_model
+    from lrx.train import train_baseline
+
+    weights = []
+    for stream in (False, True):
+        cfg = folder_config(tmp_path, tmp_path, name="synthetic", synthetic_size=16, image_size=16, train_subset=48,
+                            test_subset=16, batch_size=16, stream=stream, workers=1 if stream else 0)
+        train, test = load_data(cfg)
+        assert isinstance(train, StreamBatches) == stream
+        torch.manual_seed(0)
+        model = build_model("tiny_cnn", 10)  # dropout in its head
+        train_baseline(model, train, test, TrainConfig(epochs=2, optimizer="adamw", lr=3e-3), tmp_path / f"{stream}.ckpt",
+                       quiet=True)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "streaming trains exactly as in memory"
