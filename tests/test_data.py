@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from lrx.data import DEBIAN_FASHION_MNIST, Batches, load_split, subset, synthetic
+from PIL import Image
+
+import lrx.data
+from conftest import write_yaml
+from lrx.config import TrainConfig, load_config
+from lrx.data import DEBIAN_FASHION_MNIST, Batches, StreamBatches, load_data, load_split, subset, synthetic
 from lrx.errors import UserError
+from lrx.models import build_model
+from lrx.train import train_baseline
 
 
 def test_synthetic_is_deterministic_and_uint8():
@@ -126,7 +133,6 @@ CLASSES = ("cat", "dog", "eel")
 
 def write_image_folder(root: Path, per_class: int = 6, size: int = 32) -> Path:
     """root/{train,val}/<class>/<i>.png: each class a colour of its own plus noise; odd sizes, to resize and crop."""
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     for split, count in (("train", per_class), ("val", per_class // 2)):
@@ -143,9 +149,6 @@ def write_image_folder(root: Path, per_class: int = 6, size: int = 32) -> Path:
 
 
 def folder_config(tmp_path: Path, images: Path, **data):
-    from conftest import write_yaml
-    from lrx.config import load_config
-
     settings = {"name": "imagefolder", "root": str(images), "image_size": 24, "batch_size": 4, "test_batch_size": 4,
                 "workers": 0, **data}
     return load_config(write_yaml(tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml",
@@ -153,8 +156,6 @@ def folder_config(tmp_path: Path, images: Path, **data):
 
 
 def test_image_folder_decodes_resizes_and_keeps_the_training_labels(tmp_path):
-    from lrx.data import load_data
-
     images = write_image_folder(tmp_path / "images")
     (images / "val" / "dog").rename(images / "val" / "zz-dog")  # a val folder must use the training classes
     with pytest.raises(UserError, match="classes the training folder lacks: zz-dog"):
@@ -170,8 +171,6 @@ def test_image_folder_decodes_resizes_and_keeps_the_training_labels(tmp_path):
 
 
 def test_image_folder_mistakes_are_user_errors(tmp_path):
-    from lrx.data import load_data
-
     with pytest.raises(UserError, match="needs .*/train/<class>/<images> and .*/val/<class>/<images>"):
         load_data(folder_config(tmp_path, tmp_path / "nothing"))
     images = write_image_folder(tmp_path / "images")
@@ -182,8 +181,6 @@ def test_image_folder_mistakes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="cannot read image .*0.png") as err:
         list(train)  # raised in a worker process: still one line
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
-    from conftest import write_yaml
-    from lrx.config import load_config
 
     cfg = load_config(write_yaml(tmp_path / "two.yaml", {"model": {"name": "tiny_cnn", "num_classes": 2},
                                                          "data": {"name": "imagefolder", "root": str(images)}}))
@@ -198,8 +195,6 @@ def all_batches(batches, epoch):
 
 
 def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
-    from lrx.data import Batches, StreamBatches, load_data
-
     images = write_image_folder(tmp_path / "images")
     memory = load_data(folder_config(tmp_path, images, train_subset=14, stream=False))
     stream = load_data(folder_config(tmp_path, images, train_subset=14, stream=True, workers=2))
@@ -219,9 +214,6 @@ def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
 
 
 def test_large_sets_stream_unless_told_otherwise(tmp_path, monkeypatch):
-    import lrx.data
-    from lrx.data import Batches, StreamBatches, load_data
-
     images = write_image_folder(tmp_path / "images", per_class=2)
     monkeypatch.setattr(lrx.data, "STREAM_ABOVE_BYTES", 3 * 24 * 24 * 5)  # more than 5 images streams
     train, test = load_data(folder_config(tmp_path, images))
@@ -244,8 +236,6 @@ class TinyTrainSet(torch.utils.data.Dataset):
         return 6 if self.train else 4
 
     def __getitem__(self, i):
-        from PIL import Image
-
         return Image.new("L", (10, 12), color=40 * i), i % 2  # grayscale, not square
 
 
@@ -260,7 +250,6 @@ class TinySplitSet(TinyTrainSet):
 
 def test_torchvision_datasets_by_name(tmp_path, monkeypatch):
     import torchvision
-    from lrx.data import load_data
 
     monkeypatch.setattr(torchvision.datasets, "TinyTrainSet", TinyTrainSet, raising=False)
     monkeypatch.setattr(torchvision.datasets, "TinySplitSet", TinySplitSet, raising=False)
@@ -275,10 +264,6 @@ def test_torchvision_datasets_by_name(tmp_path, monkeypatch):
 
 def test_both_paths_train_to_the_same_weights(tmp_path, one_thread):
     """The same batches and the same dropout masks: the streaming loader must not draw from the global RNG."""
-    from lrx.config import TrainConfig
-    from lrx.data import StreamBatches, load_data
-    from lrx.models import build_model
-    from lrx.train import train_baseline
 
     weights = []
     for stream in (False, True):

@@ -1,4 +1,7 @@
-"""The model registry: the seed's AlexNet counts, other torchvision classifiers, conv order."""
+"""The model registry: the seed's AlexNet counts, other torchvision classifiers, conv order; torchvision: and
+python: models."""
+import sys
+
 import pytest
 import torch
 from ptflops import get_model_complexity_info
@@ -56,8 +59,6 @@ def test_torchvision_registry_models_build_with_num_classes():
 
 
 def test_python_factories_are_imported_from_the_current_directory(tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     name = f"own_factory_{abs(hash(str(tmp_path))) % 10**8}"

@@ -10,13 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from typer.testing import CliRunner
 
 from conftest import write_yaml
-from test_data import write_image_folder
 from lrx.cli import app
+from lrx.config import StageConfig, TrainConfig, load_config
+from lrx.data import as_batches
 from lrx.errors import UserError
+from lrx.finetune import run_stage
+from lrx.lowrank import expand
 from lrx.models import build_model, load_user_weights
+from lrx.runs import stage_hashes
+from lrx.train import evaluate, train_baseline
+from test_data import write_image_folder
 
 runner = CliRunner()
 
@@ -136,13 +143,6 @@ def test_checkpoint_formats_load_the_same_weights(tmp_path):
 
 
 def test_run_stage_evaluate_and_train_take_a_dataloader(tmp_path, one_thread):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lrx.config import StageConfig, TrainConfig
-    from lrx.finetune import run_stage
-    from lrx.lowrank import expand
-    from lrx.train import evaluate, train_baseline
-
     torch.manual_seed(0)
     teacher = build_model("tiny_cnn", 4).eval()
     student, report = expand(teacher, layers=[2], scheme="v2", ranks=[2])
@@ -165,10 +165,6 @@ def test_run_stage_evaluate_and_train_take_a_dataloader(tmp_path, one_thread):
 
 
 def test_a_loaders_distributed_sampler_is_told_the_epoch():
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    from lrx.data import as_batches
-
     dataset = TensorDataset(torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 2, 2), torch.arange(8))
     sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
     batches = as_batches(DataLoader(dataset, batch_size=2, sampler=sampler))
@@ -200,9 +196,6 @@ def test_checkpoint_mistakes_are_found_before_anything_is_written(tmp_path, isol
 
 
 def test_stage_hashes_ignore_how_batches_are_read_and_count_a_checkpoint(tiny_configs):
-    from lrx.config import load_config
-    from lrx.runs import stage_hashes
-
     path = tiny_configs / "t01.yaml"
     base = stage_hashes(load_config(path), {})
     assert stage_hashes(load_config(path, ["data.stream=true", "data.workers=0"]), {}) == base, \
@@ -223,8 +216,6 @@ def test_stage_hashes_ignore_how_batches_are_read_and_count_a_checkpoint(tiny_co
     ({}, {"workers": -1}, "data.workers", "must be in 0..256"),
 ])
 def test_own_model_and_data_keys_are_checked_when_loaded(tmp_path, model, data, key, message):
-    from lrx.config import load_config
-
     path = write_yaml(tmp_path / "c.yaml", {"model": {"name": "tiny_cnn", **model}, "data": data})
     with pytest.raises(UserError, match=message) as err:
         load_config(path)
