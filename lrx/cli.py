@@ -18,6 +18,7 @@ from rich.console import Console
 from . import __version__
 from .config import load_config
 from .errors import TrainingDiverged, UserError
+from .export import export_run
 from .plot import plot_pareto, skipped
 from .preview import print_preview, save_bases_picture
 from .rundir import RunDir, clean_runs, format_size
@@ -241,6 +242,29 @@ def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (
         typer.echo(f"lrx: note: {line}", err=True)
     typer.echo(f"{'would free' if dry_run else 'freed'} {format_size(sum(s for _, s, _ in removed))} "
                f"in {len(removed)} file(s)")
+
+
+@app.command()
+@user_errors
+def export(run: Path = typer.Argument(..., help="A run folder (runs/exp11) or the config YAML of a run in --runs-dir.",
+                                      metavar="RUN_OR_CONFIG", show_default=False),
+           format: str = typer.Option(..., "--format", help="onnx, pt2, torchscript or state-dict.", show_default=False),
+           output: Path = typer.Option(..., "-o", "--output", help="File to write.", show_default=False),
+           runs_dir: Path = RunsDir,
+           input_size: Optional[str] = typer.Option(None, "--input-size", metavar="C,H,W",
+                                                    help="One image's size (default: the run's data.image_size)."),
+           check: bool = typer.Option(True, "--check/--no-check", help="Load the file back and compare with PyTorch.")):
+    """Write a run's final model in a form that loads without lrx: ONNX, torch.export (.pt2), TorchScript, or a
+    state dict of plain nn.Conv2d/nn.Sequential modules with the recipe that builds them."""
+    size = None
+    if input_size is not None:
+        try:
+            size = tuple(int(v) for v in input_size.split(","))
+        except ValueError:
+            size = ()
+        if len(size) != 3 or min(size) < 1:
+            raise UserError(f"--input-size {input_size!r}: give C,H,W as three positive integers, e.g. 3,224,224")
+    typer.echo(export_run(run, output, format, runs_dir, size, check))
 
 
 def _summary(metrics: dict, quiet: bool) -> None:

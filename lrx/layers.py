@@ -78,6 +78,12 @@ def adds_macs(conv: nn.Conv2d, scheme: str, rank: int, decomposed: bool = False,
     return expanded_macs(shape, scheme, rank, _pair(conv.stride), (1, 1), decomposed, order, bias=False) > dense
 
 
+def factor_convs(layer: nn.Module) -> list[nn.Conv2d]:
+    """An expansion layer's factors, the plain ``nn.Conv2d`` modules it runs, in order (the last carries the
+    bias): what :func:`lrx.export.to_plain` puts in an ``nn.Sequential`` in the layer's place."""
+    return list(layer._factored_convs())
+
+
 def _split(stride, padding, dilation):
     """(full, vertical, horizontal) keyword sets for a dh x dw conv, its dh x 1 part and its 1 x dw part."""
     sh, sw = _pair(stride)

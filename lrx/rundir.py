@@ -104,11 +104,23 @@ class RunDir:
         return self.file(name) if name else None
 
     def final_model_path(self) -> Path:
-        """The last model file this run wrote (its last model-changing stage in metrics.json)."""
+        """The run's final model: the model file of its last finished model-changing stage in metrics.json
+        (``stageK.pt`` of the last fine-tune, else ``expanded.pt``, else ``model.pt``). What later runs build
+        on, ``lrx.load_run`` returns and ``lrx export`` writes; no separate copy is kept."""
         stages = [s for s in self.read_metrics().get("stages", {}) if s != "profile"]
         if not stages:
             raise UserError(f"run {self.name!r} in {self.runs_dir} has no finished model")
         return self.model_path(stages[-1])
+
+    def read_config(self) -> dict:
+        """The resolved config the run wrote (config.yaml) as plain data; ``{}`` when there is none."""
+        try:
+            data = yaml.safe_load(self.file(CONFIG).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read it ({type(err).__name__}); {MOVE_AWAY}", file=str(self.file(CONFIG))) from None
+        return data if isinstance(data, dict) else {}
 
     # ------------------------------------------------------------ metrics, log, config
 

@@ -27,14 +27,14 @@ LEVEL = {
     "ranks": 6, "finetune": 6, "datafit": 6,
     "latency": 6.5,
     "rundir": 7,
-    "stages": 8, "table": 8,
+    "stages": 8, "table": 8, "export": 8,
     "runs": 9, "preview": 9, "report": 9,
     "cli": 10,
     "__main__": 11,
 }
 # Packages that may be imported inside a function (heavy to import, needed by one feature), with a
 # "# local:" comment on the line or the line before saying why.
-LOCAL_OK = ("matplotlib", "ptflops")
+LOCAL_OK = ("matplotlib", "ptflops", "onnx")  # onnx: onnx, onnxscript, onnxruntime (the lrx[export] extra)
 
 
 def _imports(module: str) -> list[tuple[str, int, bool]]:

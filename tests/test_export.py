@@ -1,0 +1,160 @@
+"""Exported models load without lrx and compute what the expanded model computes; `lrx export` and `lrx.load_run`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import lrx
+from lrx.cli import app
+from lrx.errors import UserError
+from lrx.export import FORMATS, export_model, recipe, to_plain
+from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.lowrank import expand
+from lrx.rundir import RunDir
+from lrx.speed import expansion_layers, optimise
+
+# The original architecture as code, so that the subprocess (which cannot import lrx) can build it too.
+BASE = ("nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), "
+        "nn.Conv2d(8, 12, (5, 3), padding=(2, 1)), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, bias=False), nn.ReLU(), "
+        "nn.Conv2d(12, 10, (3, 5), stride=(1, 2), padding=(1, 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten())")
+# Every kind of final model the quick rows make, one kind per conv: scheme 1 shared (rows 2-5), per-channel
+# (13), decomposed (6-9), scheme 2 vertical first (10-12) and horizontal first.
+KINDS = {"0": dict(scheme="v1"), "2": dict(scheme="v1", basis="per-channel"), "4": dict(scheme="v1", decomposed=True),
+         "6": dict(scheme="v2"), "8": dict(scheme="v2", order="hv")}
+SIZE = (3, 12, 12)
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "state-dict": ".pt"}
+
+
+def every_kind() -> nn.Module:
+    torch.manual_seed(0)
+    model = eval(BASE, {"nn": nn})
+    for name, options in KINDS.items():
+        model, _ = expand(model, [name], ranks=[2], input_size=SIZE, **options)
+    return model.eval()
+
+
+# What a user without lrx runs: lrx's import is blocked, the repository is not on sys.path.
+NO_LRX = r"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]  # the repository (an editable install adds it)
+sys.modules["lrx"] = None  # `import lrx` now raises ImportError, whatever the site-packages hold
+try:
+    import lrx
+    raise SystemExit("lrx could be imported")
+except ImportError:
+    pass
+import warnings
+warnings.simplefilter("ignore")
+import numpy, onnxruntime, torch
+from torch import nn
+folder, base = sys.argv[2], sys.argv[3]
+x, want = torch.load(folder + "/io.pt", weights_only=True)
+session = onnxruntime.InferenceSession(folder + "/m.onnx", providers=["CPUExecutionProvider"])
+got = {"onnx": torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+       "pt2": torch.export.load(folder + "/m.pt2").module()(x),
+       "torchscript": torch.jit.load(folder + "/m.ts")(x)}
+scope = {"torch": torch, "nn": nn}
+exec(open(folder + "/recipe.py").read().replace("...", base), scope)
+got["state-dict"] = scope["model"](x)
+mods = [type(m).__module__ for m in scope["model"].modules()]
+print(json.dumps({"diff": {k: (v - want).abs().max().item() for k, v in got.items()},
+                  "scale": want.abs().max().item(), "modules": sorted(set(mods)),
+                  "lrx_loaded": [m for m, v in sys.modules.items() if v is not None and (m == "lrx" or m.startswith("lrx."))]}))
+"""
+
+
+def test_every_kind_of_expansion_exports_to_every_format_and_runs_without_lrx(tmp_path):
+    model = every_kind()
+    kinds = [(type(layer).__name__, layer.rank) for _, layer in expansion_layers(model)]
+    assert len(kinds) == 5, kinds
+    optimise(model, "cpu", torch.randn(2, *SIZE))  # exporting must not capture the process's fast paths
+    x = torch.randn(5, *SIZE)  # batch 5: the exported batch axis is dynamic (exported at 2)
+    with torch.no_grad():
+        want = model(x)
+    torch.save((x, want), tmp_path / "io.pt")
+    for fmt in FORMATS:
+        text = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, SIZE)
+        assert text.startswith(f"wrote {tmp_path / ('m' + SUFFIX[fmt])}"), text
+    (tmp_path / "recipe.py").write_text(recipe(model, state_file=str(tmp_path / "m.pt")))
+    result = subprocess.run([sys.executable, "-I", "-c", NO_LRX, str(lrx.__file__).rsplit("/lrx/", 1)[0],
+                             str(tmp_path), BASE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["lrx_loaded"] == [] and out["modules"] == ["torch.nn.modules.activation", "torch.nn.modules.container",
+                                                          "torch.nn.modules.conv", "torch.nn.modules.flatten",
+                                                          "torch.nn.modules.pooling"], out
+    for fmt in FORMATS:
+        assert out["diff"][fmt] < 1e-4 * max(1.0, out["scale"]), f"{fmt}: outputs differ from PyTorch's: {out}"
+
+
+def test_to_plain_is_plain_convs_with_the_same_outputs_and_leaves_the_model_alone():
+    model = every_kind()
+    plain = to_plain(model)
+    assert not expansion_layers(plain) and len(expansion_layers(model)) == 5, "a copy; the model keeps its layers"
+    kinds = {type(m) for m in plain.modules()}
+    assert not any(issubclass(k, (LowRankExpConvV1, LowRankExpConvV2)) for k in kinds), kinds
+    assert [len(plain[int(n)]) for n in KINDS] == [2, 2, 3, 2, 2], "factor convs: basis+combine, v+h+combine, 1-D pairs"
+    assert plain[4][0].groups == 8 and plain[8][0].kernel_size == (1, 5), "scheme 1's grouped basis; hv runs 1 x dw first"
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x)), "the same convs run, so the outputs are identical"
+
+
+def saved_run(tmp_path, model: nn.Module) -> RunDir:
+    """A finished run folder holding ``model`` (tiny_cnn expanded) as its final model, as the pipeline writes it."""
+    run = RunDir(tmp_path / "runs", "r1")
+    run.path.mkdir(parents=True)
+    expanded, report = expand(model, [2, 3], "v2", [3, 4], input_size=(3, 16, 16))
+    run.save_model("decompose", expanded, "tiny_cnn", 10, report["spec"], report["spec"]["layers"])
+    run.file("config.yaml").write_text("# resolved\ndata: {image_size: 16}\nprofile: {input_size: [3, 64, 64]}\n")
+    run.write_metrics({"name": "r1", "status": "done", "stages": {"decompose": {"hash": "h"}, "profile": {"hash": "p"}}})
+    return run, expanded.eval()
+
+
+def test_load_run_and_lrx_export_give_the_run_final_model(tmp_path):
+    from lrx.models import tiny_cnn
+
+    torch.manual_seed(1)
+    run, expanded = saved_run(tmp_path, tiny_cnn())
+    loaded = lrx.load_run(run.path)
+    assert not loaded.training and len(expansion_layers(loaded)) == 2, "eval mode, the expansion rebuilt"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expanded(x)), "load_run returns the final model's weights"
+    out = tmp_path / "r1.pt"
+    result = CliRunner().invoke(app, ["export", str(run.path), "--format", "state-dict", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "final model of run r1: " in result.output and "expanded.pt" in result.output, result.output
+    assert "model.set_submodule('3', nn.Sequential(" in result.output, "the recipe is printed"
+    assert "checked: largest |difference| from PyTorch" in result.output and "at 3x16x16" in result.output, \
+        "the run's own image size (data.image_size), not profile.input_size"
+    assert set(torch.load(out, weights_only=True)) == set(to_plain(expanded).state_dict()), "the plain model's keys"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format", "tflite"], "allowed: onnx, pt2, torchscript, state-dict"),
+    (["--format", "pt2", "--input-size", "3,16"], "C,H,W"),
+    (["--format", "pt2", "--runs-dir", "elsewhere", "--input-size", "x"], "C,H,W"),
+])
+def test_lrx_export_refuses_bad_input_in_one_line(tmp_path, args, words):
+    from lrx.models import tiny_cnn
+
+    run, _ = saved_run(tmp_path, tiny_cnn())
+    result = CliRunner().invoke(app, ["export", str(run.path), "-o", str(tmp_path / "x.out"), *args])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.out").exists(), result.output
+
+
+def test_a_folder_that_is_no_run_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no finished model"):
+        lrx.load_run(tmp_path / "empty")
+    with pytest.raises(UserError, match="neither a run folder"):
+        lrx.load_run(tmp_path / "missing")
