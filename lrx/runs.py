@@ -94,6 +94,12 @@ def check_against_model(cfg: Config) -> None:
         conv_sizes(model, [], input_size)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="profile.input_size") from None
+    images = (3, cfg.data.image_size, cfg.data.image_size)
+    if images != input_size:  # and one at the training images' size: a user's model has no known minimum
+        try:
+            conv_sizes(model, [], images)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key="data.image_size") from None
     settings = cfg.decompose
     if settings is None:
         return

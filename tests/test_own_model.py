@@ -195,6 +195,21 @@ def test_checkpoint_mistakes_are_found_before_anything_is_written(tmp_path, isol
         result.output
 
 
+def test_an_image_size_a_python_model_cannot_take_is_refused_before_anything_runs(tmp_path, isolated_imports):
+    module = f"own_net_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 5), nn.MaxPool2d(4), nn.Conv2d(4, 4, 5), nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    config = write_yaml(tmp_path / "c.yaml", {"model": {"name": f"python:{module}:build"},
+                                              "data": {"name": "synthetic", "image_size": 12},
+                                              "profile": {"input_size": [3, 64, 64]}, "train": {"epochs": 0}})
+    result = runner.invoke(app, ["run", str(config), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 2 and "data.image_size: the model does not run on an input of size (3, 12, 12)" \
+        in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_stage_hashes_ignore_how_batches_are_read_and_count_a_checkpoint(tiny_configs):
     path = tiny_configs / "t01.yaml"
     base = stage_hashes(load_config(path), {})
