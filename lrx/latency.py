@@ -23,7 +23,8 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
 5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
    (:func:`lrx.timing.time_pair`: PyTorch's default, channels_last, NNPACK or cudnn.benchmark, whichever
    is fastest on the device: the honest baseline). If the predicted
-   speedup is off the measured one by more than :data:`TOLERANCE`, the expanded layers' times are scaled
+   speedup is off the measured one by more than :data:`TOLERANCE` (or the target is missed), the expanded
+   layers' times are scaled
    so that the prediction matches what was measured (the rest of the model and the dense layers come from
    the whole original's time) and the choice is made again (at most :data:`ADJUST_ROUNDS` times).
 
@@ -52,7 +53,6 @@ from .distributed import resolve_device
 from .errors import UserError
 from .layers import LowRankExpConvV2, check_convertible
 from .lowrank import build_expanded, conv_sizes, layer_label, select_layers
-from .models import conv_layers
 from .timing import _interleaved, time_pair, torch_threads
 from .ranks import rank_ladder
 from .speed import optimise
@@ -114,7 +114,7 @@ class DeviceTiming:
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
         else:
-            name = f"{platform.machine()} {platform.processor() or ''} x{torch.get_num_threads()}".strip()
+            name = f"{_cpu_name()}, {torch.get_num_threads() if self.threads is None else self.threads} threads"
         return {"host": socket.gethostname(), "device": f"{self.device.type}: {name}", "torch": torch.__version__,
                 "threads": self.threads, "dtype": self.dtype}
 
@@ -153,25 +153,26 @@ class DeviceTiming:
                 "expanded_ms": timed["expanded"]["median_ms"] if new is not None else None}
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # ---------------------------------------------------------------- the ladder and the table
 
 
 def candidate_layers(model: nn.Module, layers) -> list[tuple[int, str, nn.Conv2d]]:
-    """(1-based index, name, conv) of the layers to plan: ``"auto"`` (or ``["auto"]``) is every conv that
-    scheme 2 can replace, in module order; a list is resolved by :func:`lrx.lowrank.select_layers`."""
-    if layers == "auto" or list(layers) == ["auto"]:
-        chosen = []
-        for i, (name, conv) in enumerate(conv_layers(model)):
-            try:
-                check_convertible(conv, "v2", False, name)
-            except UserError:
-                continue
-            chosen.append((i + 1, name, conv))
-        if not chosen:
-            raise UserError("layers: auto found no conv that scheme v2 can replace (k x k with k > 1, groups 1)",
-                            key="decompose.layers")
-        return chosen
-    chosen = select_layers(model, layers)
+    """(1-based index, name, conv) of the layers to plan, as :func:`lrx.lowrank.select_layers` reads
+    ``layers`` for scheme 2 (``"auto"`` or a glob pattern: the convs scheme 2 can replace); a conv named
+    by index or name that scheme 2 cannot replace is refused, naming it."""
+    chosen = select_layers(model, layers, "v2")
     for index, name, conv in chosen:
         check_convertible(conv, "v2", False, layer_label(index, name))
     return chosen
@@ -349,6 +350,9 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         try:
             choice = choose(table, proxy, rest_ms, budget_ms, scale)
         except ValueError as err:
+            if history:  # the adjusted table says the target is out of reach: keep the best plan measured
+                log(f"adjusted for what was measured, target {value:g}x is out of reach; keeping the best plan measured")
+                break
             fastest = float(err.args[0])
             raise UserError(f"target latency {value:g} cannot be met on {timing.key()['device']} by layers "
                             f"{', '.join(r['name'] for r in table)}: the best reachable is {base_ms / fastest:.3g}x "
@@ -368,7 +372,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                          "expanded_ms": measured["expanded_ms"]})
         log(f"plan {dict(zip(spec['layers'], spec['ranks']))}: predicted {predicted_speedup:.2f}x, "
             f"measured {measured_speedup:.2f}x")
-        if abs(predicted_speedup / measured_speedup - 1) <= tolerance:
+        if abs(predicted_speedup / measured_speedup - 1) <= tolerance and measured_speedup >= value:
             break
         # The rest and the dense layers come from the whole original's time; what the table cannot know is
         # how the expansion's layers run in the model (layouts between them, caches, fusion). Put the

@@ -448,6 +448,16 @@ class InferenceModel(nn.Module):
             return out.clone()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return self._forward(x)
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return self._forward(x)
+        finally:
+            torch.backends.cudnn.benchmark = before
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = x.to(self.device)
         if self.channels_last and x.dim() == 4:
             x = _channels_last(x)
@@ -489,8 +499,9 @@ def optimise(model: nn.Module, device=None, example_input: Tensor | None = None,
         are unchanged; it is a layout change of the parameters in place.
     path, prepack : passed to each layer's ``optimise_for`` ("auto" picks per layer; see the layers).
     dtype, autocast, cuda_graph, compile : see :class:`InferenceModel`. On CUDA, channels_last puts the
-        parameters (and the wrapper's inputs) in channels_last, and ``torch.backends.cudnn.benchmark`` is
-        turned on (a process-wide setting: cuDNN then times its algorithms on each new shape).
+        parameters (and the wrapper's inputs) in channels_last, and the wrapper runs with
+        ``torch.backends.cudnn.benchmark`` on (cuDNN times its algorithms once per new shape; the
+        process-wide flag is restored after each call).
     """
     check_path(path)
     if device is None:
@@ -502,8 +513,6 @@ def optimise(model: nn.Module, device=None, example_input: Tensor | None = None,
     layers = expansion_layers(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     shapes: dict[str, tuple] = {}
     if example_input is not None and layers:
         def recorder(name):

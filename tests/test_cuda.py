@@ -4,6 +4,7 @@ Skipped where there is no GPU (CI); benchmarks/gpu_check.sh runs them on a lent 
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,8 +13,11 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import make_tiny_configs, write_yaml
+from lrx import speed
 from lrx.cli import app
+from lrx.latency import DeviceTiming
 from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.lowrank import expand
 from lrx.profiling import profiler_times
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,3 +92,48 @@ def test_expansions_compute_the_same_on_the_gpu_as_on_the_cpu(make):
         on_cpu = layer(x)
         on_gpu = layer.cuda()(x.cuda()).cpu()
     assert torch.allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-4), (on_cpu - on_gpu).abs().max()
+
+
+# ---------------------------------------------------------------- the GPU inference path and the planner (issue 11)
+
+
+def _small_expanded():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(128, 5)).eval()
+    expanded, _ = expand(model, [2], "v2", [8], input_size=(3, 16, 16))
+    return model, expanded.eval().cuda()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# fp32 bounds allow cuDNN's TF32 convs (on by default for convolutions).
+@pytest.mark.parametrize("dtype, autocast, graph, compiled, bound", [
+    ("float32", True, False, False, 5e-3), ("bfloat16", True, False, False, 3e-2), ("float16", True, False, False, 1e-2),
+    ("bfloat16", False, False, False, 3e-2), ("float32", True, True, False, 5e-3), ("bfloat16", True, True, False, 3e-2),
+    ("float32", True, False, True, 5e-3),
+])
+def test_every_gpu_path_agrees_with_the_default_forward(dtype, autocast, graph, compiled, bound):
+    _, expanded = _small_expanded()
+    net = speed.optimise(copy.deepcopy(expanded), "cuda", dtype=dtype, autocast=autocast, cuda_graph=graph,
+                         compile=compiled)
+    for batch in (4, 4, 6):  # the second call replays the graph with new input; a new shape captures another
+        x = torch.randn(batch, 3, 16, 16, device="cuda")
+        with torch.no_grad():
+            want = expanded(x)
+            got = net(x)
+        assert got.dtype == torch.float32 and _rel(got, want) < bound, \
+            f"{dtype} autocast={autocast} graph={graph} compile={compiled} batch {batch}: off by {_rel(got, want):.2e}"
+
+
+def test_the_planner_measures_on_the_gpu():
+    model, _ = _small_expanded()
+    timing = DeviceTiming(torch.device("cuda"), batch=8, input_size=(3, 16, 16), dtype="bfloat16", warmup=1, repeats=5)
+    times = timing.layer(model[2], (8, 16, 16, 16), [8, 16])
+    assert set(times) == {"dense", "8", "16"} and all(t > 0 for t in times.values()), times
+    whole = timing.whole(model, None)
+    assert "channels_last" in whole["layouts"] and whole["original_ms"] == min(whole["layouts"].values()), whole
+    assert "NVIDIA" in timing.key()["device"] or "cuda" in timing.key()["device"], timing.key()
