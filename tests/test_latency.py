@@ -221,3 +221,35 @@ def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothin
     assert "layer times" in out and "dense" in out and "*" in out, "the measured table, the choice marked"
     assert "predicted" in out and "measured" in out and "round 1" in out, out
     assert not runs.exists(), "--dry-run writes nothing, not even the cache"
+
+
+def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_table(tiny_configs, tmp_path, monkeypatch):
+    dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
+    made = []
+
+    def timing_for(cls, cfg):
+        timing = FakeTiming(dense, {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW})
+        timing.input_size = tuple(cfg.profile.input_size)
+        made.append(timing)
+        return timing
+
+    monkeypatch.setattr(FakeTiming, "layer", lambda self, conv, shape, ranks: (self.layer_calls.append(shape), {
+        "dense": dense[(conv.in_channels, conv.out_channels)],
+        **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})[1])
+    monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(timing_for))
+    runs = tmp_path / "runs"
+    latency_row = ["--set", "decompose.scheme=v2", "--set", "decompose.bases=auto", "--set", "decompose.layers=auto",
+                   "--set", "decompose.target={latency: 1.3}", "--runs-dir", str(runs), "--quiet"]
+    result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), *latency_row])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((runs / "t02" / "metrics.json").read_text())["stages"]["decompose"]
+    plan = stage["plan"]
+    assert stage["layers"] == plan["layers"] == [2] and stage["names"] == plan["names"] == ["3"], \
+        f"only the chosen conv is expanded and recorded: {stage['layers']}, {stage['names']}"
+    assert stage["bases"] == plan["ranks"] and plan["measured_speedup"] >= 1.3, (stage["bases"], plan)
+    assert [row["choice"] for row in plan["table"]] == ["dense", str(plan["ranks"][0]), "dense", "dense"], \
+        "the table records each layer's choice"
+    assert (runs / "latency-tables.json").exists() and made[0].layer_calls, "the measured table is cached"
+    again = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), *latency_row, "--force"])
+    assert again.exit_code == 0, again.output
+    assert made[-1].layer_calls == [], "a later run on the same machine reuses the cached table"
