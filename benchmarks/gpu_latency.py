@@ -88,11 +88,9 @@ def breakdown(model, plan: dict, dtype: str, batch: int, size: int, device, repe
     with torch.no_grad():
         original = optimise(copy.deepcopy(model).to(device).eval(), device, dtype=dtype)
         expanded = optimise(build_expanded(model, spec_of(plan)).to(device).eval(), device, dtype=dtype)
-    inner = original.model if hasattr(original, "model") else original
-    prefix = "model." if inner is not original else ""
-    replaced = [prefix + n for n in plan["names"]]
+    # Unit names are those of the model inside lrx.speed's wrapper (lrx.timing.timed_units).
     return module_times({"original": (original, contextlib.nullcontext), "expanded": (expanded, contextlib.nullcontext)},
-                        replaced, x, device, 3, repeats)
+                        plan["names"], x, device, 3, repeats)
 
 
 def main() -> int:
