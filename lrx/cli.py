@@ -18,7 +18,7 @@ from rich.console import Console
 from . import __version__
 from .config import load_config
 from .errors import TrainingDiverged, UserError
-from .export import export_run
+from .export import export_run, profile_onnx
 from .plot import plot_pareto, skipped
 from .preview import print_preview, save_bases_picture
 from .rundir import RunDir, clean_runs, format_size
@@ -190,7 +190,9 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
             set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
             threads: Optional[int] = typer.Option(None, help="torch threads for timing (profile.threads)."),
             batch: Optional[int] = typer.Option(None, help="Batch size for timing (profile.batch)."),
-            device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (profile.device).")):
+            device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (profile.device)."),
+            onnx: bool = typer.Option(False, "--onnx", help="Also time the original and this run's final model in "
+                                                            "ONNX Runtime on the CPU (needs lrx[export]).")):
     """MACs, params, CPU/CUDA time (medians of interleaved repeats), speedup over the original's fastest layout,
     per-layer times and where the time goes."""
     extra = [f"profile.{k}={v}" for k, v in (("threads", threads), ("batch", batch), ("device", device)) if v is not None]
@@ -198,6 +200,8 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
     _summary(metrics, quiet)
     if not quiet:
         print_profile(metrics)
+    if onnx:
+        typer.echo(profile_onnx(load_config(config, (set_ or []) + extra), runs_dir))
 
 
 @app.command()

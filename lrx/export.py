@@ -24,6 +24,7 @@ PyTorch's. onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]
 from __future__ import annotations
 
 import copy
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import load_config
+from .config import Config, load_config
 from .errors import UserError
 from .layers import factor_convs
 from .rundir import RunDir, load_model
 from .speed import expansion_layers
+from .timing import _interleaved
 
 FORMATS = ("onnx", "pt2", "torchscript", "state-dict")
 EXTRA = "pip install 'lrx[export]' (onnx, onnxscript, onnxruntime)"
@@ -173,7 +175,7 @@ def export_model(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 22
 def _write_onnx(plain: nn.Module, x: torch.Tensor, path: Path) -> None:
     try:
         import onnx  # local: optional extra lrx[export], heavy to import
-        import onnxscript  # noqa: F401  # local: the dynamo exporter needs it; checked here for a clear message
+        import onnxscript  # noqa: F401  # local: the dynamo exporter needs it; imported here for a clear message
     except ImportError as err:
         raise UserError(f"--format onnx needs {err.name}: {EXTRA}") from None
     program = torch.onnx.export(plain, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
@@ -237,3 +239,54 @@ def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: 
         lines.append(f"checked: largest |difference| from PyTorch {check_export(model, path, fmt, size):.2e} "
                      f"({where}, a random batch of 3 at {'x'.join(map(str, size))})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- ONNX Runtime timing
+
+
+def ort_session(path: str | Path, threads: int = 2):
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads, sequential, every graph optimisation on."""
+    try:
+        import onnxruntime  # local: optional extra lrx[export], heavy to import
+    except ImportError:
+        raise UserError(f"timing in ONNX Runtime needs onnxruntime: {EXTRA}") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(models: dict[str, nn.Module], folder: str | Path, batch: int = 16, input_size=(3, 224, 224),
+                 threads: int = 2, warmup: int = 2, repeats: int = 10) -> dict:
+    """Each model exported to ONNX in ``folder`` and timed in ONNX Runtime on the CPU, interleaved in one process.
+
+    Returns ``{name: stats}`` as :func:`lrx.timing.latency` gives them (median_ms, quartiles, noisy, and
+    ``speedup`` = the first model's median / this one's).
+    """
+    sessions = {}
+    for name, model in models.items():
+        path = Path(folder) / f"{name}.onnx"
+        export_model(model, path, "onnx", input_size)
+        sessions[name] = ort_session(path, threads)
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0)).numpy()
+    calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+    return _interleaved(calls, torch.device("cpu"), warmup, repeats)
+
+
+def profile_onnx(cfg: Config, runs_dir: str | Path = "runs") -> str:
+    """``lrx profile --onnx``: the original (the baseline run's final model) and this run's final model, exported
+    and timed in ONNX Runtime on the CPU at ``profile``'s batch, input size, threads, warm-up and repeats.
+    Printed, not recorded in metrics.json."""
+    p = cfg.profile
+    models = {"original": _final_model(RunDir(runs_dir, cfg.baseline or cfg.name))[0]}
+    if cfg.baseline is not None:
+        models[cfg.name] = _final_model(RunDir(runs_dir, cfg.name))[0]
+    threads = p.threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        stats = onnx_latency(models, folder, p.batch, tuple(p.input_size), threads, p.warmup, p.repeats)
+    parts = [f"{name} {s['median_ms']:.1f} ms{' (noisy)' if s['noisy'] else ''}" for name, s in stats.items()]
+    if cfg.baseline is not None:
+        parts.append(f"speedup {stats[cfg.name]['speedup']:.2f}x")
+    return (f"ONNX Runtime (CPU, {threads} threads, batch {p.batch} at {'x'.join(map(str, p.input_size))}, "
+            f"medians of {p.repeats} interleaved runs): " + ", ".join(parts))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,3 +159,32 @@ def test_a_folder_that_is_no_run_is_refused(tmp_path):
         lrx.load_run(tmp_path / "empty")
     with pytest.raises(UserError, match="neither a run folder"):
         lrx.load_run(tmp_path / "missing")
+
+
+def test_profile_onnx_times_the_original_and_the_final_model_in_onnx_runtime(tiny_configs, tmp_path, monkeypatch):
+    from onnx import TensorProto, helper, save
+
+    from lrx import export
+    from lrx.config import load_config
+    from lrx.models import tiny_cnn
+
+    exported = {}
+
+    def small_onnx(model, path, fmt, input_size, *args):  # the export itself is tested above; here the timing
+        exported[Path(path).stem] = len(expansion_layers(model))
+        node = helper.make_node("ReduceMean", ["images"], ["logits"], keepdims=0, axes=[2, 3])
+        graph = helper.make_graph([node], "mean", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", *input_size])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", input_size[0]])])
+        save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+
+    monkeypatch.setattr(export, "export_model", small_onnx)
+    torch.manual_seed(2)
+    baseline = RunDir(tmp_path / "runs", "t01")
+    baseline.path.mkdir(parents=True)
+    baseline.save_model("train", tiny_cnn(), "tiny_cnn", 10)
+    baseline.write_metrics({"name": "t01", "status": "done", "stages": {"train": {"hash": "t"}}})
+    saved_run(tmp_path, tiny_cnn())[0].path.rename(tmp_path / "runs" / "t02")
+    line = export.profile_onnx(load_config(tiny_configs / "t02.yaml", ["profile.threads=1"]), tmp_path / "runs")
+    assert exported == {"original": 0, "t02": 2}, f"the baseline's model and this run's final (expanded) one: {exported}"
+    assert line.startswith("ONNX Runtime (CPU, 1 threads, batch 4 at 3x16x16, medians of 5 interleaved runs): "), line
+    assert re.search(r"original [\d.]+ ms.*, t02 [\d.]+ ms.*, speedup [\d.]+x$", line), line
