@@ -36,7 +36,7 @@ from .decomposition import (BASES, ORDERS, SCHEMES, Scheme1Factors, Scheme2Facto
                             scheme1_svd, scheme2_svd, separable_rank1)
 from .errors import UserError
 from .layers import LowRankExpConvV1, LowRankExpConvV2
-from .lowrank import expand
+from .lowrank import expand, select_layers
 
 # Ridge of the whitening covariance in the closed form, relative to its mean eigenvalue (trace / size).
 RIDGE = 1e-6
@@ -344,6 +344,12 @@ def _chol_inverse(a: Tensor):
     return lambda b: torch.cholesky_solve(b, chol)
 
 
+def _whitener(sigma: Tensor) -> Tensor:
+    """The Cholesky factor of ``sigma`` (..., n, n) + RIDGE x its mean eigenvalue."""
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    return torch.linalg.cholesky(sigma + RIDGE * sigma.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None] * eye)
+
+
 def _improved(history, value: float, tol: float) -> bool:
     """Append ``value``; False once the relative decrease from the previous value is below ``tol``."""
     previous = history[-1] if history else None
@@ -382,18 +388,20 @@ class _Scheme2:
     def error(self, h: Tensor, g: Tensor, r: Tensor) -> float:
         return self.m.energy - 2 * (h * r).sum().item() + ((h @ g) * h).sum().item()
 
+    def whitened(self) -> tuple[Tensor, Tensor]:
+        """(L, L^{-1} Y): Sigma = mean_j E[v_j v_j^T] + ridge = L L^T, Y the target as (C dh) x (N dw)."""
+        chol = _whitener(self.s4.diagonal(dim1=1, dim2=3).mean(-1))
+        y = self.y3.permute(1, 0, 2).reshape(self.rows, self.n * self.dw)
+        return chol, torch.linalg.solve_triangular(chol, y, upper=False)
+
     def closed_form(self, rank: int) -> tuple[Tensor, Tensor]:
         """Whitened closed form, optimal if the kernel columns' dh x 1 patches are uncorrelated and alike.
 
         Sigma = mean_j E[v_j v_j^T] + ridge = L L^T; the rank-K SVD of ``L^{-1} Y`` (Y the target as the
         (C dh) x (N dw) matrix; = L^T W when v = u) gives ``A = L^{-T} U sqrt(S)``, ``H = sqrt(S) V^T``.
         """
-        sigma = self.s4.diagonal(dim1=1, dim2=3).mean(-1)
-        sigma = sigma + RIDGE * sigma.diagonal().mean().clamp_min(1e-300) * torch.eye(
-            self.rows, dtype=sigma.dtype, device=sigma.device)
-        chol = torch.linalg.cholesky(sigma)
-        y = self.y3.permute(1, 0, 2).reshape(self.rows, self.n * self.dw)
-        u, s, vh = torch.linalg.svd(torch.linalg.solve_triangular(chol, y, upper=False), full_matrices=False)
+        chol, z = self.whitened()
+        u, s, vh = torch.linalg.svd(z, full_matrices=False)
         root = s[:rank].sqrt()
         a = torch.linalg.solve_triangular(chol.T, u[:, :rank] * root, upper=True)
         h = (root[:, None] * vh[:rank]).view(rank, self.n, self.dw).permute(1, 0, 2)
@@ -641,6 +649,59 @@ def refit_coefficients(weight: Tensor, bases: Tensor, stats: PatchStats) -> Tens
     g, r = _Scheme1(m, weight.shape).gram(split)
     a = _psd_solve(g, r.T).T
     return a.view(n, c, split.shape[1]).to(dtype=weight.dtype, device=weight.device).contiguous()
+
+
+# ------------------------------------------------------------------------------------- rank plans
+
+
+@torch.no_grad()
+def retained_output_energy(weight: Tensor, stats: PatchStats, scheme: str, basis: str = "shared") -> Tensor:
+    """Share of the layer's output energy on the calibration data that the rank-r expansion keeps, r = 1..max_rank.
+
+    The data-aware counterpart of :func:`lrx.decomposition.retained_energy` (what ``bases: auto`` ranks
+    layers by with ``fit: data``), from one SVD per layer: the whitened closed form's. With the patch
+    covariance taken as uncorrelated and alike along the axis the factors do not split (scheme 2, vh:
+    kernel columns, Sigma over (c, kernel row); scheme 1: input channels, Sigma over kernel positions,
+    averaged over channels for shared bases, each channel's own for per-channel ones), the best rank-r
+    expansion's output error is the energy beyond the r largest squared singular values of the whitened
+    target ``L^{-1} Y`` (L L^T = Sigma, Y = E[(W u) v^T] arranged as the factored matrix). ``out[r - 1]`` =
+    their cumulative share (1 at full rank). Undamped: the plan compares layers by their data alone.
+
+    Parameters
+    ----------
+    weight : (N, C, dh, dw); stats : the conv's :class:`PatchStats`; scheme : "v1" or "v2" (vh, as plans
+        assume); basis : scheme 1's "shared" or "per-channel".
+
+    Returns
+    -------
+    (max_rank,) float64, non-decreasing, last entry 1.
+    """
+    check_choice(scheme, SCHEMES, "scheme")
+    m = _moments(weight, stats)
+    if scheme == "v2":
+        s2 = torch.linalg.svdvals(_Scheme2(m, weight.shape).whitened()[1]).square()
+    else:
+        check_choice(basis, BASES, "basis")
+        problem = _Scheme1(m, weight.shape)
+        idx = torch.arange(problem.c, device=m.svv.device)
+        sigma = problem.s4[idx, :, idx, :]  # (C, D, D): each channel's covariance of kernel positions
+        y = problem.y3.transpose(0, 1)  # (C, N, D)
+        if basis == "shared":
+            sigma, y = sigma.mean(0, keepdim=True), y.reshape(1, -1, problem.d)
+        # Z = Y L^{-T}: ||W_hat L - Z||^2 is the objective up to a constant
+        z = torch.linalg.solve_triangular(_whitener(sigma), y.transpose(1, 2), upper=False).transpose(1, 2)
+        s2 = torch.linalg.svdvals(z).square().sum(0)
+    return (s2.cumsum(0) / s2.sum().clamp_min(1e-300)).clamp(max=1.0)
+
+
+def retained_on_data(model: nn.Module, layers: Sequence[int | str], scheme: str, batches: Iterable, *,
+                     images: int = 512, basis: str = "shared") -> dict[str, list[float]]:
+    """:func:`retained_output_energy` of each chosen conv (:func:`lrx.lowrank.select_layers`), from one pass of
+    ``model`` over the first ``images`` calibration images: ``{name: [share kept at rank 1, 2, ...]}``,
+    the ``retained`` argument of :func:`lrx.ranks.plan_ranks`."""
+    chosen = select_layers(model, layers, scheme)
+    stats = collect_stats(model, [name for _, name, _ in chosen], batches, images)
+    return {name: retained_output_energy(conv.weight, stats[name], scheme, basis).tolist() for _, name, conv in chosen}
 
 
 # ----------------------------------------------------------------------------------------- models

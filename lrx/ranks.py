@@ -50,8 +50,18 @@ def rank_ladder(top: int, align: int = 1) -> list[int]:
     return [r for r in range(align, top, align)] + [top]
 
 
+def _given_shares(retained: dict, name: str, top: int) -> list[float]:
+    """Layer ``name``'s entry of plan_ranks' ``retained``: one share per rank 1..``top``, refused otherwise."""
+    shares = retained.get(name)
+    if shares is None or len(shares) != top:
+        raise UserError(f"retained energies for layer {name} must list {top} shares (ranks 1..{top}), got "
+                        f"{'none' if shares is None else len(shares)}")
+    return [float(v) for v in shares]
+
+
 def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
-               input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False, align: int = 1) -> dict:
+               input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False, align: int = 1,
+               retained: dict[str, Sequence[float]] | None = None) -> dict:
     """Choose a rank per layer so that the expanded model meets ``target`` (see the module doc for the rule).
 
     Parameters
@@ -64,10 +74,13 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     input_size : (C, H, W) of one image, for the MAC counts.
     basis, decomposed : scheme 1's options, as for ``expand`` (they change spectra and MACs).
     align : every rank a multiple of this or the layer's maximum rank (:func:`rank_ladder`).
+    retained : ``{layer name: [share kept at rank 1, ..., max rank]}`` to rank layers by instead of the
+        filter energy, e.g. the output energy on calibration data (:func:`lrx.datafit.retained_on_data`).
 
     Returns
     -------
-    ``{"rule", "target", "scheme", "basis", "decomposed", "ranks": [...], "layers": [{"index",
+    ``{"rule", "proxy" ("filter energy", or "given" with ``retained``), "target", "scheme", "basis",
+    "decomposed", "ranks": [...], "layers": [{"index",
     "name", "rank", "max_rank", "macs_before", "macs_after", "retained_energy"}],
     "model_macs_before", "predicted_macs" (whole model after), "predicted_speedup" (replaced
     layers, before/after)}``. MACs are per image and match ptflops (lrx.profiling.count). The
@@ -94,7 +107,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
         top = max_rank(conv, scheme, basis)
         plans.append({
             "index": index, "name": name, "conv": conv, "max_rank": top,
-            "retained": retained_energy(conv.weight, scheme, basis).tolist(),
+            "retained": (retained_energy(conv.weight, scheme, basis).tolist() if retained is None
+                         else _given_shares(retained, name, top)),
             "macs_before": original_macs(conv, out_hw),
             "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
             "ladder": rank_ladder(top, align),
@@ -140,6 +154,7 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": p["max_rank"],
              "macs_before": p["macs_before"], "macs_after": p["cost"][r - 1], "retained_energy": p["retained"][r - 1]}
             for p, r in zip(plans, ranks)]
-    return {"rule": RULE, "target": {kind: value}, "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
+    return {"rule": RULE, "proxy": "filter energy" if retained is None else "given", "target": {kind: value},
+            "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
             "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
             "predicted_speedup": before / after}

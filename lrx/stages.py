@@ -19,7 +19,7 @@ from torch import nn
 from . import distributed
 from .config import Config
 from .data import load_data
-from .datafit import expand_to_data
+from .datafit import expand_to_data, retained_on_data
 from .errors import UserError
 from .finetune import l2_norm, run_stage
 from .lowrank import ExpansionNote, expand
@@ -207,9 +207,10 @@ class Decompose(ModelStage):
 def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
                  write_cache: bool = True, log=lambda message: None) -> tuple[nn.Module, dict]:
     """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target (by
-    filter energy; a latency target by times measured on ``runtime.device``, :func:`lrx.latency.plan_latency`,
-    with the layer tables cached in ``runs_dir`` unless ``write_cache`` is off). With ``fit: data`` and
-    calibration ``batches`` the factors are then fitted to the layers' outputs
+    filter energy, or with ``fit: data`` and ``batches`` by output energy on the calibration images,
+    :func:`lrx.datafit.retained_on_data`; a latency target by times measured on ``runtime.device``,
+    :func:`lrx.latency.plan_latency`, with the layer tables cached in ``runs_dir`` unless ``write_cache`` is
+    off). With ``fit: data`` and calibration ``batches`` the factors are then fitted to the layers' outputs
     (:func:`lrx.datafit.expand_to_data`); without batches (a dry run) the weights fit is shown."""
     settings = cfg.decompose
     input_size = tuple(input_size or cfg.profile.input_size)
@@ -225,8 +226,14 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
                                          align=align, cache=cache, write_cache=write_cache, log=log)
                 ranks, layers = rank_plan["ranks"], rank_plan["layers"]
             elif settings.bases == "auto":
+                on_data = settings.fit == "data" and batches is not None  # rank layers by their output energy
+                retained = (retained_on_data(model, settings.layers, settings.scheme, batches, basis=settings.basis,
+                                             images=settings.calibration.images) if on_data else None)
                 rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
-                                       basis=settings.basis, decomposed=settings.decomposed, align=align)
+                                       basis=settings.basis, decomposed=settings.decomposed, align=align,
+                                       retained=retained)
+                if on_data:
+                    rank_plan["proxy"] = "output energy on the calibration images"
                 ranks = rank_plan["ranks"]
             if settings.fit == "data" and batches is not None:
                 calibration = settings.calibration

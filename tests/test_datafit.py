@@ -1,14 +1,17 @@
 """Data-aware fits: output error from patch statistics, scheme 1 and 2 fits, the decomposed refit, expand_to_data."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lrx import datafit
-from lrx.decomposition import Scheme1Factors, max_rank, scheme1_svd
+from lrx.decomposition import Scheme1Factors, max_rank, retained_energy, scheme1_svd
 from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
+from lrx.ranks import plan_ranks
 
 # (C, N, kernel, stride, padding, dilation): square and non-square kernels, stride 2, dilation 2, "same".
 GEOMETRIES = [
@@ -307,3 +310,101 @@ def test_damping_keeps_the_weights_near_the_filters_where_the_data_say_nothing(s
         svd = LowRankExpConvV2.from_factors(conv, scheme2_factors(conv.weight.detach(), rank)).dense_weight()
         assert datafit.output_error(w, damped, stats) <= datafit.output_error(w, svd, stats) + 1e-9, \
             "the damped data fit is still no worse than the filter SVD on the calibration outputs"
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_patches_are_unfolds_columns(geometry):
+    conv = make_conv(*geometry)
+    x = batches_of(geometry[0], count=1)[0][0]
+    padded, padding = x, conv.padding
+    if padding == "same":  # as PyTorch: the odd extra on the right / bottom
+        total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        padded = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        padding = 0
+    cols = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    assert torch.equal(datafit._patches(conv, x), cols.transpose(0, 1).reshape(cols.shape[1], -1)), \
+        "the strided-slice patches are F.unfold's columns, in its order"
+
+
+def test_reference_statistics_give_the_same_objective():
+    conv = make_conv(3, 4, (3, 5), 2, 1, 1)
+    model = nn.Sequential(conv)
+    batches = batches_of(3)
+    plain = stats_of(conv, batches)
+    with_reference = datafit.collect_stats(copy.deepcopy(model), ["0"], batches, reference=model)["0"]
+    assert with_reference.vu is None and with_reference.yv.shape == (4, 3 * 3 * 5), \
+        "with a reference only W S_vu^T (N x P) is kept, not S_vu (P x P)"
+    approx = conv.weight.detach() + 0.1 * torch.randn_like(conv.weight)
+    assert datafit.output_error(conv.weight, approx, with_reference) == pytest.approx(
+        datafit.output_error(conv.weight, approx, plain), rel=1e-9), "both forms of the statistics give the same error"
+
+
+@pytest.mark.parametrize("scheme, basis", [("v2", "shared"), ("v1", "shared"), ("v1", "per-channel")])
+def test_retained_output_energy_is_filter_energy_for_white_patches(scheme, basis):
+    w = make_conv(3, 5, (3, 3), 1, 1, 1).weight.detach()
+    eye = torch.eye(27, dtype=torch.float64)
+    stats = datafit.PatchStats(eye, eye, eye, 1)
+    torch.testing.assert_close(datafit.retained_output_energy(w, stats, scheme, basis),
+                               retained_energy(w, scheme, basis), rtol=1e-5, atol=1e-5,
+                               msg="for white patches the output energy kept is the filter energy kept")
+
+
+def test_retained_output_energy_is_the_closed_forms_error():
+    # Separable patches (S = I_dw (x) Sigma): the whitened closed form is optimal and its error is the spectrum's tail
+    # (up to the whitening's 1e-6 ridge).
+    c, n, dh, dw = 2, 4, 3, 3
+    gen = torch.Generator().manual_seed(8)
+    root = torch.randn(c * dh, c * dh, generator=gen, dtype=torch.float64)
+    sigma = root @ root.T + 0.1 * torch.eye(c * dh, dtype=torch.float64)
+    s = torch.einsum("ab,jJ->ajbJ", sigma, torch.eye(dw, dtype=torch.float64)).reshape(c * dh * dw, -1)
+    stats = datafit.PatchStats(s, s, s, 1)
+    w = torch.randn(n, c, dh, dw, generator=gen, dtype=torch.float64)
+    kept = datafit.retained_output_energy(w, stats, "v2")
+    assert kept[-1] == pytest.approx(1.0) and bool((kept[1:] >= kept[:-1]).all()), "shares rise to 1 at full rank"
+    for rank in range(1, len(kept) + 1):
+        history = []
+        datafit.fit_scheme2(w, rank, stats, "vh", iterations=0, history=history)
+        assert history[0] / stats_energy(w, stats) == pytest.approx(1 - kept[rank - 1].item(), rel=1e-4, abs=1e-9), \
+            f"rank {rank}: 1 - share kept is the closed form's relative squared output error"
+
+
+class _TwoBranches(nn.Module):
+    """Two same-shaped convs on separate input channels: their MACs per rank are equal, their data are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x[:, :4]), self.b(x[:, 4:])], 1)
+
+
+def test_plan_ranks_by_output_energy_beats_filter_energy():
+    torch.manual_seed(0)
+    model = _TwoBranches().double()
+    with torch.no_grad():  # b's filters have a fast-decaying spectrum, a's a flat one
+        u, _, vh = torch.linalg.svd(model.b.weight.permute(1, 2, 0, 3).reshape(12, 24), full_matrices=False)
+        spectrum = 0.5 ** torch.arange(12, dtype=torch.float64)
+        model.b.weight.copy_(((u * spectrum) @ vh).reshape(4, 3, 8, 3).permute(2, 0, 1, 3))
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):  # a sees one channel pattern (nearly rank 1 across channels), b white noise
+        shared = torch.randn(8, 1, 10, 10, generator=gen, dtype=torch.float64)
+        x_a = shared * torch.tensor([1.0, -0.5, 0.8, 0.3], dtype=torch.float64)[:, None, None]
+        x_a = x_a + 0.01 * torch.randn(8, 4, 10, 10, generator=gen, dtype=torch.float64)
+        batches.append((torch.cat([x_a, torch.randn(8, 4, 10, 10, generator=gen, dtype=torch.float64)], 1), None))
+    layers, target = ["a", "b"], {"speedup": 2.0}
+    retained = datafit.retained_on_data(model, layers, "v2", batches, images=24)
+    by_filters = plan_ranks(model, layers, "v2", target, input_size=(8, 10, 10))
+    by_data = plan_ranks(model, layers, "v2", target, input_size=(8, 10, 10), retained=retained)
+    assert by_filters["proxy"] == "filter energy" and by_data["proxy"] == "given", "the plan records its proxy"
+    assert by_data["ranks"] != by_filters["ranks"], f"the proxies disagree here: {by_data['ranks']} vs {by_filters['ranks']}"
+    assert by_data["predicted_macs"] <= by_filters["predicted_macs"], "the data plan costs no more MACs"
+
+    def squared_errors(ranks):
+        _, report = datafit.expand_to_data(model, layers, "v2", ranks, batches, images=24, sequential=False,
+                                           input_size=(8, 10, 10), iterations=5)
+        return sum(row["output_error"] ** 2 for row in report["layers"])
+
+    assert squared_errors(by_data["ranks"]) < squared_errors(by_filters["ranks"]), \
+        "ranked by output energy, the fitted layers lose less of their outputs at the same MAC target"
