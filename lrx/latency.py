@@ -61,7 +61,7 @@ from .speed import optimise
 # rank, so these span 1.4x to 20x fewer MACs for the layer).
 LADDER = (0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 TOLERANCE = 0.10  # predicted vs measured whole-model speedup: relative difference that triggers an adjustment
-ADJUST_ROUNDS = 2  # re-plans after the first check, at most
+ADJUST_ROUNDS = 3  # re-plans after the first check, at most
 CACHE_VERSION = 1
 DENSE = "dense"
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
