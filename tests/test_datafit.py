@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
 
 from lrx import datafit
+from lrx.cli import app
 from lrx.decomposition import Scheme1Factors, max_rank, retained_energy, scheme1_svd
 from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
 from lrx.ranks import plan_ranks
+
+from conftest import write_yaml
 
 # (C, N, kernel, stride, padding, dilation): square and non-square kernels, stride 2, dilation 2, "same".
 GEOMETRIES = [
@@ -408,3 +413,21 @@ def test_plan_ranks_by_output_energy_beats_filter_energy():
 
     assert squared_errors(by_data["ranks"]) < squared_errors(by_filters["ranks"]), \
         "ranked by output energy, the fitted layers lose less of their outputs at the same MAC target"
+
+
+def test_decompose_with_auto_ranks_and_fit_data_records_the_proxy_and_the_fit(tiny_configs, tmp_path):
+    write_yaml(tiny_configs / "t07.yaml", {"extends": "base.yaml", "baseline": "t01", "profile": {"enabled": False},
+                                           "decompose": {"layers": [2, 3], "scheme": "v2", "bases": "auto",
+                                                         "target": {"speedup": 2.0}, "fit": "data",
+                                                         "calibration": {"images": 32, "iterations": 2}}})
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(tiny_configs / "t07.yaml"), "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((runs / "t07" / "metrics.json").read_text())["stages"]["decompose"]
+    assert stage["plan"]["proxy"] == "output energy on the calibration images", stage["plan"].get("proxy")
+    assert stage["plan"]["predicted_speedup"] >= 2.0, "the data-ranked plan meets the target"
+    fit = stage["fit_data"]
+    assert fit["images"] == 32 and fit["seconds"] >= fit["seconds_stats"] > 0, f"the fit and its time: {fit}"
+    for row in stage["report"]:
+        assert row["fit"] == "data" and 0 <= row["output_error"] <= row["output_error_weights"] + 1e-9, \
+            f"{row['name']}: both fits' output errors recorded, the data fit no worse"
