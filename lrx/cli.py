@@ -17,6 +17,7 @@ from rich.console import Console
 
 from . import __version__
 from .config import load_config
+from .datafit import fit_comparison
 from .errors import TrainingDiverged, UserError
 from .export import export_run, profile_onnx
 from .plot import plot_pareto, skipped
@@ -150,7 +151,9 @@ def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optiona
 def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
               set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer ranks, MACs and retained energy; write nothing."),
-              show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters.")):
+              show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters."),
+              compare_fits: bool = typer.Option(False, "--compare-fits", help="With fit: data, print per layer both fits' "
+                                                "output errors on the calibration and on held-out (test) images.")):
     """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
     cfg = load_config(config, set_ or ())
     if cfg.decompose is None:
@@ -159,7 +162,12 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
         configs_to_run(cfg)  # the checks a real run makes first, so that a dry run passes only what would start
         print_preview(cfg, runs_dir)
         return
+    if compare_fits and cfg.decompose.fit != "data":
+        raise UserError(f"--compare-fits compares the data fit with the weights fit: needs fit: data, got "
+                        f"{cfg.decompose.fit!r}", file=str(config), key="decompose.fit")
     metrics = _run_until(config, "decompose", runs_dir, data_root, set_, force, no_deps, quiet)
+    if compare_fits:
+        typer.echo(fit_comparison(metrics["stages"]["decompose"]["report"]))
     if show_bases is not None:
         save_bases_picture(RunDir(runs_dir, cfg.name).model_path("decompose"), cfg, show_bases)
         typer.echo(f"wrote {show_bases}")

@@ -710,7 +710,7 @@ def retained_on_data(model: nn.Module, layers: Sequence[int | str], scheme: str,
 def expand_to_data(model: nn.Module, layers: Sequence[int | str], scheme: str, ranks, batches: Iterable, *,
                    images: int = 512, sequential: bool = True, basis: str = "shared", decomposed: bool = False,
                    order: str = "vh", input_size=(3, 224, 224), iterations: int = 20,
-                   tol: float = TOL) -> tuple[nn.Module, dict]:
+                   tol: float = TOL, held_out: Iterable | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``model`` with the chosen convs replaced by expansions fitted to their outputs.
 
     :func:`lrx.lowrank.expand` builds the structure and the report (filter fit), then each replaced layer,
@@ -719,14 +719,16 @@ def expand_to_data(model: nn.Module, layers: Sequence[int | str], scheme: str, r
     come from the model with the earlier layers already refitted, its targets from the original ``model``
     (Zhang et al.); one pass over the images per layer. ``False``: all statistics from the original model,
     one pass. ``order="auto"`` uses the order ``expand`` chose per layer. ``iterations``: at most this
-    many ALS sweeps per layer, fewer once a sweep gains less than ``tol`` (see :data:`TOL`).
+    many ALS sweeps per layer, fewer once a sweep gains less than ``tol`` (see :data:`TOL`). ``held_out``:
+    batches of other images (e.g. the test split) on which both fits are compared too.
 
     Returns
     -------
     (expanded model, report): ``expand``'s report with, per layer row, ``fit`` = "data",
     ``output_error_weights`` (the filter fit's relative output error on the calibration statistics),
     ``output_error`` (the data fit's), ``sweeps`` (ALS sweeps run) and ``rel_error`` recomputed for the
-    layer as built; and ``report["fit"]`` = {images, sequential, iterations, tol, seconds,
+    layer as built; with ``held_out``, ``held_out_error_weights`` and ``held_out_error``: both fits'
+    errors on the first ``images`` held-out images, each layer fed the original model's inputs; and ``report["fit"]`` = {images, sequential, iterations, tol, seconds,
     seconds_stats, seconds_fit} (seconds: the whole call; the other two its statistics and its fits).
     """
     check_choice(scheme, SCHEMES, "scheme")
@@ -741,6 +743,7 @@ def expand_to_data(model: nn.Module, layers: Sequence[int | str], scheme: str, r
     clock = time.perf_counter()
     stats = None if sequential else collect_stats(model, names, batches, images)
     seconds_stats = time.perf_counter() - clock
+    filter_fits = {}
     for row in rows:
         name = row["name"]
         conv = model.get_submodule(name)
@@ -750,7 +753,8 @@ def expand_to_data(model: nn.Module, layers: Sequence[int | str], scheme: str, r
                        else stats[name])
         seconds_stats += time.perf_counter() - clock
         before = expanded.get_submodule(name)
-        row["output_error_weights"] = output_error(weight, before.dense_weight(), layer_stats)
+        filter_fits[name] = before.dense_weight()
+        row["output_error_weights"] = output_error(weight, filter_fits[name], layer_stats)
         history = []
         if scheme == "v2":
             factors = fit_scheme2(weight, row["rank"], layer_stats, row["order"], iterations, tol=tol, history=history)
@@ -765,7 +769,28 @@ def expand_to_data(model: nn.Module, layers: Sequence[int | str], scheme: str, r
         dense, w = layer.dense_weight(), weight.double()
         row.update(fit="data", output_error=output_error(weight, dense, layer_stats), sweeps=len(history) - 1,
                    rel_error=((w - dense).norm() / w.norm().clamp_min(1e-300)).item())
+    if held_out is not None:
+        unseen = collect_stats(model, names, held_out, images)
+        for row in rows:
+            weight = model.get_submodule(row["name"]).weight
+            row.update(held_out_error_weights=output_error(weight, filter_fits[row["name"]], unseen[row["name"]]),
+                       held_out_error=output_error(weight, expanded.get_submodule(row["name"]).dense_weight(),
+                                                   unseen[row["name"]]))
     seconds = time.perf_counter() - started
     report["fit"] = {"images": layer_stats.images, "sequential": sequential, "iterations": iterations, "tol": tol,
                      "seconds": seconds, "seconds_stats": seconds_stats, "seconds_fit": seconds - seconds_stats}
     return expanded, report
+
+
+def fit_comparison(rows: Sequence[dict]) -> str:
+    """The per-layer table of ``lrx decompose --compare-fits``: both fits' relative output errors on the
+    calibration images and, where measured, on held-out images (rows of :func:`expand_to_data`'s report)."""
+    held = all("held_out_error" in row for row in rows)
+    lines = ["relative output error   calibration images: weights fit -> data fit"
+             + ("   held-out images: weights fit -> data fit" if held else "")]
+    for row in rows:
+        line = f"{row['name']:<20} rank {row['rank']:>4}   {row['output_error_weights']:.4f} -> {row['output_error']:.4f}"
+        if held:
+            line += f"                  {row['held_out_error_weights']:.4f} -> {row['held_out_error']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -185,12 +185,13 @@ class Decompose(ModelStage):
         if settings.fit == "data":
             start.to(ctx.device)
             train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
-        expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say)
+        _, test = ctx.data()
+        expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say,
+                                        held_out=test)
         expanded.to(ctx.device)
         names = [layer["name"] for layer in report["layers"]]
         ctx.save_model(name, expanded, report["spec"], names)
         ctx.say(report_text(report))
-        _, test = ctx.data()
         result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
                   "l2": l2_norm(expanded, original, names, test), "report": report["layers"],
                   "layers": report.get("chosen_layers", settings.layers), "names": names, "bases": report["ranks"], "scheme": settings.scheme,
@@ -205,13 +206,14 @@ class Decompose(ModelStage):
 
 
 def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
-                 write_cache: bool = True, log=lambda message: None) -> tuple[nn.Module, dict]:
+                 write_cache: bool = True, log=lambda message: None, held_out=None) -> tuple[nn.Module, dict]:
     """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target (by
     filter energy, or with ``fit: data`` and ``batches`` by output energy on the calibration images,
     :func:`lrx.datafit.retained_on_data`; a latency target by times measured on ``runtime.device``,
     :func:`lrx.latency.plan_latency`, with the layer tables cached in ``runs_dir`` unless ``write_cache`` is
     off). With ``fit: data`` and calibration ``batches`` the factors are then fitted to the layers' outputs
-    (:func:`lrx.datafit.expand_to_data`); without batches (a dry run) the weights fit is shown."""
+    (:func:`lrx.datafit.expand_to_data`; ``held_out``: batches on which both fits are compared too);
+    without batches (a dry run) the weights fit is shown."""
     settings = cfg.decompose
     input_size = tuple(input_size or cfg.profile.input_size)
     rank_plan = None
@@ -241,7 +243,7 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
                                                   images=calibration.images, sequential=calibration.sequential,
                                                   basis=settings.basis, decomposed=settings.decomposed,
                                                   order=settings.order, input_size=input_size,
-                                                  iterations=calibration.iterations)
+                                                  iterations=calibration.iterations, held_out=held_out)
                 report["fit_data"] = report.pop("fit")
             else:
                 expanded, report = expand(model, layers=layers, scheme=settings.scheme, ranks=ranks,

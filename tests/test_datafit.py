@@ -421,7 +421,8 @@ def test_decompose_with_auto_ranks_and_fit_data_records_the_proxy_and_the_fit(ti
                                                          "target": {"speedup": 2.0}, "fit": "data",
                                                          "calibration": {"images": 32, "iterations": 2}}})
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["run", str(tiny_configs / "t07.yaml"), "--runs-dir", str(runs), "--quiet"])
+    result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t07.yaml"), "--runs-dir", str(runs), "--quiet",
+                                      "--compare-fits"])
     assert result.exit_code == 0, result.output
     stage = json.loads((runs / "t07" / "metrics.json").read_text())["stages"]["decompose"]
     assert stage["plan"]["proxy"] == "output energy on the calibration images", stage["plan"].get("proxy")
@@ -431,3 +432,10 @@ def test_decompose_with_auto_ranks_and_fit_data_records_the_proxy_and_the_fit(ti
     for row in stage["report"]:
         assert row["fit"] == "data" and 0 <= row["output_error"] <= row["output_error_weights"] + 1e-9, \
             f"{row['name']}: both fits' output errors recorded, the data fit no worse"
+        assert row["held_out_error"] >= 0 and row["held_out_error_weights"] >= 0, "and on held-out images"
+        assert f"{row['held_out_error_weights']:.4f} -> {row['held_out_error']:.4f}" in result.output, \
+            f"--compare-fits prints {row['name']}'s held-out errors: {result.output}"
+    weights = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t07.yaml"), "--runs-dir", str(runs),
+                                       "--compare-fits", "--set", "decompose.fit=weights"])
+    assert weights.exit_code == 2 and "decompose.fit" in weights.output and "'weights'" in weights.output, \
+        f"--compare-fits without fit: data is refused on one line: {weights.output}"
