@@ -232,7 +232,9 @@ def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: 
     model, model_path, arch = _final_model(run)
     size = tuple(input_size) if input_size else run_input_size(run)
     text = export_model(model, path, fmt, size, original_code(arch["arch"], arch["num_classes"]))
-    lines = [f"final model of run {run.name}: {model_path}", text]
+    status = run.read_metrics().get("status")
+    unfinished = f" (the run is {status}: this is its last finished stage's model)" if status != "done" else ""
+    lines = [f"final model of run {run.name}: {model_path}{unfinished}", text]
     if check:
         where = {"onnx": "ONNX Runtime", "pt2": "torch.export.load", "torchscript": "torch.jit.load",
                  "state-dict": "the plain model"}[fmt]
