@@ -13,8 +13,9 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
    model will run in (:class:`DeviceTiming`, through :func:`lrx.speed.optimise`), interleaved. The
    table is cached per device and layer shape in one JSON file in the runs folder
    (:func:`lrx.rundir.latency_cache_path`), so later runs on the same machine reuse it.
-4. **A choice.** Predicted whole-model time = the rest of the model (the original in channels_last, the
-   expansion's layout, minus its candidate convs, dense) + each layer's time at its choice. Greedy, as
+4. **A choice.** Each option's time in the model = the dense conv's time inside the original (channels_last,
+   the expansion's layout, timed per module) times the option's time relative to dense in the table.
+   Predicted whole-model time = the rest of the model + each layer's time at its choice. Greedy, as
    :func:`lrx.ranks.plan_ranks`: from every layer dense, repeatedly take the move (a layer to any
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
    meets the target; where a step overshot, layers then move back to less lossy options that still fit.
@@ -35,6 +36,7 @@ and the adjustment step absorbs the difference.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -53,7 +55,7 @@ from .distributed import resolve_device
 from .errors import UserError
 from .layers import LowRankExpConvV2, check_convertible
 from .lowrank import build_expanded, conv_sizes, layer_label, select_layers
-from .timing import _interleaved, time_pair, torch_threads
+from .timing import _interleaved, module_times, time_pair, torch_threads
 from .ranks import rank_ladder
 from .speed import optimise
 
@@ -81,6 +83,10 @@ class Timing(Protocol):
 
     def layer(self, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[str, float]:
         """Median ms of ``conv`` alone (``"dense"``) and of scheme 2 at each rank (``str(rank)``) on ``input_shape``."""
+
+    def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
+        """The original in channels_last, timed per module: ``{"total_ms": its forward, "ms": {name: the
+        named conv's share of it}}``."""
 
     def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
         """Whole-model medians, interleaved: ``{"original_ms"`` (the original's fastest plain layout),
@@ -139,6 +145,15 @@ class DeviceTiming:
             stats = _interleaved({k: (lambda net=net: net(x)) for k, net in nets.items()}, self.device,
                                  self.warmup, self.repeats)
         return {k: s["median_ms"] for k, s in stats.items()}
+
+    def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
+        x = self._input((self.batch, *self.input_size)).contiguous()
+        with torch.no_grad():
+            net = self._prepare(original, True, x, False)
+        with torch_threads(self.threads):
+            part = module_times({"original": (net, contextlib.nullcontext)}, names, x, self.device, self.warmup,
+                                self.repeats)["original"]
+        return {"total_ms": part["total_ms"], "ms": {m["name"]: m["ms"] for m in part["modules"] if m["name"] in names}}
 
     def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
         x = self._input((self.batch, *self.input_size)).contiguous()
@@ -246,8 +261,8 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
 def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[str, float, float]]:
     """(option, ms, proxy loss) of one layer, dense first, without options slower than a less lossy one;
     the ranks' times multiplied by ``scale``."""
-    options = [(DENSE, row["ms"][DENSE], 0.0)]
-    options += [(str(r), scale * row["ms"][str(r)], 1.0 - float(retained[r - 1]))
+    options = [(DENSE, row["model_ms"][DENSE], 0.0)]
+    options += [(str(r), scale * row["model_ms"][str(r)], 1.0 - float(retained[r - 1]))
                 for r in sorted(row["ranks"], reverse=True)]
     options.sort(key=lambda o: (o[2], o[1]))
     kept = []
@@ -343,7 +358,15 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
 
     base = timing.whole(model, None)
     base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]
-    rest_ms = max(cl_ms - sum(row["ms"][DENSE] for row in table), 0.0)
+    # A layer alone runs slower or faster than inside the model (caches, a shared machine's drift between
+    # measurements): take from the table only each option's time relative to the dense conv, and the
+    # dense conv's time from the whole original, timed per module.
+    inside = timing.in_model(model, [row["name"] for row in table])
+    unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
+    for row in table:
+        dense_in_model = unit * inside["ms"][row["name"]]
+        row["model_ms"] = {k: dense_in_model * t / row["ms"][DENSE] for k, t in row["ms"].items()}
+    rest_ms = max(cl_ms - sum(row["model_ms"][DENSE] for row in table), 0.0)
     budget_ms = base_ms / value
     scale, history = 1.0, []
     for _ in range(rounds + 1):
@@ -359,8 +382,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                             f"(every layer at its fastest measured option)", key="decompose.target.latency") from None
         if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
             break  # nothing to expand, or the adjusted plan is one already measured
-        dense_ms = rest_ms + sum(row["ms"][c] for row, c in zip(table, choice) if c == DENSE)
-        factored_ms = sum(row["ms"][c] for row, c in zip(table, choice) if c != DENSE)
+        dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
+        factored_ms = sum(row["model_ms"][c] for row, c in zip(table, choice) if c != DENSE)
         predicted_ms = dense_ms + scale * factored_ms
         spec = _spec(table, choice)
         measured = timing.whole(model, build_expanded(model, spec))

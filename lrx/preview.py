@@ -75,15 +75,15 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
 
 def latency_table(plan: dict) -> Table:
     """A latency plan's measured layer table: ms dense and per rank, the choice marked with '*'."""
-    table = Table(title=f"layer times (ms, batch {plan['batch']}, {plan['device']}; * = chosen)")
+    table = Table(title=f"layer times in the model (ms, batch {plan['batch']}, {plan['device']}; * = chosen)")
     table.add_column("layer")
     table.add_column("dense", justify="right")
     table.add_column("rank: ms", justify="left")
     for row in plan["table"]:
-        mark = {k: "*" if row.get("choice") == k else "" for k in row["ms"]}
-        ranks = "  ".join(f"{r}: {row['ms'][str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
-        table.add_row(row["name"] + (" (cached)" if row["cached"] else ""), f"{row['ms']['dense']:.2f}{mark['dense']}",
-                      ranks)
+        ms = row["model_ms"]  # the table's times relative to dense, on the dense conv's time in the model
+        mark = {k: "*" if row.get("choice") == k else "" for k in ms}
+        ranks = "  ".join(f"{r}: {ms[str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
+        table.add_row(row["name"] + (" (cached)" if row["cached"] else ""), f"{ms['dense']:.2f}{mark['dense']}", ranks)
     return table
 
 

@@ -134,6 +134,8 @@ def test_the_planner_measures_on_the_gpu():
     timing = DeviceTiming(torch.device("cuda"), batch=8, input_size=(3, 16, 16), dtype="bfloat16", warmup=1, repeats=5)
     times = timing.layer(model[2], (8, 16, 16, 16), [8, 16])
     assert set(times) == {"dense", "8", "16"} and all(t > 0 for t in times.values()), times
+    inside = timing.in_model(model, ["2"])
+    assert 0 < inside["ms"]["2"] < inside["total_ms"], f"the conv's time inside the model, CUDA events: {inside}"
     whole = timing.whole(model, None)
     assert "channels_last" in whole["layouts"] and whole["original_ms"] == min(whole["layouts"].values()), whole
     assert "NVIDIA" in timing.key()["device"] or "cuda" in timing.key()["device"], timing.key()

@@ -58,6 +58,11 @@ class FakeTiming:
                 total += self.dense[(m.in_channels, m.out_channels)]
         return total
 
+    def in_model(self, original, names):
+        modules = dict(original.named_modules())
+        ms = {n: self.dense[(modules[n].in_channels, modules[n].out_channels)] for n in names}
+        return {"total_ms": self._ms(original), "ms": ms}
+
     def whole(self, original, expanded):
         self.whole_calls += 1
         base = self._ms(original)
@@ -89,6 +94,19 @@ def test_the_choice_keeps_slow_layers_dense_and_takes_the_largest_rank_that_meet
     assert plan["measured_speedup"] == pytest.approx(plan["predicted_speedup"]), "the fake measures what the table says"
     assert len(plan["rounds"]) == 1, "a prediction within 10% needs no adjustment"
     assert plan["measured_speedup"] >= 1.5
+
+
+def test_only_the_tables_ratios_count_the_dense_time_comes_from_the_model():
+    class Slow(FakeTiming):  # every layer timed alone at 3x its time in the model (a busy machine, cold caches)
+        def layer(self, conv, input_shape, ranks):
+            return {k: 3.0 * t for k, t in super().layer(conv, input_shape, ranks).items()}
+
+    plain = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake(), proxy=LINEAR_PROXY)
+    slow = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, Slow(DENSE, fake().rank_ms),
+                                proxy=LINEAR_PROXY)
+    assert slow["ranks"] == plain["ranks"] and slow["names"] == plain["names"], "the same plan at any table scale"
+    assert slow["predicted_speedup"] == pytest.approx(slow["measured_speedup"]) and len(slow["rounds"]) == 1, \
+        "and a prediction that holds without adjusting"
 
 
 def test_the_proxy_decides_which_layer_gives_up_rank():
