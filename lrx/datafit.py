@@ -8,7 +8,8 @@ the input from the partly expanded model, else ``v = u``), has the mean squared 
     E||W u - W_hat v||^2 = tr(W S_uu W^T) - 2 tr(W_hat S_vu W^T) + tr(W_hat S_vv W_hat^T)
 
 with the second moments ``S_xy = E[x y^T]`` (P x P). Only these moments are kept (:class:`PatchStats`,
-streamed over batches), so memory is bounded by P x P per layer, not by the number of images.
+streamed over batches; in sequential mode ``W S_vu^T`` (N x P) and ``tr(W S_uu W^T)`` in place of the
+last two), so memory is bounded by P x P per layer, not by the number of images.
 
 Fits (Zhang et al. 2015's asymmetric objective; Tai et al. 2016's closed form, whitened as in SVD-LLM):
 
@@ -16,11 +17,12 @@ Fits (Zhang et al. 2015's asymmetric objective; Tai et al. 2016's closed form, w
   uncorrelated across kernel columns, then alternating least squares on the exact objective;
 - scheme 1 (:func:`fit_scheme1`): the filter SVD, then alternating least squares over coefficients
   and bases; :func:`refit_coefficients` refits the coefficients after the rank-1 split (decomposed);
-- :func:`expand_to_data`: :func:`lrx.lowrank.expand` for the structure, then every replaced layer refitted.
+- :func:`expand_to_data`: :func:`lrx.lowrank.expand` for the structure, then every replaced layer refitted;
+- rank plans (:func:`retained_output_energy`): the share of a layer's output energy kept at each rank.
 
-All math is float64 under ``torch.no_grad``; factors come back in the weight's dtype and device.
-(This module is long because the statistics, both schemes' fits and the model-level driver share the
-private objective and solver helpers; the statistics are the part to move out if it grows.)
+All math is float64 (each batch's patch products in the data's dtype, summed in float64) under ``torch.no_grad``; factors come back in the weight's dtype and device.
+(This module is long because the statistics, both schemes' fits, the rank-plan spectra and the model-level
+driver share the private objective and solver helpers; the statistics are the part to move out next.)
 """
 from __future__ import annotations
 
@@ -151,8 +153,10 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
     """``x @ y.T`` in the inputs' dtype (one batch: float32 for float32 models, 2x BLAS's float64 speed), as float64.
 
     Each batch's sum runs over a few thousand patches in float32 (relative rounding ~1e-6, far below the
-    1% damping of the fits); the sums over batches accumulate in float64.
+    1% damping of the fits); the sums over batches accumulate in float64. Half precision is raised to float32.
     """
+    if x.dtype not in (torch.float32, torch.float64):
+        x, y = x.float(), y.float()
     return (x @ y.T).double()
 
 
