@@ -210,15 +210,18 @@ def test_scheme2_als_matches_brute_force():
     assert history[0] / stats_energy(w, stats) >= brute * (1 - 1e-6), "the closed-form start is no better than the optimum"
 
 
-def test_scheme2_closed_form_is_optimal_for_uncorrelated_columns():
-    # Patches whose kernel columns are uncorrelated with the same covariance: S = I_dw (x) Sigma.
-    c, n, dh, dw, rank = 2, 3, 3, 3, 2
-    gen = torch.Generator().manual_seed(7)
+def separable(n, c, dh, dw, seed):
+    """(weight, stats) for patches whose kernel columns are uncorrelated with one covariance: S = I_dw (x) Sigma."""
+    gen = torch.Generator().manual_seed(seed)
     root = torch.randn(c * dh, c * dh, generator=gen, dtype=torch.float64)
     sigma = root @ root.T + 0.1 * torch.eye(c * dh, dtype=torch.float64)
     s = torch.einsum("ab,jJ->ajbJ", sigma, torch.eye(dw, dtype=torch.float64)).reshape(c * dh * dw, -1)
-    stats = datafit.PatchStats(s, s, s, 1)
-    w = torch.randn(n, c, dh, dw, generator=gen, dtype=torch.float64)
+    return torch.randn(n, c, dh, dw, generator=gen, dtype=torch.float64), datafit.PatchStats(s, s, s, 1)
+
+
+def test_scheme2_closed_form_is_optimal_for_uncorrelated_columns():
+    rank = 2
+    w, stats = separable(3, 2, 3, 3, seed=7)
     history = []
     datafit.fit_scheme2(w, rank, stats, "vh", iterations=0, history=history)
     closed = history[0] / stats_energy(w, stats)
@@ -357,13 +360,7 @@ def test_retained_output_energy_is_filter_energy_for_white_patches(scheme, basis
 def test_retained_output_energy_is_the_closed_forms_error():
     # Separable patches (S = I_dw (x) Sigma): the whitened closed form is optimal and its error is the spectrum's tail
     # (up to the whitening's 1e-6 ridge).
-    c, n, dh, dw = 2, 4, 3, 3
-    gen = torch.Generator().manual_seed(8)
-    root = torch.randn(c * dh, c * dh, generator=gen, dtype=torch.float64)
-    sigma = root @ root.T + 0.1 * torch.eye(c * dh, dtype=torch.float64)
-    s = torch.einsum("ab,jJ->ajbJ", sigma, torch.eye(dw, dtype=torch.float64)).reshape(c * dh * dw, -1)
-    stats = datafit.PatchStats(s, s, s, 1)
-    w = torch.randn(n, c, dh, dw, generator=gen, dtype=torch.float64)
+    w, stats = separable(4, 2, 3, 3, seed=8)
     kept = datafit.retained_output_energy(w, stats, "v2")
     assert kept[-1] == pytest.approx(1.0) and bool((kept[1:] >= kept[:-1]).all()), "shares rise to 1 at full rank"
     for rank in range(1, len(kept) + 1):
