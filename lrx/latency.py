@@ -355,6 +355,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     chosen = candidate_layers(model, layers)
     input_size = tuple(timing.input_size)
     sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    given = proxy
     if proxy is None:
         proxy = {name: retained_energy(conv.weight, "v2").tolist() for _, name, conv in chosen}
     table = layer_table(timing, chosen, sizes, align, cache, write_cache, log)
@@ -411,7 +412,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     for row, c in zip(table, final["choice"]):
         row["choice"] = c
     indices = {row["name"]: row["index"] for row in table}
-    return {"rule": RULE, "target": {kind: value}, "align": align, "device": timing.key()["device"],
+    return {"rule": RULE, "proxy": "filter energy" if given is None else "given", "target": {kind: value},
+            "align": align, "device": timing.key()["device"],
             "batch": timing.batch, "input_size": list(input_size), "table": table,
             "baseline": {"layout": base["layout"], "layouts_ms": base["layouts"]},
             "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],

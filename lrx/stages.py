@@ -222,15 +222,17 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
         warnings.simplefilter("ignore", ExpansionNote)
         try:
             align = device_align(settings.align, cfg.runtime.device)
+            on_data = settings.bases == "auto" and settings.fit == "data" and batches is not None
+            retained = (retained_on_data(model, settings.layers, settings.scheme, batches, basis=settings.basis,
+                                         images=settings.calibration.images) if on_data else None)  # output energy
             if settings.bases == "auto" and "latency" in settings.target:
                 cache = latency_cache_path(runs_dir) if runs_dir is not None else None
                 rank_plan = plan_latency(model, settings.layers, settings.target, DeviceTiming.from_config(cfg),
-                                         align=align, cache=cache, write_cache=write_cache, log=log)
+                                         proxy=retained, align=align, cache=cache, write_cache=write_cache, log=log)
                 ranks, layers = rank_plan["ranks"], rank_plan["layers"]
+                if on_data:
+                    rank_plan["proxy"] = "output energy on the calibration images"
             elif settings.bases == "auto":
-                on_data = settings.fit == "data" and batches is not None  # rank layers by their output energy
-                retained = (retained_on_data(model, settings.layers, settings.scheme, batches, basis=settings.basis,
-                                             images=settings.calibration.images) if on_data else None)
                 rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
                                        basis=settings.basis, decomposed=settings.decomposed, align=align,
                                        retained=retained)

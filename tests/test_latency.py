@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from lrx import latency
+from lrx import latency, stages
 from lrx.cli import app
 from lrx.config import load_config
 from lrx.decomposition import max_rank
 from lrx.errors import UserError
 from lrx.layers import LowRankExpConvV2
+from lrx.models import build_model
 from lrx.ranks import device_align, plan_ranks, rank_ladder
 
 INPUT = (3, 12, 12)
@@ -272,3 +273,25 @@ def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_tab
     again = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), *latency_row, "--force"])
     assert again.exit_code == 0, again.output
     assert made[-1].layer_calls == [], "a later run on the same machine reuses the cached table"
+
+
+def test_fit_data_plans_a_latency_target_by_output_energy(tiny_configs, monkeypatch):
+    dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
+    timing = FakeTiming(dense, {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW})
+    timing.input_size = (3, 16, 16)
+    monkeypatch.setattr(FakeTiming, "layer", lambda self, conv, shape, ranks: {
+        "dense": dense[(conv.in_channels, conv.out_channels)],
+        **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})
+    monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(lambda cls, cfg: timing))
+    given = []
+    real = latency.plan_latency
+    monkeypatch.setattr(stages, "plan_latency", lambda *a, **kw: (given.append(kw.get("proxy")), real(*a, **kw))[1])
+    cfg = load_config(tiny_configs / "t02.yaml", ["decompose.scheme=v2", "decompose.bases=auto", "decompose.layers=auto",
+                                                   "decompose.fit=data", "decompose.calibration.images=32",
+                                                   "decompose.target={latency: 1.3}"])
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 3, 16, 16), torch.zeros(32, dtype=torch.long))]
+    _, report = stages.expand_model(build_model("tiny_cnn", 10), cfg, batches=batches)
+    assert given and set(given[0]) == {"0", "3", "6", "8"} and all(0 < v[0] <= 1 for v in given[0].values()), \
+        "the planner ranks by output energy on the calibration images (one list per candidate conv)"
+    assert report["plan"]["proxy"] == "output energy on the calibration images" and "fit_data" in report
