@@ -144,7 +144,7 @@ def _ranks(ranks, count: int, names: Sequence[str] = ()) -> list:
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         return [ranks] * count
     if isinstance(ranks, (str, dict)):
-        hint = "pass plan['ranks']" if isinstance(ranks, dict) else "plan ranks from a target with lrx.ranks.plan_ranks"
+        hint = "pass plan['ranks']" if isinstance(ranks, dict) else "for ranks from a target call lrx.expand(..., ranks='auto', target=...)"
         raise UserError(f"ranks {ranks if isinstance(ranks, str) else 'of a dict'!r}: give one rank per layer ({hint})")
     ranks = list(ranks)
     if len(ranks) != count:

@@ -19,14 +19,14 @@ from torch import nn
 from . import distributed
 from .config import Config
 from .data import load_data
-from .datafit import expand_to_data, retained_on_data
 from .errors import UserError
 from .finetune import l2_norm, run_stage
-from .lowrank import ExpansionNote, expand
+from .expansion import expand
+from .lowrank import ExpansionNote
 from .models import initial_model
-from .latency import DeviceTiming, plan_latency
+from .latency import DeviceTiming
 from .profiling import profile_pair
-from .ranks import device_align, plan_ranks
+from .ranks import device_align
 from .rundir import RunDir, latency_cache_path, load_model
 from .train import evaluate, train_baseline
 
@@ -207,62 +207,30 @@ class Decompose(ModelStage):
 
 def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
                  write_cache: bool = True, log=lambda message: None, held_out=None) -> tuple[nn.Module, dict]:
-    """Expand ``model`` as ``cfg.decompose`` says; ``bases: auto`` first plans ranks from the target (by
-    filter energy, or with ``fit: data`` and ``batches`` by output energy on the calibration images,
-    :func:`lrx.datafit.retained_on_data`; a latency target by times measured on ``runtime.device``,
-    :func:`lrx.latency.plan_latency`, with the layer tables cached in ``runs_dir`` unless ``write_cache`` is
-    off). With ``fit: data`` and calibration ``batches`` the factors are then fitted to the layers' outputs
-    (:func:`lrx.datafit.expand_to_data`; ``held_out``: batches on which both fits are compared too);
-    without batches (a dry run) the weights fit is shown."""
+    """Expand ``model`` as ``cfg.decompose`` says, through :func:`lrx.expansion.expand`: ``bases: auto`` plans
+    ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its layer
+    tables cached in ``runs_dir`` unless ``write_cache`` is off); ``fit: data`` fits to the calibration
+    ``batches`` (``held_out``: batches on which both fits are compared too). Without batches (a dry run) the
+    weights fit is shown and an auto plan ranks layers by filter energy."""
     settings = cfg.decompose
-    input_size = tuple(input_size or cfg.profile.input_size)
-    rank_plan = None
-    ranks, layers = settings.bases, settings.layers
-    with warnings.catch_warnings():  # expand's notes (a conv a pattern skipped, a rank adding MACs): said below
+    fit = settings.fit if batches is not None else "weights"
+    with warnings.catch_warnings():  # expand's notes (a conv a pattern skipped, a rank adding MACs): logged
         warnings.simplefilter("ignore", ExpansionNote)
         try:
-            align = device_align(settings.align, cfg.runtime.device)
-            on_data = settings.bases == "auto" and settings.fit == "data" and batches is not None
-            retained = (retained_on_data(model, settings.layers, settings.scheme, batches, basis=settings.basis,
-                                         images=settings.calibration.images) if on_data else None)  # output energy
-            if settings.bases == "auto" and "latency" in settings.target:
-                cache = latency_cache_path(runs_dir) if runs_dir is not None else None
-                rank_plan = plan_latency(model, settings.layers, settings.target, DeviceTiming.from_config(cfg),
-                                         proxy=retained, align=align, cache=cache, write_cache=write_cache, log=log)
-                ranks, layers = rank_plan["ranks"], rank_plan["layers"]
-                if on_data:
-                    rank_plan["proxy"] = "output energy on the calibration images"
-            elif settings.bases == "auto":
-                rank_plan = plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
-                                       basis=settings.basis, decomposed=settings.decomposed, align=align,
-                                       retained=retained)
-                if on_data:
-                    rank_plan["proxy"] = "output energy on the calibration images"
-                ranks = rank_plan["ranks"]
-            if settings.fit == "data" and batches is not None:
-                calibration = settings.calibration
-                expanded, report = expand_to_data(model, layers, settings.scheme, ranks, batches,
-                                                  images=calibration.images, sequential=calibration.sequential,
-                                                  basis=settings.basis, decomposed=settings.decomposed,
-                                                  order=settings.order, input_size=input_size,
-                                                  iterations=calibration.iterations, held_out=held_out)
-                report["fit_data"] = report.pop("fit")
-            else:
-                expanded, report = expand(model, layers=layers, scheme=settings.scheme, ranks=ranks,
-                                          basis=settings.basis, method=settings.method, decomposed=settings.decomposed,
-                                          input_size=input_size, order=settings.order, **settings.options)
+            return expand(model, settings.layers, settings.scheme, settings.bases,
+                          target=settings.target if settings.bases == "auto" else None, fit=fit, calibration=batches,
+                          images=settings.calibration.images, sequential=settings.calibration.sequential,
+                          iterations=settings.calibration.iterations, held_out=held_out, basis=settings.basis,
+                          method=settings.method, decomposed=settings.decomposed, order=settings.order,
+                          align=device_align(settings.align, cfg.runtime.device),
+                          input_size=tuple(input_size or cfg.profile.input_size),
+                          timing=DeviceTiming.from_config(cfg) if "latency" in (settings.target or {}) else None,
+                          cache=latency_cache_path(runs_dir) if runs_dir is not None else None,
+                          write_cache=write_cache, log=log, **settings.options)
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
         except TypeError as err:  # an unknown method option
             raise UserError(f"{err}", file=cfg.path, key="decompose.options") from None
-    for note in report.get("notes", []):
-        log(f"note: {note}")
-    report["ranks"] = list(ranks)
-    if rank_plan is not None:
-        report["plan"] = rank_plan
-        if "latency" in rank_plan["target"]:
-            report["chosen_layers"] = list(layers)
-    return expanded, report
 
 
 def report_text(report: dict) -> str:

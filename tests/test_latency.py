@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from lrx import latency, stages
+from lrx import expansion, latency, stages
 from lrx.cli import app
 from lrx.config import load_config
 from lrx.decomposition import max_rank
@@ -285,7 +285,7 @@ def test_fit_data_plans_a_latency_target_by_output_energy(tiny_configs, monkeypa
     monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(lambda cls, cfg: timing))
     given = []
     real = latency.plan_latency
-    monkeypatch.setattr(stages, "plan_latency", lambda *a, **kw: (given.append(kw.get("proxy")), real(*a, **kw))[1])
+    monkeypatch.setattr(expansion, "plan_latency", lambda *a, **kw: (given.append(kw.get("proxy")), real(*a, **kw))[1])
     cfg = load_config(tiny_configs / "t02.yaml", ["decompose.scheme=v2", "decompose.bases=auto", "decompose.layers=auto",
                                                    "decompose.fit=data", "decompose.calibration.images=32",
                                                    "decompose.target={latency: 1.3}"])

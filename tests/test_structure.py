@@ -26,6 +26,7 @@ LEVEL = {
     "lowrank": 5, "profiling": 5, "train": 5,
     "ranks": 6, "finetune": 6, "datafit": 6,
     "latency": 6.5,
+    "expansion": 6.8,
     "rundir": 7,
     "stages": 8, "table": 8, "export": 8,
     "runs": 9, "preview": 9, "report": 9,
