@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LRX := $(BIN)/lrx
 # torch 2.14.1 / torchvision 0.29.1 install from the local wheel cache on the dev machines (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-QUICK := $(sort $(wildcard configs/quick/exp*.yaml))
+QUICK := $(sort $(wildcard configs/quick/exp[0-9]*.yaml))
 SEED := $(sort $(wildcard configs/exp0*.yaml))
 SPEED := $(sort $(wildcard configs/exp1*.yaml))
 
