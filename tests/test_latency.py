@@ -222,8 +222,9 @@ def test_config_refuses_bad_latency_settings(tiny_configs, overrides, key, messa
     assert info.value.key == key and message in str(info.value), str(info.value)
 
 
-def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothing(tiny_configs, tmp_path, monkeypatch):
-    # tiny_cnn's convs: 3->16, 16->32, 32->32 (twice); conv 2 expands fast, the others stay dense.
+def tiny_cnn_timing(monkeypatch) -> "FakeTiming":
+    """The timing every run's DeviceTiming.from_config gives: tiny_cnn's convs 3->16, 16->32, 32->32 (twice);
+    conv 2 expands fast, the others stay dense."""
     dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
     timing = FakeTiming(dense, {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW})
     timing.input_size = (3, 16, 16)
@@ -231,6 +232,11 @@ def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothin
         "dense": dense[(conv.in_channels, conv.out_channels)],
         **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})
     monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(lambda cls, cfg: timing))
+    return timing
+
+
+def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothing(tiny_configs, tmp_path, monkeypatch):
+    timing = tiny_cnn_timing(monkeypatch)
     runs = tmp_path / "runs"
     result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs), "--dry-run",
                                       "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
@@ -276,13 +282,7 @@ def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_tab
 
 
 def test_fit_data_plans_a_latency_target_by_output_energy(tiny_configs, monkeypatch):
-    dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
-    timing = FakeTiming(dense, {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW})
-    timing.input_size = (3, 16, 16)
-    monkeypatch.setattr(FakeTiming, "layer", lambda self, conv, shape, ranks: {
-        "dense": dense[(conv.in_channels, conv.out_channels)],
-        **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})
-    monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(lambda cls, cfg: timing))
+    timing = tiny_cnn_timing(monkeypatch)
     given = []
     real = latency.plan_latency
     monkeypatch.setattr(expansion, "plan_latency", lambda *a, **kw: (given.append(kw.get("proxy")), real(*a, **kw))[1])
