@@ -9,7 +9,7 @@ QUICK := $(sort $(wildcard configs/quick/exp[0-9]*.yaml))
 SEED := $(sort $(wildcard configs/exp0*.yaml))
 SPEED := $(sort $(wildcard configs/exp1*.yaml))
 
-.PHONY: install data test demo all-experiments speed-experiments results bench clean
+.PHONY: install data test demo export-check all-experiments speed-experiments results bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ demo: data
 	$(LRX) run $(QUICK) --runs-dir runs/quick
 	$(LRX) table runs/quick > results/quick.md
 	cat results/quick.md
+
+# Every finished quick row's final model in all four export formats, loaded without lrx and compared with
+# PyTorch (PASS within 1e-4); exit 1 on any failure. After `make demo`.
+export-check: install
+	$(BIN)/python benchmarks/export_check.py --runs-dir runs/quick --out results/export-check.md
 
 # The nine seed rows at full scale (CIFAR-10 at 224; meant for a GPU). `lrx run` makes parents first.
 all-experiments: install

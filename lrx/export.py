@@ -19,11 +19,16 @@ Every format is written from it:
   the recipe (:func:`recipe`) that builds the plain modules around the original architecture.
 
 :func:`check_export` loads a written file the way a user without lrx would and compares its outputs with
-PyTorch's. onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]``, imported where used.
+PyTorch's; :func:`export_all` writes every format with reference outputs and :func:`check_without_lrx`
+loads them in a subprocess that cannot import lrx (tests/test_export.py, benchmarks/export_check.py).
+onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]``, imported where used.
 """
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -241,6 +246,87 @@ def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: 
         lines.append(f"checked: largest |difference| from PyTorch {check_export(model, path, fmt, size):.2e} "
                      f"({where}, a random batch of 3 at {'x'.join(map(str, size))})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checked where lrx cannot be imported
+
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "state-dict": ".pt"}
+
+# What a user without lrx runs (`python -I -c NO_LRX REPO FOLDER`): lrx's import is blocked and the
+# repository is not on sys.path. It loads every model.* file in FOLDER, runs io.pt's inputs and prints one
+# JSON line: per format the largest |difference| from io.pt's PyTorch outputs. The state dict goes into
+# recipe.py's plain modules where the folder has one (an lrx-free expression of the original architecture),
+# else into the architecture the .pt2 file holds, its weights zeroed first (so all of them come from the file).
+NO_LRX = r"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]  # the repository (an editable install adds it)
+sys.modules["lrx"] = None  # `import lrx` now raises ImportError, whatever the site-packages hold
+try:
+    import lrx
+    raise SystemExit("lrx could be imported")
+except ImportError:
+    pass
+import os, warnings
+warnings.simplefilter("ignore")
+import onnxruntime, torch
+from torch import nn
+folder = sys.argv[2]
+x, want = torch.load(os.path.join(folder, "io.pt"), weights_only=True)
+session = onnxruntime.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
+with torch.no_grad():
+    got = {"onnx": torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+           "pt2": torch.export.load(os.path.join(folder, "model.pt2")).module()(x),
+           "torchscript": torch.jit.load(os.path.join(folder, "model.ts"))(x)}
+    if os.path.exists(os.path.join(folder, "recipe.py")):
+        scope = {}
+        exec(open(os.path.join(folder, "recipe.py")).read(), scope)
+        model, into = scope["model"], "recipe.py"
+    else:
+        model, into = torch.export.load(os.path.join(folder, "model.pt2")).module(), "the .pt2 architecture"
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+        model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True), strict=True)
+    got["state-dict"] = model(x)
+print(json.dumps({"diff": {k: (v - want).abs().max().item() for k, v in got.items()},
+                  "scale": want.abs().max().item(), "state_dict_into": into,
+                  "modules": sorted({type(m).__module__ for m in model.modules()}),
+                  "lrx_loaded": [m for m, v in sys.modules.items() if v is not None and (m == "lrx" or m.startswith("lrx."))]}))
+"""
+
+
+def export_all(model: nn.Module, folder: str | Path, input_size=(3, 224, 224), original: str | None = None,
+               batch: int = 5) -> torch.Tensor:
+    """Write ``model`` in every format (:data:`FORMATS`) as ``folder/model<SUFFIX>``, with ``io.pt``: a random
+    batch (``batch`` x ``input_size``, seed 2; not the exported batch of 2, the batch axis is dynamic) and
+    ``model``'s outputs on it, the reference :func:`check_without_lrx` compares with. ``original``: an
+    lrx-free expression that builds the original architecture (:func:`recipe`); given, ``recipe.py`` is
+    written too. Returns the outputs (batch, classes)."""
+    folder = Path(folder)
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+    torch.save((x, want), folder / "io.pt")
+    for fmt in FORMATS:
+        export_model(model, folder / f"model{SUFFIX[fmt]}", fmt, input_size)
+    if original is not None:
+        (folder / "recipe.py").write_text(recipe(model, original, str(folder / "model.pt")))
+    return want
+
+
+def check_without_lrx(folder: str | Path, timeout: float = 600) -> dict:
+    """Load what :func:`export_all` wrote in a ``python -I`` subprocess that cannot import lrx (:data:`NO_LRX`).
+
+    Returns ``{"diff": {format: largest |difference| from PyTorch}, "scale": largest |output|,
+    "state_dict_into": what the state dict was loaded into, "modules": the modules of that model,
+    "lrx_loaded": lrx modules found in the subprocess (none)}``; raises RuntimeError (the subprocess's
+    stderr's end) when it fails.
+    """
+    repo = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-I", "-c", NO_LRX, repo, str(folder)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the check without lrx failed (exit {result.returncode}): {result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- ONNX Runtime timing

@@ -1,10 +1,7 @@
 """Exported models load without lrx and compute what the expanded model computes; `lrx export` and `lrx.load_run`."""
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from typer.testing import CliRunner
 import lrx
 from lrx.cli import app
 from lrx.errors import UserError
-from lrx.export import FORMATS, export_model, recipe, to_plain
+from lrx.export import FORMATS, check_without_lrx, export_all, to_plain
 from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.lowrank import expand
 from lrx.rundir import RunDir
@@ -30,7 +27,6 @@ BASE = ("nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8,
 KINDS = {"0": dict(scheme="v1"), "2": dict(scheme="v1", basis="per-channel"), "4": dict(scheme="v1", decomposed=True),
          "6": dict(scheme="v2"), "8": dict(scheme="v2", order="hv")}
 SIZE = (3, 12, 12)
-SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "state-dict": ".pt"}
 
 
 def every_kind() -> nn.Module:
@@ -41,58 +37,38 @@ def every_kind() -> nn.Module:
     return model.eval()
 
 
-# What a user without lrx runs: lrx's import is blocked, the repository is not on sys.path.
-NO_LRX = r"""
-import json, sys
-sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]  # the repository (an editable install adds it)
-sys.modules["lrx"] = None  # `import lrx` now raises ImportError, whatever the site-packages hold
-try:
-    import lrx
-    raise SystemExit("lrx could be imported")
-except ImportError:
-    pass
-import warnings
-warnings.simplefilter("ignore")
-import numpy, onnxruntime, torch
-from torch import nn
-folder, base = sys.argv[2], sys.argv[3]
-x, want = torch.load(folder + "/io.pt", weights_only=True)
-session = onnxruntime.InferenceSession(folder + "/m.onnx", providers=["CPUExecutionProvider"])
-got = {"onnx": torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
-       "pt2": torch.export.load(folder + "/m.pt2").module()(x),
-       "torchscript": torch.jit.load(folder + "/m.ts")(x)}
-scope = {"torch": torch, "nn": nn}
-exec(open(folder + "/recipe.py").read().replace("...", base), scope)
-got["state-dict"] = scope["model"](x)
-mods = [type(m).__module__ for m in scope["model"].modules()]
-print(json.dumps({"diff": {k: (v - want).abs().max().item() for k, v in got.items()},
-                  "scale": want.abs().max().item(), "modules": sorted(set(mods)),
-                  "lrx_loaded": [m for m, v in sys.modules.items() if v is not None and (m == "lrx" or m.startswith("lrx."))]}))
-"""
-
-
 def test_every_kind_of_expansion_exports_to_every_format_and_runs_without_lrx(tmp_path):
     model = every_kind()
     kinds = [(type(layer).__name__, layer.rank) for _, layer in expansion_layers(model)]
     assert len(kinds) == 5, kinds
     optimise(model, "cpu", torch.randn(2, *SIZE))  # exporting must not capture the process's fast paths
-    x = torch.randn(5, *SIZE)  # batch 5: the exported batch axis is dynamic (exported at 2)
-    with torch.no_grad():
-        want = model(x)
-    torch.save((x, want), tmp_path / "io.pt")
-    for fmt in FORMATS:
-        text = export_model(model, tmp_path / f"m{SUFFIX[fmt]}", fmt, SIZE)
-        assert text.startswith(f"wrote {tmp_path / ('m' + SUFFIX[fmt])}"), text
-    (tmp_path / "recipe.py").write_text(recipe(model, state_file=str(tmp_path / "m.pt")))
-    result = subprocess.run([sys.executable, "-I", "-c", NO_LRX, str(lrx.__file__).rsplit("/lrx/", 1)[0],
-                             str(tmp_path), BASE], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["lrx_loaded"] == [] and out["modules"] == ["torch.nn.modules.activation", "torch.nn.modules.container",
-                                                          "torch.nn.modules.conv", "torch.nn.modules.flatten",
-                                                          "torch.nn.modules.pooling"], out
+    want = export_all(model, tmp_path, SIZE, original=BASE)  # batch 5: the exported batch axis (2) is dynamic
+    x, saved = torch.load(tmp_path / "io.pt", weights_only=True)
+    assert x.shape == (5, *SIZE) and torch.equal(saved, want) and torch.equal(model(x), want), "io.pt: the reference"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["io.pt", "model.onnx", "model.pt", "model.pt2",
+                                                          "model.ts", "recipe.py"]
+    out = check_without_lrx(tmp_path, timeout=300)
+    assert out["lrx_loaded"] == [] and out["state_dict_into"] == "recipe.py", out
+    assert out["modules"] == ["torch.nn.modules.activation", "torch.nn.modules.container", "torch.nn.modules.conv",
+                              "torch.nn.modules.flatten", "torch.nn.modules.pooling"], out
     for fmt in FORMATS:
         assert out["diff"][fmt] < 1e-4 * max(1.0, out["scale"]), f"{fmt}: outputs differ from PyTorch's: {out}"
+
+
+def test_without_a_recipe_the_state_dict_is_checked_in_the_pt2_architecture_and_a_bad_file_fails(tmp_path):
+    from lrx.models import tiny_cnn
+
+    torch.manual_seed(3)
+    model, _ = expand(tiny_cnn().eval(), [2, 3], "v2", [3, 4], input_size=(3, 16, 16))
+    export_all(model.eval(), tmp_path, (3, 16, 16), batch=3)
+    out = check_without_lrx(tmp_path, timeout=300)
+    assert out["state_dict_into"] == "the .pt2 architecture" and out["lrx_loaded"] == [], out
+    assert all(out["diff"][fmt] < 1e-4 * max(1.0, out["scale"]) for fmt in FORMATS), out
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state.pop(next(iter(state)))  # a weight missing: strict loading must refuse it, not run zeros
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        check_without_lrx(tmp_path, timeout=300)
 
 
 def test_to_plain_is_plain_convs_with_the_same_outputs_and_leaves_the_model_alone():
