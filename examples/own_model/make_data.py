@@ -24,12 +24,12 @@ CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 def write_split(images: torch.Tensor, labels: torch.Tensor, count: int, size: int, folder: Path, seed: int) -> None:
     """Write the first ``count`` images of a seeded shuffle of ``images`` uint8 (N, 3, 28, 28) as PNGs."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count]
-    for name in CLASSES:
-        (folder / name).mkdir(parents=True, exist_ok=True)
     for i in order.tolist():
         pixels = images[i].permute(1, 2, 0).numpy()
         image = Image.fromarray(pixels, "RGB").resize((size, size), Image.BICUBIC)
-        image.save(folder / CLASSES[int(labels[i])] / f"{i:05d}.png")
+        path = folder / CLASSES[int(labels[i])] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)  # no empty class folders: ImageFolder refuses them
+        image.save(path)
 
 
 def main() -> None:
