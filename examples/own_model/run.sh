@@ -3,27 +3,27 @@
 #   an image folder -> your trained resnet18 -> lrx run (row 1: it as it is; row 2: scheme 2 at a 1.5x latency
 #   target, fine-tuned) -> the table -> an ONNX file -> its speed in ONNX Runtime.
 #
-#   examples/own_model/run.sh [WORK]      # full size: 2,000 + 500 images at 64 px (WORK: examples/own_model/work)
-#   TINY=1 examples/own_model/run.sh      # every command at toy size (200 + 100 images, 32 px; WORK: .../work-tiny)
+#   examples/own_model/run.sh            # full size: 2,000 + 500 images at 64 px, in examples/own_model/work/
+#   TINY=1 examples/own_model/run.sh     # every command at toy size (200 + 100 images at 32 px, tiny/ configs),
+#                                        # in examples/own_model/work-tiny/; its numbers mean nothing
 #
-# Sizes: TRAIN, VAL (images), EPOCHS (train_own.py's). lrx and python are taken from PATH (e.g. after
-# `source .venv/bin/activate`). Everything is written under WORK, which is where the commands run.
+# Sizes: TRAIN, VAL (images), EPOCHS (train_own.py's). lrx and python come from PATH (e.g. after
+# `source .venv/bin/activate`). The commands run in the work folder (relative paths in the configs are
+# relative to it); the images and the checkpoint are made once, remove the folder to start afresh.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+cd "$(dirname "$0")"
 if [ -n "${TINY:-}" ]; then
-    configs=$here/tiny size=32 TRAIN=${TRAIN:-200} VAL=${VAL:-100} EPOCHS=${EPOCHS:-1}
-    work=${1:-$here/work-tiny}
+    work=work-tiny configs=../tiny size=32 TRAIN=${TRAIN:-200} VAL=${VAL:-100} EPOCHS=${EPOCHS:-1}
 else
-    configs=$here size=64 TRAIN=${TRAIN:-2000} VAL=${VAL:-500} EPOCHS=${EPOCHS:-3}
-    work=${1:-$here/work}
+    work=work configs=.. size=64 TRAIN=${TRAIN:-2000} VAL=${VAL:-500} EPOCHS=${EPOCHS:-3}
 fi
 mkdir -p "$work"
 cd "$work"
 set -x
 
 # 1. Your data and your model (stand-ins: Fashion-MNIST as PNGs, a resnet18 trained by plain PyTorch).
-[ -d images ] || python "$here/make_data.py" --out images --train "$TRAIN" --val "$VAL" --size "$size"
-[ -f my_resnet18.pt ] || python "$here/train_own.py" --data images --size "$size" --epochs "$EPOCHS" --out my_resnet18.pt
+[ -d images ] || python ../make_data.py --out images --train "$TRAIN" --val "$VAL" --size "$size"
+[ -f my_resnet18.pt ] || python ../train_own.py --data images --size "$size" --epochs "$EPOCHS" --out my_resnet18.pt
 
 # 2. Compress: row 1 evaluates and profiles the checkpoint, row 2 plans, expands, fine-tunes and profiles.
 lrx run "$configs/original.yaml" "$configs/fast.yaml" --runs-dir runs
