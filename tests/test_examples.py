@@ -3,6 +3,7 @@ and the checkpoint train_own.py writes, and make_data.py's folder reads back in 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,18 @@ def test_make_data_writes_an_image_folder_lrx_reads_with_its_labels(tmp_path):
         assert read.classes[label] == make_data.CLASSES[int(labels[i])], f"{path} is in its label's folder"
     pixels, _ = read[[Path(p).stem for p, _ in read.samples].index("00003")]
     assert torch.equal(pixels, images[3]), "at the native size the PNG holds the image exactly"
+
+
+def test_readme_shows_the_commands_run_sh_runs_at_full_size():
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    section = readme.split("## Compress your own model", 1)[1].split("\n## ", 1)[0]
+    shown = section.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    script = (EXAMPLE / "run.sh").read_text()
+    settings = next(line for line in script.splitlines() if line.strip().startswith("work=work "))
+    full = dict(re.findall(r"(\w+)=(?:\$\{\w+:-)?([^\s}]+)", settings))  # configs=.., TRAIN=2000, ...
+    run = []
+    for line in script.splitlines():
+        if line.startswith(("python ", "lrx ", "[ ")):
+            command = line.split(" || ", 1)[-1].replace('"', "")
+            run.append(re.sub(r"\$(\w+)", lambda m: full[m.group(1)], command))
+    assert shown == run, "README's commands are run.sh's at full size, in its order"
