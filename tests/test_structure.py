@@ -182,3 +182,13 @@ def test_design_md_names_only_files_a_run_writes():
              rundir.model_file("finetune.0").replace("0", "K"), rundir.checkpoint_file("train"),
              rundir.checkpoint_file("finetune.0").replace("0", "K")}
     assert named and named <= known, f"docs/design.md names run files lrx.rundir does not write: {named - known}"
+
+
+def test_readme_quick_table_is_the_file_make_demo_writes():
+    """README's table under "Results at CPU size" is results/quick.md (what `lrx table runs/quick` wrote), byte for
+    byte: a re-run that changes the file and not the README (or the reverse) fails here."""
+    written = (ROOT / "results" / "quick.md").read_text().strip()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Results at CPU size"):]
+    section = section[:section.index("\n## ", 1)]
+    assert written in section, "README's quick table differs from results/quick.md: paste the file into README.md"
