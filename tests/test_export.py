@@ -44,7 +44,9 @@ def test_every_kind_of_expansion_exports_to_every_format_and_runs_without_lrx(tm
     optimise(model, "cpu", torch.randn(2, *SIZE))  # exporting must not capture the process's fast paths
     want = export_all(model, tmp_path, SIZE, original=BASE)  # batch 5: the exported batch axis (2) is dynamic
     x, saved = torch.load(tmp_path / "io.pt", weights_only=True)
-    assert x.shape == (5, *SIZE) and torch.equal(saved, want) and torch.equal(model(x), want), "io.pt: the reference"
+    assert x.shape == (5, *SIZE) and torch.equal(saved, want), "io.pt: the inputs and the outputs returned"
+    with torch.no_grad():  # the reference is the model's output (its fast paths may round differently with grad on)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6, msg="io.pt: the model's own outputs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["io.pt", "model.onnx", "model.pt", "model.pt2",
                                                           "model.ts", "recipe.py"]
     out = check_without_lrx(tmp_path, timeout=300)

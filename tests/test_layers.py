@@ -345,7 +345,7 @@ def test_expand_passes_the_v2_order_to_every_layer_and_counts_its_macs():
     (dict(layers=[2], ranks=[8], method="svd", lam=0.1), ["svd", "lam"]),
     (dict(layers=[2], scheme="v3", ranks=[8]), ["v3", "v1, v2"]),
     (dict(layers=[2], ranks={"ranks": [8], "layers": []}), ["plan['ranks']"]),
-    (dict(layers=[2], ranks="auto"), ["'auto'", "plan_ranks"]),
+    (dict(layers=[2], ranks="auto"), ["'auto'", "lrx.expand(..., ranks='auto', target=...)"]),
 ])
 def test_expand_errors(alexnet, kwargs, words):
     with pytest.raises(UserError) as err:
