@@ -38,7 +38,7 @@ from lrx.lowrank import build_expanded
 from lrx.models import build_model
 from lrx.ranks import device_align
 from lrx.speed import optimise
-from lrx.timing import _interleaved, module_times
+from lrx.timing import interleaved, module_times
 
 
 # Issue 11's hand-picked scheme-2 plan for AlexNet conv1-5 (1.34x bf16 batch 256 on an H200, 1.47x compiled).
@@ -77,7 +77,7 @@ def compiled_pair(model, plan: dict, dtype: str, batch: int, size: int, device, 
     with torch.inference_mode():
         for net in nets.values():
             net(x)  # compile here, outside the clock
-        stats = _interleaved({k: (lambda n=n: n(x)) for k, n in nets.items()}, device, 3, repeats)
+        stats = interleaved({k: (lambda n=n: n(x)) for k, n in nets.items()}, device, 3, repeats)
     return {"dtype": dtype, "batch": batch, "original_ms": stats["original"]["median_ms"],
             "expanded_ms": stats["expanded"]["median_ms"], "speedup": stats["expanded"]["speedup"],
             "compile_and_time_s": time.time() - started}

@@ -37,7 +37,7 @@ from lrx import speed  # noqa: E402
 from lrx.layers import LowRankExpConvV1, LowRankExpConvV2  # noqa: E402
 from lrx.lowrank import conv_sizes, expand  # noqa: E402
 from lrx.models import build_model  # noqa: E402
-from lrx.profiling import _interleaved, layer_inputs  # noqa: E402
+from lrx.timing import interleaved, layer_inputs  # noqa: E402
 from lrx.ranks import plan_ranks  # noqa: E402
 
 LAYERS = [2, 3, 4, 5]
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         calls = layer_variants(conv, x, v1, v1d, v2, v2_hv)
         chosen.append(auto_paths(v1, v1d, v2, x))
         with torch.inference_mode():
-            stats = _interleaved(calls, CPU, args.warmup, args.repeats)
+            stats = interleaved(calls, CPU, args.warmup, args.repeats)
         reference = next(iter(stats))
         reference_ms.append(stats[reference]["median_ms"])
         for label, st in stats.items():
@@ -271,7 +271,7 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             calls = {label: (lambda m=m: m(x_model)) for label, m in models.items()}
             calls[mkldnn_off_label] = mkldnn_off(calls[mkldnn_off_label])
-            stats = _interleaved(calls, CPU, args.warmup, args.repeats)
+            stats = interleaved(calls, CPU, args.warmup, args.repeats)
         print("| model | median ms | IQR ms | speedup | MAC ratio | realised |")
         print("|---|---|---|---|---|---|")
         for label, st in stats.items():

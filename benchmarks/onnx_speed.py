@@ -38,7 +38,7 @@ from lrx.lowrank import expand  # noqa: E402
 from lrx.models import build_model  # noqa: E402
 from lrx.profiling import count  # noqa: E402
 from lrx.speed import optimise  # noqa: E402
-from lrx.timing import _interleaved  # noqa: E402
+from lrx.timing import interleaved  # noqa: E402
 
 ROWS = {2: "exp02", 11: "exp11", 12: "exp12"}
 
@@ -94,7 +94,7 @@ def main() -> None:
         calls[f"{name} eager"] = (lambda m=eager[name]: m(x))
         calls[f"{name} optimised"] = (lambda m=fast[name]: m(x))
     with torch.inference_mode():
-        torch_stats = _interleaved(calls, torch.device("cpu"), args.warmup, args.repeats)
+        torch_stats = interleaved(calls, torch.device("cpu"), args.warmup, args.repeats)
 
     def ratio(stats: dict, name: str, ref: str) -> str:
         return f"{stats[ref]['median_ms'] / stats[name]['median_ms']:.2f}x"

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from lrx.models import build_model
-from lrx.profiling import _interleaved
+from lrx.timing import interleaved
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         variants["fused" if fused else "default"] = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                                                                       fused=fused or None)
     # One warm-up step each (it allocates the moment buffers), then rounds in alternating order.
-    stats = _interleaved({name: opt.step for name, opt in variants.items()}, torch.device("cpu"), 1, args.repeats)
+    stats = interleaved({name: opt.step for name, opt in variants.items()}, torch.device("cpu"), 1, args.repeats)
     n = sum(p.numel() for p in variants["default"].param_groups[0]["params"])
     print(f"AdamW step, {n / 1e6:.1f}M parameters, {args.threads} threads, median of {args.repeats}:")
     for name, s in stats.items():

@@ -42,7 +42,7 @@ from .errors import UserError
 from .layers import factor_convs
 from .rundir import RunDir, load_model
 from .speed import expansion_layers
-from .timing import _interleaved
+from .timing import interleaved
 
 FORMATS = ("onnx", "pt2", "torchscript", "state-dict")
 EXTRA = "pip install 'lrx[export]' (onnx, onnxscript, onnxruntime)"
@@ -359,7 +359,7 @@ def onnx_latency(models: dict[str, nn.Module], folder: str | Path, batch: int = 
         sessions[name] = ort_session(path, threads)
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0)).numpy()
     calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
-    return _interleaved(calls, torch.device("cpu"), warmup, repeats)
+    return interleaved(calls, torch.device("cpu"), warmup, repeats)
 
 
 def profile_onnx(cfg: Config, runs_dir: str | Path = "runs") -> str:

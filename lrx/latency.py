@@ -55,7 +55,7 @@ from .distributed import resolve_device
 from .errors import UserError
 from .layers import LowRankExpConvV2, check_convertible
 from .lowrank import build_expanded, conv_sizes, layer_label, select_layers
-from .timing import _interleaved, module_times, time_pair, torch_threads
+from .timing import interleaved, module_times, time_pair, torch_threads
 from .ranks import rank_ladder
 from .speed import optimise
 
@@ -145,7 +145,7 @@ class DeviceTiming:
         with torch.no_grad():
             nets = {k: self._prepare(m, True, x, False) for k, m in modules.items()}
         with torch_threads(self.threads), torch.inference_mode():
-            stats = _interleaved({k: (lambda net=net: net(x)) for k, net in nets.items()}, self.device,
+            stats = interleaved({k: (lambda net=net: net(x)) for k, net in nets.items()}, self.device,
                                  self.warmup, self.repeats)
         return {k: s["median_ms"] for k, s in stats.items()}
 

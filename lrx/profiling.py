@@ -28,8 +28,8 @@ from .config import ProfileConfig
 from .distributed import resolve_device
 from .errors import UserError
 from .speed import describe, optimise
-from .timing import (_cudnn_benchmark, _flagged, _interleaved, _prepared, _random_input, _sync, layer_inputs,
-                     module_times, original_layouts, time_pair, torch_threads, unwrapped)
+from .timing import (SUMMARY_KEYS, _cudnn_benchmark, _flagged, _prepared, _random_input, _sync, interleaved,
+                     layer_inputs, module_times, original_layouts, time_pair, torch_threads, unwrapped)
 
 # The ptflops setting that reproduces the seed's row 1 (698.89M MACs, 44.43M params for
 # alexnet_cifar10 at 3x224x224): the "pytorch" backend (module hooks: convs and linears with their
@@ -240,7 +240,7 @@ def layer_latency(
         for name in layer_names:
             a, b, x = orig_modules[name], new_modules[name], inputs[name]
             with torch.inference_mode():
-                stats = _interleaved({"original": _flagged(a, original_flags, x),
+                stats = interleaved({"original": _flagged(a, original_flags, x),
                                       "expanded": _flagged(b, contextlib.nullcontext, x)}, device, warmup, repeats)
             macs_a, _ = count(count_orig[name], tuple(x.shape[1:]))
             macs_b, _ = count(count_new[name], tuple(x.shape[1:]))
@@ -293,8 +293,7 @@ def _models_on(device: torch.device, original: nn.Module, expanded: nn.Module | 
 def _column(timed: dict, baseline: bool, batch: int, threads: int) -> dict:
     """The stats behind a time column: the expansion's median, or for a baseline the fastest original layout's."""
     stats = timed["original"] if baseline else timed["expanded"]
-    keep = ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy")
-    out = {k: stats[k] for k in keep}
+    out = {k: stats[k] for k in SUMMARY_KEYS}
     out.update(batch=batch, threads=threads, source="interleaved")
     if baseline:
         out["layout"] = timed["original_layout"]
@@ -377,8 +376,7 @@ def profile_pair(
                                    cfg.warmup, cfg.repeats)
 
     def spread(stats: dict) -> dict:
-        return {k: stats[k] for k in ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy",
-                                      "runs_ms")}
+        return {k: stats[k] for k in (*SUMMARY_KEYS, "runs_ms")}
 
     orig_stats, new_stats = timed["original"], timed["expanded"]
     mac_ratio = realised = None

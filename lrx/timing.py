@@ -1,6 +1,6 @@
 """The clock behind every time lrx reports: interleaved repeats, medians, spread and the noise rule.
 
-- :func:`_interleaved`: time several callables once per repeat, in an order rotating each repeat,
+- :func:`interleaved`: time several callables once per repeat, in an order rotating each repeat,
   so that a shared machine's drift hits them alike; medians, quartiles and a ``noisy`` flag
   (:data:`NOISY_SPREAD`). CUDA events on a GPU, :data:`_clock` elsewhere.
 - :func:`latency`: whole models, interleaved. :func:`time_pair`: the original in each of its plain
@@ -73,6 +73,10 @@ NOISY_SPREAD = 0.2
 NOISY_MIN_REPEATS = 3
 
 
+# What :func:`interleaved` reports per callable (plus "runs_ms", every run): what a time column records.
+SUMMARY_KEYS = ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy")
+
+
 def _stats(runs_ms: list[float]) -> dict:
     """Median, quartiles (inclusive method), min, max, IQR, repeat count, noisy flag and the runs themselves."""
     q1, _, q3 = statistics.quantiles(runs_ms, n=4, method="inclusive") if len(runs_ms) > 1 else (runs_ms[0],) * 3
@@ -104,7 +108,7 @@ def _time_ms(call: Callable[[], object], device: torch.device) -> float:
     return (_clock() - start_s) * 1000.0
 
 
-def _interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
+def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
     """Time each callable once per repeat, in an order that rotates by one each repeat.
 
     Every wall-clock figure of lrx comes from here. Returns ``{name: stats}`` (see :func:`_stats`); the
@@ -162,7 +166,7 @@ def latency(
     x = _random_input(batch, input_size, device)
     with torch_threads(threads) as used, torch.inference_mode():
         calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
-        stats = _interleaved(calls, device, warmup, repeats)
+        stats = interleaved(calls, device, warmup, repeats)
     return {
         "threads": used,
         "device": str(device),
@@ -255,7 +259,7 @@ def time_pair(original: nn.Module, expanded: nn.Module | None, input_size: Seque
         flags = _cudnn_benchmark if device.type == "cuda" and not plain_only else contextlib.nullcontext
         calls["expanded"] = _flagged(expanded, flags, x)
     with torch.inference_mode():
-        stats = _interleaved(calls, device, warmup, repeats)
+        stats = interleaved(calls, device, warmup, repeats)
     for s in stats.values():
         s.pop("speedup", None)  # relative to whichever call came first: meaningless here
     new = stats.pop("expanded", None)
@@ -391,7 +395,7 @@ def module_times(models: dict[str, tuple], replaced: Sequence[str], x: torch.Ten
 
     try:
         with torch.inference_mode():
-            stats = _interleaved({name: hooked(name, net, flags) for name, (net, flags) in models.items()},
+            stats = interleaved({name: hooked(name, net, flags) for name, (net, flags) in models.items()},
                                  device, warmup, repeats)
     finally:
         for clock in clocks.values():
