@@ -27,12 +27,12 @@ test: install
 # Fashion-MNIST for the demo, from the first place that has it: data/, Debian's dataset-fashion-mnist
 # (installed here when we are root and apt works), torchvision's download; else one line on what to do.
 data: install
-	@if $(BIN)/python -c "from lrx.data import load_split; from pathlib import Path; [load_split('fashion-mnist', Path('data'), s, False) for s in ('train', 'test')]" 2>/dev/null; then \
+	@if $(BIN)/python -c "from lrx.data.datasets import load_split; from pathlib import Path; [load_split('fashion-mnist', Path('data'), s, False) for s in ('train', 'test')]" 2>/dev/null; then \
 	    echo "Fashion-MNIST: found"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null 2>&1; then \
 	    echo "Fashion-MNIST: installed Debian's dataset-fashion-mnist"; \
-	elif $(BIN)/python -c "from lrx.data import load_split; from pathlib import Path; [load_split('fashion-mnist', Path('data'), s, True) for s in ('train', 'test')]"; then \
+	elif $(BIN)/python -c "from lrx.data.datasets import load_split; from pathlib import Path; [load_split('fashion-mnist', Path('data'), s, True) for s in ('train', 'test')]"; then \
 	    echo "Fashion-MNIST: downloaded into data/"; \
 	else \
 	    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian, Ubuntu) or put the four *-ubyte.gz files from github.com/zalandoresearch/fashion-mnist into data/fashion-mnist/"; exit 2; \

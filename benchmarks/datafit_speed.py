@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/datafit_speed.py            # 512 synthetic 64x64 images, both schemes
 
 Scheme 2 at ranks 23, 213, 160, 228 and scheme 1 (shared bases) at 8, 8, 6, 4, sequential fits with
-at most 20 ALS sweeps (fewer once one gains under lrx.datafit.TOL). Prints per scheme the seconds of
-lrx.datafit.expand_to_data (split: statistics / the rest, mostly the fits) and per layer the sweeps run
+at most 20 ALS sweeps (fewer once one gains under lrx.factor.datafit.TOL). Prints per scheme the seconds of
+lrx.expand with fit="data" (split: statistics / the rest, mostly the fits) and per layer the sweeps run
 and the relative output error of the filter fit and of the data fit on the calibration images.
 Target (issue 12): each scheme <= 60 s on the 2-core development machine, nothing else running. Random weights (no
 checkpoint here): the errors show that the fit works, not what a trained network would reach.
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from lrx.data import Batches, synthetic
-from lrx.datafit import expand_to_data
-from lrx.models import build_model
+from lrx.data.datasets import Batches, synthetic
+from lrx.expansion.model import expand
+from lrx.nn.models import build_model
 
 
 def main() -> None:
@@ -40,16 +40,16 @@ def main() -> None:
     total = 0.0
     for scheme, ranks in (("v2", [23, 213, 160, 228]), ("v1", [8, 8, 6, 4])):
         start = time.perf_counter()
-        _, report = expand_to_data(model, [2, 3, 4, 5], scheme, ranks, batches, images=args.images,
+        _, report = expand(model, [2, 3, 4, 5], scheme, ranks, fit="data", calibration=batches, images=args.images,
                                    sequential=bool(args.sequential), input_size=(3, args.size, args.size),
                                    iterations=args.iterations)
         seconds = time.perf_counter() - start
         total += seconds
-        fit = report["fit"]
-        print(f"\n{scheme} ranks {ranks}: {seconds:.1f} s (expand_to_data: statistics {fit['seconds_stats']:.1f} s, "
+        fit = report.fit_data
+        print(f"\n{scheme} ranks {ranks}: {seconds:.1f} s (the data fit: statistics {fit['seconds_stats']:.1f} s, "
               f"fits and the rest {fit['seconds_fit']:.1f} s)")
         print("| layer | rank | sweeps | output error, filter fit | output error, data fit |\n|---|---|---|---|---|")
-        for row in report["layers"]:
+        for row in report.layers:
             print(f"| {row['name']} | {row['rank']} | {row['sweeps']} | {row['output_error_weights']:.4f} "
                   f"| {row['output_error']:.4f} |")
     print(f"\ntotal {total:.1f} s; load average at end {os.getloadavg()}")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from lrx.config import load_config
-from lrx.finetune import LayerTaps, squared_distances
-from lrx.lowrank import expand
-from lrx.models import build_model
-from lrx.train import adamw
+from lrx.config.settings import load_config
+from lrx.train.finetune import LayerTaps, squared_distances
+from lrx.expansion.model import expand
+from lrx.nn.models import build_model
+from lrx.train.baseline import adamw
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     student, report = expand(build_model("alexnet_cifar10"), [2, 3, 4, 5], "v1", [8, 8, 6, 4])
     student.to(device).eval()
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     params = [p for n, p in student.named_parameters() if any(n.startswith(k + ".") for k in names)]
     opt_l2 = adamw(params, lr=1e-4, weight_decay=0.01)
     teacher = model

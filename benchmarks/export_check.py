@@ -6,11 +6,11 @@
 For each run folder under --runs-dir whose metrics.json says ``done`` (in name order): its final model
 (:func:`lrx.load_run`'s) is written with ``lrx export``'s code as ONNX, torch.export .pt2, TorchScript and a
 plain state dict into a temporary folder, with a random batch of 5 at the run's input size
-(:func:`lrx.export.run_input_size`) and the model's PyTorch outputs on it (:func:`lrx.export.export_all`).
+(:func:`lrx.output.export.run_input_size`) and the model's PyTorch outputs on it (:func:`lrx.output.export.export_all`).
 Then ONE ``python -I`` subprocess per run, in which ``import lrx`` fails and the repository is not on
 sys.path, loads every file (ONNX Runtime's CPU provider, ``torch.export.load``, ``torch.jit.load``, and the
 state dict loaded strictly into recipe.py's plain modules for torchvision: models, else into the .pt2 file's
-architecture with its weights zeroed first) and compares with those outputs (:func:`lrx.export.check_without_lrx`,
+architecture with its weights zeroed first) and compares with those outputs (:func:`lrx.output.export.check_without_lrx`,
 the same check tests/test_export.py runs on a tiny model with every kind of expansion).
 
 Prints per run and format the largest absolute difference from PyTorch and PASS (<= --tol, float32) or FAIL;
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrx.export import FORMATS, _final_model, check_without_lrx, export_all, original_code, run_input_size  # noqa: E402
-from lrx.errors import UserError  # noqa: E402
-from lrx.rundir import RunDir  # noqa: E402
+from lrx.output.export import FORMATS, final_model, check_without_lrx, export_all, original_code, run_input_size  # noqa: E402
+from lrx.base.errors import UserError  # noqa: E402
+from lrx.pipeline.rundir import RunDir  # noqa: E402
 
 
 def finished_runs(runs_dir: Path) -> tuple[list[RunDir], list[str]]:
@@ -56,7 +56,7 @@ def finished_runs(runs_dir: Path) -> tuple[list[RunDir], list[str]]:
 
 def check_run(run: RunDir) -> dict:
     """One run: export, check without lrx. Returns {diff: {fmt: float}, scale, into, export_s, check_s, file}."""
-    model, path, arch = _final_model(run)
+    model, path, arch = final_model(run)
     size = run_input_size(run)
     # Only torchvision: architectures have an lrx-free expression (a registry name is built by lrx).
     original = original_code(arch["arch"], arch["num_classes"]) if (arch["arch"] or "").startswith("torchvision:") else None

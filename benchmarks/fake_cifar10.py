@@ -4,7 +4,7 @@
 
 Writes DATA_ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch} in the python-pickle layout that
 torchvision's CIFAR10 (and lrx's reader) expects: 50,000 + 10,000 images of 3x32x32, made by
-:func:`lrx.data.synthetic` (a noisy coloured pattern per class). Epochs over them cost what CIFAR-10's
+:func:`lrx.data.datasets.synthetic` (a noisy coloured pattern per class). Epochs over them cost what CIFAR-10's
 cost, so the timings hold; the accuracies are those of the synthetic task, not CIFAR-10's.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import pickle
 from pathlib import Path
 
-from lrx.data import synthetic
+from lrx.data.datasets import synthetic
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lrx.config import RuntimeConfig, StageConfig
-from lrx.data import Batches, synthetic
-from lrx.finetune import LayerTaps, _freeze, _set_modes, _stage_loss
-from lrx.lowrank import expand
-from lrx.models import build_model, conv_layers
-from lrx.train import prepare_model, train_one_epoch
+from lrx.config.settings import RuntimeConfig, StageConfig
+from lrx.data.datasets import Batches, synthetic
+from lrx.train.finetune import LayerTaps, freeze_for_stage, set_stage_modes, stage_loss
+from lrx.expansion.model import expand
+from lrx.nn.models import build_model, conv_layers
+from lrx.train.baseline import prepare_model, train_one_epoch
 
 
 class TimedBatches:
@@ -67,16 +67,16 @@ def sync(device):
 def epoch_time(student, teacher, names, batches, stage, runtime, repeats):
     """Median seconds of one training epoch of ``stage`` and the median share spent on batches."""
     pure_l2 = stage.ce == 0
-    trainable = _freeze(student, names, pure_l2)
+    trainable = freeze_for_stage(student, names, pure_l2)
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
     times, shares = [], []
     for epoch in range(repeats + 1):  # epoch 0 warms up (allocator, oneDNN/cuDNN kernel choice)
         timed = TimedBatches(batches)
-        _set_modes(student, names, pure_l2)
+        set_stage_modes(student, names, pure_l2)
         with LayerTaps(teacher, names, stop_early=True) as t_taps, LayerTaps(student, names, stop_early=pure_l2) as s_taps:
             sync(batches.device)
             start = time.perf_counter()
-            train_one_epoch(student, timed, optimizer, _stage_loss(teacher, names, stage, t_taps, s_taps), epoch,
+            train_one_epoch(student, timed, optimizer, stage_loss(teacher, names, stage, t_taps, s_taps), epoch,
                             runtime=runtime, quiet=True)
             sync(batches.device)
             seconds = time.perf_counter() - start
@@ -133,7 +133,7 @@ def main():
     teacher = build_model(args.model, 10).eval()
     input_size = (3, args.image_size, args.image_size)
     student, report = expand(teacher, layers=args.layers, scheme=args.scheme, ranks=args.bases, input_size=input_size)
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     prepare_model(teacher, device, runtime)
     prepare_model(student, device, runtime)
     images, labels = synthetic(args.images, size=32, seed=0)

@@ -12,7 +12,7 @@ What it measures (random weights, seed 0: time does not depend on the values, th
    default beside it.
 2. The 1.5x bfloat16 batch-256 plan with both models under ``torch.compile`` (default mode).
 3. VGG16 (torchvision, 10 classes) at 3x224x224, target 1.5x, bfloat16 and float32, batch 64.
-4. Where the time goes: per-module times (lrx.timing.module_times) of AlexNet and its 1.5x bf16 plan.
+4. Where the time goes: per-module times (lrx.measure.timing.module_times) of AlexNet and its 1.5x bf16 plan.
 5. ``tests/test_cuda.py``.
 
 Issue 11's bars, checked and printed: AlexNet >= 1.3x bf16 batch 256 eager, >= 1.5x both compiled,
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from lrx.errors import UserError
-from lrx.latency import DeviceTiming, plan_latency
-from lrx.lowrank import build_expanded
-from lrx.models import build_model
-from lrx.ranks import device_align
-from lrx.speed import optimise
-from lrx.timing import interleaved, module_times
+from lrx.base.errors import UserError
+from lrx.plan.latency import DeviceTiming, plan_latency
+from lrx.nn.surgery import build_expanded
+from lrx.nn.models import build_model
+from lrx.plan.macs import device_align
+from lrx.nn.inference import optimise
+from lrx.measure.timing import interleaved, module_times
 
 
 # Issue 11's hand-picked scheme-2 plan for AlexNet conv1-5 (1.34x bf16 batch 256 on an H200, 1.47x compiled).
@@ -88,7 +88,7 @@ def breakdown(model, plan: dict, dtype: str, batch: int, size: int, device, repe
     with torch.no_grad():
         original = optimise(copy.deepcopy(model).to(device).eval(), device, dtype=dtype)
         expanded = optimise(build_expanded(model, spec_of(plan)).to(device).eval(), device, dtype=dtype)
-    # Unit names are those of the model inside lrx.speed's wrapper (lrx.timing.timed_units).
+    # Unit names are those of the model inside lrx.nn.inference's wrapper (lrx.measure.timing.timed_units).
     return module_times({"original": (original, contextlib.nullcontext), "expanded": (expanded, contextlib.nullcontext)},
                         plan["names"], x, device, 3, repeats)
 

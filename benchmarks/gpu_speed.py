@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from lrx.lowrank import expand
-from lrx.models import build_model
-from lrx.ranks import plan_ranks
+from lrx.expansion.model import expand
+from lrx.nn.models import build_model
+from lrx.plan.macs import plan_ranks
 
 LAYERS, SEED_BASES = [2, 3, 4, 5], [8, 8, 6, 4]
 

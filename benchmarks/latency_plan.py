@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/latency_plan.py [--runs-dir runs/quick] [--batches 16 64] [--repeats 15]
 
 For each row: the plan it ran with (``stages.decompose.plan`` of its metrics.json under ``--runs-dir``),
-or, where the row has not run, a fresh plan (:func:`lrx.latency.plan_latency` on the trained baseline of
+or, where the row has not run, a fresh plan (:func:`lrx.plan.latency.plan_latency` on the trained baseline of
 ``--runs-dir`` if there is one, else on random weights: times do not depend on the weights, the ranks
 do). The expansion is rebuilt from the plan's layers and ranks (random factors: time does not depend on
 them) and timed again here, independently of the planner, against the original in its fastest plain
-layout (:func:`lrx.timing.time_pair`: default, channels_last, NNPACK), at each batch of ``--batches``,
+layout (:func:`lrx.measure.timing.time_pair`: default, channels_last, NNPACK), at each batch of ``--batches``,
 on the CPU with the row's threads (2).
 
 Checks (exit code 1 if one fails):
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from lrx.config import load_config
-from lrx.errors import UserError
-from lrx.latency import DeviceTiming, plan_latency
-from lrx.lowrank import build_expanded
-from lrx.models import build_model
-from lrx.rundir import RunDir, latency_cache_path, load_model
+from lrx.config.settings import load_config
+from lrx.base.errors import UserError
+from lrx.plan.latency import DeviceTiming, plan_latency
+from lrx.nn.surgery import build_expanded
+from lrx.nn.models import build_model
+from lrx.pipeline.rundir import RunDir, latency_cache_path, load_model
 
 ROWS = ("exp19", "exp20", "exp21")
 PROMISED = {"exp20": 2.0}  # row: whole-model speedup it must measure at every batch

@@ -5,8 +5,8 @@
 alexnet_cifar10 (random weights, seed 0) at the seed's input, 3x224x224. Each of conv2-5 is timed alone
 on the input it gets in the model at that batch: the original conv, scheme 1 (shared SVD bases at the
 seed's 8, 8, 6, 4) grouped and decomposed, and scheme 2 at the ranks of ``plan_ranks(target={"speedup":
-3.0})``, each with the tricks of :mod:`lrx.speed` on and off. Then whole models: the original, and
-scheme 2 at 2x/3x/4x plans, with and without ``lrx.speed.optimise``.
+3.0})``, each with the tricks of :mod:`lrx.nn.inference` on and off. Then whole models: the original, and
+scheme 2 at 2x/3x/4x plans, with and without ``lrx.nn.inference.optimise``.
 
 Every figure is a ratio of medians from interleaved runs in this one process (each repeat times every
 variant once, in an order that rotates), so that drift of a shared machine hits all variants alike.
@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrx import decomposition as dec  # noqa: E402
 from lrx import speed  # noqa: E402
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2  # noqa: E402
-from lrx.lowrank import conv_sizes, expand  # noqa: E402
-from lrx.models import build_model  # noqa: E402
-from lrx.timing import interleaved, layer_inputs  # noqa: E402
-from lrx.ranks import plan_ranks  # noqa: E402
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2  # noqa: E402
+from lrx.expansion.model import expand  # noqa: E402
+from lrx.nn.surgery import conv_sizes
+from lrx.nn.models import build_model  # noqa: E402
+from lrx.measure.timing import interleaved, layer_inputs  # noqa: E402
+from lrx.plan.macs import plan_ranks  # noqa: E402
 
 LAYERS = [2, 3, 4, 5]
 SEED_BASES = [8, 8, 6, 4]
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     v1_model, v1_report = expand(model, LAYERS, "v1", SEED_BASES, input_size=input_size)
     v1d_model, v1d_report = expand(model, LAYERS, "v1", SEED_BASES, decomposed=True, input_size=input_size)
     v2_model, v2_report = expand(model, LAYERS, "v2", ranks3, input_size=input_size)
-    names = v2_report["spec"]["layers"]
+    names = v2_report.spec["layers"]
     sizes = conv_sizes(model, names, input_size)
     x_model = torch.randn(args.batch, *input_size, generator=torch.Generator().manual_seed(0))
     inputs = layer_inputs(model, names, x_model)
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
                 kind = before[name] if before[name] == after[name] else f"{before[name]} -> {after[name]}"
                 print(f"| {name} ({kind}) | " + " | ".join(f"{table[k][name]:.0f}" for k in profiled) + " |")
             print("| sum | " + " | ".join(f"{sum(table[k].values()):.0f}" for k in profiled) + " |")
-        print("\npaths chosen by lrx.speed.optimise (conv2-5): " + "; ".join(f"{k} {v}" for k, v in paths.items()))
+        print("\npaths chosen by lrx.nn.inference.optimise (conv2-5): " + "; ".join(f"{k} {v}" for k, v in paths.items()))
         cl = stats["original, channels_last (model.to)"]["median_ms"]
         best = stats[f"scheme 2 @3x {plans[3.0]['ranks']}, optimised (channels_last model)"]["median_ms"]
         print(f"\nscheme 2 @3x optimised vs the original in channels_last (the layout change alone): "

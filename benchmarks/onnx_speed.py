@@ -7,9 +7,9 @@ alexnet_cifar10 with random weights (seed 0; timing does not depend on the value
 configs/quick/expanded.yaml's bases; rows 11 and 12 are scheme 2 at the ranks their runs chose (``bases: auto``
 plans from the trained weights, so the ranks are read from runs/quick/<row>/metrics.json when the run exists,
 else from the committed results/quick.md). Each model is exported with ``lrx export``'s code
-(:func:`lrx.export.export_model`: the plain convs, the dynamo exporter) and timed in ONNX Runtime's CPU
+(:func:`lrx.output.export.export_model`: the plain convs, the dynamo exporter) and timed in ONNX Runtime's CPU
 execution provider (intra-op threads = --threads, sequential, all graph optimisations), interleaved in one
-process; then the same models in PyTorch, eager (NCHW, as exported) and with ``lrx.speed.optimise`` (lrx's
+process; then the same models in PyTorch, eager (NCHW, as exported) and with ``lrx.nn.inference.optimise`` (lrx's
 CPU paths; channels_last for the original), also interleaved. Cells are medians of --repeats runs;
 speedups are the original's median / the model's median in the same runtime. Absolute milliseconds hold
 only on the machine that made them.
@@ -32,13 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrx.config import load_config  # noqa: E402
-from lrx.export import onnx_latency  # noqa: E402
-from lrx.lowrank import expand  # noqa: E402
-from lrx.models import build_model  # noqa: E402
-from lrx.profiling import count  # noqa: E402
-from lrx.speed import optimise  # noqa: E402
-from lrx.timing import interleaved  # noqa: E402
+from lrx.config.settings import load_config  # noqa: E402
+from lrx.output.export import onnx_latency  # noqa: E402
+from lrx.expansion.model import expand  # noqa: E402
+from lrx.nn.models import build_model  # noqa: E402
+from lrx.measure.profiling import count  # noqa: E402
+from lrx.nn.inference import optimise  # noqa: E402
+from lrx.measure.timing import interleaved  # noqa: E402
 
 ROWS = {2: "exp02", 11: "exp11", 12: "exp12"}
 
@@ -103,7 +103,7 @@ def main() -> None:
             f"{args.threads} threads, medians of {args.repeats} interleaved runs ({platform.processor() or platform.machine()}, "
             f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {time.time() - started:.0f} s)\n")
     lines = [head, "|model|scheme|ranks (conv2-5)|MACs (M)|ORT (ms)|ORT speedup|PyTorch eager (ms)|speedup|"
-                   "PyTorch + lrx.speed.optimise (ms)|speedup|ranks from|",
+                   "PyTorch + lrx.nn.inference.optimise (ms)|speedup|ranks from|",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in models:
         scheme, ranks, source = about[name]
@@ -113,7 +113,7 @@ def main() -> None:
                      f"{ratio(torch_stats, f'{name} eager', 'original eager')}|"
                      f"{torch_stats[f'{name} optimised']['median_ms']:.1f}|"
                      f"{ratio(torch_stats, f'{name} optimised', 'original optimised')}|{source}|")
-    lines.append("\n~: a noisy median (its middle half spans more than 20% of it, lrx.timing's rule).")
+    lines.append("\n~: a noisy median (its middle half spans more than 20% of it, lrx.measure.timing's rule).")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/optimizer_speed.py [--threads 2] [--repeats 7]
 
 Times ``optimizer.step()`` alone (gradients already in place) for all 44M parameters, the two
-variants interleaved in one process (lrx.profiling's rotation, as benchmarks/layer_speed.py); prints
+variants interleaved in one process (lrx.measure.profiling's rotation, as benchmarks/layer_speed.py); prints
 each median and the ratio.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from lrx.models import build_model
-from lrx.timing import interleaved
+from lrx.nn.models import build_model
+from lrx.measure.timing import interleaved
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 alexnet_cifar10 (random weights, seed 0) and scheme 2 on conv2-5 at row 11's ranks (23, 213, 160, 228),
 profiled ``--trials`` times in this one process, as ``lrx profile`` would profile the run each time:
 
-- old column: one ``torch.profiler`` forward of the expansion (``lrx.profiling.profiler_times``, what the
+- old column: one ``torch.profiler`` forward of the expansion (``lrx.measure.profiling.profiler_times``, what the
   CPU time column was before it became a median);
 - new column: ``profile_pair``'s ``cpu_time_ms`` (median of ``--repeats`` forwards interleaved with the
   original's layouts), and its speedup.
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrx.config import ProfileConfig  # noqa: E402
-from lrx.lowrank import expand  # noqa: E402
-from lrx.models import build_model  # noqa: E402
-from lrx.profiling import profile_pair, profiler_times  # noqa: E402
+from lrx.config.settings import ProfileConfig  # noqa: E402
+from lrx.expansion.model import expand  # noqa: E402
+from lrx.nn.models import build_model  # noqa: E402
+from lrx.measure.profiling import profile_pair, profiler_times  # noqa: E402
 
 RANKS = [23, 213, 160, 228]  # row 11: scheme 2, the 3x MAC plan
 
@@ -50,7 +50,7 @@ def main() -> None:
     torch.manual_seed(0)
     original = build_model("alexnet_cifar10").eval()
     expanded, report = expand(original, [2, 3, 4, 5], "v2", RANKS)
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     cfg = ProfileConfig(input_size=[3, args.size, args.size], batch=args.batch, threads=args.threads,
                         warmup=args.warmup, repeats=args.repeats, device="cpu")
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, 3x{args.size}x{args.size}, "

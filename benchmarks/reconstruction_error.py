@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from lrx import decomposition as dec
-from lrx.lowrank import conv_sizes, select_layers
-from lrx.models import build_model
+from lrx.factor import decomposition as dec
+from lrx.nn.surgery import conv_sizes, select_layers
+from lrx.nn.models import build_model
 
 
 def rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:

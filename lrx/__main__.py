@@ -1,4 +1,4 @@
 """``python -m lrx`` runs the CLI (where the ``lrx`` script is not on PATH, e.g. a source checkout)."""
-from .cli import app
+from lrx.cli import app
 
 app(prog_name="lrx")

@@ -15,18 +15,20 @@ import torch
 import typer
 from rich.console import Console
 
-from . import __version__
-from .config import load_config
-from .datafit import fit_comparison
-from .errors import TrainingDiverged, UserError
-from .export import export_run, profile_onnx
-from .plot import plot_pareto, skipped
-from .preview import print_preview, save_bases_picture
-from .rundir import RunDir, clean_runs, format_size
-from .runs import configs_to_run, run_with_dependencies
-from .stages import last_finetune_stage
-from .report import print_profile
-from .table import collect_rows, render
+from lrx import __version__
+from lrx.config.settings import load_config
+from lrx.base.errors import TrainingDiverged, UserError
+from lrx.output.export import export_run, profile_onnx
+from lrx.output.plot import plot_pareto, skipped
+from lrx.output.preview import fit_comparison, print_preview, save_bases_picture
+from lrx.pipeline.rundir import RunDir, clean_runs, format_size
+from lrx.pipeline.runner import configs_to_run, run_with_dependencies
+from lrx.pipeline.stages import last_finetune_stage
+from lrx.output.profiles import print_profile
+from lrx.output.table import collect_rows, render
+
+__all__ = ["fail", "user_errors", "run", "train", "decompose", "finetune_l2", "finetune_ce", "profile", "table",
+           "plot", "clean", "export", "main"]
 
 app = typer.Typer(
     help="lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys.",

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from lrx import checkpoint
-from lrx.checkpoint import load_checkpoint, save_atomic, write_json_atomic
-from lrx.errors import UserError
+from lrx.base import files as checkpoint
+from lrx.base.files import load_checkpoint, save_atomic, write_json_atomic
+from lrx.base.errors import UserError
 
 
 def leftovers(folder):

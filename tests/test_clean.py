@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import TINY_BASE, make_tiny_configs, write_yaml
-from lrx.checkpoint import save_atomic
+from lrx.base.files import save_atomic
 from lrx.cli import app
-from lrx.rundir import RunDir, format_size, stage_of_file
-from lrx.table import collect_rows, render
+from lrx.pipeline.rundir import RunDir, format_size, stage_of_file
+from lrx.output.table import collect_rows, render
 
 runner = CliRunner()
 
@@ -123,7 +123,7 @@ def test_clean_drops_what_nothing_reads_and_a_cleaned_run_still_skips(tree, one_
 def test_an_interrupted_stage_keeps_the_checkpoint_it_resumes_from(tree, monkeypatch, one_thread):
     configs, runs = tree
     shutil.rmtree(runs / "t03")
-    real = __import__("lrx.stages", fromlist=["run_stage"]).run_stage
+    real = __import__("lrx.pipeline.stages", fromlist=["run_stage"]).run_stage
 
     def stop_after_stage1(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -131,9 +131,9 @@ def test_an_interrupted_stage_keeps_the_checkpoint_it_resumes_from(tree, monkeyp
             raise KeyboardInterrupt
         return result
 
-    monkeypatch.setattr("lrx.stages.run_stage", stop_after_stage1)
+    monkeypatch.setattr("lrx.pipeline.stages.run_stage", stop_after_stage1)
     assert lrx("run", configs / "t03.yaml", "--runs-dir", runs, "--quiet").exit_code == 130
-    monkeypatch.setattr("lrx.stages.run_stage", real)
+    monkeypatch.setattr("lrx.pipeline.stages.run_stage", real)
     metrics = json.loads((runs / "t03" / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and list(metrics["running"]) == ["finetune.1"], metrics.get("running")
     stale = plant(runs / "t03" / "stage0.ckpt")
@@ -144,8 +144,8 @@ def test_an_interrupted_stage_keeps_the_checkpoint_it_resumes_from(tree, monkeyp
     assert not (runs / "t03" / "stage0.ckpt").exists(), "the finished stage's checkpoint went"
 
     epochs = []
-    real_epoch = __import__("lrx.loop", fromlist=["train_one_epoch"]).train_one_epoch
-    monkeypatch.setattr("lrx.loop.train_one_epoch", lambda *a, **k: epochs.append(1) or real_epoch(*a, **k))
+    real_epoch = __import__("lrx.train.loop", fromlist=["train_one_epoch"]).train_one_epoch
+    monkeypatch.setattr("lrx.train.loop.train_one_epoch", lambda *a, **k: epochs.append(1) or real_epoch(*a, **k))
     result = lrx("run", configs / "t03.yaml", "--runs-dir", runs, "--quiet")
     assert result.exit_code == 0, result.output
     assert epochs == [], f"the rerun resumed stage finetune.1 past its only epoch instead of training {len(epochs)}"
@@ -154,7 +154,7 @@ def test_an_interrupted_stage_keeps_the_checkpoint_it_resumes_from(tree, monkeyp
 
 def test_a_run_in_use_is_not_touched(tree, monkeypatch):
     _, runs = tree
-    monkeypatch.setattr("lrx.rundir.LOCK_PATIENCE_S", 0.0)
+    monkeypatch.setattr("lrx.pipeline.rundir.LOCK_PATIENCE_S", 0.0)
     size = plant(runs / "t01" / "train.ckpt")
     plant(runs / "t02" / "stage3.ckpt")
     holder = RunDir(runs, "t01")

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lrx.cli import app
-from lrx.config import apply_override, load_config
-from lrx.errors import UserError
+from lrx.config.settings import apply_override, load_config
+from lrx.base.errors import UserError
 
 from conftest import TINY_BASE, write_yaml
 

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from lrx.cli import app
-from lrx.config import Config, load_config
-from lrx.errors import UserError
+from lrx.config.settings import Config, load_config
+from lrx.base.errors import UserError
 
 KEYS = ["name", "no", "group", "remark", "seed", "baseline", "parent", "model", "data", "train", "decompose",
         "finetune", "profile", "runtime", "epochs", "layers", "bases", "image_size", "l2", "ce", "lr", "üñï", ""]

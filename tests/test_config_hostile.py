@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lrx import decomposition
+from lrx.factor import decomposition
 from lrx.cli import app
-from lrx.config import MAX_SEED, METHOD_OPTIONS, load_config
-from lrx.yamlread import MAX_FILE_BYTES
-from lrx.errors import UserError
+from lrx.config.settings import MAX_SEED, load_config
+from lrx.factor.decomposition import METHOD_OPTIONS
+from lrx.base.yamlread import MAX_FILE_BYTES
+from lrx.base.errors import UserError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_every_repo_config_loads():
 
 def test_method_options_are_the_decomposition_options():
     assert METHOD_OPTIONS["alternating"] == tuple(decomposition.ALTERNATING_DEFAULTS), \
-        "config.METHOD_OPTIONS names the options lrx.decomposition.ALTERNATING_DEFAULTS gives defaults for"
+        "config.METHOD_OPTIONS names the options lrx.factor.decomposition.ALTERNATING_DEFAULTS gives defaults for"
     assert METHOD_OPTIONS["svd"] == (), "svd takes no options"
 
 

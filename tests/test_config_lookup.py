@@ -5,9 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lrx.cli import app
-from lrx.config import load_config
-from lrx.errors import UserError
-from lrx.runs import dependencies
+from lrx.config.settings import load_config
+from lrx.base.errors import UserError
+from lrx.pipeline.runner import dependencies
 
 from conftest import TINY_BASE, write_yaml
 

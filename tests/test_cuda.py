@@ -13,12 +13,12 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import make_tiny_configs, write_yaml
-from lrx import speed
+from lrx.nn import inference as speed
 from lrx.cli import app
-from lrx.latency import DeviceTiming
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
-from lrx.lowrank import expand
-from lrx.profiling import profiler_times
+from lrx.plan.latency import DeviceTiming
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.expansion.model import expand
+from lrx.measure.profiling import profiler_times
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,10 +45,10 @@ def test_pipeline_runs_on_the_gpu_and_measures_cuda_time(tmp_path, bf16, channel
 
 def test_profile_on_the_gpu_times_the_cpu_column_on_the_cpu(monkeypatch):
     """As the seed's table: CPU time from an interleaved timing on the CPU, CUDA time from one on the GPU."""
-    from lrx import profiling
-    from lrx.config import ProfileConfig
-    from lrx.lowrank import expand
-    from lrx.models import build_model
+    from lrx.measure import profiling
+    from lrx.config.settings import ProfileConfig
+    from lrx.expansion.model import expand
+    from lrx.nn.models import build_model
 
     calls = []
     real = profiling.time_pair
@@ -61,7 +61,7 @@ def test_profile_on_the_gpu_times_the_cpu_column_on_the_cpu(monkeypatch):
     monkeypatch.setattr(profiling, "time_pair", recording)
     original = build_model("tiny_cnn").cuda()
     expanded, report = expand(build_model("tiny_cnn"), [2, 3], "v1", [4, 4])
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     cfg = ProfileConfig(input_size=[3, 16, 16], batch=4, warmup=1, repeats=5, device="cuda")
     out = profiling.profile_pair(original, expanded.cuda(), names, cfg, per_layer=False)
     assert [c[:3] for c in calls] == [("cuda", "cuda", "cuda"), ("cpu", "cpu", "cpu")], [c[:3] for c in calls]

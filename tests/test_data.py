@@ -11,13 +11,13 @@ import torch
 
 from PIL import Image
 
-import lrx.data
+import lrx.data.datasets
 from conftest import write_yaml
-from lrx.config import TrainConfig, load_config
-from lrx.data import DEBIAN_FASHION_MNIST, Batches, StreamBatches, load_data, load_split, subset, synthetic
-from lrx.errors import UserError
-from lrx.models import build_model
-from lrx.train import train_baseline
+from lrx.config.settings import TrainConfig, load_config
+from lrx.data.datasets import DEBIAN_FASHION_MNIST, Batches, StreamBatches, load_data, load_split, subset, synthetic
+from lrx.base.errors import UserError
+from lrx.nn.models import build_model
+from lrx.train.baseline import train_baseline
 
 
 def test_synthetic_is_deterministic_and_uint8():
@@ -117,7 +117,7 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
 
 
 def test_data_root_precedence(monkeypatch):
-    from lrx.data import data_root
+    from lrx.data.datasets import data_root
 
     monkeypatch.delenv("LRX_DATA", raising=False)
     assert data_root("cfg") == Path("cfg"), "the config's data.root by default"
@@ -215,7 +215,7 @@ def test_streaming_and_in_memory_paths_give_the_same_batches(tmp_path):
 
 def test_large_sets_stream_unless_told_otherwise(tmp_path, monkeypatch):
     images = write_image_folder(tmp_path / "images", per_class=2)
-    monkeypatch.setattr(lrx.data, "STREAM_ABOVE_BYTES", 3 * 24 * 24 * 5)  # more than 5 images streams
+    monkeypatch.setattr(lrx.data.datasets, "STREAM_ABOVE_BYTES", 3 * 24 * 24 * 5)  # more than 5 images streams
     train, test = load_data(folder_config(tmp_path, images))
     assert isinstance(train, StreamBatches) and isinstance(test, Batches), "6 training images stream, 3 test not"
     train, _ = load_data(folder_config(tmp_path, images, stream=False))

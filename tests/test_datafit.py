@@ -1,4 +1,4 @@
-"""Data-aware fits: output error from patch statistics, scheme 1 and 2 fits, the decomposed refit, expand_to_data."""
+"""Data-aware fits: output error from patch statistics, scheme 1 and 2 fits, the decomposed refit, lrx.expand(fit="data")."""
 from __future__ import annotations
 
 import copy
@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from lrx import datafit
+from lrx.expansion.model import expand, output_energy
+from lrx.factor import datafit
 from lrx.cli import app
-from lrx.decomposition import Scheme1Factors, max_rank, retained_energy, scheme1_svd
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
-from lrx.ranks import plan_ranks
+from lrx.factor.decomposition import Scheme1Factors, max_rank, retained_energy, scheme1_svd
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
+from lrx.plan.macs import plan_ranks
 
 from conftest import write_yaml
 
@@ -234,25 +235,25 @@ def test_scheme2_closed_form_is_optimal_for_uncorrelated_columns():
                                             ("v1", {"basis": "per-channel"}),
                                             ("v1", {"basis": "shared", "decomposed": True})])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_expand_to_data(scheme, kwargs, sequential):
+def test_expand_fitted_to_data(scheme, kwargs, sequential):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1, stride=2),
                           nn.ReLU(), nn.Conv2d(8, 8, (3, 5), padding=(1, 2)), nn.AdaptiveAvgPool2d(1))
     gen = torch.Generator().manual_seed(2)
     batches = [(correlated(4, 3, 12, gen).float(), None) for _ in range(3)]
     ranks = [3, 2] if scheme == "v2" else [2, 2]
-    expanded, report = datafit.expand_to_data(model, [2, 3], scheme, ranks, batches, images=10,
+    expanded, report = expand(model, [2, 3], scheme, ranks, fit="data", calibration=batches, images=10,
                                               sequential=sequential, input_size=(3, 12, 12), iterations=10,
                                               **kwargs)
     x = batches[0][0]
     assert expanded(x).shape == model(x).shape, "the expanded model keeps the output shape"
-    assert report["fit"]["images"] == 10 and report["fit"]["sequential"] == sequential, "report['fit'] records the run"
-    last = report["layers"][-1]
+    assert report.fit_data["images"] == 10 and report.fit_data["sequential"] == sequential, "report.fit_data records the run"
+    last = report.layers[-1]
     assert last["fit"] == "data", "rows are marked as data fits"
     assert last["output_error"] < last["output_error_weights"], \
         f"the data fit beats the weights fit on the last layer: {last['output_error']} vs {last['output_error_weights']}"
     # the reported error is the error of the layer in the model, measured on its outputs
-    names = [row["name"] for row in report["layers"]]
+    names = [row["name"] for row in report.layers]
     stats = datafit.collect_stats(expanded, [names[-1]], batches, 10, reference=model)[names[-1]]
     layer = expanded.get_submodule(names[-1])
     if sequential:
@@ -396,7 +397,7 @@ def test_plan_ranks_by_output_energy_beats_filter_energy():
         x_a = x_a + 0.01 * torch.randn(8, 4, 10, 10, generator=gen, dtype=torch.float64)
         batches.append((torch.cat([x_a, torch.randn(8, 4, 10, 10, generator=gen, dtype=torch.float64)], 1), None))
     layers, target = ["a", "b"], {"speedup": 2.0}
-    retained = datafit.retained_on_data(model, layers, "v2", batches, images=24)
+    retained = output_energy(model, layers, "v2", batches, images=24)
     by_filters = plan_ranks(model, layers, "v2", target, input_size=(8, 10, 10))
     by_data = plan_ranks(model, layers, "v2", target, input_size=(8, 10, 10), retained=retained)
     assert by_filters["proxy"] == "filter energy" and by_data["proxy"] == "given", "the plan records its proxy"
@@ -404,9 +405,9 @@ def test_plan_ranks_by_output_energy_beats_filter_energy():
     assert by_data["predicted_macs"] <= by_filters["predicted_macs"], "the data plan costs no more MACs"
 
     def squared_errors(ranks):
-        _, report = datafit.expand_to_data(model, layers, "v2", ranks, batches, images=24, sequential=False,
+        _, report = expand(model, layers, "v2", ranks, fit="data", calibration=batches, images=24, sequential=False,
                                            input_size=(8, 10, 10), iterations=5)
-        return sum(row["output_error"] ** 2 for row in report["layers"])
+        return sum(row["output_error"] ** 2 for row in report.layers)
 
     assert squared_errors(by_data["ranks"]) < squared_errors(by_filters["ranks"]), \
         "ranked by output energy, the fitted layers lose less of their outputs at the same MAC target"

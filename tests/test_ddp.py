@@ -17,9 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import distributed, finetune, loop
-from lrx.config import StageConfig, TrainConfig
-from lrx.data import Batches, synthetic
+from lrx.base import distributed
+
+from lrx.train import finetune
+
+from lrx.train import loop
+from lrx.config.settings import StageConfig, TrainConfig
+from lrx.data.datasets import Batches, synthetic
 
 STAGES = [StageConfig(l2=1.0, epochs=2, lr=1e-2), StageConfig(ce=1.0, epochs=2, lr=2e-3)]
 REPLACED = ["3", "6"]
@@ -84,7 +88,7 @@ def worker(teacher_file, out_dir):
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    from lrx.train import train_baseline
+    from lrx.train.baseline import train_baseline
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("teacher")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from lrx import decomposition as dec
-from lrx.errors import UserError
+from lrx.factor import decomposition as dec
+from lrx.base.errors import UserError
 
 # (N, C, dh, dw): square, non-square, 5x5, fewer outputs than kernel taps, 1-D kernels.
 SHAPES = [(6, 4, 3, 3), (5, 3, 3, 5), (8, 2, 5, 5), (3, 4, 3, 3), (6, 3, 1, 3), (4, 3, 3, 2)]

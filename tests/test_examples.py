@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from lrx.config import load_config
-from lrx.data import image_folder
-from lrx.errors import UserError
-from lrx.runs import configs_to_run
+from lrx.config.settings import load_config
+from lrx.data.datasets import image_folder
+from lrx.base.errors import UserError
+from lrx.pipeline.runner import configs_to_run
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own_model"
 

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import lrx
-from lrx.errors import UserError
-from lrx.lowrank import expand as expand_at
-from lrx.models import build_model
-from lrx.ranks import plan_ranks
+from lrx.base.errors import UserError
+from lrx.expansion.model import expand as expand_at
+from lrx.nn.models import build_model
+from lrx.plan.macs import plan_ranks
 
 SIZE = (3, 32, 32)
 
@@ -28,8 +28,8 @@ def test_auto_ranks_with_a_target_are_plan_ranks_choice():
     fast, report = lrx.expand(model, layers=[2, 3], scheme="v2", ranks="auto", target={"speedup": 2.0},
                               input_size=SIZE)
     plan = plan_ranks(model, [2, 3], "v2", {"speedup": 2.0}, input_size=SIZE)
-    assert report["ranks"] == plan["ranks"], "lrx.expand(ranks='auto') must use plan_ranks' choice"
-    assert report["plan"]["predicted_speedup"] >= 2.0
+    assert report.ranks == plan["ranks"], "lrx.expand(ranks='auto') must use plan_ranks' choice"
+    assert report.plan["predicted_speedup"] >= 2.0
     same, _ = expand_at(model, layers=[2, 3], scheme="v2", ranks=plan["ranks"], input_size=SIZE)
     x = torch.randn(2, *SIZE)
     torch.testing.assert_close(fast.eval()(x), same.eval()(x), msg="same ranks, same weights fit, same model")
@@ -38,7 +38,7 @@ def test_auto_ranks_with_a_target_are_plan_ranks_choice():
 def test_alignment_applies_to_a_mac_target():
     _, report = lrx.expand(tiny(), layers=[2, 3], scheme="v2", ranks="auto", target={"speedup": 1.5},
                            align=8, input_size=SIZE)
-    for row, rank in zip(report["plan"]["layers"], report["ranks"]):
+    for row, rank in zip(report.plan["layers"], report.ranks):
         assert rank % 8 == 0 or rank == row["max_rank"], f"rank {rank} of {row['name']} is not a multiple of 8"
 
 
@@ -46,9 +46,9 @@ def test_data_fit_with_an_auto_plan_ranks_by_output_energy_and_fits_to_the_data(
     data = batches()
     fast, report = lrx.expand(tiny(), layers=[2, 3], scheme="v2", ranks="auto", target={"speedup": 2.0},
                               fit="data", calibration=data, images=48, iterations=2, input_size=SIZE)
-    assert report["plan"]["proxy"] == "output energy on the calibration images"
-    assert report["fit_data"]["images"] == 48
-    for row in report["layers"]:
+    assert report.plan["proxy"] == "output energy on the calibration images"
+    assert report.fit_data["images"] == 48
+    for row in report.layers:
         assert row["output_error"] <= row["output_error_weights"] + 1e-9, \
             f"{row['name']}: the data fit must not lose more output than the filter fit"
 
@@ -88,9 +88,9 @@ class FakeTiming:
 def test_a_latency_target_goes_through_the_planner_with_the_given_timing():
     _, report = lrx.expand(tiny(), layers="auto", scheme="v2", ranks="auto", target={"latency": 1.5},
                            timing=FakeTiming(), input_size=SIZE)
-    assert "latency" in report["plan"]["target"]
-    assert report["chosen_layers"] == report["plan"]["layers"]
-    assert len(report["ranks"]) == len(report["chosen_layers"]) >= 1
+    assert "latency" in report.plan["target"]
+    assert report.chosen_layers == report.plan["layers"]
+    assert len(report.ranks) == len(report.chosen_layers) >= 1
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -106,6 +106,6 @@ def test_bad_calls_say_what_to_pass(kwargs, words):
 
 
 def test_lrx_expand_is_lazy_and_unknown_names_are_refused():
-    assert lrx.expand.__module__ == "lrx.expansion"
+    assert lrx.expand.__module__ == "lrx.expansion.model"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lrx.nope

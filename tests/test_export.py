@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 import lrx
 from lrx.cli import app
-from lrx.errors import UserError
-from lrx.export import FORMATS, check_without_lrx, export_all, to_plain
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2
-from lrx.lowrank import expand
-from lrx.rundir import RunDir
-from lrx.speed import expansion_layers, optimise
+from lrx.base.errors import UserError
+from lrx.output.export import FORMATS, check_without_lrx, export_all, to_plain
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.expansion.model import expand
+from lrx.pipeline.rundir import RunDir
+from lrx.nn.inference import expansion_layers, optimise
 
 # The original architecture as code, so that the subprocess (which cannot import lrx) can build it too.
 BASE = ("nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), "
@@ -58,7 +58,7 @@ def test_every_kind_of_expansion_exports_to_every_format_and_runs_without_lrx(tm
 
 
 def test_without_a_recipe_the_state_dict_is_checked_in_the_pt2_architecture_and_a_bad_file_fails(tmp_path):
-    from lrx.models import tiny_cnn
+    from lrx.nn.models import tiny_cnn
 
     torch.manual_seed(3)
     model, _ = expand(tiny_cnn().eval(), [2, 3], "v2", [3, 4], input_size=(3, 16, 16))
@@ -91,14 +91,14 @@ def saved_run(tmp_path, model: nn.Module) -> RunDir:
     run = RunDir(tmp_path / "runs", "r1")
     run.path.mkdir(parents=True)
     expanded, report = expand(model, [2, 3], "v2", [3, 4], input_size=(3, 16, 16))
-    run.save_model("decompose", expanded, "tiny_cnn", 10, report["spec"], report["spec"]["layers"])
+    run.save_model("decompose", expanded, "tiny_cnn", 10, report.spec, report.spec["layers"])
     run.file("config.yaml").write_text("# resolved\ndata: {image_size: 16}\nprofile: {input_size: [3, 64, 64]}\n")
     run.write_metrics({"name": "r1", "status": "done", "stages": {"decompose": {"hash": "h"}, "profile": {"hash": "p"}}})
     return run, expanded.eval()
 
 
 def test_load_run_and_lrx_export_give_the_run_final_model(tmp_path):
-    from lrx.models import tiny_cnn
+    from lrx.nn.models import tiny_cnn
 
     torch.manual_seed(1)
     run, expanded = saved_run(tmp_path, tiny_cnn())
@@ -123,7 +123,7 @@ def test_load_run_and_lrx_export_give_the_run_final_model(tmp_path):
     (["--format", "pt2", "--runs-dir", "elsewhere", "--input-size", "x"], "C,H,W"),
 ])
 def test_lrx_export_refuses_bad_input_in_one_line(tmp_path, args, words):
-    from lrx.models import tiny_cnn
+    from lrx.nn.models import tiny_cnn
 
     run, _ = saved_run(tmp_path, tiny_cnn())
     result = CliRunner().invoke(app, ["export", str(run.path), "-o", str(tmp_path / "x.out"), *args])
@@ -142,9 +142,9 @@ def test_a_folder_that_is_no_run_is_refused(tmp_path):
 def test_profile_onnx_times_the_original_and_the_final_model_in_onnx_runtime(tiny_configs, tmp_path, monkeypatch):
     from onnx import TensorProto, helper, save
 
-    from lrx import export
-    from lrx.config import load_config
-    from lrx.models import tiny_cnn
+    from lrx.output import export
+    from lrx.config.settings import load_config
+    from lrx.nn.models import tiny_cnn
 
     exported = {}
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import finetune
-from lrx.checkpoint import load_checkpoint
-from lrx.config import StageConfig
-from lrx.data import Batches, synthetic
-from lrx.errors import UserError
-from lrx.finetune import LayerTaps, l2_norm, measure, run_stage
-from lrx.train import TrainingDiverged, is_better
+from lrx.train import finetune
+from lrx.base.files import load_checkpoint
+from lrx.config.settings import StageConfig
+from lrx.data.datasets import Batches, synthetic
+from lrx.base.errors import UserError
+from lrx.train.finetune import LayerTaps, l2_norm, measure, run_stage
+from lrx.train.baseline import TrainingDiverged, is_better
 
 REPLACED = ["3", "6"]  # module names of the two convolutions the student replaces
 
@@ -337,11 +337,11 @@ def test_checkpoint_of_another_structure_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("scheme, options", [("v1", {}), ("v1", {"decomposed": True}), ("v2", {})],
                          ids=["v1", "v1-decomposed", "v2"])
 def test_l2_stage_on_real_expanded_layers(tmp_path, scheme, options):
-    lowrank = pytest.importorskip("lrx.lowrank")
+    lowrank = pytest.importorskip("lrx.expansion.model")
     teacher = tiny_cnn()
     teacher.eval()
     student, report = lowrank.expand(teacher, layers=[2, 3], scheme=scheme, ranks=[3, 3], input_size=(3, 16, 16), **options)
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     assert names == REPLACED, f"test setup: conv positions 2 and 3 are modules {REPLACED}, got {names}"
     train, test = make_data()
     before = state(student)

@@ -1,5 +1,5 @@
-"""The latency planner (lrx.latency) on fake time tables: the choice, keep-dense, alignment, the adjustment
-step, the cache; rank alignment of MAC targets (lrx.ranks); the config keys. No timing here: every time is
+"""The latency planner (lrx.plan.latency) on fake time tables: the choice, keep-dense, alignment, the adjustment
+step, the cache; rank alignment of MAC targets (lrx.plan.macs); the config keys. No timing here: every time is
 made up, so the expectations are exact."""
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from lrx import expansion, latency, stages
+from lrx.expansion import model as expansion
+
+from lrx.plan import latency
+
+from lrx.pipeline import stages
 from lrx.cli import app
-from lrx.config import load_config
-from lrx.decomposition import max_rank
-from lrx.errors import UserError
-from lrx.layers import LowRankExpConvV2
-from lrx.models import build_model
-from lrx.ranks import device_align, plan_ranks, rank_ladder
+from lrx.config.settings import load_config
+from lrx.factor.decomposition import max_rank
+from lrx.base.errors import UserError
+from lrx.nn.layers import LowRankExpConvV2
+from lrx.nn.models import build_model
+from lrx.plan.macs import device_align, plan_ranks, rank_ladder
 
 INPUT = (3, 12, 12)
 
@@ -294,4 +298,4 @@ def test_fit_data_plans_a_latency_target_by_output_energy(tiny_configs, monkeypa
     _, report = stages.expand_model(build_model("tiny_cnn", 10), cfg, batches=batches)
     assert given and set(given[0]) == {"0", "3", "6", "8"} and all(0 < v[0] <= 1 for v in given[0].values()), \
         "the planner ranks by output energy on the calibration images (one list per candidate conv)"
-    assert report["plan"]["proxy"] == "output energy on the calibration images" and "fit_data" in report
+    assert report.plan["proxy"] == "output energy on the calibration images" and report.fit_data is not None

@@ -8,14 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import write_yaml
-from lrx import decomposition as dec
-from lrx.config import load_config
-from lrx.errors import UserError
-from lrx.lowrank import LowRankExpConvV1, LowRankExpConvV2, ExpansionNote, build_expanded, expand, select_layers
-from lrx.models import alexnet_cifar10, build_model, conv_layers
-from lrx.runs import check_against_model
-from lrx.speed import optimise
-from lrx.stages import expand_model
+from lrx.factor import decomposition as dec
+from lrx.config.settings import load_config
+from lrx.base.errors import UserError
+from lrx.expansion.model import ExpansionNote, expand
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.nn.surgery import build_expanded, select_layers
+from lrx.nn.models import alexnet_cifar10, build_model, conv_layers
+from lrx.pipeline.runner import check_against_model
+from lrx.nn.inference import optimise
+from lrx.pipeline.stages import expand_model
 
 # Conv geometries the layers must reproduce: stride, dilation, padding (1, 2), kernel (3, 5), no bias,
 # 'same' with an even kernel (PyTorch pads it asymmetrically), and everything mixed.
@@ -272,7 +274,7 @@ def test_seed_expansion_counts(alexnet, decomposed, macs_m, params_m):
     assert macs / 1e6 == pytest.approx(macs_m, rel=0.005), f"decomposed={decomposed}: {macs / 1e6:.2f}M MACs vs seed {macs_m}M"
     assert params / 1e6 == pytest.approx(params_m, rel=0.005), f"decomposed={decomposed}: {params / 1e6:.3f}M params vs seed {params_m}M"
     original = 698_886_090
-    saved = sum(row["macs_before"] - row["macs_after"] for row in report["layers"])
+    saved = sum(row["macs_before"] - row["macs_after"] for row in report.layers)
     assert macs == original - saved, "the report's per-layer MACs should add up to ptflops' total"
 
 
@@ -282,9 +284,9 @@ def test_expand_report_and_input_untouched(alexnet):
     expanded, report = expand(alexnet, ["features.3", 3], "v1", [8, 6], basis="per-channel")
     assert repr(alexnet) == structure, "expand changed the input model's structure"
     assert all(torch.equal(before[k], v) for k, v in alexnet.state_dict().items()), "expand changed input weights"
-    assert [row["name"] for row in report["layers"]] == ["features.3", "features.6"], "names and indices mix"
-    assert [row["index"] for row in report["layers"]] == [2, 3], "1-based indices in the report"
-    for row, conv in zip(report["layers"], [alexnet.features[3], alexnet.features[6]]):
+    assert [row["name"] for row in report.layers] == ["features.3", "features.6"], "names and indices mix"
+    assert [row["index"] for row in report.layers] == [2, 3], "1-based indices in the report"
+    for row, conv in zip(report.layers, [alexnet.features[3], alexnet.features[6]]):
         retained = dec.retained_energy(conv.weight, "v1", "per-channel")[row["rank"] - 1].item()
         assert row["rel_error"] == pytest.approx((1 - retained) ** 0.5, abs=1e-5), f"{row['name']}: SVD error"
         assert row["mac_ratio"] == pytest.approx(row["macs_before"] / row["macs_after"]), "mac_ratio = before/after"
@@ -311,7 +313,7 @@ def test_state_dict_round_trip_through_build_expanded(build, layers, options):
     model = build()
     expanded, report = expand(model, layers, input_size=(3, 64, 64), **options)
     state = expanded.state_dict()
-    rebuilt = build_expanded(build(), report["spec"])
+    rebuilt = build_expanded(build(), report.spec)
     rebuilt.load_state_dict(state)  # strict: same keys and shapes
     x = torch.randn(2, 3, 64, 64)
     expanded.eval(), rebuilt.eval()
@@ -371,9 +373,9 @@ def mobilenet_v2():
 def test_a_glob_picks_the_convs_of_a_block_and_notes_the_1x1_it_skips(resnet18):
     with pytest.warns(UserWarning, match=r"layer3\.0\.downsample\.0.*skipped.*1x1"):
         expanded, report = expand(resnet18, ["layer3.*"], "v2", 4, input_size=(3, 32, 32))
-    names = [row["name"] for row in report["layers"]]
+    names = [row["name"] for row in report.layers]
     assert names == ["layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2"], names
-    assert len(report["notes"]) == 1 and "layer 13 ('layer3.0.downsample.0')" in report["notes"][0], report["notes"]
+    assert len(report.notes) == 1 and "layer 13 ('layer3.0.downsample.0')" in report.notes[0], report.notes
     assert type(expanded.layer3[0].downsample[0]) is nn.Conv2d, "the skipped 1x1 conv stays as it was"
 
 
@@ -415,7 +417,7 @@ def test_an_explicit_rank_that_adds_macs_is_warned_about():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False))  # v2 at rank 12: 12*4*3 + 4*12*3 = 288 > 144 MACs
     with pytest.warns(UserWarning, match=r"rank 12 costs 2\.00x the conv's MACs"):
         _, report = expand(model, [1], "v2", [12], input_size=(4, 8, 8))
-    assert report["layers"][0]["mac_ratio"] == pytest.approx(0.5), report["layers"][0]
+    assert report.layers[0]["mac_ratio"] == pytest.approx(0.5), report.layers[0]
 
 
 # ---------------------------------------------------------------- TorchScript, tracing, torch.export
@@ -429,7 +431,7 @@ CAPTURE_FORMS = {
 
 @pytest.mark.parametrize("form", CAPTURE_FORMS)
 def test_every_expansion_layer_scripts_traces_and_exports_after_optimise(form):
-    """After lrx.speed.optimise, the hardest case: the layer holds a fast path that no capture may record."""
+    """After lrx.nn.inference.optimise, the hardest case: the layer holds a fast path that no capture may record."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2))
     net, _ = expand(nn.Sequential(conv, nn.ReLU()), [1], ranks=[2], input_size=(4, 12, 12), **CAPTURE_FORMS[form])
@@ -457,6 +459,6 @@ def test_a_config_with_layers_auto_is_checked_against_the_model_and_its_notes_ar
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, report = expand_model(build_model("tiny_cnn"), cfg, log=said.append)
-    assert [row["name"] for row in report["layers"]] == ["0", "3", "6", "8"], report["layers"]
-    assert said == [f"note: {report['notes'][0]}"] and "layer 1 ('0'): rank 9 costs" in said[0], said
+    assert [row["name"] for row in report.layers] == ["0", "3", "6", "8"], report.layers
+    assert said == [f"note: {report.notes[0]}"] and "layer 1 ('0'): rank 9 costs" in said[0], said
     assert not [w for w in caught if issubclass(w.category, ExpansionNote)], "the stage says its notes once, as lines"

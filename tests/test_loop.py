@@ -5,9 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import errors, loop, train
-from lrx.checkpoint import load_checkpoint
-from lrx.loop import LoopState, epoch_line, fit, resume
+from lrx.base import errors
+
+from lrx.train import loop
+
+from lrx.train import baseline as train
+from lrx.base.files import load_checkpoint
+from lrx.train.loop import LoopState, epoch_line, fit, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -15,7 +19,7 @@ SETTINGS = {"kind": "test", "lr": 0.1}
 
 
 class Batches(list):
-    """Four random (x (2, 4), y (2,)) batches with the ``set_epoch`` of :class:`lrx.data.Batches`."""
+    """Four random (x (2, 4), y (2,)) batches with the ``set_epoch`` of :class:`lrx.data.datasets.Batches`."""
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
@@ -132,7 +136,7 @@ def test_nan_stops_naming_the_epoch_and_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_training_diverged_is_a_user_error_reachable_from_train():
-    assert train.TrainingDiverged is errors.TrainingDiverged, "lrx.train.TrainingDiverged must stay the same class"
+    assert train.TrainingDiverged is errors.TrainingDiverged, "lrx.train.baseline.TrainingDiverged must stay the same class"
     err = errors.TrainingDiverged(float("inf"), 3, 5, 10, "x.ckpt", 2)
     assert isinstance(err, errors.UserError), "a diverged loss is reported like a user error"
     assert str(err).startswith("x.ckpt: the loss became inf at epoch 3, step 5 of 10"), f"message: {err}"

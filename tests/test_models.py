@@ -6,8 +6,8 @@ import pytest
 import torch
 from ptflops import get_model_complexity_info
 
-from lrx.errors import UserError
-from lrx.models import build_model, conv_layers
+from lrx.base.errors import UserError
+from lrx.nn.models import build_model, conv_layers
 
 
 def test_alexnet_cifar10_matches_seed_row_1():

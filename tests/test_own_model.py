@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 
 from conftest import write_yaml
 from lrx.cli import app
-from lrx.config import StageConfig, TrainConfig, load_config
-from lrx.data import as_batches
-from lrx.errors import UserError
-from lrx.finetune import run_stage
-from lrx.lowrank import expand
-from lrx.models import build_model, load_user_weights
-from lrx.runs import stage_hashes
-from lrx.train import evaluate, train_baseline
+from lrx.config.settings import StageConfig, TrainConfig, load_config
+from lrx.data.datasets import as_batches
+from lrx.base.errors import UserError
+from lrx.train.finetune import run_stage
+from lrx.expansion.model import expand
+from lrx.nn.models import build_model, load_user_weights
+from lrx.pipeline.runner import stage_hashes
+from lrx.train.baseline import evaluate, train_baseline
 from test_data import write_image_folder
 
 runner = CliRunner()
@@ -146,7 +146,7 @@ def test_run_stage_evaluate_and_train_take_a_dataloader(tmp_path, one_thread):
     torch.manual_seed(0)
     teacher = build_model("tiny_cnn", 4).eval()
     student, report = expand(teacher, layers=[2], scheme="v2", ranks=[2])
-    names = [layer["name"] for layer in report["layers"]]
+    names = [layer["name"] for layer in report.layers]
     x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 4, (24,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     expected = float(100 * (teacher(x).argmax(1) == y).float().mean())

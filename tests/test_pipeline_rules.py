@@ -8,11 +8,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import write_yaml
-from lrx import models
+from lrx.nn import models
 from lrx.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, app
-from lrx.config import load_config
-from lrx.errors import UserError
-from lrx.runs import Runner, check_against_model, run_with_dependencies
+from lrx.config.settings import load_config
+from lrx.base.errors import UserError
+from lrx.pipeline.runner import Runner, check_against_model, run_with_dependencies
 
 runner = CliRunner()
 
@@ -41,7 +41,7 @@ def test_interrupt_exits_130_and_marks_the_run_interrupted(tiny_configs, tmp_pat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lrx.stages.train_baseline", interrupted)
+    monkeypatch.setattr("lrx.pipeline.stages.train_baseline", interrupted)
     runs = tmp_path / "runs"
     result = runner.invoke(app, ["run", str(tiny_configs / "t01.yaml"), "--runs-dir", str(runs), "--quiet"])
     assert result.exit_code == 130, f"Ctrl-C exits 130, got {result.exit_code}: {result.output}"
@@ -110,7 +110,7 @@ def test_dry_run_header_names_scheme_2_by_its_order(tiny_configs, tmp_path):
 
 
 def test_finetune_commands_run_up_to_their_last_stage(tiny_configs, tmp_path):
-    from lrx.stages import last_finetune_stage
+    from lrx.pipeline.stages import last_finetune_stage
 
     cfg = load_config(tiny_configs / "t03.yaml")  # stage 0: l2, stage 1: ce
     assert (last_finetune_stage(cfg, "l2"), last_finetune_stage(cfg, "ce")) == ("finetune.0", "finetune.1")
@@ -132,12 +132,12 @@ def expansion_run(tiny_configs, tmp_path):
 
 
 def _swap_in_other_ranks(path, layers=(2, 3, 4)):
-    from lrx.lowrank import expand
-    from lrx.rundir import save_model
+    from lrx.expansion.model import expand
+    from lrx.pipeline.rundir import save_model
 
     other, report = expand(models.build_model("tiny_cnn"), layers=list(layers), scheme="v2", ranks=[1, 1, 1],
                            input_size=(3, 16, 16))
-    save_model(path, other, "tiny_cnn", 10, report["spec"], report["spec"]["layers"])
+    save_model(path, other, "tiny_cnn", 10, report.spec, report.spec["layers"])
 
 
 def test_a_model_file_of_other_ranks_is_refused_not_used(expansion_run):
@@ -277,7 +277,7 @@ def test_fit_data_with_the_alternating_method_is_refused(tiny_configs, tmp_path)
 
 
 def test_an_interrupt_between_stages_is_recorded_too(tiny_configs, tmp_path, monkeypatch):
-    from lrx import runs as runs_module
+    from lrx.pipeline import runner as runs_module
 
     real_say = runs_module.Runner.say
 
@@ -297,7 +297,7 @@ def test_an_interrupt_between_stages_is_recorded_too(tiny_configs, tmp_path, mon
 
 
 def test_each_config_is_checked_against_its_model_once_per_command(tiny_configs, tmp_path, monkeypatch):
-    from lrx import runs as runs_module
+    from lrx.pipeline import runner as runs_module
 
     calls = []
     real = runs_module.check_against_model

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from lrx.errors import UserError
-from lrx.plot import pareto_figure, pareto_front, plot_pareto, row_label, skipped, text_box
-from lrx.table import collect_rows
+from lrx.base.errors import UserError
+from lrx.output.plot import pareto_figure, pareto_front, plot_pareto, row_label, skipped, text_box
+from lrx.output.table import collect_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DECOMPOSE = {"layers": [2, 3, 4, 5], "scheme": "v2", "bases": [8, 8, 6, 4], "decomposed": False}
@@ -60,7 +60,7 @@ def test_nothing_to_plot_names_the_missing_metrics(tmp_path):
 
 
 def test_time_axis_is_relative_to_the_original_from_in_process_speedups():
-    from lrx.plot import _time_ms
+    from lrx.output.plot import _time_ms
 
     assert _time_ms({"decompose": None, "latency": {"original_ms": 477.0}}) == 1.0, "the original is 1"
     assert _time_ms({"decompose": DECOMPOSE, "latency": {"original_ms": 195.0, "expanded_ms": 100.0,

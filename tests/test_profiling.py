@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrx import timing
-from lrx.config import ProfileConfig
-from lrx.lowrank import expand
-from lrx.models import alexnet_cifar10, build_model, conv_layers
-from lrx.profiling import count, layer_latency, profile_pair, profiler_times
-from lrx.timing import NOISY_SPREAD, _stats, latency, module_times, original_layouts, time_pair, timed_units
+from lrx.measure import timing
+from lrx.config.settings import ProfileConfig
+from lrx.expansion.model import expand
+from lrx.nn.models import alexnet_cifar10, build_model, conv_layers
+from lrx.measure.profiling import count, layer_latency, profile_pair, profiler_times
+from lrx.measure.timing import NOISY_SPREAD, _stats, latency, module_times, original_layouts, time_pair, timed_units
 
 SEED_BASES = [8, 8, 6, 4]  # the seed's #bases for layers 2,3,4,5
 
@@ -212,7 +212,7 @@ class LayoutCost(nn.Module):
 
 
 class Costly(FakeCost):
-    """A FakeCost with a parameter (a model ptflops counts and lrx.speed optimises)."""
+    """A FakeCost with a parameter (a model ptflops counts and lrx.nn.inference optimises)."""
 
     def __init__(self, name, costs_ms):
         super().__init__(name, costs_ms)
@@ -272,7 +272,7 @@ def test_profile_pair_time_columns_are_the_interleaved_medians(fake_clock):
 def tiny_expansion(scheme="v2"):
     original = build_model("tiny_cnn")
     expanded, report = expand(build_model("tiny_cnn"), [2, 3], scheme, [4, 4])
-    return original, expanded, [layer["name"] for layer in report["layers"]]
+    return original, expanded, [layer["name"] for layer in report.layers]
 
 
 @pytest.mark.parametrize("scheme", ["v1", "v2"])
@@ -343,7 +343,7 @@ def test_lrx_profile_prints_per_layer_figures_and_the_breakdown(tiny_configs, tm
 
 
 def test_a_wrapped_profile_keeps_the_models_layer_names(one_thread):
-    """profile.dtype bfloat16 runs both models in lrx.speed's InferenceModel; names stay the model's own."""
+    """profile.dtype bfloat16 runs both models in lrx.nn.inference's InferenceModel; names stay the model's own."""
     original, expanded, names = tiny_expansion()
     cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu", dtype="bfloat16")
     out = profile_pair(original, expanded, names, cfg, "cpu")

@@ -3,12 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import decomposition as dec
-from lrx.errors import UserError
-from lrx.lowrank import conv_sizes, expand
-from lrx.models import alexnet_cifar10
-from lrx.profiling import count
-from lrx.ranks import plan_ranks
+from lrx.factor import decomposition as dec
+from lrx.base.errors import UserError
+from lrx.expansion.model import expand
+from lrx.nn.surgery import conv_sizes
+from lrx.nn.models import alexnet_cifar10
+from lrx.measure.profiling import count
+from lrx.plan.macs import plan_ranks
 
 SIZE = (3, 224, 224)
 
@@ -71,7 +72,7 @@ def test_plan_matches_the_expanded_model(alexnet, sizes):
     plan = plan_ranks(alexnet, [2, 3, 4, 5], "v2", {"speedup": 3.0}, input_size=SIZE)
     check_plan(alexnet, sizes, plan, "v2", sum(row["macs_before"] for row in plan["layers"]) / 3.0)
     expanded, report = expand(alexnet, [2, 3, 4, 5], "v2", plan["ranks"], input_size=SIZE)
-    assert [r["macs_after"] for r in report["layers"]] == [r["macs_after"] for r in plan["layers"]], "per-layer MACs"
+    assert [r["macs_after"] for r in report.layers] == [r["macs_after"] for r in plan["layers"]], "per-layer MACs"
     assert count(expanded, SIZE)[0] == plan["predicted_macs"], "predicted_macs should be ptflops' count of the result"
     assert plan["model_macs_before"] == count(alexnet, SIZE)[0]
 

@@ -126,16 +126,16 @@ def test_checkpoint_of_other_ranks_is_refused_naming_both_shapes(reference, tmp_
     configs, _ = reference
     runs = tmp_path / "runs"
     assert runner.invoke(app, ["run", str(configs / "t02.yaml"), "--runs-dir", str(runs), "--quiet"]).exit_code == 0
-    from lrx.rundir import load_model, save_model
-    from lrx.lowrank import expand
-    from lrx.models import build_model
+    from lrx.pipeline.rundir import load_model, save_model
+    from lrx.expansion.model import expand
+    from lrx.nn.models import build_model
 
     other, report = expand(build_model("tiny_cnn"), layers=[2, 3, 4], scheme="v2", ranks=[4, 8, 8], input_size=(3, 16, 16))
-    save_model(runs / "t02" / "expanded.pt", other, "tiny_cnn", 10, report["spec"], ["3", "6", "8"])
+    save_model(runs / "t02" / "expanded.pt", other, "tiny_cnn", 10, report.spec, ["3", "6", "8"])
     blob = torch.load(runs / "t02" / "expanded.pt", weights_only=True)
     blob["spec"] = torch.load(runs / "t02" / "stage0.pt", weights_only=True)["spec"]  # claims the old ranks
     torch.save(blob, runs / "t02" / "expanded.pt")
-    from lrx.errors import UserError
+    from lrx.base.errors import UserError
 
     with pytest.raises(UserError, match=r"has shape \(4, .*expects \(6, "):
         load_model(runs / "t02" / "expanded.pt", "tiny_cnn", 10)

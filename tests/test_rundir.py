@@ -14,11 +14,13 @@ import time
 import pytest
 import torch
 
-from lrx import checkpoint, rundir
-from lrx.checkpoint import save_atomic
-from lrx.errors import UserError
-from lrx.models import build_model
-from lrx.rundir import RunDir, load_model, save_model
+from lrx.base import files as checkpoint
+
+from lrx.pipeline import rundir
+from lrx.base.files import save_atomic
+from lrx.base.errors import UserError
+from lrx.nn.models import build_model
+from lrx.pipeline.rundir import RunDir, load_model, save_model
 
 FORK = multiprocessing.get_context("fork")
 
@@ -52,7 +54,7 @@ def _contender(runs, barrier, got, worker, trials):
 def test_processes_starting_together_never_both_hold_the_lock(tmp_path, workers, monkeypatch):
     # No patience: a loser refuses at once (lock() waits LOCK_PATIENCE_S for a probe's instant otherwise,
     # which would make each of the 200 trials last that long; the holder keeps the lock until all tried).
-    monkeypatch.setattr("lrx.rundir.LOCK_PATIENCE_S", 0.0)
+    monkeypatch.setattr("lrx.pipeline.rundir.LOCK_PATIENCE_S", 0.0)
     trials = 200
     barrier = FORK.Barrier(workers, timeout=60)
     got = FORK.Array("i", workers * trials, lock=False)
@@ -385,7 +387,7 @@ def umask():
 
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_a_run_writes_follow_the_umask(tmp_path, umask, mask, mode, tiny_configs):
-    from lrx.config import load_config
+    from lrx.config.settings import load_config
 
     umask(mask)
     run = RunDir(tmp_path / "runs", "r")

@@ -56,7 +56,7 @@ def test_metrics_hold_what_the_table_needs(finished):
     assert expanded["decompose"]["bases"] == [4, 4, 3] and expanded["acc1_before"] == base["acc1"]
     assert expanded["latency"]["speedup"] > 0 and expanded["latency"]["mac_ratio"] > 1
     prof = expanded["stages"]["profile"]
-    assert prof["optimised"] and len(prof["paths"]) == 3, "timed with lrx.speed's paths, one per replaced layer"
+    assert prof["optimised"] and len(prof["paths"]) == 3, "timed with lrx.nn.inference's paths, one per replaced layer"
     assert [(s["l2"], s["ce"], s["epochs"]) for s in tuned["finetune"]] == [(1.0, 0.0, 1), (0.0, 1.0, 1)]
     assert tuned["decompose"]["layers"] == [2, 3, 4], "a run built on a parent shows the parent's decomposition"
     assert tuned["l2_before"] == pytest.approx(expanded["l2_after"]), "fine-tuning starts from the expansion"

@@ -1,4 +1,4 @@
-"""Inference paths (lrx.speed): every path computes the default forward, state dicts are untouched, and
+"""Inference paths (lrx.nn.inference): every path computes the default forward, state dicts are untouched, and
 scheme 2's horizontal-first order is exact. Timing lives in benchmarks/layer_speed.py, not here."""
 import copy
 import io
@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrx import decomposition as dec
-from lrx import speed
-from lrx.errors import UserError
-from lrx.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
-from lrx.lowrank import build_expanded, expand
+from lrx.factor import decomposition as dec
+from lrx.nn import inference as speed
+from lrx.base.errors import UserError
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, scheme2_factors
+from lrx.expansion.model import expand
+from lrx.nn.surgery import build_expanded
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
@@ -178,7 +179,7 @@ def test_optimise_a_model_keeps_its_outputs_and_state_dict():
         saved = {k: v.clone() for k, v in expanded.state_dict().items()}
         speed.optimise(expanded, "cpu", example_input=x)
         paths = speed.describe(expanded)
-        assert list(paths) == report["spec"]["layers"], f"{scheme}: describe lists {list(paths)}"
+        assert list(paths) == report.spec["layers"], f"{scheme}: describe lists {list(paths)}"
         assert all(p in ("factored", "dense") for p in paths.values()), f"{scheme}: paths {paths}"
         with torch.no_grad():
             got = expanded(x)
@@ -186,7 +187,7 @@ def test_optimise_a_model_keeps_its_outputs_and_state_dict():
         state = expanded.state_dict()
         assert state.keys() == saved.keys(), f"{scheme}: optimise changed the state_dict keys"
         assert all(torch.equal(state[k], saved[k]) for k in saved), f"{scheme}: optimise changed parameter values"
-        rebuilt = build_expanded(model, report["spec"]).eval()
+        rebuilt = build_expanded(model, report.spec).eval()
         rebuilt.load_state_dict(state)
         with torch.no_grad():
             assert rel(rebuilt(x), expected) < 1e-5, f"{scheme}: an optimised model's state_dict does not load back"
@@ -319,7 +320,7 @@ def test_optimise_with_a_dtype_agrees_with_the_default_forward_within_its_roundi
     assert rel(got, expected) < bound, f"{dtype} (autocast {autocast}) differs by {rel(got, expected):.2e} > {bound}"
     assert set(net.state_dict()) == {f"model.{k}" for k in expanded.state_dict()}, \
         "the wrapper adds nothing to the state_dict (no second copy of a compiled module)"
-    twin = copy.deepcopy(net)  # lrx.timing copies models to try layouts: a copy runs and agrees
+    twin = copy.deepcopy(net)  # lrx.measure.timing copies models to try layouts: a copy runs and agrees
     with torch.no_grad():
         assert rel(twin(x), got) < 1e-6, "a copy of the wrapper computes what the wrapper does"
 

@@ -1,4 +1,5 @@
-"""The shape of the code: imports point downward, no circles, no hidden imports, docs that name real code."""
+"""The shape of the code: packages in levels, imports point downward, no circles, no hidden imports, no
+private names used across modules, ``__all__`` everywhere, and docs that name real code."""
 from __future__ import annotations
 
 import ast
@@ -12,51 +13,61 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lrx"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+# Each module by its dotted name under lrx ("base.errors", "cli"; a package's own __init__ is "base.__init__").
+MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 
-# Each module's level: a module may import only modules of a lower level (cli -> pipeline -> stages ->
-# training/expansion -> layers -> math -> basics). Same-level imports are refused too, so the order
-# within a level is free to change.
+# Each package's level: a module may import modules of its own package or of a package of a lower level.
+# Within a package the order is free, and the circle test keeps it a tree.
 LEVEL = {
-    "errors": 0, "__init__": 0, "yamlread": 0.5,
-    "config": 1, "checkpoint": 1, "distributed": 1,
-    "progress": 2, "decomposition": 2, "models": 2, "data": 2, "plot": 2,
-    "speed": 3,
-    "layers": 4, "loop": 4, "timing": 4,
-    "lowrank": 5, "profiling": 5, "train": 5,
-    "ranks": 6, "finetune": 6, "datafit": 6,
-    "latency": 6.5,
-    "expansion": 6.8,
-    "rundir": 7,
-    "stages": 8, "table": 8, "export": 8,
-    "runs": 9, "preview": 9, "report": 9,
-    "cli": 10,
-    "__main__": 11,
+    "__init__": 0, "base": 0, "factor": 1, "config": 2, "data": 3, "nn": 4, "measure": 5, "plan": 6,
+    "expansion": 7, "train": 8, "pipeline": 9, "output": 10, "cli": 11, "__main__": 12,
 }
 # Packages that may be imported inside a function (heavy to import, needed by one feature), with a
-# "# local:" comment on the line or the line before saying why.
+# "# local:" comment on the line or the line before saying why. lrx's own packages may be imported inside
+# cli's commands, so that a config error is reported before torch is loaded.
 LOCAL_OK = ("matplotlib", "ptflops", "onnx")  # onnx: onnx, onnxscript, onnxruntime (the lrx[export] extra)
 
 
-def _imports(module: str) -> list[tuple[str, int, bool]]:
-    """(imported name, line, inside a function) for every import statement of lrx/<module>.py."""
-    source = (PACKAGE / f"{module}.py").read_text()
-    tree = ast.parse(source)
+def _package(module: str) -> str:
+    """The level-bearing unit of a module: its package ("base" for "base.errors"), or the module itself."""
+    return module.split(".")[0]
+
+
+def _path(module: str) -> Path:
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    """The lrx modules an ImportFrom names (relative or absolute), as dotted names under lrx."""
+    if node.level:
+        base = module.split(".")[:-node.level] if "." in module or node.level > 1 else []
+        stem = ".".join(base + ([node.module] if node.module else []))
+    elif node.module == "lrx" or (node.module or "").startswith("lrx."):
+        stem = node.module[4:]
+    else:
+        return [node.module]
+    out = []
+    for alias in node.names:
+        candidate = f"{stem}.{alias.name}" if stem else alias.name
+        if candidate in MODULES or f"{candidate}.__init__" in MODULES:
+            out.append(candidate if candidate in MODULES else f"{candidate}.__init__")
+        else:
+            out.append(stem if stem in MODULES else (f"{stem}.__init__" if stem else "__init__"))
+    return [f"lrx.{name}" for name in out]
+
+
+def _imports(module: str, path: Path | None = None) -> list[tuple[str, int, bool, ast.AST]]:
+    """(imported module, line, inside a function, node) for every import statement of a file."""
+    tree = ast.parse((path or _path(module)).read_text())
     out = []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
             inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
-                out.extend((alias.name, child.lineno, in_function) for alias in child.names)
+                out.extend((alias.name, child.lineno, in_function, child) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
-                if child.level:  # relative: from . import x / from .x import y
-                    if child.module:
-                        out.append((f"lrx.{child.module}", child.lineno, in_function))
-                    else:
-                        out.extend((f"lrx.{alias.name}", child.lineno, in_function) for alias in child.names)
-                else:
-                    out.append((child.module, child.lineno, in_function))
+                out.extend((name, child.lineno, in_function, child) for name in _resolve(module, child))
             visit(child, inner)
 
     visit(tree, False)
@@ -66,19 +77,27 @@ def _imports(module: str) -> list[tuple[str, int, bool]]:
 def _lrx_edges() -> dict[str, set[str]]:
     edges = {}
     for module in MODULES:
-        edges[module] = {name.split(".")[1] for name, _, _ in _imports(module)
-                         if name.startswith("lrx.") and name.split(".")[1] in MODULES}
+        edges[module] = {name[4:] for name, _, _, _ in _imports(module)
+                         if name.startswith("lrx.") and name[4:] in MODULES} - {module}
     return edges
 
 
-def test_every_module_has_a_level():
-    assert set(MODULES) == set(LEVEL), f"modules without a level: {set(MODULES) - set(LEVEL)}; " \
-                                       f"levels of missing modules: {set(LEVEL) - set(MODULES)}"
+def test_every_package_has_a_level():
+    packages = {_package(m) for m in MODULES}
+    assert packages == set(LEVEL), f"packages without a level: {packages - set(LEVEL)}; " \
+                                   f"levels of missing packages: {set(LEVEL) - packages}"
+    assert all(isinstance(level, int) for level in LEVEL.values()), "levels are integers"
+
+
+def test_no_module_lies_loose_in_lrx():
+    loose = [m for m in MODULES if "." not in m and m not in ("__init__", "__main__", "cli")]
+    assert not loose, f"modules outside a package: {loose}"
 
 
 def test_every_lrx_import_points_downward():
-    wrong = [f"{a} (level {LEVEL[a]}) imports {b} (level {LEVEL[b]})"
-             for a, targets in _lrx_edges().items() for b in targets if LEVEL[b] >= LEVEL[a]]
+    wrong = [f"{a} (level {LEVEL[_package(a)]}) imports {b} (level {LEVEL[_package(b)]})"
+             for a, targets in _lrx_edges().items() for b in targets
+             if _package(a) != _package(b) and LEVEL[_package(b)] >= LEVEL[_package(a)]]
     assert not wrong, "imports that do not point downward:\n" + "\n".join(wrong)
 
 
@@ -107,14 +126,65 @@ def test_the_module_graph_has_no_circle():
 def test_imports_inside_functions_are_only_heavy_optional_packages_with_a_reason():
     bad = []
     for module in MODULES:
-        lines = (PACKAGE / f"{module}.py").read_text().splitlines()
-        for name, line, in_function in _imports(module):
+        lines = _path(module).read_text().splitlines()
+        for name, line, in_function, _ in _imports(module):
             if not in_function:
                 continue
             reason = "# local:" in lines[line - 1] or "# local:" in lines[line - 2]
-            if not name.startswith(LOCAL_OK) or not reason:
-                bad.append(f"lrx/{module}.py:{line} imports {name} inside a function")
+            allowed = name.startswith(LOCAL_OK) or (module == "cli" and name.startswith("lrx."))
+            if not allowed or not reason:
+                bad.append(f"{_path(module).relative_to(ROOT)}:{line} imports {name} inside a function")
     assert not bad, "\n".join(bad)
+
+
+def _python_files() -> list[Path]:
+    return sorted([*PACKAGE.rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "examples").rglob("*.py")])
+
+
+def test_no_file_imports_another_modules_private_name():
+    bad = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lrx")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {', '.join(private)}")
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                owner = node.value
+                if isinstance(owner, ast.Name) and owner.id in _lrx_module_aliases(path):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {owner.id}.{node.attr}")
+    assert not bad, "a private name used outside its module:\n" + "\n".join(bad)
+
+
+def _lrx_module_aliases(path: Path) -> set[str]:
+    """Names a file binds to lrx modules (``from lrx.nn import layers``, ``import lrx.nn.layers as layers``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lrx"):
+            for alias in node.names:
+                dotted = f"{node.module[4:]}.{alias.name}".strip(".")
+                if dotted in MODULES or f"{dotted}.__init__" in MODULES:
+                    names.add(alias.asname or alias.name)
+        if isinstance(node, ast.Import):
+            names.update(alias.asname for alias in node.names if alias.name.startswith("lrx") and alias.asname)
+    return names
+
+
+def test_every_module_says_what_it_exports():
+    missing = [m for m in MODULES if m not in ("__main__",)
+               and not any(isinstance(node, (ast.Assign, ast.AnnAssign)) and "__all__" in ast.unparse(node).split("=")[0]
+                           for node in ast.parse(_path(m).read_text()).body)]
+    assert not missing, f"modules without __all__: {missing}"
+
+
+def test_all_names_only_what_exists():
+    wrong = []
+    for module in MODULES:
+        if module in ("__main__", "cli"):
+            continue
+        mod = importlib.import_module("lrx" if module == "__init__" else f"lrx.{module.removesuffix('.__init__')}")
+        wrong += [f"lrx.{module}: {name}" for name in getattr(mod, "__all__", []) if not hasattr(mod, name)]
+    assert not wrong, f"__all__ names what the module lacks: {wrong}"
 
 
 def test_each_module_imports_alone():
@@ -125,7 +195,7 @@ def test_each_module_imports_alone():
             "    for loaded in [m for m in sys.modules if m == 'lrx' or m.startswith('lrx.')]:\n"
             "        del sys.modules[loaded]\n"
             "    importlib.import_module(name)\n")
-    names = [f"lrx.{m}" for m in MODULES if m not in ("__init__", "__main__")]
+    names = [f"lrx.{m.removesuffix('.__init__')}" for m in MODULES if m not in ("__init__", "__main__")]
     result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -133,10 +203,10 @@ def test_each_module_imports_alone():
 def test_modules_stay_short_or_say_why():
     long = []
     for module in MODULES:
-        text = (PACKAGE / f"{module}.py").read_text()
+        text = _path(module).read_text()
         doc = ast.get_docstring(ast.parse(text)) or ""
         if len(text.splitlines()) > 450 and "long because" not in doc:
-            long.append(f"lrx/{module}.py: {len(text.splitlines())} lines and no 'long because' in its docstring")
+            long.append(f"{_path(module).relative_to(ROOT)}: {len(text.splitlines())} lines and no 'long because' in its docstring")
     assert not long, "\n".join(long)
 
 
@@ -146,22 +216,33 @@ DESIGN = ROOT / "docs" / "design.md"
 
 
 def _design_rows() -> list[tuple[str, list[str]]]:
-    """(module, [names in the entry-points column]) per row of design.md's module table."""
+    """(dotted module, [names in the entry-points column]) per row of design.md's module tables."""
     rows = []
     for line in DESIGN.read_text().splitlines():
-        match = re.match(r"^\| `lrx/(\w+)\.py` \|(.*)\|(.*)\|\s*$", line)
+        match = re.match(r"^\| `lrx/([\w/]+)\.py` \|(.*)\|(.*)\|\s*$", line)
         if match:
             names = re.findall(r"`([A-Za-z_][\w.]*)", match.group(3))
-            rows.append((match.group(1), names))
+            rows.append((match.group(1).replace("/", "."), names))
     return rows
+
+
+def test_design_md_draws_the_levels_the_code_has():
+    """The floor plan in design.md (one line per level, lowest last) is the order LEVEL holds."""
+    block = DESIGN.read_text().split("```text\n", 1)[1].split("```", 1)[0]
+    drawn = [re.findall(r"(\w+)/?", line.split("  ")[0].strip()) for line in block.splitlines() if line.strip()]
+    by_level: dict[int, set[str]] = {}
+    for package, level in LEVEL.items():
+        if package not in ("__init__", "__main__"):
+            by_level.setdefault(level, set()).add(package)
+    expected = [sorted(by_level[level]) for level in sorted(by_level, reverse=True)]
+    assert [sorted(names) for names in drawn] == expected, f"design.md draws {drawn}, the code has {expected}"
 
 
 def test_design_md_lists_every_module():
     listed = {module for module, _ in _design_rows()}
-    missing = set(MODULES) - listed - {"__init__", "__main__"}
-    assert not missing, f"docs/design.md does not describe: {sorted(missing)}"
-    ghosts = listed - set(MODULES)
-    assert not ghosts, f"docs/design.md describes modules that do not exist: {sorted(ghosts)}"
+    real = {m for m in MODULES if not m.endswith("__init__") and m != "__main__"}
+    assert not real - listed, f"docs/design.md does not describe: {sorted(real - listed)}"
+    assert not listed - real, f"docs/design.md describes modules that do not exist: {sorted(listed - real)}"
 
 
 @pytest.mark.parametrize("module,names", _design_rows(), ids=[m for m, _ in _design_rows()])
@@ -170,25 +251,15 @@ def test_design_md_names_only_what_exists(module, names):
     for dotted in names:
         obj = mod
         for part in dotted.split("."):
-            assert hasattr(obj, part), f"docs/design.md names {dotted} in lrx/{module}.py, which has no {part}"
+            assert hasattr(obj, part), f"docs/design.md names {dotted} in lrx/{module}, which has no {part}"
             obj = getattr(obj, part)
 
 
 def test_design_md_names_only_files_a_run_writes():
-    from lrx import rundir
+    from lrx.pipeline import rundir
 
     named = set(re.findall(r"^- `([\w.]+)`", DESIGN.read_text(), flags=re.M))
     known = {rundir.CONFIG, rundir.METRICS, rundir.LOG, rundir.LOCK, *rundir.MODEL_FILES.values(),
              rundir.model_file("finetune.0").replace("0", "K"), rundir.checkpoint_file("train"),
              rundir.checkpoint_file("finetune.0").replace("0", "K")}
-    assert named and named <= known, f"docs/design.md names run files lrx.rundir does not write: {named - known}"
-
-
-def test_readme_quick_table_is_the_file_make_demo_writes():
-    """README's table under "Results at CPU size" is results/quick.md (what `lrx table runs/quick` wrote), byte for
-    byte: a re-run that changes the file and not the README (or the reverse) fails here."""
-    written = (ROOT / "results" / "quick.md").read_text().strip()
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Results at CPU size"):]
-    section = section[:section.index("\n## ", 1)]
-    assert written in section, "README's quick table differs from results/quick.md: paste the file into README.md"
+    assert named and named <= known, f"docs/design.md names run files lrx.pipeline.rundir does not write: {named - known}"

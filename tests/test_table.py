@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from lrx.errors import UserError
-from lrx.table import HEADER, collect_rows, render
+from lrx.base.errors import UserError
+from lrx.output.table import HEADER, collect_rows, render
 
 SEED_HEADER = "|No.|layers|#bases|decomped|L2 finetune|CE finetune|acc@1(%)|macs(M)|params(M)|CPU time(ms)|CUDA time(ms)|Remark|"
 DECOMPOSE = {"layers": [2, 3, 4, 5], "scheme": "v1", "bases": [8, 8, 6, 4], "decomposed": False, "report": []}
@@ -48,7 +48,7 @@ def seed_runs(tmp_path):
     write_run(root, "x_l2", done("x_l2", 3, 2, finetune=[l2_stage], acc1_before=77.43, acc1=72.67,
                                  l2_before=1952.4, l2_after=176.6),
               config={"name": "x_l2", "no": 3, "group": 2, "parent": "y_expanded", "baseline": "z_original"})
-    # Row 4: CE after row 3; as lrx.runs writes it, its finetune list holds row 3's stage, then its own.
+    # Row 4: CE after row 3; as lrx.pipeline.runner writes it, its finetune list holds row 3's stage, then its own.
     write_run(root, "w_l2_ce", done("w_l2_ce", 4, 2, finetune=[l2_stage, {"l2": 0.0, "ce": 1.0, "epochs": 10}],
                                     acc1_before=72.67, acc1=82.35, l2_before=176.6, l2_after=783.2),
               config={"name": "w_l2_ce", "no": 4, "group": 2, "parent": "x_l2", "baseline": "z_original"})
@@ -182,7 +182,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_a_damaged_run_is_an_unreadable_row_and_the_rest_still_shows(tmp_path, case):
-    from lrx.plot import plot_pareto, skipped
+    from lrx.output.plot import plot_pareto, skipped
 
     name, content, expected = DAMAGE[case]
     root = tmp_path / "runs"
@@ -238,7 +238,7 @@ def test_hostile_field_values_do_not_break_the_table(tmp_path):
 
 
 def test_a_run_whose_lock_is_held_shows_as_running(seed_runs):
-    from lrx.rundir import RunDir
+    from lrx.pipeline.rundir import RunDir
 
     holder = RunDir(seed_runs, "u_running")
     holder.lock()

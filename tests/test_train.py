@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrx import train as train_mod
-from lrx.checkpoint import load_checkpoint
-from lrx.config import TrainConfig
-from lrx.data import Batches, synthetic
-from lrx.errors import UserError
-from lrx.train import TrainingDiverged, evaluate, train_baseline, train_one_epoch
+from lrx.train import baseline as train_mod
+from lrx.base.files import load_checkpoint
+from lrx.config.settings import TrainConfig
+from lrx.data.datasets import Batches, synthetic
+from lrx.base.errors import UserError
+from lrx.train.baseline import TrainingDiverged, evaluate, train_baseline, train_one_epoch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +206,7 @@ def test_corrupted_checkpoint_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("quiet, rank, shown", [(False, "0", True), (True, "0", False), (False, "1", False)])
 def test_progress_is_silent_when_quiet_or_off_rank_0(monkeypatch, quiet, rank, shown):
-    from lrx import progress as progress_mod
+    from lrx.base import progress as progress_mod
 
     monkeypatch.setenv("RANK", rank)
     with progress_mod.progress(3, "epoch 1/1", quiet) as bar:
@@ -217,7 +217,7 @@ def test_progress_is_silent_when_quiet_or_off_rank_0(monkeypatch, quiet, rank, s
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
-    from lrx.train import lr_factor
+    from lrx.train.baseline import lr_factor
 
     total, warmup = 10, 4
     factors = [lr_factor(step, total, warmup, cosine=True) for step in range(total)]
@@ -230,7 +230,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
 
 def test_baseline_learning_rate_follows_the_schedule_step_by_step(tmp_path, monkeypatch):
     """The optimiser sees lr x lr_factor at every step: warm-up over 1 epoch, cosine over the rest."""
-    from lrx.train import lr_factor
+    from lrx.train.baseline import lr_factor
 
     train, test = make_data(n_train=64, n_test=16)  # 64 images, batch 32: 2 steps per epoch
     seen = []
@@ -249,7 +249,7 @@ def test_baseline_learning_rate_follows_the_schedule_step_by_step(tmp_path, monk
 
 
 def test_adamw_uses_the_fused_kernel_for_float_parameters_only():
-    from lrx.train import adamw, fusable
+    from lrx.train.baseline import adamw, fusable
 
     model = nn.Linear(4, 2)
     assert adamw(model.parameters(), lr=1e-3, weight_decay=0.0).defaults["fused"] is True

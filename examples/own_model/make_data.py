@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lrx.data import load_split
+from lrx.data.datasets import load_split
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 

@@ -1,0 +1,305 @@
+"""Model in, expanded model out: the one call from a model to its expansion (``lrx.expand``).
+
+It plans the ranks (given, or from a MACs, speedup or latency target), builds the expansion layers fitted to
+the filters (the seed's filter reconstruction), and with ``fit="data"`` refits each replaced layer to its
+outputs on calibration images. ``lrx decompose`` calls it with a config's ``decompose:`` settings
+(:func:`lrx.pipeline.stages.expand_model`); from Python::
+
+    import lrx
+    fast, report = lrx.expand(model, layers="auto", scheme="v2", ranks="auto", target={"latency": 2.0},
+                              fit="data", calibration=loader)   # loader: any re-iterable (images, labels) batches
+    torch.save({"model": fast.state_dict(), "spec": report.spec}, "expanded.pt")
+    again = lrx.build_expanded(build_model("alexnet_cifar10"), saved["spec"])  # no decomposition rerun
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lrx.base.errors import UserError
+from lrx.config.settings import check_target
+from lrx.factor.datafit import (TOL, collect_stats, fit_scheme1, fit_scheme2, output_error, refit_coefficients,
+                                retained_output_energy)
+from lrx.factor.decomposition import (BASES, METHODS, ORDERS, SCHEMES, Scheme1Factors, check_choice,
+                                      check_method_options, check_rank, energy_first_sv, expanded_macs, max_rank,
+                                      original_macs, scheme1)
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
+from lrx.nn.surgery import conv_sizes, layer_label, per_layer_ranks, select_layers
+from lrx.plan.latency import DeviceTiming, Timing, plan_latency
+from lrx.plan.macs import device_align, plan_ranks
+
+__all__ = ["expand", "ExpansionReport", "ExpansionNote", "FITS", "DATA_PROXY"]
+
+FITS = ("weights", "data")  # to the filters (the seed's), or to the layers' outputs (lrx.factor.datafit)
+DATA_PROXY = "output energy on the calibration images"
+
+
+class ExpansionNote(UserWarning):
+    """What :func:`expand` tells about its choice (``report.notes`` holds the same lines): a conv a pattern or
+    ``auto`` skipped, a layer whose rank costs more MACs than the conv."""
+
+
+@dataclass
+class ExpansionReport:
+    """What :func:`expand` did. Its fields are the keys metrics.json keeps (:meth:`to_dict`).
+
+    spec : what :func:`lrx.nn.surgery.build_expanded` needs to rebuild the structure: layers (names), scheme,
+        ranks, basis, decomposed, method, method_options, and orders (scheme 2).
+    layers : one dict per replaced layer: index (1-based among the convs), name, shape [N, C, dh, dw], rank,
+        max_rank, rel_error ||W - W_hat||_F / ||W||_F as built, macs_before, macs_after (one image, as ptflops
+        counts the convs), mac_ratio, energy_first_sv (scheme 1: per basis filter the share of its energy in
+        its first singular value; None for scheme 2) and order ("vh"/"hv" for scheme 2, None for scheme 1).
+        With ``fit="data"`` also fit ("data"), output_error_weights and output_error (relative output error of
+        the filter fit and of the data fit on the calibration statistics), sweeps, and with held-out batches
+        held_out_error_weights and held_out_error.
+    notes : one line per conv a pattern skipped and per layer whose rank adds MACs.
+    ranks : the ranks used, one per layer.
+    plan : an auto plan (:func:`lrx.plan.macs.plan_ranks` or :func:`lrx.plan.latency.plan_latency`), its
+        ``proxy`` among it when ranked by output energy; None for given ranks.
+    chosen_layers : the layers a latency plan chose (a subset of those asked for); None otherwise.
+    fit_data : with ``fit="data"``: images, sequential, iterations, tol, seconds, seconds_stats, seconds_fit.
+    """
+
+    spec: dict
+    layers: list[dict]
+    notes: list[str] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    plan: dict | None = None
+    chosen_layers: list[str] | None = None
+    fit_data: dict | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The replaced layers' module names, in the order of :attr:`layers`."""
+        return [row["name"] for row in self.layers]
+
+    def to_dict(self) -> dict:
+        """The report as metrics.json keeps it (fields that are None left out)."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4, 5), scheme: str = "v1",
+           ranks: Sequence[int] | int | str = (8, 8, 6, 4), *, target: dict | None = None, fit: str = "weights",
+           calibration: Iterable | None = None, images: int = 512, sequential: bool = True, iterations: int = 20,
+           held_out: Iterable | None = None, basis: str = "shared", method: str = "svd", decomposed: bool = False,
+           order: str = "vh", align: int | str = 1, input_size=(3, 224, 224), timing: Timing | None = None,
+           cache: Path | None = None, write_cache: bool = True, proxy: dict | None = None,
+           log: Callable[[str], None] = lambda m: None, **method_options) -> tuple[nn.Module, ExpansionReport]:
+    """A copy of ``model`` with the chosen convs replaced by low-rank expansions, and a report.
+
+    Parameters
+    ----------
+    model : any module; deep-copied, never modified.
+    layers : 1-based conv indices (module order; the seed's "layers 2,3,4,5"), module names, glob patterns
+        (``"layer3.*"``) or ``"auto"`` (every conv the scheme can replace), one or a list
+        (:func:`lrx.nn.surgery.select_layers`; what a pattern skips is in ``report.notes`` and warned as
+        :class:`ExpansionNote`).
+    scheme : "v1" (:class:`lrx.nn.layers.LowRankExpConvV1`) or "v2" (:class:`lrx.nn.layers.LowRankExpConvV2`).
+    ranks : one rank per layer (the seed's "#bases": M basis filters for v1, K channels for v2), one int for
+        all, or ``"auto"``: planned from ``target``.
+    target : with ``ranks="auto"``: ``{"speedup": X}`` (the replaced layers' MACs fall X-fold), ``{"macs": F}``
+        (the model keeps the fraction F of its MACs) (:func:`lrx.plan.macs.plan_ranks`), or ``{"latency": X}``
+        (the whole model runs X times faster, measured with ``timing``; scheme 2; :func:`lrx.plan.latency.plan_latency`).
+    fit : ``"weights"`` (filter reconstruction, the seed's) or ``"data"``: factors fitted to the layers' outputs
+        on the first ``images`` images of ``calibration``. ``sequential=True``: a layer's inputs come from the
+        model with the earlier layers already refitted, its targets from the original (Zhang et al.);
+        ``iterations``: ALS sweeps per layer at most; ``held_out``: batches on which both fits are compared too.
+        An auto plan then ranks layers by output energy on the calibration images.
+    calibration : any re-iterable of ``(images, labels)`` batches (a DataLoader too), on the model's device.
+    basis : v1 only: "shared" or "per-channel". ``decomposed``: v1 only: split every basis filter into
+        dh x 1 and 1 x dw (the seed's "decomped").
+    method : "svd", or "alternating" (v1 only) with ``method_options`` (lam, lam_start, lam_growth,
+        iterations, tol; :func:`lrx.factor.decomposition.scheme1_alternating`).
+    order : v2 only: "vh" (vertical 1-D conv first, Tai et al.), "hv" or "auto" (per layer, fewer MACs).
+    align : ranks are multiples of this (1, 8, 16, 32) or ``"auto"`` (the device's rule, :func:`lrx.plan.macs.device_align`).
+    input_size : (C, H, W) of one image, for the MAC counts.
+    timing : how a latency target is measured; default :class:`lrx.plan.latency.DeviceTiming` on the CPU at batch
+        16 and ``input_size``. ``cache``: a JSON file for its per-layer tables (kept unless ``write_cache`` is off).
+    proxy : the output energy per rank of each layer (``{name: [share kept at rank 1, 2, ...]}``) when the
+        caller has it already; else, with ``fit="data"`` and an auto plan, it is measured here.
+    log : called with one line per planner step and note.
+    """
+    check_choice(fit, FITS, "fit")
+    if fit == "data" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
+        raise UserError(f"images {images!r} must be a positive integer", key="decompose.calibration.images")
+    if fit == "data" and calibration is None:
+        raise UserError("fit 'data' needs calibration batches: pass calibration=<your (images, labels) batches>",
+                        key="decompose.calibration")
+    if ranks == "auto":
+        if target is None:
+            raise UserError("ranks 'auto' plan from a target: pass target={'speedup': X}, {'macs': F} or "
+                            "{'latency': X}", key="decompose.target")
+        kind, _ = check_target(target)
+    elif target is not None:
+        raise UserError(f"a target ({target!r}) plans ranks only with ranks 'auto'; with explicit ranks drop it "
+                        "(decompose.target: null)", key="decompose.target")
+    _check_form(scheme, basis, method, decomposed, order)
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    device = timing.device if timing is not None and hasattr(timing, "device") else torch.device("cpu")
+    align = device_align(align, device)
+
+    plan = None
+    if ranks == "auto":
+        if proxy is None and fit == "data":
+            proxy = output_energy(model, layers, scheme, calibration, basis=basis, images=images)
+        if kind == "latency":
+            timing = timing if timing is not None else DeviceTiming(torch.device("cpu"), input_size=tuple(input_size))
+            plan = plan_latency(model, layers, target, timing, proxy=proxy, align=align, cache=cache,
+                                write_cache=write_cache, log=log)
+            layers = plan["layers"]
+        else:
+            plan = plan_ranks(model, layers, scheme, target, input_size=input_size, basis=basis,
+                              decomposed=decomposed, align=align, retained=proxy)
+        if proxy is not None:
+            plan["proxy"] = DATA_PROXY
+        ranks = plan["ranks"]
+
+    expanded, report = _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_size, order,
+                                    method_options)
+    if fit == "data":
+        report.fit_data = _fit_data(model, expanded, report, calibration, images=images, sequential=sequential,
+                                    basis=basis, decomposed=decomposed, iterations=iterations, held_out=held_out)
+    for note in report.notes:
+        warnings.warn(note, ExpansionNote, stacklevel=2)
+        log(f"note: {note}")
+    if plan is not None:
+        report.plan = plan
+        if "latency" in plan["target"]:
+            report.chosen_layers = list(layers)
+    return expanded, report
+
+
+def output_energy(model: nn.Module, layers: Sequence[int | str], scheme: str, batches: Iterable, *,
+                  images: int = 512, basis: str = "shared") -> dict[str, list[float]]:
+    """The share of each chosen conv's output energy kept at each rank, from one pass of ``model`` over the
+    first ``images`` calibration images: ``{name: [share kept at rank 1, 2, ...]}``, the proxy an auto plan
+    ranks layers by with ``fit="data"`` (:func:`lrx.factor.datafit.retained_output_energy`)."""
+    chosen = select_layers(model, layers, scheme)
+    stats = collect_stats(model, [name for _, name, _ in chosen], batches, images)
+    return {name: retained_output_energy(conv.weight, stats[name], scheme, basis).tolist() for _, name, conv in chosen}
+
+
+def _check_form(scheme: str, basis: str, method: str, decomposed: bool, order: str) -> None:
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
+    check_choice(method, METHODS, "method")
+    if scheme == "v2" and (method != "svd" or decomposed or basis != "shared"):
+        raise UserError("scheme v2 takes method 'svd', basis 'shared' and decomposed false only "
+                        f"(got method {method!r}, basis {basis!r}, decomposed {decomposed}): its SVD is exact and "
+                        "its filters are already separable")
+    check_choice(order, ORDERS, "order")
+    if scheme == "v1" and order != "vh":
+        raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
+
+
+def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_size, order,
+                 method_options) -> tuple[nn.Module, ExpansionReport]:
+    """The expansion fitted to the filters (the seed's filter reconstruction), every check before any work."""
+    notes: list[str] = []
+    chosen = select_layers(model, layers, scheme, decomposed, notes)
+    ranks = per_layer_ranks(ranks, len(chosen), [name for _, name, _ in chosen])
+    for (index, name, conv), rank in zip(chosen, ranks):
+        check_convertible(conv, scheme, decomposed, layer_label(index, name))
+        check_rank(rank, conv, scheme, basis, order, layer_label(index, name))
+    check_method_options(method, method_options)
+
+    names = [name for _, name, _ in chosen]
+    sizes = conv_sizes(model, names, input_size)
+    new = copy.deepcopy(model)
+    rows = []
+    for (index, name, _), rank in zip(chosen, ranks):
+        conv = new.get_submodule(name)
+        weight = conv.weight.detach()
+        energy = layer_order = None
+        if scheme == "v1":
+            factors = scheme1(weight, rank, basis, method, **method_options)
+            share = energy_first_sv(factors.bases)
+            energy = (share if share.dim() == 1 else share.mean(0)).tolist()
+            layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
+        else:
+            layer = LowRankExpConvV2.from_conv(conv, rank, order=order, name=name)
+            layer_order = layer.order
+        in_hw, out_hw = sizes[name]
+        before = original_macs(conv, out_hw)
+        after = expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
+        rows.append({
+            "index": index, "name": name, "shape": list(weight.shape), "rank": rank,
+            "max_rank": max_rank(conv, scheme, basis, layer_order or "vh"),
+            "rel_error": _relative_error(weight, layer.dense_weight()),
+            "macs_before": before, "macs_after": after, "mac_ratio": before / after,
+            "energy_first_sv": energy, "order": layer_order,
+        })
+        if after > before:
+            notes.append(f"layer {layer_label(index, name)}: rank {rank} costs {after / before:.2f}x the conv's MACs "
+                         f"(MAC ratio {before / after:.2f}); a lower rank saves MACs")
+        new.set_submodule(name, layer)
+    spec = {"layers": names, "scheme": scheme, "ranks": list(ranks), "basis": basis, "decomposed": decomposed,
+            "method": method, "method_options": dict(method_options)}
+    if scheme == "v2":
+        spec["orders"] = [row["order"] for row in rows]
+    return new, ExpansionReport(spec=spec, layers=rows, notes=notes, ranks=list(ranks))
+
+
+def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    w = weight.double()
+    return ((w - approx).norm() / w.norm().clamp_min(1e-300)).item()
+
+
+def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, batches: Iterable, *, images: int,
+              sequential: bool, basis: str, decomposed: bool, iterations: int, tol: float = TOL,
+              held_out: Iterable | None = None) -> dict:
+    """Refit each layer of the filter-fitted ``expanded`` (in place, in module order) to its outputs on the first
+    ``images`` images of ``batches``; the filter fit stays in the report as the data fit's reference
+    (``output_error_weights``). ``sequential=False``: all statistics from the original model, one pass.
+    Returns the record of the fit (``report.fit_data``)."""
+    started = time.perf_counter()
+    scheme = report.spec["scheme"]
+    rows = sorted(report.layers, key=lambda row: row["index"])
+    names = [row["name"] for row in rows]
+    clock = time.perf_counter()
+    stats = None if sequential else collect_stats(model, names, batches, images)
+    seconds_stats = time.perf_counter() - clock
+    filter_fits = {}
+    for row in rows:
+        name = row["name"]
+        conv = model.get_submodule(name)
+        weight = conv.weight.detach()
+        clock = time.perf_counter()
+        layer_stats = (collect_stats(expanded, [name], batches, images, reference=model)[name] if sequential
+                       else stats[name])
+        seconds_stats += time.perf_counter() - clock
+        before = expanded.get_submodule(name)
+        filter_fits[name] = before.dense_weight()
+        row["output_error_weights"] = output_error(weight, filter_fits[name], layer_stats)
+        history = []
+        if scheme == "v2":
+            factors = fit_scheme2(weight, row["rank"], layer_stats, row["order"], iterations, tol=tol, history=history)
+            layer = LowRankExpConvV2.from_factors(conv, factors, order=row["order"])
+        else:
+            factors = fit_scheme1(weight, row["rank"], layer_stats, basis, iterations, tol=tol, history=history)
+            if decomposed:
+                factors = Scheme1Factors(factors.bases, refit_coefficients(weight, factors.bases, layer_stats))
+            layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
+        layer.train(before.training)
+        expanded.set_submodule(name, layer)
+        dense = layer.dense_weight()
+        row.update(fit="data", output_error=output_error(weight, dense, layer_stats), sweeps=len(history) - 1,
+                   rel_error=_relative_error(weight, dense))
+    if held_out is not None:
+        unseen = collect_stats(model, names, held_out, images)
+        for row in rows:
+            weight = model.get_submodule(row["name"]).weight
+            row.update(held_out_error_weights=output_error(weight, filter_fits[row["name"]], unseen[row["name"]]),
+                       held_out_error=output_error(weight, expanded.get_submodule(row["name"]).dense_weight(),
+                                                   unseen[row["name"]]))
+    seconds = time.perf_counter() - started
+    return {"images": layer_stats.images, "sequential": sequential, "iterations": iterations, "tol": tol,
+            "seconds": seconds, "seconds_stats": seconds_stats, "seconds_fit": seconds - seconds_stats}

@@ -1,0 +1,384 @@
+"""A run's final model, ready to use, and written in forms that load without lrx.
+
+    import lrx
+    model = lrx.load_run("runs/exp11")                 # the run's final model, eval mode, on the CPU
+    from lrx.output.export import to_plain, export_model
+    plain = to_plain(model)                            # nn.Conv2d / nn.Sequential only, same outputs
+    export_model(model, "exp11.onnx", "onnx", input_size=(3, 224, 224))
+
+``to_plain`` replaces every expansion layer by an ``nn.Sequential`` of the plain convs it runs (its factors,
+in order), so the plain model computes exactly the same function and needs nothing from lrx to build.
+Every format is written from it:
+
+- ``onnx``: the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, onnxscript), a dynamic batch
+  axis, checked with ``onnx.checker``; runs in ONNX Runtime.
+- ``pt2``: ``torch.export.save`` of ``torch.export.export`` (dynamic batch); ``torch.export.load(f).module()``.
+- ``torchscript``: ``torch.jit.script`` (``torch.jit.trace`` where the architecture does not script);
+  ``torch.jit.load(f)``.
+- ``state-dict``: the plain model's state dict (tensors only, ``torch.load(f, weights_only=True)``), with
+  the recipe (:func:`recipe`) that builds the plain modules around the original architecture.
+
+:func:`check_export` loads a written file the way a user without lrx would and compares its outputs with
+PyTorch's; :func:`export_all` writes every format with reference outputs and :func:`check_without_lrx`
+loads them in a subprocess that cannot import lrx (tests/test_export.py, benchmarks/export_check.py).
+onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]``, imported where used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrx.base.files import load_checkpoint
+from lrx.config.settings import Config, load_config
+from lrx.base.errors import UserError
+from lrx.nn.layers import factor_convs
+from lrx.pipeline.rundir import RunDir, load_model
+from lrx.nn.inference import expansion_layers
+from lrx.measure.timing import interleaved
+
+__all__ = ["FORMATS", "EXTRA", "run_dir", "load_run", "final_model", "plain_layer", "to_plain", "recipe",
+           "original_code", "export_model", "check_export", "run_input_size", "export_run", "SUFFIX", "NO_LRX",
+           "export_all", "check_without_lrx", "ort_session", "onnx_latency", "profile_onnx"]
+
+FORMATS = ("onnx", "pt2", "torchscript", "state-dict")
+EXTRA = "pip install 'lrx[export]' (onnx, onnxscript, onnxruntime)"
+
+
+# ---------------------------------------------------------------- the final model of a run
+
+
+def run_dir(run_or_config: str | Path, runs_dir: str | Path = "runs") -> RunDir:
+    """The run a path means: a run folder (``runs/exp11``), or a config YAML whose run is in ``runs_dir``."""
+    path = Path(run_or_config)
+    if path.is_dir():
+        return RunDir(path.parent, path.name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return RunDir(runs_dir, load_config(path).name)
+    raise UserError(f"{path} is neither a run folder (e.g. runs/exp11) nor a config YAML")
+
+
+def load_run(run: str | Path, runs_dir: str | Path = "runs") -> nn.Module:
+    """The run's final model (:meth:`lrx.pipeline.rundir.RunDir.final_model_path`), in eval mode on the CPU.
+
+    ``run``: a run folder (``"runs/exp11"``) or the config YAML of a run in ``runs_dir``. The model is
+    an ordinary ``nn.Module`` holding lrx's expansion layers; :func:`lrx.nn.inference.optimise` picks their
+    fastest CPU paths, :func:`to_plain` turns them into plain convs.
+    """
+    return final_model(run_dir(run, runs_dir))[0]
+
+
+def final_model(run: RunDir) -> tuple[nn.Module, Path, dict]:
+    """(the run's final model in eval mode, its file, the file's arch and num_classes)."""
+    path = run.final_model_path()
+    blob = load_checkpoint(path)
+    model, _, _ = load_model(path, blob.get("arch"), blob.get("num_classes"))
+    return model.eval(), path, {"arch": blob.get("arch"), "num_classes": blob.get("num_classes")}
+
+
+# ---------------------------------------------------------------- plain modules
+
+
+def plain_layer(layer: nn.Module) -> nn.Sequential:
+    """An expansion layer as an ``nn.Sequential`` of copies of its factor convs, in the order they run."""
+    return nn.Sequential(*(copy.deepcopy(conv) for conv in factor_convs(layer)))
+
+
+def to_plain(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every expansion layer replaced by :func:`plain_layer`: plain ``nn.Conv2d`` in
+    ``nn.Sequential``, the same outputs (the same convs run), nothing from lrx needed to build or load it."""
+    plain = copy.deepcopy(model)
+    for name, layer in expansion_layers(plain):
+        plain.set_submodule(name, plain_layer(layer))
+    return plain
+
+
+def _conv_code(conv: nn.Conv2d) -> str:
+    padding = repr(conv.padding) if isinstance(conv.padding, str) else tuple(conv.padding)
+    return (f"nn.Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)}, "
+            f"stride={tuple(conv.stride)}, padding={padding}, dilation={tuple(conv.dilation)}, "
+            f"groups={conv.groups}, bias={conv.bias is not None})")
+
+
+def recipe(model: nn.Module, original: str = "...", state_file: str = "model.pt") -> str:
+    """Python that builds :func:`to_plain`'s module around the original architecture and loads its state dict.
+
+    ``original`` is the expression that builds the original model (e.g. ``torchvision.models.resnet18(num_classes=10)``).
+    """
+    lines = ["import torch", "from torch import nn", "", f"model = {original}  # the original architecture"]
+    for name, layer in expansion_layers(model):
+        described = f"  # was {type(layer).__name__}: {layer.extra_repr().split(', path=')[0]}"
+        convs = ",\n    ".join(_conv_code(conv) for conv in factor_convs(layer))
+        lines.append(f"model.set_submodule({name!r}, nn.Sequential(\n    {convs}))" + described)
+    lines += [f"model.load_state_dict(torch.load({state_file!r}, weights_only=True))", "model.eval()"]
+    return "\n".join(lines) + "\n"
+
+
+def original_code(arch: str | None, num_classes: int | None) -> str:
+    """The expression that builds the original architecture of a run's model, for :func:`recipe`."""
+    arch = arch or "?"
+    if arch.startswith("torchvision:"):
+        return f"__import__('torchvision').models.get_model({arch.split(':', 1)[1]!r}, num_classes={num_classes})"
+    if arch.startswith("python:"):
+        module, _, factory = arch.split(":", 1)[1].strip().partition(":")
+        return f"__import__('importlib').import_module({module!r}).{factory}()"
+    return f"lrx.nn.models.build_model({arch!r}, {num_classes})  # lrx's registry (or the same architecture in your code)"
+
+
+# ---------------------------------------------------------------- files
+
+
+def _example(model: nn.Module, input_size) -> torch.Tensor:
+    # Batch 2: torch.export specialises a dimension of size 1, and the batch axis must stay dynamic.
+    first = next(model.parameters(), None)
+    return torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0),
+                       dtype=first.dtype if first is not None else torch.float32)
+
+
+def _batch_dim():
+    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+
+def export_model(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 224, 224),
+                 original: str = "...") -> str:
+    """Write ``model`` (expanded or not) as ``fmt`` (:data:`FORMATS`) to ``path``, from :func:`to_plain`'s
+    module on the CPU in eval mode; returns a one-line summary (for ``state-dict``, followed by the recipe).
+
+    ``input_size``: (C, H, W) of one image; the batch axis stays dynamic in onnx and pt2.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise UserError(f"{path.parent} is not a folder", file=str(path))
+    plain = to_plain(model).cpu().float().eval()
+    plain = plain.to(memory_format=torch.contiguous_format)
+    x = _example(plain, input_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        if fmt == "onnx":
+            _write_onnx(plain, x, path)
+            return f"wrote {path} (ONNX, checked with onnx.checker; input 'images' (batch, {', '.join(map(str, input_size))}))"
+        if fmt == "pt2":
+            torch.export.save(torch.export.export(plain, (x,), dynamic_shapes=_batch_dim()), str(path))
+            return f"wrote {path} (torch.export; load with torch.export.load(f).module())"
+        if fmt == "torchscript":
+            try:
+                scripted, how = torch.jit.script(plain), "scripted"
+            except Exception as err:  # the user's architecture may not script (Python control flow): trace it
+                scripted, how = torch.jit.trace(plain, x), f"traced, as it does not script: {type(err).__name__}"
+            torch.jit.save(scripted, str(path))
+            return f"wrote {path} (TorchScript, {how}; load with torch.jit.load(f))"
+    torch.save(plain.state_dict(), path)
+    return (f"wrote {path} (state dict of plain nn.Conv2d/nn.Sequential modules); build and load it with:\n\n"
+            + recipe(model, original, path.name))
+
+
+def _write_onnx(plain: nn.Module, x: torch.Tensor, path: Path) -> None:
+    try:
+        import onnx  # local: optional extra lrx[export], heavy to import
+        import onnxscript  # noqa: F401  # local: the dynamo exporter needs it; imported here for a clear message
+    except ImportError as err:
+        raise UserError(f"--format onnx needs {err.name}: {EXTRA}") from None
+    program = torch.onnx.export(plain, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=_batch_dim(), verbose=False)
+    program.save(str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def check_export(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 224, 224), batch: int = 3) -> float:
+    """Load the file :func:`export_model` wrote as a user without lrx would (ONNX Runtime for onnx) and return
+    the largest absolute difference of its outputs from ``model``'s on a random batch (float32)."""
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.cpu().float().eval()(x)
+        if fmt == "onnx":
+            try:
+                import onnxruntime  # local: optional extra lrx[export], heavy to import
+            except ImportError:
+                raise UserError(f"checking an ONNX file needs onnxruntime: {EXTRA}") from None
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        elif fmt == "pt2":
+            got = torch.export.load(str(path)).module()(x)
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                got = torch.jit.load(str(path))(x)
+        else:
+            plain = to_plain(model).cpu().float().eval()
+            plain.load_state_dict(torch.load(path, weights_only=True))
+            got = plain(x)
+    return (got - want).abs().max().item()
+
+
+def run_input_size(run: RunDir) -> tuple[int, int, int]:
+    """(C, H, W) a run's model was trained and evaluated at: profile.input_size's channels, data.image_size."""
+    config = run.read_config()
+    channels = ((config.get("profile") or {}).get("input_size") or [3])[0]
+    size = (config.get("data") or {}).get("image_size") or 224
+    return int(channels), int(size), int(size)
+
+
+def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: str | Path = "runs",
+               input_size=None, check: bool = True) -> str:
+    """``lrx export``: write the final model of a run (a run folder or its config YAML) as ``fmt`` to ``path``.
+
+    ``input_size``: (C, H, W), default the run's own (:func:`run_input_size`). With ``check`` the written
+    file is loaded back (:func:`check_export`) and the largest difference from PyTorch is reported.
+    Returns what to print.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    run = run_dir(run_or_config, runs_dir)
+    model, model_path, arch = final_model(run)
+    size = tuple(input_size) if input_size else run_input_size(run)
+    text = export_model(model, path, fmt, size, original_code(arch["arch"], arch["num_classes"]))
+    status = run.read_metrics().get("status")
+    unfinished = f" (the run is {status}: this is its last finished stage's model)" if status != "done" else ""
+    lines = [f"final model of run {run.name}: {model_path}{unfinished}", text]
+    if check:
+        where = {"onnx": "ONNX Runtime", "pt2": "torch.export.load", "torchscript": "torch.jit.load",
+                 "state-dict": "the plain model"}[fmt]
+        lines.append(f"checked: largest |difference| from PyTorch {check_export(model, path, fmt, size):.2e} "
+                     f"({where}, a random batch of 3 at {'x'.join(map(str, size))})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- checked where lrx cannot be imported
+
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".ts", "state-dict": ".pt"}
+
+# What a user without lrx runs (`python -I -c NO_LRX REPO FOLDER`): lrx's import is blocked and the
+# repository is not on sys.path. It loads every model.* file in FOLDER, runs io.pt's inputs and prints one
+# JSON line: per format the largest |difference| from io.pt's PyTorch outputs. The state dict goes into
+# recipe.py's plain modules where the folder has one (an lrx-free expression of the original architecture),
+# else into the architecture the .pt2 file holds, its weights zeroed first (so all of them come from the file).
+NO_LRX = r"""
+import json, sys
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]  # the repository (an editable install adds it)
+sys.modules["lrx"] = None  # `import lrx` now raises ImportError, whatever the site-packages hold
+try:
+    import lrx
+    raise SystemExit("lrx could be imported")
+except ImportError:
+    pass
+import os, warnings
+warnings.simplefilter("ignore")
+import onnxruntime, torch
+from torch import nn
+folder = sys.argv[2]
+x, want = torch.load(os.path.join(folder, "io.pt"), weights_only=True)
+session = onnxruntime.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
+with torch.no_grad():
+    got = {"onnx": torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]),
+           "pt2": torch.export.load(os.path.join(folder, "model.pt2")).module()(x),
+           "torchscript": torch.jit.load(os.path.join(folder, "model.ts"))(x)}
+    if os.path.exists(os.path.join(folder, "recipe.py")):
+        scope = {}
+        exec(open(os.path.join(folder, "recipe.py")).read(), scope)
+        model, into = scope["model"], "recipe.py"
+    else:
+        model, into = torch.export.load(os.path.join(folder, "model.pt2")).module(), "the .pt2 architecture"
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+        model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True), strict=True)
+    got["state-dict"] = model(x)
+print(json.dumps({"diff": {k: (v - want).abs().max().item() for k, v in got.items()},
+                  "scale": want.abs().max().item(), "state_dict_into": into,
+                  "modules": sorted({type(m).__module__ for m in model.modules()}),
+                  "lrx_loaded": [m for m, v in sys.modules.items() if v is not None and (m == "lrx" or m.startswith("lrx."))]}))
+"""
+
+
+def export_all(model: nn.Module, folder: str | Path, input_size=(3, 224, 224), original: str | None = None,
+               batch: int = 5) -> torch.Tensor:
+    """Write ``model`` in every format (:data:`FORMATS`) as ``folder/model<SUFFIX>``, with ``io.pt``: a random
+    batch (``batch`` x ``input_size``, seed 2; not the exported batch of 2, the batch axis is dynamic) and
+    ``model``'s outputs on it, the reference :func:`check_without_lrx` compares with. ``original``: an
+    lrx-free expression that builds the original architecture (:func:`recipe`); given, ``recipe.py`` is
+    written too. Returns the outputs (batch, classes)."""
+    folder = Path(folder)
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+    torch.save((x, want), folder / "io.pt")
+    for fmt in FORMATS:
+        export_model(model, folder / f"model{SUFFIX[fmt]}", fmt, input_size)
+    if original is not None:
+        (folder / "recipe.py").write_text(recipe(model, original, str(folder / "model.pt")))
+    return want
+
+
+def check_without_lrx(folder: str | Path, timeout: float = 600) -> dict:
+    """Load what :func:`export_all` wrote in a ``python -I`` subprocess that cannot import lrx (:data:`NO_LRX`).
+
+    Returns ``{"diff": {format: largest |difference| from PyTorch}, "scale": largest |output|,
+    "state_dict_into": what the state dict was loaded into, "modules": the modules of that model,
+    "lrx_loaded": lrx modules found in the subprocess (none)}``; raises RuntimeError (the subprocess's
+    stderr's end) when it fails.
+    """
+    repo = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-I", "-c", NO_LRX, repo, str(folder)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the check without lrx failed (exit {result.returncode}): {result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- ONNX Runtime timing
+
+
+def ort_session(path: str | Path, threads: int = 2):
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads, sequential, every graph optimisation on."""
+    try:
+        import onnxruntime  # local: optional extra lrx[export], heavy to import
+    except ImportError:
+        raise UserError(f"timing in ONNX Runtime needs onnxruntime: {EXTRA}") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(models: dict[str, nn.Module], folder: str | Path, batch: int = 16, input_size=(3, 224, 224),
+                 threads: int = 2, warmup: int = 2, repeats: int = 10) -> dict:
+    """Each model exported to ONNX in ``folder`` and timed in ONNX Runtime on the CPU, interleaved in one process.
+
+    Returns ``{name: stats}`` as :func:`lrx.measure.timing.latency` gives them (median_ms, quartiles, noisy, and
+    ``speedup`` = the first model's median / this one's).
+    """
+    sessions = {}
+    for name, model in models.items():
+        path = Path(folder) / f"{name}.onnx"
+        export_model(model, path, "onnx", input_size)
+        sessions[name] = ort_session(path, threads)
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0)).numpy()
+    calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+    return interleaved(calls, torch.device("cpu"), warmup, repeats)
+
+
+def profile_onnx(cfg: Config, runs_dir: str | Path = "runs") -> str:
+    """``lrx profile --onnx``: the original (the baseline run's final model) and this run's final model, exported
+    and timed in ONNX Runtime on the CPU at ``profile``'s batch, input size, threads, warm-up and repeats.
+    Printed, not recorded in metrics.json."""
+    p = cfg.profile
+    models = {"original": final_model(RunDir(runs_dir, cfg.baseline or cfg.name))[0]}
+    if cfg.baseline is not None:
+        models[cfg.name] = final_model(RunDir(runs_dir, cfg.name))[0]
+    threads = p.threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        stats = onnx_latency(models, folder, p.batch, tuple(p.input_size), threads, p.warmup, p.repeats)
+    parts = [f"{name} {s['median_ms']:.1f} ms{' (noisy)' if s['noisy'] else ''}" for name, s in stats.items()]
+    if cfg.baseline is not None:
+        parts.append(f"speedup {stats[cfg.name]['speedup']:.2f}x")
+    return (f"ONNX Runtime (CPU, {threads} threads, batch {p.batch} at {'x'.join(map(str, p.input_size))}, "
+            f"medians of {p.repeats} interleaved runs): " + ", ".join(parts))

@@ -1,0 +1,135 @@
+"""`lrx decompose --dry-run` and `--show-bases`: look at a decomposition before and after making it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lrx.config.settings import Config
+from lrx.base.errors import UserError
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.nn.models import build_model
+from lrx.pipeline.rundir import RunDir, load_model
+from lrx.pipeline.stages import expand_model
+
+__all__ = ["preview_decomposition", "print_preview", "latency_table", "save_bases_picture", "fit_comparison"]
+
+
+def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str, dict | None]:
+    """Per layer: rank, MACs before/after, retained energy, for the baseline's weights if trained yet.
+
+    Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None). Writes nothing
+    (a latency target reads the runs folder's cached layer times but does not add to them).
+    """
+    source = "fresh random weights (the baseline is not trained yet)"
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    if cfg.baseline is not None:
+        try:
+            path = RunDir(runs_dir, cfg.baseline).final_model_path()
+            if path.exists() and cfg.parent is None:
+                model, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+                source = f"the trained baseline {path}"
+        except UserError:
+            pass
+    _, report = expand_model(model, cfg, runs_dir=runs_dir, write_cache=False)
+    rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
+             "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
+             "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
+            for layer in report.layers]
+    if report.plan is not None:
+        source += f"; ranks by rule: {report.plan['rule']}"
+    return rows, source, report.plan
+
+
+def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
+    """Print :func:`preview_decomposition` as a table (what ``lrx decompose --dry-run`` shows)."""
+    rows, source, plan = preview_decomposition(cfg, runs_dir)
+    settings = cfg.decompose
+    if settings.scheme == "v1":
+        form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
+    else:
+        form = f"order {settings.order}"
+    table = Table(title=f"{cfg.name}: scheme {settings.scheme}, {form} (dry run: nothing written)")
+    for column in ("layer", "rank", "max", "MACs before (M)", "MACs after (M)", "ratio", "retained energy"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    before = after = 0
+    for row in rows:
+        before, after = before + row["macs_before"], after + row["macs_after"]
+        table.add_row(row["name"], str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
+                      f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
+                      f"{row['retained_energy']:.4f}")
+    table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
+        console = Console(width=120)
+    console.print(table)
+    console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
+    if plan is not None and "table" in plan:
+        console.print(latency_table(plan))
+        for i, step in enumerate(plan["rounds"]):
+            console.print(f"round {i + 1}: ranks {dict(zip(step['names'], step['ranks']))}, predicted "
+                          f"{step['predicted_speedup']:.2f}x, measured {step['measured_speedup']:.2f}x "
+                          f"(against the original {step['original_layout']})")
+        console.print(f"chosen: predicted {plan['predicted_speedup']:.2f}x, measured {plan['measured_speedup']:.2f}x "
+                      f"for target {plan['target']['latency']:g}x on {plan['device']}, batch {plan['batch']}")
+
+
+def latency_table(plan: dict) -> Table:
+    """A latency plan's measured layer table: ms dense and per rank, the choice marked with '*'."""
+    table = Table(title=f"layer times in the model (ms, batch {plan['batch']}, {plan['device']}; * = chosen)")
+    table.add_column("layer")
+    table.add_column("dense", justify="right")
+    table.add_column("rank: ms", justify="left")
+    for row in plan["table"]:
+        ms = row["model_ms"]  # the table's times relative to dense, on the dense conv's time in the model
+        mark = {k: "*" if row.get("choice") == k else "" for k in ms}
+        ranks = "  ".join(f"{r}: {ms[str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
+        table.add_row(row["name"] + (" (cached)" if row["cached"] else ""), f"{ms['dense']:.2f}{mark['dense']}", ranks)
+    return table
+
+
+def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
+    """A grid of each replaced layer's basis filters (scheme 1) or rank-1 filter pairs (scheme 2), as in the paper."""
+    import matplotlib  # local: heavy to import and only pictures need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # local: as above; after use("Agg")
+
+    model, names, _ = load_model(model_path, cfg.model.name, cfg.model.num_classes)
+    modules = dict(model.named_modules())
+    panels = []
+    for name in names:
+        layer = modules[name]
+        if isinstance(layer, (LowRankExpConvV1, LowRankExpConvV2)):
+            panels.append((name, layer.basis_filters().detach().float().cpu()))
+    if not panels:
+        raise UserError(f"{model_path} has no low-rank layers to show")
+    width = max(min(len(f), 16) for _, f in panels)
+    fig, axes = plt.subplots(len(panels), width, figsize=(width * 0.9, len(panels) * 1.1), squeeze=False)
+    for row, (name, filters) in enumerate(panels):
+        for col in range(width):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(filters):
+                ax.imshow(filters[col].numpy(), cmap="gray")
+        axes[row][0].set_title(name, fontsize=7, loc="left")
+    fig.suptitle(f"{cfg.name}: basis filters (first {width} per layer)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def fit_comparison(rows: Sequence[dict]) -> str:
+    """The per-layer table of ``lrx decompose --compare-fits``: both fits' relative output errors on the
+    calibration images and, where measured, on held-out images (rows of the report of :func:`lrx.expand` with ``fit="data"``)."""
+    held = all("held_out_error" in row for row in rows)
+    lines = ["relative output error   calibration images: weights fit -> data fit"
+             + ("   held-out images: weights fit -> data fit" if held else "")]
+    for row in rows:
+        line = f"{row['name']:<20} rank {row['rank']:>4}   {row['output_error_weights']:.4f} -> {row['output_error']:.4f}"
+        if held:
+            line += f"                  {row['held_out_error_weights']:.4f} -> {row['held_out_error']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,475 @@
+"""The seed's results table, regenerated from the run directories under ``runs/``.
+
+:func:`collect_rows` reads every ``runs/<name>/`` one level down (``metrics.json``, and
+``config.yaml`` for what a run not yet measured was meant to be); :func:`render` prints the rows as
+the seed's markdown table, or as csv / json records for plotting elsewhere.
+
+Notation (the seed's): layers "2,3,4,5", #bases "8,8,6,4", decomped "Y" or "-", fine-tune
+schedules "1.0x20" (loss weight x epochs, stages joined by "+"), "0.0" (that loss not used),
+"-" (no fine-tuning at all); "-" for anything not measured. Time columns are medians of interleaved
+repeats (lrx.measure.timing); a noisy one ends in "~", and :func:`footnotes` under the table say what the
+marks, mixed batch sizes, older single-run times and the speedups' references mean.
+
+This module is long because those footnotes read the same cells the rows print; split reading runs
+(``collect_rows``) from printing them if it grows further.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrx.base.files import load_json, read_text_limited
+from lrx.base.errors import UserError
+from lrx.pipeline.rundir import RunDir, metrics_problem
+from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
+
+__all__ = ["COLUMNS", "HEADER", "RULE", "NO_METRICS", "UNREADABLE", "collect_rows", "sort_rows", "NOISY", "cells",
+           "record", "RECORD_FIELDS", "footnotes", "render"]
+
+COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
+           "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
+HEADER = "|" + "|".join(COLUMNS) + "|"
+RULE = "|" + "|".join("---" for _ in COLUMNS) + "|"
+
+# libyaml's safe loader when installed: it refuses a deeply nested file at once, where the pure-Python
+# one takes seconds to run into Python's recursion limit.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# States of a row that is not a finished run (anything but status "done").
+NO_METRICS = "not run"
+UNREADABLE = "unreadable"
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def collect_rows(runs_dir: str | Path) -> list[dict]:
+    """One row per sub-directory of ``runs_dir`` holding a ``metrics.json`` or a ``config.yaml``.
+
+    Only one level down is read (``runs/quick/exp01`` is a row of ``collect_rows("runs/quick")``).
+    A row is the run's ``config.yaml`` mapping overlaid with its ``metrics.json`` (see docs/design.md),
+    plus:
+
+    - ``name``: metrics' name, else the config's, else the folder name; ``dir``: the folder;
+    - ``status``: metrics' status ("done", "running", "failed"), ``"not run"`` without metrics.json,
+      ``"unreadable"`` when metrics.json (or, without one, config.yaml) cannot be read, is too large,
+      too deeply nested or not a JSON object; ``error``: why, or None;
+    - ``history``: the fine-tune stages that made this model: metrics.json's ``finetune`` (which
+      lrx.pipeline.runner writes with the parent's stages first); for a run not yet measured, the parent
+      run's ``history`` followed by the stages in its config.yaml;
+    - ``decompose`` taken from the parent run when the run has none of its own.
+
+    Never raises for a broken run; raises :class:`UserError` only when ``runs_dir`` is not a folder.
+    Rows come back ordered as the table prints them (see :func:`sort_rows`).
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"{str(root)!r} is not a folder of runs (e.g. runs/)")
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as err:
+        raise UserError(f"cannot list {root} ({err.strerror or err})") from None
+    rows = []
+    for folder in folders:
+        row = _read_run(folder)
+        if row is not None:
+            rows.append(row)
+    _inherit(rows)
+    return sort_rows(rows)
+
+
+def _read_run(folder: Path) -> dict | None:
+    """The row of one run folder (None when it holds neither file); never raises for a damaged file.
+
+    A file that cannot be read, is larger than :data:`lrx.base.files.READ_LIMIT` (refused unread),
+    nests too deeply or holds the wrong type makes the row "unreadable", with the reason as its error.
+    """
+    metrics_path, config_path = folder / "metrics.json", folder / "config.yaml"
+    if not _present(metrics_path) and not _present(config_path):
+        return None
+    row: dict[str, Any] = {}
+    config_error = None
+    if _present(config_path):
+        try:
+            loaded = yaml.load(read_text_limited(config_path), Loader=_YAML_LOADER)
+        except FileNotFoundError:
+            loaded = None
+        except UserError as err:
+            loaded, config_error = None, f"config.yaml: {err.message}"
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. an integer too long to convert
+            loaded, config_error = None, f"config.yaml: not valid YAML ({_one_line(err, 120)})"
+        except RecursionError:
+            loaded, config_error = None, "config.yaml: nested too deeply to read"
+        if isinstance(loaded, dict):
+            row.update(loaded)
+        elif loaded is not None:
+            config_error = f"config.yaml holds {_kind(loaded)}, not a mapping"
+    status, error = NO_METRICS, "no metrics.json"
+    metrics_keys: set = set()
+    metrics: Any = None
+    if _present(metrics_path):
+        status = UNREADABLE
+        try:
+            metrics = load_json(metrics_path)
+        except FileNotFoundError:
+            status = NO_METRICS  # removed while we looked
+        except UserError as err:
+            error = f"metrics.json: {err.message}"
+        else:
+            problem = metrics_problem(metrics) if isinstance(metrics, dict) else None
+            if not isinstance(metrics, dict):
+                error = f"metrics.json holds {_kind(metrics)}, not an object"
+            elif problem:  # the runner's own check: what it refuses, the table shows so
+                error = f"metrics.json: damaged: {problem}"
+            else:
+                row.update(metrics)
+                metrics_keys = set(metrics)
+                status, error = str(_scalar(metrics.get("status")) or "done"), metrics.get("error")
+    if status == NO_METRICS and config_error:
+        status, error = UNREADABLE, config_error
+    for key in ("name", "no", "group", "remark", "parent"):  # shown or compared: plain values only
+        if key in row:
+            row[key] = _scalar(row[key])
+    if status == "running" and not RunDir(folder.parent, folder.name).in_use():
+        status, error = "interrupted", "marked running, but no process holds its lock: stopped before it finished"
+    row["name"] = str(row.get("name") or folder.name)
+    row["dir"] = str(folder)
+    row["status"] = status
+    row["error"] = _one_line(_scalar(error)) if status != "done" and error is not None else None
+    if not isinstance(row.get("finetune"), list):
+        row["finetune"] = []
+    row["finetune_from"] = "metrics.json" if "finetune" in metrics_keys else "config.yaml"
+    if not isinstance(row.get("decompose"), dict):
+        row["decompose"] = None
+    return row
+
+
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path`` (a dangling symlink or a folder too: reading it says what is wrong)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except OSError:
+        return True
+
+
+def _scalar(value: Any) -> Any:
+    """``value`` when it is a string or a finite-size number (or None); None for containers and other types.
+
+    YAML and JSON can put anything in a field the table prints; a nested or aliased structure printed
+    whole could be enormous, and dates or sets would break the json output.
+    """
+    if value is None or isinstance(value, (str, bool, float)):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**18 else None
+    return None
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _one_line(value: Any, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _inherit(rows: list[dict]) -> None:
+    """Fill ``history`` and a missing ``decompose`` from each run's ``parent`` chain.
+
+    ``metrics.json``'s ``finetune`` already lists every stage that made the model, the parent's
+    included (lrx.pipeline.runner writes it so), and is taken as it is. A run known only from its
+    ``config.yaml`` lists its own stages there; the parent's history goes before them.
+    """
+    by_name = {row["name"]: row for row in rows}
+
+    def history(row: dict, seen: tuple) -> list[dict]:
+        if "history" in row:
+            return row["history"]
+        own = [s for s in row["finetune"] if isinstance(s, dict)]
+        parent = by_name.get(row.get("parent")) if isinstance(row.get("parent"), str) else None
+        result = own
+        if parent is not None and parent["name"] not in seen:
+            before = history(parent, seen + (row["name"],))
+            if row["decompose"] is None:
+                row["decompose"] = parent["decompose"]
+            if row["finetune_from"] == "config.yaml":
+                result = before + own
+        row["history"] = result
+        return result
+
+    for row in rows:
+        history(row, ())
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """Rows by ``no`` (runs without a number last), then by name."""
+    def key(row):
+        no = row.get("no")
+        numbered = isinstance(no, (int, float)) and not isinstance(no, bool)
+        return (not numbered, no if numbered else 0, str(row.get("name", "")))
+
+    return sorted(rows, key=key)
+
+
+# ---------------------------------------------------------------- cells
+
+# Appended to a time (or speedup) whose repeats spread too widely (lrx.measure.timing.NOISY_SPREAD); a footnote says so.
+NOISY = "~"
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _time(row: dict, column: str, digits: int) -> str:
+    """A time column's cell: ``column + "_ms"`` formatted, with :data:`NOISY` when its stats say noisy."""
+    text = _fmt(row.get(f"{column}_ms"), digits)
+    if text != "-" and _dict(row.get(column)).get("noisy") is True:
+        text += NOISY
+    return text
+
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(value: Any, digits: int, scale: float = 1.0) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{number / scale:.{digits}f}"
+
+
+def _join(values: Any) -> str:
+    if isinstance(values, (list, tuple)) and values:
+        plain = [_scalar(v) for v in values]
+        return ",".join(str(v) for v in plain) if None not in plain else "?"
+    if isinstance(values, (str, int)) and not isinstance(values, bool):
+        return str(values)
+    return "-"
+
+
+def _schedule(stages: list[dict], loss: str) -> str:
+    """ "1.0x20" per stage where ``loss`` has weight > 0, joined by "+"; "0.0" when none has."""
+    parts = []
+    for stage in stages:
+        weight, epochs = _number(stage.get(loss)), _scalar(stage.get("epochs"))
+        if weight is not None and weight > 0:
+            parts.append(f"{weight:.1f}x{epochs if epochs is not None else '?'}")
+    return "+".join(parts) if parts else "0.0"
+
+
+def _measured(row: dict) -> list[str]:
+    """What the run measured, in the seed's words: acc a -> b, L2 norm x -> y, speedup."""
+    parts = []
+    before, after = _number(row.get("acc1_before")), _number(row.get("acc1"))
+    if before is not None and after is not None and (row.get("finetune") or before != after):
+        parts.append(f"acc {before:.2f} -> {after:.2f}")
+    l2_before, l2_after = _number(row.get("l2_before")), _number(row.get("l2_after"))
+    if l2_before is not None and l2_after is not None:
+        parts.append(f"L2 norm {l2_before:.0f} -> {l2_after:.0f}")
+    elif l2_before is not None or l2_after is not None:
+        parts.append(f"L2 norm {(l2_before if l2_before is not None else l2_after):.0f}")
+    latency = _dict(row.get("latency"))
+    speedup, mac_ratio = _number(latency.get("speedup")), _number(latency.get("mac_ratio"))
+    if speedup is not None:
+        text = f"speedup {speedup:.2f}x{NOISY if latency.get('noisy') is True else ''} measured"
+        if mac_ratio is not None:
+            text += f" / {mac_ratio:.2f}x by MACs"
+        parts.append(text)
+    return parts
+
+
+def _remark(row: dict) -> str:
+    remark = str(_scalar(row.get("remark")) or "").strip()
+    measured = ", ".join(_measured(row))
+    text = "; ".join(part for part in (remark, measured) if part)
+    if row.get("status") != "done":
+        state = str(row.get("status"))
+        if row.get("error"):
+            state += f": {row['error']}"
+        text = f"[{state}] {text}".strip()
+    return " ".join(text.split())  # one line: newlines would break the table
+
+
+def cells(row: dict) -> dict[str, str]:
+    """The row's table cells, keyed by column name, unescaped."""
+    dec = row.get("decompose") if isinstance(row.get("decompose"), dict) else None
+    stages = row.get("history", row.get("finetune")) or []
+    if stages:
+        l2, ce = _schedule(stages, "l2"), _schedule(stages, "ce")
+    else:
+        l2 = ce = "-"
+    no = row.get("no")
+    return {
+        "No.": str(no) if no is not None else str(row.get("name", "")),
+        "layers": _join(dec.get("layers")) if dec else "-",
+        "#bases": _join(dec.get("bases")) if dec else "-",
+        "decomped": "Y" if dec and dec.get("decomposed") else "-",
+        "L2 finetune": l2,
+        "CE finetune": ce,
+        "acc@1(%)": _fmt(row.get("acc1"), 2),
+        "macs(M)": _fmt(row.get("macs"), 2, 1e6),
+        "params(M)": _fmt(row.get("params"), 2, 1e6),
+        "CPU time(ms)": _time(row, "cpu_time", 0),
+        "CUDA time(ms)": _time(row, "cuda_time", 2),
+        "Remark": _remark(row),
+    }
+
+
+def record(row: dict) -> dict:
+    """A flat record for csv / json: the notation columns as text, the measurements as numbers."""
+    c = cells(row)
+    latency = _dict(row.get("latency"))
+    return {
+        "no": row.get("no"),
+        "name": row.get("name"),
+        "group": row.get("group"),
+        "status": row.get("status"),
+        "layers": c["layers"],
+        "bases": c["#bases"],
+        "decomposed": c["decomped"] == "Y",
+        "l2_finetune": c["L2 finetune"],
+        "ce_finetune": c["CE finetune"],
+        "acc1": _number(row.get("acc1")),
+        "macs_m": _scaled(row.get("macs")),
+        "params_m": _scaled(row.get("params")),
+        "cpu_time_ms": _number(row.get("cpu_time_ms")),
+        "cuda_time_ms": _number(row.get("cuda_time_ms")),
+        "cpu_time_noisy": _flag(_dict(row.get("cpu_time")).get("noisy")),
+        "cuda_time_noisy": _flag(_dict(row.get("cuda_time")).get("noisy")),
+        "timing_batch": _timing_batch(row),
+        "latency_speedup": _number(latency.get("speedup")),
+        "latency_noisy": _flag(latency.get("noisy")),
+        "original_layout": _scalar(latency.get("original_layout")),
+        "speedup_default": _number(latency.get("speedup_default")),
+        "mac_ratio": _number(latency.get("mac_ratio")),
+        "remark": c["Remark"],
+    }
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+RECORD_FIELDS = ["no", "name", "group", "status", "layers", "bases", "decomposed", "l2_finetune", "ce_finetune",
+                 "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy", "cuda_time_noisy",
+                 "timing_batch", "latency_speedup", "latency_noisy", "original_layout", "speedup_default", "mac_ratio",
+                 "remark"]
+
+
+def _scaled(value: Any) -> float | None:
+    number = _number(value)
+    return None if number is None else number / 1e6
+
+
+# ---------------------------------------------------------------- footnotes
+
+
+def _timing_batch(row: dict) -> int | None:
+    """The batch the row's times were measured at (older metrics: the profile stage's setting), or None."""
+    for source in (_dict(row.get("cpu_time")), _dict(row.get("latency")), _dict(_dict(row.get("stages")).get("profile"))):
+        batch = _scalar(source.get("batch"))
+        if isinstance(batch, int) and not isinstance(batch, bool):
+            return batch
+    return None
+
+
+def _timed(row: dict) -> bool:
+    return _number(row.get("cpu_time_ms")) is not None or _number(row.get("cuda_time_ms")) is not None
+
+
+def _rows_text(label: str, rows: list[dict]) -> str:
+    ids = [cells(row)["No."] for row in rows]
+    return f"{label}{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+
+
+def footnotes(rows: list[dict]) -> list[str]:
+    """What a reader must know to trust the time columns and speedups, one line each (none when all is plain).
+
+    - which figures are marked noisy (:data:`NOISY`) and the rule behind the mark;
+    - a time column that mixes batch sizes, naming the rows of each batch;
+    - rows whose time comes from one torch.profiler run (metrics written before lrx timed repeats);
+    - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it.
+    """
+    notes = []
+    noisy = [row for row in rows if _timed(row) and (
+        any(_dict(row.get(c)).get("noisy") is True for c in ("cpu_time", "cuda_time"))
+        or _dict(row.get("latency")).get("noisy") is True)]
+    if noisy:
+        notes.append(f"{NOISY} noisy ({_rows_text('row', noisy)}): the middle half of the repeats spans more than "
+                     f"{NOISY_SPREAD:.0%} of the median, or fewer than {NOISY_MIN_REPEATS} repeats; the spread is in metrics.json "
+                     f"(cpu_time, cuda_time, latency.spread). Re-time on a quiet machine: lrx profile CONFIG --force.")
+    batches: dict[int | None, list[dict]] = {}
+    for row in rows:
+        if _timed(row):
+            batches.setdefault(_timing_batch(row), []).append(row)
+    if len(batches) > 1:
+        parts = [f"batch {batch if batch is not None else 'unknown'} ({_rows_text('row', group)})"
+                 for batch, group in sorted(batches.items(), key=lambda item: (item[0] is None, item[0] or 0))]
+        notes.append(f"The time columns mix batch sizes: {'; '.join(parts)}; compare times only within one batch.")
+    single = [row for row in rows if _timed(row) and not row.get("cpu_time") and not row.get("cuda_time")]
+    if single:
+        notes.append(f"{_rows_text('Row', single)}: time from one torch.profiler run (profiled by an older lrx), "
+                     f"not a median; lrx profile CONFIG --force re-times it.")
+    against = []
+    for row in rows:
+        latency = _dict(row.get("latency"))
+        layout, speedup = _scalar(latency.get("original_layout")), _number(latency.get("speedup"))
+        if speedup is not None and isinstance(layout, str):
+            default = _number(latency.get("speedup_default"))
+            beside = f", {default:.2f}x against PyTorch's default" if default is not None and layout != "default" else ""
+            against.append(f"row {cells(row)['No.']} {speedup:.2f}x against {layout}{beside}")
+    if against:
+        notes.append("Measured speedups are against the original in its fastest plain layout on the profile device: "
+                     + "; ".join(against) + ".")
+    return notes
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render(rows: list[dict], fmt: str = "markdown") -> str:
+    """The table as text, ending with a newline.
+
+    ``markdown``: the seed's header, a ``|---|`` rule, one line per row and a blank ``|`` line
+    wherever ``group`` changes between consecutive rows; a ``|`` inside a cell is escaped as ``\\|``;
+    then, after an empty line, the :func:`footnotes` as a list (nothing when there are none).
+    ``csv`` / ``json``: one record per row (see :func:`record`), numbers unformatted.
+    """
+    if fmt == "markdown":
+        lines = [HEADER, RULE]
+        previous = object()
+        for i, row in enumerate(rows):
+            group = row.get("group")
+            if i > 0 and group != previous:
+                lines.append("|")
+            previous = group
+            c = cells(row)
+            lines.append("|" + "|".join(c[col].replace("|", "\\|") for col in COLUMNS) + "|")
+        notes = footnotes(rows)
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
+        return "\n".join(lines) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(record(row))
+        return out.getvalue()
+    if fmt == "json":
+        return json.dumps([record(row) for row in rows], indent=2) + "\n"
+    raise UserError(f"unknown table format {fmt!r}; allowed: markdown, csv, json", key="--format")

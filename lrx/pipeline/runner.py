@@ -1,0 +1,379 @@
+"""The run pipeline: one experiment row's stages, what may be skipped, and the runs it builds on.
+
+Stages, in order (:func:`lrx.pipeline.stages.stage_names`): ``train`` (baseline runs only), ``decompose``,
+``finetune.K`` for each fine-tune stage, ``profile``. Each stage records a hash of everything it depends
+on (its settings, the previous stage's hash, the runs it builds on); a stage whose hash and output are
+unchanged is skipped, a changed one is redone together with every stage after it, and what it replaced
+is kept under ``replaced`` in metrics.json.
+
+From Python (what ``lrx run`` does)::
+
+    from lrx.config.settings import load_config
+    from lrx.pipeline.runner import run_with_dependencies
+    metrics = run_with_dependencies(load_config("configs/exp04.yaml"), runs_dir="runs")
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lrx import __version__
+
+from lrx.base import distributed
+from lrx.config.settings import Config, find_config, load_config
+from lrx.factor.decomposition import check_rank
+from lrx.base.errors import UserError
+from lrx.nn.layers import check_convertible
+from lrx.nn.surgery import conv_sizes, layer_label, select_layers
+from lrx.nn.models import build_model, check_start, min_image_size
+from lrx.plan.macs import device_align, plan_ranks
+from lrx.pipeline.rundir import RunDir
+from lrx.pipeline.stages import Context, stage, stage_names, summarise
+
+__all__ = ["device_of", "dependencies", "check_against_model", "configs_to_run", "config_key", "SHARED",
+           "check_shared_settings", "stage_hashes", "final_hash", "Runner", "run_with_dependencies"]
+
+Echo = Callable[[str], None]
+
+
+def _hash(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def device_of(cfg: Config) -> torch.device:
+    """The device the config's stages run on (``runtime.device``)."""
+    try:
+        return distributed.resolve_device(cfg.runtime.device)
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="runtime.device") from None
+
+
+# ---------------------------------------------------------------- configs involved
+
+
+def dependencies(cfg: Config) -> list[Config]:
+    """The configs this one builds on (baseline, parent, recursively), dependencies first, validated.
+
+    Command-line overrides apply to the named config only, never to the runs it builds on.
+    """
+    out: list[Config] = []
+    seen = {cfg.name}
+
+    def visit(c: Config) -> None:
+        for key in ("baseline", "parent"):
+            name = getattr(c, key)
+            if name is None or name in seen:
+                continue
+            seen.add(name)
+            dep = load_config(find_config(name, c.path, key))
+            visit(dep)
+            out.append(dep)
+
+    visit(cfg)
+    return out
+
+
+def check_against_model(cfg: Config) -> None:
+    """Checks that need the model: image size, layers, ranks. Nothing is loaded, trained or written."""
+    try:
+        model = build_model(cfg.model.name, cfg.model.num_classes)
+        check_start(cfg.model, model)  # weights' name, the checkpoint's keys and shapes
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key=err.key or "model.name") from None
+    smallest = min_image_size(cfg.model.name)
+    if cfg.data.image_size < smallest:
+        raise UserError(f"{cfg.model.name} needs images of at least {smallest}x{smallest}, got {cfg.data.image_size}",
+                        file=cfg.path, key="data.image_size")
+    if cfg.profile.input_size[1] < smallest or cfg.profile.input_size[2] < smallest:
+        raise UserError(f"{cfg.model.name} needs an input of at least {smallest}x{smallest}, got {cfg.profile.input_size}",
+                        file=cfg.path, key="profile.input_size")
+    input_size = tuple(cfg.profile.input_size)
+    try:  # one forward at the profile's input: a wrong channel count or size shows here, not after training
+        conv_sizes(model, [], input_size)
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="profile.input_size") from None
+    images = (3, cfg.data.image_size, cfg.data.image_size)
+    if images != input_size:  # and one at the training images' size: a user's model has no known minimum
+        try:
+            conv_sizes(model, [], images)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key="data.image_size") from None
+    settings = cfg.decompose
+    if settings is None:
+        return
+    for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
+        try:
+            for index, name, conv in select_layers(model, [layer], settings.scheme, settings.decomposed):
+                check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
+    try:  # and together: a layer given by index and by name, or by a pattern too
+        chosen = select_layers(model, settings.layers, settings.scheme, settings.decomposed)
+    except UserError as err:
+        raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
+    if settings.bases != "auto" and len(settings.bases) != len(chosen):
+        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} convs "
+                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per conv",
+                        file=cfg.path, key="decompose.bases")
+    if settings.bases == "auto" and "latency" in settings.target:
+        return  # measured on the device by the planner itself (lrx.plan.latency); nothing to count here
+    if settings.bases == "auto":  # reachability depends on MACs alone, so fresh weights tell it
+        try:
+            plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
+                       basis=settings.basis, decomposed=settings.decomposed,
+                       align=device_align(settings.align, cfg.runtime.device))
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=err.key or "decompose.target") from None
+        return
+    for i, ((index, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
+        try:
+            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
+                       name=layer_label(index, name))
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
+
+
+def configs_to_run(cfg: Config, with_deps: bool = True, checked: set[str] | None = None) -> list[Config]:
+    """Every config that running ``cfg`` involves, dependencies first; all checked before anything runs.
+
+    ``checked``: keys (:func:`config_key`) of configs already checked against their model, skipped here
+    and added to as they pass; share one set across the configs of one command (a check builds the model
+    and, for ``bases: auto``, plans its ranks: 1-2 s for AlexNet).
+    """
+    configs = (dependencies(cfg) if with_deps else []) + [cfg]
+    checked = set() if checked is None else checked
+    by_name = {c.name: c for c in configs}
+    for c in configs:
+        if config_key(c) not in checked:
+            check_against_model(c)
+            checked.add(config_key(c))
+        for key in ("baseline", "parent"):
+            if getattr(c, key) in by_name:
+                check_shared_settings(c, key, by_name[getattr(c, key)])
+    return configs
+
+
+def config_key(cfg: Config) -> str:
+    """What identifies a config's content (its file and every resolved setting, overrides included)."""
+    return json.dumps([cfg.path, cfg.to_dict()], sort_keys=True, default=str)
+
+
+# A run and the run it builds on must agree on these: its model file is loaded as this model, and its
+# accuracy is this run's "before".
+SHARED = ("model.name", "model.num_classes", "data.name", "data.image_size")
+
+
+def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
+    """Refuse ``cfg`` when it differs from the run it builds on (``key``: baseline or parent) in :data:`SHARED`."""
+    for dotted in SHARED:
+        section, name = dotted.split(".")
+        mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(other, section), name)
+        if mine != theirs:
+            raise UserError(f"is {mine!r} but the {key} run {other.name!r} ({other.path}) has {dotted}: {theirs!r}; "
+                            f"a run and the run it builds on share {', '.join(SHARED)}", file=cfg.path, key=dotted)
+
+
+# ---------------------------------------------------------------- stage hashes
+
+
+def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
+    """Each stage's hash: its own settings chained with the previous stage's and the runs it builds on."""
+    # Keys added later count only when set, so runs made before them keep their hash; data.stream and
+    # data.workers say how batches are read, not which (both paths give the same batches).
+    model = {k: v for k, v in asdict(cfg.model).items() if not (k in ("weights", "checkpoint") and v is None)}
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("stream", "workers")}
+    common = (model, data, cfg.seed, asdict(cfg.runtime))
+    previous = _hash(common, dep_hashes.get(cfg.baseline), dep_hashes.get(cfg.parent))
+    out = {}
+    for name in stage_names(cfg):
+        if name == "train":
+            own = asdict(cfg.train)
+        elif name == "decompose":
+            own = asdict(cfg.decompose)
+            if own["fit"] == "weights":  # calibration is unused; runs made before fit: existed keep their hash
+                del own["fit"], own["calibration"]
+        elif name.startswith("finetune."):
+            own = asdict(cfg.finetune[int(name.split(".")[1])])
+        else:
+            own = asdict(cfg.profile)
+        previous = out[name] = _hash(name, own, previous)
+    return out
+
+
+def final_hash(runs_dir: Path, name: str) -> str | None:
+    """The hash of a finished run's last model-changing stage, for runs that build on it."""
+    metrics = RunDir(runs_dir, name).read_metrics()
+    stages = metrics.get("stages", {})
+    for key in reversed(list(stages)):
+        if key != "profile" and metrics.get("status") == "done":
+            return stages[key]["hash"]
+    return None
+
+
+# ---------------------------------------------------------------- runner
+
+
+class Runner:
+    """Runs one config's stages in its run directory (the runs it builds on must be finished)."""
+
+    def __init__(self, cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
+                 quiet: bool = False, force: bool = False, echo: Echo | None = None, redo: str | None = None,
+                 checked: bool = False):
+        self.cfg, self.runs_dir = cfg, Path(runs_dir)
+        self.quiet = quiet
+        # Redo from this stage on even where up to date: every stage with force, else the stage named by redo.
+        every = stage_names(cfg)
+        self.redo = every[0] if force and every else redo
+        self.checked = checked  # True when the caller ran check_against_model on cfg (configs_to_run)
+        self.dir = RunDir(self.runs_dir, cfg.name)
+        self.echo = echo or (lambda message: None)
+        self.device = device_of(cfg)
+        distributed.setup(self.device)
+        self.context = Context(cfg, self.dir, self.device, say=self.say, quiet=quiet, data_root=data_root)
+
+    def say(self, message: str) -> None:
+        self.dir.log(message)
+        if not self.quiet and distributed.is_main():
+            self.echo(f"[{self.cfg.name}] {message}")
+
+    def run(self, until: str | None = None) -> dict:
+        """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content."""
+        cfg = self.cfg
+        if not self.checked:
+            check_against_model(cfg)
+        every = stage_names(cfg)
+        names = every if until is None else (every[: every.index(until) + 1] if until in every else [])
+        deps = {name: final_hash(self.runs_dir, name) for name in (cfg.baseline, cfg.parent) if name}
+        for name, value in deps.items():
+            if value is None:
+                raise UserError(f"run {name!r} (which {cfg.name} builds on) is not finished in {self.runs_dir}; "
+                                f"run `lrx run {find_config(name, cfg.path)}` first", file=cfg.path)
+        hashes = stage_hashes(cfg, deps)
+        self.dir.lock()
+        try:
+            metrics = self.dir.read_metrics()  # under the lock: a run that just finished is seen finished
+            distributed.barrier()  # every process has read the same state before rank 0 writes
+            metrics = self._header(metrics)
+            self.dir.write_config(cfg)
+            forced = every.index(self.redo) if self.redo in every else len(every)
+            todo = [n for n in names if every.index(n) >= forced or metrics["stages"].get(n, {}).get("hash") != hashes[n]
+                    or not stage(n).done(self.context, n)]
+            if todo:
+                first = every.index(todo[0])
+                stale = [n for n in every[first:] if n in metrics["stages"]]
+                if stale:
+                    why = "--force" if first >= forced else f"settings changed from stage {todo[0]}"
+                    metrics = self._header(self._retire(metrics, why, keep=every[:first]))
+                todo = [n for n in names if every.index(n) >= first]
+            else:
+                self.say("nothing to do: every stage is up to date (use --force to redo)")
+            inherited = self._inherited()
+            current = None
+            try:
+                for name in todo:
+                    current = f"stage {name}"
+                    self._run_stage(name, hashes[name], metrics, inherited)
+                    current = f"after stage {name}"
+                current = "the end of the run"
+                complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
+                metrics["status"] = "done" if complete else "partial"
+                metrics.update(summarise(metrics, self._inherited()))
+                metrics.pop("running", None)
+                metrics.pop("error", None)
+                self.dir.write_metrics(metrics)
+            except BaseException as err:  # a stage's failure, Ctrl-C or SIGTERM, also between stages
+                if current is not None and metrics.get("status") != "done":
+                    self._stopped(metrics, current, err)
+                raise
+            distributed.barrier()  # no process reads this run's results before rank 0 has written them
+            return metrics
+        finally:
+            self.dir.unlock()
+
+    def _stopped(self, metrics: dict, where: str, err: BaseException) -> None:
+        """Record in metrics.json that the run stopped at ``where``: interrupted (resumable) or failed."""
+        interrupted = isinstance(err, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else (str(err) or type(err).__name__)
+        metrics["status"] = "interrupted" if interrupted else "failed"
+        metrics["error"] = f"{where}: {reason}"
+        self.dir.write_metrics(metrics)
+        self.say(f"stopped at {where}: {reason}")
+
+    def _run_stage(self, name: str, hash_: str, metrics: dict, inherited: dict) -> None:
+        """Run one stage, recording it in ``metrics`` (and on disk) before, after, and if it stops."""
+        if metrics.get("running", {}).get(name) != hash_:
+            ckpt = self.dir.checkpoint_path(name)  # a checkpoint left by other settings must not be resumed
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)
+        metrics["status"] = "running"
+        metrics["running"] = {name: hash_}
+        self.dir.write_metrics(metrics)
+        self.say(f"stage {name} ...")
+        start = time.perf_counter()
+        result = stage(name).run(self.context, name)  # if it stops, run() records why
+        metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
+        metrics.update(summarise(metrics, inherited))
+        self.dir.write_metrics(metrics)
+        distributed.barrier()  # the next stage checks its model file against this record, on every process
+        ckpt = self.dir.checkpoint_path(name)
+        if ckpt is not None and distributed.is_main():  # resuming is over: the model file holds the result
+            ckpt.unlink(missing_ok=True)
+        self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
+
+    def _header(self, metrics: dict) -> dict:
+        cfg = self.cfg
+        metrics.update({
+            "name": cfg.name, "no": cfg.no, "group": cfg.group, "remark": cfg.remark, "seed": cfg.seed,
+            "config": cfg.path, "baseline": cfg.baseline, "parent": cfg.parent,
+            "versions": {"lrx": __version__, "torch": torch.__version__},
+            "device": str(self.device),
+        })
+        metrics.setdefault("stages", {})
+        return metrics
+
+    def _retire(self, metrics: dict, why: str, keep: list[str] = ()) -> dict:
+        """Move the results of the stages after ``keep`` to ``replaced``, so old and new never mix."""
+        old = {k: v for k, v in metrics.items() if k != "replaced"}
+        replaced = metrics.get("replaced", [])
+        replaced.append({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "why": why, "metrics": old})
+        self.say(f"replacing earlier results ({why}); the old ones stay under 'replaced' in metrics.json")
+        return {"replaced": replaced, "stages": {k: v for k, v in metrics.get("stages", {}).items() if k in keep}}
+
+    def _inherited(self) -> dict:
+        """What a run started from another's model shows of it: accuracy, decomposition, earlier fine-tune stages."""
+        source = self.cfg.parent or self.cfg.baseline
+        if source is None:
+            return {}
+        other = RunDir(self.runs_dir, source).read_metrics()
+        return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or []}
+
+
+def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,
+                          data_root: str | None = None, quiet: bool = False, force: bool = False,
+                          redo: str | None = None, no_deps: bool = False, echo: Echo | None = None,
+                          checked: set[str] | None = None) -> dict:
+    """Run ``cfg`` up to stage ``until``, first running the runs it builds on that are not finished.
+
+    ``force`` redoes every stage of ``cfg`` (never of the runs it builds on), ``redo`` the named stage and
+    those after it up to ``until``; ``no_deps`` refuses instead of running an unfinished dependency;
+    ``checked`` as for :func:`configs_to_run`. Returns ``cfg``'s metrics.json content.
+    """
+    say = echo or (lambda message: None)
+    configs = configs_to_run(cfg, checked=checked)
+    for dep in configs[:-1]:
+        if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
+            continue
+        if no_deps:
+            raise UserError(f"run {dep.name!r} is not finished; run `lrx run {dep.path}` first (or drop --no-deps)",
+                            file=cfg.path)
+        if not quiet:
+            say(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
+        Runner(dep, runs_dir, data_root, quiet, echo=echo, checked=True).run()
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo, checked=True).run(until)

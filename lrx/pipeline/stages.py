@@ -1,0 +1,317 @@
+"""What each stage of a run does: ``train``, ``decompose``, ``finetune.K``, ``profile``.
+
+Every stage reads the model it starts from out of a file and writes the model it ends with to a
+file of its own (the names are :mod:`lrx.pipeline.rundir`'s), so any stage can be redone alone. A stage gets
+what it needs in a :class:`Context` that the runner (:mod:`lrx.pipeline.runner`) builds: the config, the run
+directory, the device, and the data and original model, each loaded once on first use.
+The table's keys (acc1, l2_before, ...) are derived from the stages' results by :func:`summarise`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+import warnings
+
+import torch
+from torch import nn
+
+from lrx.base import distributed
+from lrx.config.settings import Config
+from lrx.data.datasets import load_data
+from lrx.base.errors import UserError
+from lrx.train.finetune import l2_norm, run_stage
+from lrx.expansion.model import ExpansionNote, ExpansionReport, expand
+from lrx.nn.models import initial_model
+from lrx.plan.latency import DeviceTiming
+from lrx.measure.profiling import profile_pair
+from lrx.plan.macs import device_align
+from lrx.pipeline.rundir import RunDir, latency_cache_path, load_model
+from lrx.train.baseline import evaluate, train_baseline
+
+__all__ = ["stage_names", "last_finetune_stage", "Context", "check_expansion", "ModelStage", "Train", "Decompose",
+           "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "summarise"]
+
+
+def stage_names(cfg: Config) -> list[str]:
+    """The stages of a config, in order."""
+    names = ["train"] if cfg.baseline is None else []
+    if cfg.decompose is not None:
+        names.append("decompose")
+    names += [f"finetune.{i}" for i in range(len(cfg.finetune))]
+    if cfg.profile.enabled:
+        names.append("profile")
+    return names
+
+
+def last_finetune_stage(cfg: Config, loss: str) -> str:
+    """The last ``finetune.K`` stage whose ``loss`` ("l2" or "ce") weight is above 0 (what ``lrx finetune-l2``
+    and ``finetune-ce`` run up to)."""
+    indices = [i for i, settings in enumerate(cfg.finetune) if getattr(settings, loss) > 0]
+    if not indices:
+        raise UserError(f"no fine-tune stage has {loss} > 0", file=cfg.path, key="finetune")
+    return f"finetune.{indices[-1]}"
+
+
+@dataclass
+class Context:
+    """What a stage works with. ``say`` logs a line (and echoes it unless quiet)."""
+
+    cfg: Config
+    run: RunDir
+    device: torch.device
+    say: Callable[[str], None] = lambda message: None
+    quiet: bool = False
+    data_root: str | None = None
+    _data: tuple | None = field(default=None, repr=False)
+    _original: nn.Module | None = field(default=None, repr=False)
+
+    def data(self):
+        """(train, test) :class:`lrx.data.datasets.Batches` of the config, loaded on first use."""
+        if self._data is None:
+            self._data = load_data(self.cfg, self.device, self.data_root)
+        return self._data
+
+    def original(self) -> nn.Module:
+        """The baseline model this run compresses (the teacher of L2 fine-tuning), on the run's device, eval mode."""
+        if self._original is None:
+            cfg = self.cfg
+            path = (self.run.model_path("train") if cfg.baseline is None
+                    else RunDir(self.run.runs_dir, cfg.baseline).final_model_path())
+            self._original, _, spec = load_model(path, cfg.model.name, cfg.model.num_classes)
+            check_expansion(path, spec, None, "a baseline run")
+            self._original.to(self.device).eval()
+        return self._original
+
+    def forget_original(self) -> None:
+        """Drop the cached original (after it was moved off the run's device)."""
+        self._original = None
+
+    def previous_model_path(self, stage: str) -> Path:
+        """The model file ``stage`` starts from: the last model-changing stage before it, or the run it builds on."""
+        names = [n for n in stage_names(self.cfg) if n != "profile"]
+        before = names[: names.index(stage)] if stage in names else names
+        if before:
+            return self.run.model_path(before[-1])
+        return RunDir(self.run.runs_dir, self.cfg.parent or self.cfg.baseline).final_model_path()
+
+    def previous_model(self, stage: str) -> tuple[nn.Module, list[str], dict | None]:
+        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU.
+
+        The file must hold the expansion that metrics.json records for it (and the table shows): a model
+        file of other layers, scheme or ranks is refused, never used in its place.
+        """
+        path = self.previous_model_path(stage)
+        model, names, spec = load_model(path, self.cfg.model.name, self.cfg.model.num_classes)
+        expected, source = self._recorded_expansion(stage)
+        check_expansion(path, spec, expected, source)
+        return model, names, spec
+
+    def _recorded_expansion(self, stage: str) -> tuple[dict | None, str]:
+        """The decompose record the model ``stage`` starts from must match, and the file it is read from."""
+        cfg = self.cfg
+        if cfg.decompose is not None and stage != "decompose":
+            return self.run.read_metrics().get("stages", {}).get("decompose"), str(self.run.metrics_path)
+        if cfg.parent is not None:
+            parent = RunDir(self.run.runs_dir, cfg.parent)
+            return parent.read_metrics().get("decompose"), str(parent.metrics_path)
+        return None, "a baseline run"
+
+    def save_model(self, stage: str, model: nn.Module, spec=None, layers=None) -> None:
+        self.run.save_model(stage, model, self.cfg.model.name, self.cfg.model.num_classes, spec, layers)
+
+
+def _redo(path: Path) -> str:
+    """The advice for a model file of run X that does not hold what X recorded: redo X itself."""
+    return f"redo run {path.parent.name!r} with `lrx run <its config> --force`"
+
+
+def check_expansion(path: Path, spec: dict | None, expected: dict | None, source: str) -> None:
+    """Refuse a model file whose expansion (``spec``) is not the one ``expected`` (a decompose record of
+    metrics.json: scheme, ``bases``, basis, decomposed, and the replaced layers' names where recorded)."""
+    if expected is None:
+        if spec is not None:
+            raise UserError(f"{path} holds an expansion (scheme {spec.get('scheme')}, ranks {spec.get('ranks')}) "
+                            f"where {source} has the plain model; {_redo(path)}")
+        return
+    if spec is None:
+        raise UserError(f"{path} holds a plain model where {source} records an expansion "
+                        f"(ranks {expected.get('bases')}); {_redo(path)}")
+    held = {"scheme": spec.get("scheme"), "ranks": list(spec.get("ranks") or []),
+            "decomposed": bool(spec.get("decomposed"))}
+    recorded = {"scheme": expected.get("scheme"), "ranks": list(expected.get("bases") or []),
+                "decomposed": bool(expected.get("decomposed"))}
+    if held["scheme"] == "v1":
+        held["basis"], recorded["basis"] = spec.get("basis"), expected.get("basis")
+    if expected.get("names") is not None:
+        held["layers"], recorded["layers"] = list(spec.get("layers") or []), list(expected["names"])
+    wrong = [key for key in held if held[key] != recorded[key]]
+    if wrong:
+        shown = "; ".join(f"{key} {held[key]} (recorded: {recorded[key]})" for key in wrong)
+        raise UserError(f"{path} does not hold the expansion {source} records: {shown}; "
+                        f"{_redo(path)}")
+
+
+# ---------------------------------------------------------------- stages
+
+
+class ModelStage:
+    """A stage whose result is its model file: done when the file is there (and its hash unchanged)."""
+
+    @staticmethod
+    def done(ctx: Context, name: str) -> bool:
+        return ctx.run.model_path(name).exists()
+
+
+class Train(ModelStage):
+    @staticmethod
+    def run(ctx: Context, name: str) -> dict:
+        cfg = ctx.cfg
+        torch.manual_seed(cfg.seed)
+        # model.checkpoint: the user's trained weights; with train.epochs: 0 the stage only evaluates them.
+        model = initial_model(cfg.model).to(ctx.device)
+        train, test = ctx.data()
+        result = train_baseline(model, train, test, cfg.train, ctx.run.checkpoint_path(name), log=ctx.say,
+                                quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed)
+        ctx.save_model(name, model)
+        return result
+
+
+class Decompose(ModelStage):
+    @staticmethod
+    def run(ctx: Context, name: str) -> dict:
+        cfg, settings = ctx.cfg, ctx.cfg.decompose
+        original = ctx.original()
+        start, _, _ = ctx.previous_model(name)
+        train, _ = ctx.data()
+        if settings.fit == "data":
+            start.to(ctx.device)
+            train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
+        _, test = ctx.data()
+        expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say,
+                                        held_out=test)
+        expanded.to(ctx.device)
+        names = [layer["name"] for layer in report.layers]
+        ctx.save_model(name, expanded, report.spec, names)
+        ctx.say(report_text(report))
+        result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
+                  "l2": l2_norm(expanded, original, names, test), "report": report.layers,
+                  "layers": report.chosen_layers or settings.layers, "names": names, "bases": report.ranks, "scheme": settings.scheme,
+                  "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
+                  "fit": settings.fit}
+        for key in ("plan", "fit_data"):
+            if getattr(report, key) is not None:
+                result[key] = getattr(report, key)
+        ctx.say(f"acc@1 {result['acc1_original']:.2f} -> {result['acc1']:.2f} after decomposition, "
+                f"L2 norm {result['l2']:.1f}")
+        return result
+
+
+def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
+                 write_cache: bool = True, log=lambda message: None, held_out=None) -> tuple[nn.Module, dict]:
+    """Expand ``model`` as ``cfg.decompose`` says, through :func:`lrx.expansion.model.expand`: ``bases: auto`` plans
+    ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its layer
+    tables cached in ``runs_dir`` unless ``write_cache`` is off); ``fit: data`` fits to the calibration
+    ``batches`` (``held_out``: batches on which both fits are compared too). Without batches (a dry run) the
+    weights fit is shown and an auto plan ranks layers by filter energy."""
+    settings = cfg.decompose
+    fit = settings.fit if batches is not None else "weights"
+    with warnings.catch_warnings():  # expand's notes (a conv a pattern skipped, a rank adding MACs): logged
+        warnings.simplefilter("ignore", ExpansionNote)
+        try:
+            return expand(model, settings.layers, settings.scheme, settings.bases,
+                          target=settings.target if settings.bases == "auto" else None, fit=fit, calibration=batches,
+                          images=settings.calibration.images, sequential=settings.calibration.sequential,
+                          iterations=settings.calibration.iterations, held_out=held_out, basis=settings.basis,
+                          method=settings.method, decomposed=settings.decomposed, order=settings.order,
+                          align=device_align(settings.align, cfg.runtime.device),
+                          input_size=tuple(input_size or cfg.profile.input_size),
+                          timing=DeviceTiming.from_config(cfg) if "latency" in (settings.target or {}) else None,
+                          cache=latency_cache_path(runs_dir) if runs_dir is not None else None,
+                          write_cache=write_cache, log=log, **settings.options)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
+        except TypeError as err:  # an unknown method option
+            raise UserError(f"{err}", file=cfg.path, key="decompose.options") from None
+
+
+def report_text(report: dict) -> str:
+    data = report.fit_data is not None
+    lines = ["layer                 rank  max   rel.error  MACs ratio" + ("  output error: weights fit -> data fit"
+                                                                          if data else "")]
+    for layer in report.layers:
+        line = (f"{layer['name']:<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
+                f"{layer['mac_ratio']:.2f}x")
+        if data:
+            line += f"       {layer['output_error_weights']:.4f} -> {layer['output_error']:.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+class Finetune(ModelStage):
+    @staticmethod
+    def run(ctx: Context, name: str) -> dict:
+        cfg = ctx.cfg
+        index = int(name.split(".")[1])
+        original = ctx.original()
+        student, names, spec = ctx.previous_model(name)
+        student.to(ctx.device)
+        train, test = ctx.data()
+        result = run_stage(student, original, names, train, test, cfg.finetune[index], ctx.run.checkpoint_path(name),
+                           log=ctx.say, quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed + index)
+        ctx.save_model(name, student, spec, names)
+        return result
+
+
+class Profile:
+    @staticmethod
+    def done(ctx: Context, name: str) -> bool:
+        return True
+
+    @staticmethod
+    def run(ctx: Context, name: str) -> dict:
+        if not distributed.is_main():  # one process times; the others would disturb it
+            distributed.barrier()
+            return {}
+        cfg = ctx.cfg
+        original = ctx.original().cpu()
+        ctx.forget_original()  # moved to the CPU here; reloaded on the run's device if needed again
+        expanded, names = None, []
+        if cfg.baseline is not None:
+            expanded, names, _ = ctx.previous_model(name)
+        result = profile_pair(original, expanded, names, cfg.profile)  # cfg.profile.device, "auto" resolved there
+        distributed.barrier()
+        return result
+
+
+STAGES = {"train": Train, "decompose": Decompose, "finetune": Finetune, "profile": Profile}
+
+
+def stage(name: str):
+    """The stage class that runs stage ``name`` (``finetune.K`` -> :class:`Finetune`)."""
+    return STAGES[name.split(".")[0]]
+
+
+def summarise(metrics: dict, inherited: dict | None = None) -> dict:
+    """The table's keys, derived from the stages' results (and the run this one builds on)."""
+    stages = metrics.get("stages", {})
+    inherited = inherited or {}
+    out = {"acc1": inherited.get("acc1"), "acc1_before": None, "l2_before": None, "l2_after": None,
+           "decompose": inherited.get("decompose"), "finetune": list(inherited.get("finetune") or [])}
+    if "train" in stages:
+        out["acc1"] = stages["train"].get("acc1")
+    if "decompose" in stages:
+        d = stages["decompose"]
+        out["decompose"] = {k: d.get(k) for k in ("layers", "names", "bases", "scheme", "basis", "method", "decomposed",
+                                                  "plan")}
+        out["acc1_before"], out["acc1"], out["l2_after"] = d.get("acc1_original"), d.get("acc1"), d.get("l2")
+    tunes = [stages[k] for k in sorted((k for k in stages if k.startswith("finetune.")), key=lambda k: int(k.split(".")[1]))]
+    if tunes:
+        out["acc1_before"], out["l2_before"] = tunes[0].get("acc1_before"), tunes[0].get("l2_before")
+        out["acc1"], out["l2_after"] = tunes[-1].get("acc1_after"), tunes[-1].get("l2_after")
+        out["finetune"] += [{k: t.get(k) for k in ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before",
+                                                   "l2_after", "best_epoch", "wall_s")} for t in tunes]
+    prof = stages.get("profile", {})
+    for key in ("macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "latency"):
+        out[key] = prof.get(key)
+    return out

@@ -1,0 +1,439 @@
+"""Ranks from a latency target (``decompose.target: {latency: X}``): planned from time measured on the device.
+
+MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
+:func:`plan_latency` plans by what a user pays for:
+
+1. **Candidates.** The layers given, or with ``layers: auto`` every conv scheme 2 can replace
+   (:func:`candidate_layers`; conv1 included).
+2. **A ladder of ranks per layer** (:func:`candidate_ranks`): for each fraction in :data:`LADDER` of the
+   dense conv's MACs, the smallest aligned rank (:func:`lrx.plan.macs.rank_ladder`) that reaches it; and
+   "keep the layer dense" as one more option.
+3. **A table of times.** Each candidate layer runs alone on its real input shape (batch, channels, H, W
+   at the profile's batch and input size), dense and at each ladder rank, in the layout and dtype the
+   model will run in (:class:`DeviceTiming`, through :func:`lrx.nn.inference.optimise`), interleaved. The
+   table is cached per device and layer shape in one JSON file in the runs folder
+   (:func:`lrx.pipeline.rundir.latency_cache_path`), so later runs on the same machine reuse it.
+4. **A choice.** Each option's time in the model = the dense conv's time inside the original (channels_last,
+   the expansion's layout, timed per module) times the option's time relative to dense in the table.
+   Predicted whole-model time = the rest of the model + each layer's time at its choice. Greedy, as
+   :func:`lrx.plan.macs.plan_ranks`: from every layer dense, repeatedly take the move (a layer to any
+   faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
+   meets the target; where a step overshot, layers then move back to less lossy options that still fit.
+   Options slower than a less lossy one are never taken. The proxy is the retained
+   filter energy per rank (or any per-rank proxy the caller gives, e.g. a data-aware one).
+5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
+   (:func:`lrx.measure.timing.time_pair`: PyTorch's default, channels_last, NNPACK or cudnn.benchmark, whichever
+   is fastest on the device: the honest baseline). If the predicted
+   speedup is off the measured one by more than :data:`TOLERANCE` (or the target is missed), the expanded
+   layers' times are scaled
+   so that the prediction matches what was measured (the rest of the model and the dense layers come from
+   the whole original's time) and the choice is made again (at most :data:`ADJUST_ROUNDS` times).
+
+The measuring is a :class:`DeviceTiming` or anything with its ``key``, ``layer`` and ``whole`` methods,
+so tests give a fake table. Times of layers are taken eagerly even when ``profile.compile`` is on
+(compiling dozens of candidate layers would take minutes); the whole-model check compiles both models,
+and the adjustment step absorbs the difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import platform
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from lrx.base.files import load_json, write_json_atomic
+from lrx.config.settings import check_target
+from lrx.factor.decomposition import expanded_macs, max_rank, original_macs, retained_energy
+from lrx.base.distributed import resolve_device
+from lrx.base.errors import UserError
+from lrx.nn.layers import LowRankExpConvV2, check_convertible
+from lrx.nn.surgery import build_expanded, conv_sizes, layer_label, select_layers
+from lrx.measure.timing import interleaved, module_times, time_pair, torch_threads
+from lrx.plan.macs import rank_ladder
+from lrx.nn.inference import optimise
+
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "CACHE_VERSION", "DENSE", "RULE", "Timing",
+           "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
+           "plan_latency"]
+
+# Fractions of a dense conv's MACs the ladder's ranks reach (a layer's time is roughly linear in its
+# rank, so these span 1.4x to 20x fewer MACs for the layer).
+LADDER = (0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
+TOLERANCE = 0.10  # predicted vs measured whole-model speedup: relative difference that triggers an adjustment
+# Plans aim this much above the target, so that the noise of a later measurement (a few % between runs on
+# one machine) does not put a plan that just met it under it; a plan counts as meeting the target itself.
+MARGIN = 0.05
+ADJUST_ROUNDS = 3  # re-plans after the first check, at most
+CACHE_VERSION = 1
+DENSE = "dense"
+RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
+        "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
+        "predicted whole-model time meets the target; then time the whole model and re-plan if the "
+        "prediction is off by more than 10%")
+
+
+class Timing(Protocol):
+    """What the planner measures with (:class:`DeviceTiming` on a device, a fake table in tests)."""
+
+    batch: int
+    input_size: tuple
+
+    def key(self) -> dict:
+        """The device and settings a time holds for (the cache key, with each layer's shape)."""
+
+    def layer(self, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[str, float]:
+        """Median ms of ``conv`` alone (``"dense"``) and of scheme 2 at each rank (``str(rank)``) on ``input_shape``."""
+
+    def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
+        """The original in channels_last, timed per module: ``{"total_ms": its forward, "ms": {name: the
+        named conv's share of it}}``."""
+
+    def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
+        """Whole-model medians, interleaved: ``{"original_ms"`` (the original's fastest plain layout),
+        ``"layout"`` (its name), ``"layouts": {name: ms}`` (``"channels_last"`` among them),
+        ``"expanded_ms"`` (None without ``expanded``)``}``."""
+
+
+@dataclass
+class DeviceTiming:
+    """Times on a real device: models prepared with :func:`lrx.nn.inference.optimise` (layout, dtype, compile),
+    random inputs, medians of ``repeats`` interleaved runs after ``warmup``, ``threads`` torch threads."""
+
+    device: torch.device
+    batch: int = 16
+    input_size: tuple = (3, 224, 224)
+    threads: int | None = None
+    dtype: str = "float32"
+    compile: bool = False
+    warmup: int = 2
+    repeats: int = 5
+
+    @classmethod
+    def from_config(cls, cfg) -> "DeviceTiming":
+        """The timing a config asks for: ``runtime.device``, and the profile's batch, input size, threads,
+        dtype, compile, warm-up and repeats."""
+        p = cfg.profile
+        return cls(resolve_device(cfg.runtime.device), p.batch, tuple(p.input_size), p.threads, p.dtype, p.compile,
+                   p.warmup, p.repeats)
+
+    def key(self) -> dict:
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            name = f"{_cpu_name()}, {torch.get_num_threads() if self.threads is None else self.threads} threads"
+        return {"host": socket.gethostname(), "device": f"{self.device.type}: {name}", "torch": torch.__version__,
+                "threads": self.threads, "dtype": self.dtype}
+
+    def _prepare(self, model: nn.Module, channels_last: bool, x: torch.Tensor, compile: bool) -> nn.Module:
+        net = copy.deepcopy(model).to(self.device).eval()
+        return optimise(net, self.device, x, channels_last=channels_last, dtype=self.dtype, compile=compile)
+
+    def _input(self, shape) -> torch.Tensor:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def layer(self, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[str, float]:
+        x = self._input(input_shape)
+        geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None)
+        modules = {DENSE: nn.Sequential(copy.deepcopy(conv))}
+        for rank in ranks:  # random factors: the time does not depend on the values
+            modules[str(rank)] = nn.Sequential(LowRankExpConvV2(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                                rank, **geometry))
+        with torch.no_grad():
+            nets = {k: self._prepare(m, True, x, False) for k, m in modules.items()}
+        with torch_threads(self.threads), torch.inference_mode():
+            stats = interleaved({k: (lambda net=net: net(x)) for k, net in nets.items()}, self.device,
+                                 self.warmup, self.repeats)
+        return {k: s["median_ms"] for k, s in stats.items()}
+
+    def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
+        x = self._input((self.batch, *self.input_size)).contiguous()
+        with torch.no_grad():
+            net = self._prepare(original, True, x, False)
+        with torch_threads(self.threads):
+            part = module_times({"original": (net, contextlib.nullcontext)}, names, x, self.device, self.warmup,
+                                self.repeats)["original"]
+        return {"total_ms": part["total_ms"], "ms": {m["name"]: m["ms"] for m in part["modules"] if m["name"] in names}}
+
+    def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
+        x = self._input((self.batch, *self.input_size)).contiguous()
+        with torch.no_grad():
+            # The original as PyTorch runs it (NCHW); lrx.measure.timing tries its other plain layouts itself.
+            base = self._prepare(original, False, x, self.compile)
+            new = self._prepare(expanded, True, x, self.compile) if expanded is not None else None
+        with torch_threads(self.threads):
+            timed = time_pair(base, new, self.input_size, self.batch, self.device, self.warmup, self.repeats)
+        return {"original_ms": timed["original"]["median_ms"], "layout": timed["original_layout"],
+                "layouts": {k: v["median_ms"] for k, v in timed["layouts"].items()},
+                "expanded_ms": timed["expanded"]["median_ms"] if new is not None else None}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------- the ladder and the table
+
+
+def candidate_layers(model: nn.Module, layers) -> list[tuple[int, str, nn.Conv2d]]:
+    """(1-based index, name, conv) of the layers to plan, as :func:`lrx.nn.surgery.select_layers` reads
+    ``layers`` for scheme 2 (``"auto"`` or a glob pattern: the convs scheme 2 can replace); a conv named
+    by index or name that scheme 2 cannot replace is refused, naming it."""
+    chosen = select_layers(model, layers, "v2")
+    for index, name, conv in chosen:
+        check_convertible(conv, "v2", False, layer_label(index, name))
+    return chosen
+
+
+def candidate_ranks(conv: nn.Conv2d, in_hw, out_hw, align: int = 1) -> list[int]:
+    """The ranks worth timing for ``conv``, ascending: per fraction f of :data:`LADDER`, the smallest rank
+    of ``rank_ladder(max rank, align)`` whose scheme 2 MACs reach f times the dense conv's; only ranks
+    with fewer MACs than the dense conv (a rank at or above them cannot be faster)."""
+    dense = original_macs(conv, out_hw)
+    ladder = rank_ladder(max_rank(conv, "v2"), align)
+    macs = {r: expanded_macs(conv, "v2", r, in_hw, out_hw) for r in ladder}
+    out = set()
+    for fraction in LADDER:
+        reach = [r for r in ladder if macs[r] >= fraction * dense]
+        rank = reach[0] if reach else ladder[-1]
+        if macs[rank] < dense:
+            out.add(rank)
+    return sorted(out)
+
+
+def _cache_key(device_key: dict, conv: nn.Conv2d, input_shape) -> str:
+    shape = {"in": conv.in_channels, "out": conv.out_channels, "kernel": list(conv.kernel_size),
+             "stride": list(conv.stride), "padding": list(conv.padding) if not isinstance(conv.padding, str)
+             else conv.padding, "dilation": list(conv.dilation), "bias": conv.bias is not None,
+             "input_shape": list(input_shape)}
+    return json.dumps({**device_key, **shape}, sort_keys=True)
+
+
+def read_cache(path: Path | None) -> dict:
+    """The cached tables (``{key: {rank or "dense": ms}}``); empty when there is no (readable) cache."""
+    if path is None or not Path(path).exists():
+        return {}
+    try:
+        data = load_json(path)
+    except (UserError, OSError, ValueError):
+        return {}  # a damaged cache is only a cache: measure again (and overwrite it)
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
+        return {}
+    return data["tables"]
+
+
+def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | None = None,
+                write_cache: bool = True, log: Callable[[str], None] = lambda m: None) -> list[dict]:
+    """Per candidate layer: ``{"index", "name", "input_shape", "ranks", "ms": {"dense": t, "<rank>": t},
+    "macs": {...}, "cached"}``, times from ``cache`` where it holds every rank, else measured (and cached)."""
+    tables = read_cache(cache)
+    device_key, rows, changed = timing.key(), [], False
+    for index, name, conv in chosen:
+        in_hw, out_hw = sizes[name]
+        shape = (timing.batch, conv.in_channels, *in_hw)
+        ranks = candidate_ranks(conv, in_hw, out_hw, align)
+        key = _cache_key(device_key, conv, shape)
+        held = tables.get(key, {})
+        cached = all(str(r) in held for r in ranks) and DENSE in held
+        if not cached:
+            log(f"timing {name} on {tuple(shape)}: dense and ranks {', '.join(map(str, ranks))}")
+            held = {**held, **timing.layer(conv, shape, ranks)}
+            tables[key], changed = held, True
+        macs = {DENSE: original_macs(conv, out_hw), **{str(r): expanded_macs(conv, "v2", r, in_hw, out_hw) for r in ranks}}
+        rows.append({"index": index, "name": name, "input_shape": list(shape), "ranks": ranks,
+                     "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached})
+    if changed and write_cache and cache is not None:
+        write_json_atomic({"version": CACHE_VERSION, "tables": tables}, cache)
+    return rows
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[str, float, float]]:
+    """(option, ms, proxy loss) of one layer, dense first, without options slower than a less lossy one;
+    the ranks' times multiplied by ``scale``."""
+    options = [(DENSE, row["model_ms"][DENSE], 0.0)]
+    options += [(str(r), scale * row["model_ms"][str(r)], 1.0 - float(retained[r - 1]))
+                for r in sorted(row["ranks"], reverse=True)]
+    options.sort(key=lambda o: (o[2], o[1]))
+    kept = []
+    for option in options:
+        if not kept or option[1] < min(k[1] for k in kept):
+            kept.append(option)
+    return kept
+
+
+def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: float, budget_ms: float,
+           scale: float = 1.0) -> list[str]:
+    """Each layer's option (``"dense"`` or a rank as a string) so that ``rest_ms`` + the layers' times (the
+    ranks' times times ``scale``) <= ``budget_ms``, by the greedy rule of the module doc; then, where a step
+    overshot, layers move back to less lossy options that still fit. Raises ``ValueError`` with the best
+    reachable time when even every layer's fastest option misses the budget."""
+    options = [_options(row, retained[row["name"]], scale) for row in table]
+    at = [0] * len(table)
+    total = rest_ms + sum(o[0][1] for o in options)
+    fastest = rest_ms + sum(min(t for _, t, _ in o) for o in options)
+    if fastest > budget_ms:
+        raise ValueError(fastest)
+    while total > budget_ms:
+        best = None
+        for i, layer in enumerate(options):
+            _, t_now, loss_now = layer[at[i]]
+            for j in range(at[i] + 1, len(layer)):
+                _, t, loss = layer[j]
+                if t < t_now:
+                    cost = (loss - loss_now) / (t_now - t)
+                    if best is None or cost < best[0]:
+                        best = (cost, i, j)
+        if best is None:  # cannot happen while fastest <= budget
+            raise ValueError(fastest)
+        _, i, j = best
+        total -= options[i][at[i]][1] - options[i][j][1]
+        at[i] = j
+    # A big step may overshoot the budget: give back, as long as it still fits, the move to a less lossy
+    # option that wins back the most proxy.
+    while True:
+        best = None
+        for i, layer in enumerate(options):
+            _, t_now, loss_now = layer[at[i]]
+            for j in range(at[i]):
+                _, t, loss = layer[j]
+                if total + t - t_now <= budget_ms and (best is None or loss_now - loss > best[0]):
+                    best = (loss_now - loss, i, j)
+        if best is None or best[0] <= 0:
+            return [layer[a][0] for layer, a in zip(options, at)]
+        _, i, j = best
+        total += options[i][j][1] - options[i][at[i]][1]
+        at[i] = j
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
+                 proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
+                 write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
+                 log: Callable[[str], None] = lambda m: None) -> dict:
+    """Choose which layers to expand (scheme 2) and at which ranks so that the whole model runs
+    ``target["latency"]`` times faster on ``timing``'s device (see the module doc for the steps).
+
+    Parameters
+    ----------
+    model : the original model (not modified).
+    layers : 1-based conv indices or names, or ``"auto"``: the layers the planner may replace.
+    target : ``{"latency": X}``, X > 1.
+    timing : a :class:`DeviceTiming` (or a fake with the same methods).
+    proxy : ``{layer name: retained[r - 1] for r = 1..max rank}``, the accuracy proxy per rank (higher is
+        better, 1.0 = lossless); default the retained filter energy of scheme 2.
+    align : candidate ranks are multiples of this (or the maximum rank).
+    cache, write_cache : the JSON file of cached layer tables; read it, and write what was measured.
+    rounds, tolerance : adjustment steps after the first whole-model check, and when they run.
+
+    Returns
+    -------
+    ``{"rule", "target", "align", "device", "batch", "input_size", "table": [per layer: times, MACs,
+    choice], "baseline": {"layout", "layouts_ms"}, "rounds": [{"choice", "predicted_speedup",
+    "measured_speedup", "scale"}], "layers": [chosen 1-based indices], "names", "ranks",
+    "predicted_speedup", "measured_speedup"}``; ``layers``/``ranks`` are those expanded (dense ones left out).
+    """
+    kind, value = check_target(target)
+    if kind != "latency":
+        raise UserError(f"plan_latency plans a latency target, got {kind} (use lrx.plan.macs.plan_ranks)",
+                        key="decompose.target")
+    chosen = candidate_layers(model, layers)
+    input_size = tuple(timing.input_size)
+    sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    given = proxy
+    if proxy is None:
+        proxy = {name: retained_energy(conv.weight, "v2").tolist() for _, name, conv in chosen}
+    table = layer_table(timing, chosen, sizes, align, cache, write_cache, log)
+
+    base = timing.whole(model, None)
+    base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]
+    # A layer alone runs slower or faster than inside the model (caches, a shared machine's drift between
+    # measurements): take from the table only each option's time relative to the dense conv, and the
+    # dense conv's time from the whole original, timed per module.
+    inside = timing.in_model(model, [row["name"] for row in table])
+    unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
+    for row in table:
+        dense_in_model = unit * inside["ms"][row["name"]]
+        row["model_ms"] = {k: dense_in_model * t / row["ms"][DENSE] for k, t in row["ms"].items()}
+    rest_ms = max(cl_ms - sum(row["model_ms"][DENSE] for row in table), 0.0)
+    budget_ms = base_ms / (value * (1 + MARGIN))
+    scale, history = 1.0, []
+    for _ in range(rounds + 1):
+        try:
+            choice = choose(table, proxy, rest_ms, budget_ms, scale)
+        except ValueError as err:
+            if history:  # the adjusted table says the target is out of reach: keep the best plan measured
+                log(f"adjusted for what was measured, target {value:g}x is out of reach; keeping the best plan measured")
+                break
+            fastest = float(err.args[0])
+            raise UserError(f"target latency {value:g} cannot be met on {timing.key()['device']} by layers "
+                            f"{', '.join(r['name'] for r in table)}: the best reachable is {base_ms / fastest:.3g}x "
+                            f"(every layer at its fastest measured option)", key="decompose.target.latency") from None
+        if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
+            break  # nothing to expand, or the adjusted plan is one already measured
+        dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
+        factored_ms = sum(row["model_ms"][c] for row, c in zip(table, choice) if c != DENSE)
+        predicted_ms = dense_ms + scale * factored_ms
+        spec = _spec(table, choice)
+        measured = timing.whole(model, build_expanded(model, spec))
+        measured_speedup = measured["original_ms"] / measured["expanded_ms"]
+        predicted_speedup = base_ms / predicted_ms
+        history.append({"choice": choice, "ranks": spec["ranks"], "names": spec["layers"], "scale": scale,
+                         "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
+                         "original_ms": measured["original_ms"], "original_layout": measured["layout"],
+                         "expanded_ms": measured["expanded_ms"]})
+        log(f"plan {dict(zip(spec['layers'], spec['ranks']))}: predicted {predicted_speedup:.2f}x, "
+            f"measured {measured_speedup:.2f}x")
+        if abs(predicted_speedup / measured_speedup - 1) <= tolerance and measured_speedup >= value:
+            break
+        # The rest and the dense layers come from the whole original's time; what the table cannot know is
+        # how the expansion's layers run in the model (layouts between them, caches, fusion). Put the
+        # difference on them and choose again.
+        scale = min(max((base_ms / measured_speedup - dense_ms) / factored_ms, 0.25), 4.0)
+    if not history:
+        raise UserError(f"target latency {value:g}: no layer of {', '.join(r['name'] for r in table)} is faster "
+                        f"expanded than dense on {timing.key()['device']}", key="decompose.target.latency")
+    final = _final(history, value)
+    for row, c in zip(table, final["choice"]):
+        row["choice"] = c
+    indices = {row["name"]: row["index"] for row in table}
+    return {"rule": RULE, "proxy": "filter energy" if given is None else "given", "target": {kind: value},
+            "align": align, "device": timing.key()["device"],
+            "batch": timing.batch, "input_size": list(input_size), "table": table,
+            "baseline": {"layout": base["layout"], "layouts_ms": base["layouts"]},
+            "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],
+            "ranks": final["ranks"], "predicted_speedup": final["predicted_speedup"],
+            "measured_speedup": final["measured_speedup"]}
+
+
+def _spec(table: list[dict], choice: list[str]) -> dict:
+    picked = [(row["name"], int(c)) for row, c in zip(table, choice) if c != DENSE]
+    return {"layers": [n for n, _ in picked], "scheme": "v2", "ranks": [r for _, r in picked], "basis": "shared",
+            "decomposed": False}
+
+
+def _final(history: list[dict], target: float) -> dict:
+    """The round to keep: the last one that measured at the target or above, else the fastest measured."""
+    met = [h for h in history if h["measured_speedup"] >= target]
+    if met:
+        return met[-1]
+    return max(history, key=lambda h: h["measured_speedup"])

@@ -1,0 +1,162 @@
+"""Per-layer ranks from a speed or MACs target (``bases: auto``), chosen from the singular-value spectra.
+
+The rule, greedy on reconstruction energy per MAC: start every layer at its maximum rank; then,
+until the target is met, lower by one the rank of the layer whose next dropped singular value
+removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) per MAC saved.
+With ``align`` > 1 a layer's ranks are the multiples of ``align`` below its maximum rank and the
+maximum itself (:func:`rank_ladder`), and each step lowers a rank by one rung of that ladder.
+Dropping singular values in this order is what the truncated SVD would lose, so a layer whose
+spectrum decays fast gives up rank before one whose spectrum is flat, and a layer where a rank
+step saves many MACs gives it up before one where it saves few.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+from torch import nn
+
+from lrx.factor.decomposition import BASES, SCHEMES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
+from lrx.config.settings import check_target
+from lrx.base.distributed import resolve_device
+from lrx.base.errors import UserError
+from lrx.nn.layers import check_convertible
+from lrx.nn.surgery import conv_sizes, layer_label, select_layers
+from lrx.measure.profiling import count
+
+__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "plan_ranks"]
+
+RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
+        "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
+        "per MAC saved, until the target is met")
+ALIGNS = (1, 8, 16, 32)
+# decompose.align: auto. On CUDA, ranks off the tensor-core tiles cost time: issue 11 measured (H200, bf16,
+# batch 64) lrx's 3x plan for AlexNet conv2-5 at 0.88x the original, 1.01x with its ranks rounded up to
+# multiples of 32. On CPU padding a rank to a multiple of 8 gained nothing beyond noise (lrx.nn.inference's notes).
+DEVICE_ALIGN = {"cuda": 32, "cpu": 1}
+
+
+def device_align(align, device=None) -> int:
+    """``decompose.align`` as a number: ``"auto"`` becomes the device's rule (:data:`DEVICE_ALIGN`: 32 on
+    CUDA, 1 elsewhere), a number in :data:`ALIGNS` is kept; anything else is refused naming the key."""
+    if align == "auto":
+        return DEVICE_ALIGN.get(resolve_device(device if device is not None else "auto").type, 1)
+    if isinstance(align, bool) or align not in ALIGNS:
+        raise UserError(f"must be auto or one of {', '.join(map(str, ALIGNS))}, got {align!r}", key="decompose.align")
+    return int(align)
+
+
+def rank_ladder(top: int, align: int = 1) -> list[int]:
+    """The ranks a layer of maximum rank ``top`` may take with alignment ``align``, ascending: the
+    multiples of ``align`` below ``top``, and ``top`` itself (a rank rounded up to a multiple is capped there)."""
+    return [r for r in range(align, top, align)] + [top]
+
+
+def _given_shares(retained: dict, name: str, top: int) -> list[float]:
+    """Layer ``name``'s entry of plan_ranks' ``retained``: one share per rank 1..``top``, refused otherwise."""
+    shares = retained.get(name)
+    if shares is None or len(shares) != top:
+        raise UserError(f"retained energies for layer {name} must list {top} shares (ranks 1..{top}), got "
+                        f"{'none' if shares is None else len(shares)}")
+    return [float(v) for v in shares]
+
+
+def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
+               input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False, align: int = 1,
+               retained: dict[str, Sequence[float]] | None = None) -> dict:
+    """Choose a rank per layer so that the expanded model meets ``target`` (see the module doc for the rule).
+
+    Parameters
+    ----------
+    model : the model to expand (not modified).
+    layers : 1-based conv indices or module names, as for :func:`lrx.nn.surgery.expand`.
+    scheme : "v1" or "v2".
+    target : ``{"speedup": X}``: the replaced layers' MACs fall X-fold (theoretical, before/after);
+        or ``{"macs": F}``: the whole model keeps at most the fraction F of its MACs.
+    input_size : (C, H, W) of one image, for the MAC counts.
+    basis, decomposed : scheme 1's options, as for ``expand`` (they change spectra and MACs).
+    align : every rank a multiple of this or the layer's maximum rank (:func:`rank_ladder`).
+    retained : ``{layer name: [share kept at rank 1, ..., max rank]}`` to rank layers by instead of the
+        filter energy, e.g. the output energy on calibration data (:func:`lrx.factor.datafit.retained_on_data`).
+
+    Returns
+    -------
+    ``{"rule", "proxy" ("filter energy", or "given" with ``retained``), "target", "scheme", "basis",
+    "decomposed", "ranks": [...], "layers": [{"index",
+    "name", "rank", "max_rank", "macs_before", "macs_after", "retained_energy"}],
+    "model_macs_before", "predicted_macs" (whole model after), "predicted_speedup" (replaced
+    layers, before/after)}``. MACs are per image and match ptflops (lrx.measure.profiling.count). The
+    target is met, and lowering stopped at the first rank step that met it.
+    """
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
+    if scheme == "v2":
+        basis, decomposed = "shared", False
+    kind, value = check_target(target)
+    if kind == "latency":
+        raise UserError("a latency target is measured on the device: plan it with lrx.plan.latency.plan_latency "
+                        "(lrx decompose does)", key="decompose.target")
+    align = device_align(align)
+    chosen = select_layers(model, layers, scheme, decomposed)
+    for index, name, conv in chosen:
+        check_convertible(conv, scheme, decomposed, layer_label(index, name))
+    sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    total = count(model, input_size)[0]
+
+    plans = []
+    for index, name, conv in chosen:
+        in_hw, out_hw = sizes[name]
+        top = max_rank(conv, scheme, basis)
+        plans.append({
+            "index": index, "name": name, "conv": conv, "max_rank": top,
+            "retained": (retained_energy(conv.weight, scheme, basis).tolist() if retained is None
+                         else _given_shares(retained, name, top)),
+            "macs_before": original_macs(conv, out_hw),
+            "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
+            "ladder": rank_ladder(top, align),
+        })
+    before = sum(p["macs_before"] for p in plans)
+    budget = before / value if kind == "speedup" else value * total - (total - before)
+    floor = sum(p["cost"][p["ladder"][0] - 1] for p in plans)
+    if floor > budget:
+        if kind == "speedup":
+            best = f"the best reachable is {before / floor:.3g}x (rank {align} in every layer)"
+        else:
+            best = (f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs "
+                    f"(rank {align} in every layer)")
+        raise UserError(f"target {kind} {value:g} cannot be met by layers {', '.join(p['name'] for p in plans)} "
+                        f"with scheme {scheme}: {best}", key=f"decompose.target.{kind}")
+
+    ranks = [p["max_rank"] for p in plans]
+    after = sum(p["cost"][-1] for p in plans)
+    heap = []
+
+    def lower(i) -> int:
+        """The next rung below layer i's rank (with align 1: the rank minus one)."""
+        ladder = plans[i]["ladder"]
+        return ladder[ladder.index(ranks[i]) - 1]
+
+    def push(i):
+        r, p = ranks[i], plans[i]
+        if r > p["ladder"][0]:
+            q = lower(i)
+            loss = p["retained"][r - 1] - p["retained"][q - 1]  # energy share of singular values q+1..r
+            saved = p["cost"][r - 1] - p["cost"][q - 1]
+            heapq.heappush(heap, (loss / saved, i))
+
+    for i in range(len(plans)):
+        push(i)
+    while after > budget:
+        _, i = heapq.heappop(heap)  # never empty here: at the lowest rung everywhere, after = floor <= budget
+        q = lower(i)
+        after -= plans[i]["cost"][ranks[i] - 1] - plans[i]["cost"][q - 1]
+        ranks[i] = q
+        push(i)
+
+    rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": p["max_rank"],
+             "macs_before": p["macs_before"], "macs_after": p["cost"][r - 1], "retained_energy": p["retained"][r - 1]}
+            for p, r in zip(plans, ranks)]
+    return {"rule": RULE, "proxy": "filter energy" if retained is None else "given", "target": {kind: value},
+            "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
+            "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
+            "predicted_speedup": before / after}
