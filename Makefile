@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LRX := $(BIN)/lrx
-# torch 2.14.1 / torchvision 0.29.1 install from the local wheel cache on the dev machines (see README).
+# The torch and torchvision lrx's results were made with; any torch >= 2.4 works: make install TORCH_PINS="torch torchvision".
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 QUICK := $(sort $(wildcard configs/quick/exp[0-9]*.yaml))
 SEED := $(sort $(wildcard configs/exp0*.yaml))
 SPEED := $(sort $(wildcard configs/exp1*.yaml))
 
-.PHONY: install data test demo export-check all-experiments speed-experiments results bench clean
+.PHONY: install data test demo docs export-check all-experiments speed-experiments results bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +39,16 @@ data: install
 	fi
 
 # Every quick row at CPU size on Fashion-MNIST (the nine seed rows, then the rows beyond the seed),
-# then the whole table into results/quick.md (what the README shows).
+# then the whole table into results/quick.md (docs/results.md shows it).
 demo: data
 	$(LRX) run $(QUICK) --runs-dir runs/quick
 	$(LRX) table runs/quick > results/quick.md
 	cat results/quick.md
+
+# docs/configs.md: every config key, its default and allowed values, from lrx/config/settings.py's dataclasses.
+docs: install
+	$(BIN)/python -m lrx.config.reference > docs/configs.md.tmp
+	mv docs/configs.md.tmp docs/configs.md
 
 # Every finished quick row's final model in all four export formats, loaded without lrx and compared with
 # PyTorch (PASS within 1e-4); exit 1 on any failure. After `make demo`.
