@@ -61,7 +61,7 @@ def test_a_dataloader_is_calibration_data():
                               iterations=2, input_size=SIZE)
     _, from_loader = lrx.expand(tiny(), [2, 3], "v2", [4, 4], fit="data", calibration=loader, images=32,
                                 iterations=2, input_size=SIZE)
-    for a, b in zip(from_list["layers"], from_loader["layers"]):
+    for a, b in zip(from_list.layers, from_loader.layers):
         assert a["output_error"] == pytest.approx(b["output_error"], rel=1e-6), "a DataLoader gives the list's fit"
 
 

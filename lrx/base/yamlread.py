@@ -6,6 +6,7 @@ in bounded memory. :mod:`lrx.config.settings` builds typed configs from what thi
 """
 from __future__ import annotations
 
+import math
 import re
 import reprlib
 from pathlib import Path

@@ -16,7 +16,6 @@ and so does finding the config of a run that another names (:func:`find_config`)
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import sys

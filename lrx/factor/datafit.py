@@ -26,7 +26,6 @@ driver share the private objective and solver helpers; the statistics are the pa
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 

@@ -32,7 +32,7 @@ from lrx.base.errors import UserError
 from lrx.nn.layers import check_convertible
 from lrx.nn.surgery import conv_sizes, layer_label, select_layers
 from lrx.nn.models import build_model, check_start, min_image_size
-from lrx.plan.macs import device_align, plan_ranks
+from lrx.plan.macs import check_reachable, device_align
 from lrx.pipeline.rundir import RunDir
 from lrx.pipeline.stages import Context, stage, stage_names, summarise
 
@@ -124,9 +124,9 @@ def check_against_model(cfg: Config) -> None:
                         file=cfg.path, key="decompose.bases")
     if settings.bases == "auto" and "latency" in settings.target:
         return  # measured on the device by the planner itself (lrx.plan.latency); nothing to count here
-    if settings.bases == "auto":  # reachability depends on MACs alone, so fresh weights tell it
+    if settings.bases == "auto":  # reachability depends on MACs alone, so fresh weights tell it; no plan here
         try:
-            plan_ranks(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
+            check_reachable(model, settings.layers, settings.scheme, settings.target, input_size=input_size,
                        basis=settings.basis, decomposed=settings.decomposed,
                        align=device_align(settings.align, cfg.runtime.device))
         except UserError as err:

@@ -24,7 +24,7 @@ from lrx.nn.layers import check_convertible
 from lrx.nn.surgery import conv_sizes, layer_label, select_layers
 from lrx.measure.profiling import count
 
-__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "plan_ranks"]
+__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "plan_ranks", "check_reachable"]
 
 RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
         "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
@@ -69,7 +69,7 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     Parameters
     ----------
     model : the model to expand (not modified).
-    layers : 1-based conv indices or module names, as for :func:`lrx.nn.surgery.expand`.
+    layers : 1-based conv indices or module names, as for :func:`lrx.expansion.model.expand`.
     scheme : "v1" or "v2".
     target : ``{"speedup": X}``: the replaced layers' MACs fall X-fold (theoretical, before/after);
         or ``{"macs": F}``: the whole model keeps at most the fraction F of its MACs.
@@ -77,7 +77,7 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     basis, decomposed : scheme 1's options, as for ``expand`` (they change spectra and MACs).
     align : every rank a multiple of this or the layer's maximum rank (:func:`rank_ladder`).
     retained : ``{layer name: [share kept at rank 1, ..., max rank]}`` to rank layers by instead of the
-        filter energy, e.g. the output energy on calibration data (:func:`lrx.factor.datafit.retained_on_data`).
+        filter energy, e.g. the output energy on calibration data (:func:`lrx.expansion.model.output_energy`).
 
     Returns
     -------
@@ -88,44 +88,12 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     layers, before/after)}``. MACs are per image and match ptflops (lrx.measure.profiling.count). The
     target is met, and lowering stopped at the first rank step that met it.
     """
-    check_choice(scheme, SCHEMES, "scheme")
-    check_choice(basis, BASES, "basis")
-    if scheme == "v2":
-        basis, decomposed = "shared", False
-    kind, value = check_target(target)
-    if kind == "latency":
-        raise UserError("a latency target is measured on the device: plan it with lrx.plan.latency.plan_latency "
-                        "(lrx decompose does)", key="decompose.target")
-    align = device_align(align)
-    chosen = select_layers(model, layers, scheme, decomposed)
-    for index, name, conv in chosen:
-        check_convertible(conv, scheme, decomposed, layer_label(index, name))
-    sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
-    total = count(model, input_size)[0]
-
-    plans = []
-    for index, name, conv in chosen:
-        in_hw, out_hw = sizes[name]
-        top = max_rank(conv, scheme, basis)
-        plans.append({
-            "index": index, "name": name, "conv": conv, "max_rank": top,
-            "retained": (retained_energy(conv.weight, scheme, basis).tolist() if retained is None
-                         else _given_shares(retained, name, top)),
-            "macs_before": original_macs(conv, out_hw),
-            "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
-            "ladder": rank_ladder(top, align),
-        })
-    before = sum(p["macs_before"] for p in plans)
-    budget = before / value if kind == "speedup" else value * total - (total - before)
-    floor = sum(p["cost"][p["ladder"][0] - 1] for p in plans)
-    if floor > budget:
-        if kind == "speedup":
-            best = f"the best reachable is {before / floor:.3g}x (rank {align} in every layer)"
-        else:
-            best = (f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs "
-                    f"(rank {align} in every layer)")
-        raise UserError(f"target {kind} {value:g} cannot be met by layers {', '.join(p['name'] for p in plans)} "
-                        f"with scheme {scheme}: {best}", key=f"decompose.target.{kind}")
+    scheme, basis, decomposed, kind, value, align = _settings(scheme, target, basis, decomposed, align)
+    plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
+    before, budget = _budget(kind, value, plans, total, scheme, align)
+    for p in plans:
+        p["retained"] = (retained_energy(p["conv"].weight, scheme, basis).tolist() if retained is None
+                         else _given_shares(retained, p["name"], p["max_rank"]))
 
     ranks = [p["max_rank"] for p in plans]
     after = sum(p["cost"][-1] for p in plans)
@@ -160,3 +128,61 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
             "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
             "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
             "predicted_speedup": before / after}
+
+
+def check_reachable(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
+                    input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False, align: int = 1) -> None:
+    """Refuse a MACs or speedup ``target`` that no ranks of ``layers`` can meet (a :class:`UserError` naming the
+    best reachable), without planning: what a config check needs before anything runs (MACs depend on the
+    shapes alone, so fresh weights tell it). :func:`plan_ranks` applies the same rule."""
+    scheme, basis, decomposed, kind, value, align = _settings(scheme, target, basis, decomposed, align)
+    plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
+    _budget(kind, value, plans, total, scheme, align)
+
+
+def _settings(scheme: str, target: dict, basis: str, decomposed: bool, align) -> tuple:
+    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(basis, BASES, "basis")
+    if scheme == "v2":
+        basis, decomposed = "shared", False
+    kind, value = check_target(target)
+    if kind == "latency":
+        raise UserError("a latency target is measured on the device: plan it with lrx.plan.latency.plan_latency "
+                        "(lrx decompose does)", key="decompose.target")
+    return scheme, basis, decomposed, kind, value, device_align(align)
+
+
+def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomposed: bool, align: int) -> tuple[list, int]:
+    """Per chosen layer its MACs before and at every rank, its ladder of ranks; and the model's MACs."""
+    chosen = select_layers(model, layers, scheme, decomposed)
+    for index, name, conv in chosen:
+        check_convertible(conv, scheme, decomposed, layer_label(index, name))
+    sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    total = count(model, input_size)[0]
+    plans = []
+    for index, name, conv in chosen:
+        in_hw, out_hw = sizes[name]
+        top = max_rank(conv, scheme, basis)
+        plans.append({
+            "index": index, "name": name, "conv": conv, "max_rank": top,
+            "macs_before": original_macs(conv, out_hw),
+            "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
+            "ladder": rank_ladder(top, align),
+        })
+    return plans, total
+
+
+def _budget(kind: str, value: float, plans: list, total: int, scheme: str, align: int) -> tuple[int, float]:
+    """(the replaced layers' MACs, the MACs they may keep); a :class:`UserError` when the lowest ranks exceed it."""
+    before = sum(p["macs_before"] for p in plans)
+    budget = before / value if kind == "speedup" else value * total - (total - before)
+    floor = sum(p["cost"][p["ladder"][0] - 1] for p in plans)
+    if floor > budget:
+        if kind == "speedup":
+            best = f"the best reachable is {before / floor:.3g}x (rank {align} in every layer)"
+        else:
+            best = (f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs "
+                    f"(rank {align} in every layer)")
+        raise UserError(f"target {kind} {value:g} cannot be met by layers {', '.join(p['name'] for p in plans)} "
+                        f"with scheme {scheme}: {best}", key=f"decompose.target.{kind}")
+    return before, budget
