@@ -300,7 +300,9 @@ def _psd_solve(q: Tensor, b: Tensor) -> Tensor:
     """Solve ``q x = b`` for symmetric positive semi-definite ``q`` (n, n), ``b`` (n, r).
 
     Cholesky with the smallest of a few jitters (relative to the mean diagonal) that factors ``q``: for
-    singular systems (rank-deficient inputs) this is the minimiser of the quadratic up to ~1e-12.
+    singular systems (rank-deficient inputs) this is the minimiser of the quadratic up to ~1e-12. Should
+    none factor (``q`` indefinite beyond rounding), the minimum-norm minimiser from its eigendecomposition,
+    with the eigenvalues below rounding (negative ones included) taken as zero.
     """
     scale = q.diagonal().mean().clamp_min(1e-300)
     eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
@@ -308,7 +310,10 @@ def _psd_solve(q: Tensor, b: Tensor) -> Tensor:
         chol, info = torch.linalg.cholesky_ex(q + jitter * scale * eye)
         if info.item() == 0:
             return torch.cholesky_solve(b, chol)
-    return torch.linalg.lstsq(q, b).solution
+    values, vectors = torch.linalg.eigh(q)
+    floor = q.shape[0] * torch.finfo(q.dtype).eps * values.abs().max()
+    inverse = torch.where(values > floor, 1.0 / values.clamp_min(1e-300), torch.zeros_like(values))
+    return vectors @ (inverse[:, None] * (vectors.T @ b))
 
 
 def _pcg(apply, rhs: Tensor, x: Tensor, precondition, steps: int, start=None) -> tuple[Tensor, Tensor | None]:
@@ -340,18 +345,38 @@ def _pcg(apply, rhs: Tensor, x: Tensor, precondition, steps: int, start=None) ->
     return x, lx
 
 
+def _psd_cholesky(a: Tensor) -> Tensor:
+    """The Cholesky factor L (lower, positive diagonal) of ``a`` + RIDGE x its mean eigenvalue, ``a`` (..., n, n)
+    symmetric positive semi-definite in exact arithmetic.
+
+    A singular ``a`` (input patches confined to a subspace: identical colour channels of grayscale images
+    saved as RGB, constant image regions) summed from float32 products has eigenvalues of about -1e-6 x its
+    mean where they are 0, which the ridge need not cover. Where the plain factorisation fails, ``a``'s
+    eigenvalues are floored at 0 first (the nearest positive semi-definite matrix), then the ridge is added:
+    L is then the R^T of the QR factorisation of diag(sqrt(lambda + ridge)) Q^T. A matrix that factors is
+    factored as it is, so full-rank statistics give the same L as always.
+    """
+    ridge = RIDGE * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(a + ridge[..., None, None] * eye)
+    if not bool((info != 0).any()):
+        return chol
+    values, vectors = torch.linalg.eigh(a)
+    root = (values.clamp_min(0) + ridge[..., None]).sqrt()
+    r = torch.linalg.qr(root[..., :, None] * vectors.mT).R  # R^T R = Q diag(lambda + ridge) Q^T
+    sign = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(r.dtype)
+    return (sign[..., :, None] * r).mT
+
+
 def _chol_inverse(a: Tensor):
-    """A function applying ``(a + ridge)^{-1}`` (batched symmetric PSD ``a``), for preconditioners."""
-    n = a.shape[-1]
-    scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
-    chol = torch.linalg.cholesky(a + RIDGE * scale * torch.eye(n, dtype=a.dtype, device=a.device))
+    """A function applying ``(a + ridge)^{-1}`` (batched symmetric PSD ``a``; see :func:`_psd_cholesky`), for preconditioners."""
+    chol = _psd_cholesky(a)
     return lambda b: torch.cholesky_solve(b, chol)
 
 
 def _whitener(sigma: Tensor) -> Tensor:
-    """The Cholesky factor of ``sigma`` (..., n, n) + RIDGE x its mean eigenvalue."""
-    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-    return torch.linalg.cholesky(sigma + RIDGE * sigma.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None] * eye)
+    """The Cholesky factor of ``sigma`` (..., n, n) + RIDGE x its mean eigenvalue (:func:`_psd_cholesky`)."""
+    return _psd_cholesky(sigma)
 
 
 def _improved(history, value: float, tol: float) -> bool:
