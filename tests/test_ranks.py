@@ -1,4 +1,6 @@
 """Ranks from a target: met within one rank step, never above a layer's maximum, chosen from spectra."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from lrx.expansion.model import expand
 from lrx.nn.surgery import conv_sizes
 from lrx.nn.models import alexnet_cifar10
 from lrx.measure.profiling import count
-from lrx.plan.macs import plan_ranks
+from lrx.plan.macs import cheaper_ladder, plan_ranks
 
 SIZE = (3, 224, 224)
 
@@ -113,3 +115,33 @@ def test_unreachable_target_says_best_value(target, words):
 def test_bad_targets(target):
     with pytest.raises(UserError, match="target"):
         plan_ranks(nn.Sequential(nn.Conv2d(3, 4, 3)), [1], "v2", target, input_size=(3, 8, 8))
+
+
+def thin_first_conv() -> nn.Sequential:
+    """A first conv 3 -> 32: scheme 2 at its maximum rank 9 costs 1.09x the conv's own MACs."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 10))
+
+
+def test_no_layer_is_given_a_rank_that_costs_more_than_its_dense_conv():
+    model, size = thin_first_conv(), (3, 16, 16)
+    conv1 = model[0]
+    assert dec.expanded_macs(conv1, "v2", 9, (16, 16), (16, 16)) > dec.original_macs(conv1, (16, 16)), \
+        "the premise: conv1 at its maximum rank costs more than the dense conv"
+    plan = plan_ranks(model, "auto", "v2", {"speedup": 2.0}, input_size=size)
+    assert plan["predicted_speedup"] >= 2.0, "the target is still met"
+    for row in plan["layers"]:
+        assert row["macs_after"] < row["macs_before"], \
+            f"{row['name']}: rank {row['rank']} costs {row['macs_after']} MACs, the dense conv {row['macs_before']}"
+    for align in (1, 8, 32):
+        ladder = cheaper_ladder(conv1, "v2", (16, 16), (16, 16), align)
+        assert ladder and all(dec.expanded_macs(conv1, "v2", r, (16, 16), (16, 16)) < dec.original_macs(conv1, (16, 16))
+                              for r in ladder), f"align {align}: every rung is cheaper than the conv: {ladder}"
+    assert cheaper_ladder(conv1, "v2", (16, 16), (16, 16), 1)[-1] == 8, "the ladder tops out at the largest cheaper rank"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        expand(model, "auto", "v2", "auto", target={"speedup": 2.0}, input_size=size)
+    assert not [w for w in caught if "MACs" in str(w.message)], \
+        f"no note about a rank that adds MACs: {[str(w.message) for w in caught]}"

@@ -1,10 +1,12 @@
 """Per-layer ranks from a speed or MACs target (``bases: auto``), chosen from the singular-value spectra.
 
-The rule, greedy on reconstruction energy per MAC: start every layer at its maximum rank; then,
-until the target is met, lower by one the rank of the layer whose next dropped singular value
-removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) per MAC saved.
-With ``align`` > 1 a layer's ranks are the multiples of ``align`` below its maximum rank and the
-maximum itself (:func:`rank_ladder`), and each step lowers a rank by one rung of that ladder.
+The rule, greedy on reconstruction energy per MAC: start every layer at the top of its ladder of ranks
+(:func:`cheaper_ladder`: the largest rank whose expansion costs fewer MACs than the dense conv; a thin
+first conv such as 3 -> 32 channels costs more than itself at its maximum rank, and a planner never
+chooses that); then, until the target is met, lower by one the rank of the layer whose next dropped
+singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) per MAC saved.
+With ``align`` > 1 a layer's ranks are the multiples of ``align`` below its maximum rank and the maximum
+itself (:func:`rank_ladder`), those cheaper than the dense conv, and each step lowers a rank by one rung.
 Dropping singular values in this order is what the truncated SVD would lose, so a layer whose
 spectrum decays fast gives up rank before one whose spectrum is flat, and a layer where a rank
 step saves many MACs gives it up before one where it saves few.
@@ -24,11 +26,12 @@ from lrx.nn.layers import check_convertible
 from lrx.nn.surgery import conv_sizes, layer_label, select_layers
 from lrx.measure.profiling import count
 
-__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "plan_ranks", "check_reachable"]
+__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "cheaper_ladder", "plan_ranks",
+           "check_reachable"]
 
-RULE = ("greedy: from each layer's maximum rank, repeatedly lower by one the rank of the layer whose next "
-        "dropped singular value removes the least share of that layer's filter energy (sigma_r^2 / ||W||_F^2) "
-        "per MAC saved, until the target is met")
+RULE = ("greedy: from each layer's largest rank cheaper than its dense conv, repeatedly lower by one the rank of "
+        "the layer whose next dropped singular value removes the least share of that layer's filter energy "
+        "(sigma_r^2 / ||W||_F^2) per MAC saved, until the target is met")
 ALIGNS = (1, 8, 16, 32)
 # decompose.align: auto. On CUDA, ranks off the tensor-core tiles cost time: issue 11 measured (H200, bf16,
 # batch 64) lrx's 3x plan for AlexNet conv2-5 at 0.88x the original, 1.01x with its ranks rounded up to
@@ -50,6 +53,29 @@ def rank_ladder(top: int, align: int = 1) -> list[int]:
     """The ranks a layer of maximum rank ``top`` may take with alignment ``align``, ascending: the
     multiples of ``align`` below ``top``, and ``top`` itself (a rank rounded up to a multiple is capped there)."""
     return [r for r in range(align, top, align)] + [top]
+
+
+def cheaper_ladder(conv: nn.Conv2d, scheme: str, in_hw, out_hw, align: int = 1, basis: str = "shared",
+                   decomposed: bool = False) -> list[int]:
+    """The ranks a planner may give ``conv``, ascending: the ranks of :func:`rank_ladder` whose expansion
+    costs fewer MACs than the dense conv itself (an expansion that costs more is never chosen: keeping the
+    conv is cheaper and exact). With ``align`` 1 the ladder tops out at the largest rank cheaper than the
+    dense conv; with ``align`` > 1 at the largest such multiple of ``align`` (or at the largest cheaper rank
+    when it is below ``align``). When no rank is cheaper (a conv with very few channels), the ladder is its
+    lowest rung alone, the least costly expansion there is.
+
+    ``in_hw``, ``out_hw``: the conv's input and output (H, W), as for
+    :func:`lrx.factor.decomposition.expanded_macs`.
+    """
+    top = max_rank(conv, scheme, basis)
+    dense = original_macs(conv, out_hw)
+    ladder = rank_ladder(top, align)
+    kept = [r for r in ladder if expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) < dense]
+    if kept:
+        return kept
+    cheaper = [r for r in range(1, min(top, align) + 1)
+               if expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) < dense]
+    return cheaper[-1:] or ladder[:1]
 
 
 def _given_shares(retained: dict, name: str, top: int) -> list[float]:
@@ -86,7 +112,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     "name", "rank", "max_rank", "macs_before", "macs_after", "retained_energy"}],
     "model_macs_before", "predicted_macs" (whole model after), "predicted_speedup" (replaced
     layers, before/after)}``. MACs are per image and match ptflops (lrx.measure.profiling.count). The
-    target is met, and lowering stopped at the first rank step that met it.
+    target is met, and lowering stopped at the first rank step that met it; no rank costs more MACs than
+    its layer's dense conv (:func:`cheaper_ladder`) unless even the layer's lowest rank does.
     """
     scheme, basis, decomposed, kind, value, align = _settings(scheme, target, basis, decomposed, align)
     plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
@@ -95,8 +122,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
         p["retained"] = (retained_energy(p["conv"].weight, scheme, basis).tolist() if retained is None
                          else _given_shares(retained, p["name"], p["max_rank"]))
 
-    ranks = [p["max_rank"] for p in plans]
-    after = sum(p["cost"][-1] for p in plans)
+    ranks = [p["ladder"][-1] for p in plans]
+    after = sum(p["cost"][r - 1] for p, r in zip(plans, ranks))
     heap = []
 
     def lower(i) -> int:
@@ -167,7 +194,7 @@ def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomp
             "index": index, "name": name, "conv": conv, "max_rank": top,
             "macs_before": original_macs(conv, out_hw),
             "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
-            "ladder": rank_ladder(top, align),
+            "ladder": cheaper_ladder(conv, scheme, in_hw, out_hw, align, basis, decomposed),
         })
     return plans, total
 
