@@ -299,3 +299,93 @@ def test_fit_data_plans_a_latency_target_by_output_energy(tiny_configs, monkeypa
     assert given and set(given[0]) == {"0", "3", "6", "8"} and all(0 < v[0] <= 1 for v in given[0].values()), \
         "the planner ranks by output energy on the calibration images (one list per candidate conv)"
     assert report.plan["proxy"] == "output energy on the calibration images" and report.fit_data is not None
+
+
+# ---------------------------------------------------------------- a cache that lies or is damaged
+
+
+def cached_plan(tmp_path):
+    """A cache written by a first plan on fake(); (the cache, the plan a fresh measurement gives)."""
+    cache = tmp_path / "latency-tables.json"
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake(), proxy=LINEAR_PROXY, cache=cache)
+    return cache, plan
+
+
+@pytest.mark.parametrize("damage", ["dense is text", "dense is 0", "negative rank time", "infinite time",
+                                    "entry is a list", "entry is a number", "no dense time", "rank time is true"])
+def test_invalid_cache_entries_are_ignored_and_measured_again_with_a_warning_naming_the_file(tmp_path, damage):
+    cache, fresh = cached_plan(tmp_path)
+    data = json.loads(cache.read_text())
+    for key, entry in data["tables"].items():
+        rank = next(k for k in entry if k != "dense")
+        data["tables"][key] = {
+            "dense is text": {**entry, "dense": "fast"}, "dense is 0": {**entry, "dense": 0},
+            "negative rank time": {**entry, rank: -entry[rank]}, "infinite time": {**entry, rank: float("inf")},
+            "entry is a list": [1, 2], "entry is a number": 3, "no dense time": {rank: entry[rank]},
+            "rank time is true": {**entry, rank: True}}[damage]
+    cache.write_text(json.dumps(data))
+    timing, lines = fake(), []
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing, proxy=LINEAR_PROXY, cache=cache,
+                                log=lines.append)
+    assert len(timing.layer_calls) == 3, f"{damage}: every layer is measured again, not read from the cache"
+    assert (plan["names"], plan["ranks"]) == (fresh["names"], fresh["ranks"]), f"{damage}: the plan of fresh times"
+    warned = [line for line in lines if line.startswith("warning") and str(cache) in line]
+    assert len(warned) == 1 and "3 of 3 entries ignored" in warned[0], f"{damage}: one warning naming the file: {lines}"
+    assert latency.read_cache(cache) == json.loads(cache.read_text())["tables"], \
+        f"{damage}: the measured times replace the invalid entries (every entry is valid now)"
+    again = fake()
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, again, proxy=LINEAR_PROXY, cache=cache)
+    assert again.layer_calls == [], f"{damage}: the rewritten cache is used by the next plan"
+
+
+@pytest.mark.parametrize("content", [{"version": 99, "tables": {}}, {"tables": {}}, [1, 2], {"version": 1, "tables": [1]}])
+def test_a_cache_of_another_schema_is_ignored_with_a_warning_naming_it(tmp_path, content):
+    cache = tmp_path / "latency-tables.json"
+    cache.write_text(json.dumps(content))
+    timing, lines = fake(), []
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing, proxy=LINEAR_PROXY, cache=cache,
+                         log=lines.append)
+    assert len(timing.layer_calls) == 3 and json.loads(cache.read_text())["version"] == latency.CACHE_VERSION
+    assert [line for line in lines if line.startswith("warning") and str(cache) in line and "ignored" in line], lines
+
+
+def test_a_directory_in_place_of_the_cache_is_refused_naming_it(tmp_path):
+    cache = tmp_path / "latency-tables.json"
+    cache.mkdir()
+    timing = fake()
+    with pytest.raises(UserError) as info:
+        latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing, cache=cache)
+    assert str(cache) in str(info.value) and "directory" in str(info.value), str(info.value)
+    assert timing.layer_calls == [], "refused before anything is measured"
+    lines = []
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake(), cache=cache, write_cache=False,
+                         log=lines.append)
+    assert [line for line in lines if line.startswith("warning") and str(cache) in line], \
+        f"without writing (a dry run), the directory is only warned about: {lines}"
+    assert cache.is_dir(), "and left alone"
+
+
+def test_a_check_that_contradicts_the_cached_times_measures_those_layers_again(tmp_path):
+    class Liar(FakeTiming):  # a table whose ranks are 1000x faster than they run in the model
+        def layer(self, conv, input_shape, ranks):
+            return {k: t if k == "dense" else t / 1000 for k, t in super().layer(conv, input_shape, ranks).items()}
+
+    cache = tmp_path / "latency-tables.json"
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, Liar(DENSE, fake().rank_ms), proxy=LINEAR_PROXY,
+                         cache=cache)  # the lies are measured, not cached: the adjustment copes as far as it can
+    lied = latency.read_cache(cache)
+    fresh = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake(), proxy=LINEAR_PROXY)
+    timing, lines = fake(), []
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing, proxy=LINEAR_PROXY, cache=cache,
+                                log=lines.append)
+    warned = [line for line in lines if line.startswith("warning") and str(cache) in line]
+    assert warned and all("measuring those layers again" in line for line in warned), lines
+    assert timing.layer_calls, "the contradicted layers are measured again"
+    assert (plan["names"], plan["ranks"]) == (fresh["names"], fresh["ranks"]), \
+        f"the plan is the one fresh times give: {plan['ranks']} vs {fresh['ranks']}"
+    assert plan["measured_speedup"] >= 1.5 and plan["measured_speedup"] == pytest.approx(plan["predicted_speedup"])
+    assert plan["rounds"][0]["scale"] == 1.0, "the rounds measured with the contradicted times are dropped"
+    now = latency.read_cache(cache)
+    changed = [k for k in now if now[k] != lied[k]]
+    assert changed and all(now[k]["dense"] == lied[k]["dense"] for k in changed), \
+        "the contradicted entries are replaced by what was measured"

@@ -6,13 +6,15 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
 1. **Candidates.** The layers given, or with ``layers: auto`` every conv scheme 2 can replace
    (:func:`candidate_layers`; conv1 included).
 2. **A ladder of ranks per layer** (:func:`candidate_ranks`): for each fraction in :data:`LADDER` of the
-   dense conv's MACs, the smallest aligned rank (:func:`lrx.plan.macs.rank_ladder`) that reaches it; and
-   "keep the layer dense" as one more option.
+   dense conv's MACs, the smallest aligned rank of the layer's ladder (:func:`lrx.plan.macs.cheaper_ladder`:
+   ranks cheaper than the dense conv) that reaches it; and "keep the layer dense" as one more option.
 3. **A table of times.** Each candidate layer runs alone on its real input shape (batch, channels, H, W
    at the profile's batch and input size), dense and at each ladder rank, in the layout and dtype the
    model will run in (:class:`DeviceTiming`, through :func:`lrx.nn.inference.optimise`), interleaved. The
    table is cached per device and layer shape in one JSON file in the runs folder
-   (:func:`lrx.pipeline.rundir.latency_cache_path`), so later runs on the same machine reuse it.
+   (:func:`lrx.pipeline.rundir.latency_cache_path`), so later runs on the same machine reuse it. The
+   cache is only a cache: a file of another schema version, or an entry that is not a mapping of
+   positive, finite times, is ignored with a warning naming the file, and those layers are measured again.
 4. **A choice.** Each option's time in the model = the dense conv's time inside the original (channels_last,
    the expansion's layout, timed per module) times the option's time relative to dense in the table.
    Predicted whole-model time = the rest of the model + each layer's time at its choice. Greedy, as
@@ -27,39 +29,46 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
    speedup is off the measured one by more than :data:`TOLERANCE` (or the target is missed), the expanded
    layers' times are scaled
    so that the prediction matches what was measured (the rest of the model and the dense layers come from
-   the whole original's time) and the choice is made again (at most :data:`ADJUST_ROUNDS` times).
+   the whole original's time) and the choice is made again (at most :data:`ADJUST_ROUNDS` times). Where
+   the first check contradicts cached times (the expanded layers ran more than :data:`SCALE_LIMIT` times
+   slower or faster than the cache says), those layers' cached entries are dropped and measured again, with
+   a warning naming the cache, and the plan starts over from the fresh times.
 
 The measuring is a :class:`DeviceTiming` or anything with its ``key``, ``layer`` and ``whole`` methods,
 so tests give a fake table. Times of layers are taken eagerly even when ``profile.compile`` is on
 (compiling dozens of candidate layers would take minutes); the whole-model check compiles both models,
 and the adjustment step absorbs the difference.
+
+The module is long because the planner's steps share its table and are read together: the device timing,
+the cached table and what makes an entry of it valid, the choice, and the checks that correct it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
+import math
 import platform
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from lrx.base.files import load_json, write_json_atomic
 from lrx.config.settings import check_target
-from lrx.factor.decomposition import expanded_macs, max_rank, original_macs, retained_energy
+from lrx.factor.decomposition import expanded_macs, original_macs, retained_energy
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.layers import LowRankExpConvV2, check_convertible
 from lrx.nn.surgery import build_expanded, conv_sizes, layer_label, select_layers
 from lrx.measure.timing import interleaved, module_times, time_pair, torch_threads
-from lrx.plan.macs import rank_ladder
+from lrx.plan.macs import cheaper_ladder
 from lrx.nn.inference import optimise
 
-__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "CACHE_VERSION", "DENSE", "RULE", "Timing",
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "CACHE_VERSION", "DENSE", "RULE", "Timing",
            "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
@@ -71,7 +80,11 @@ TOLERANCE = 0.10  # predicted vs measured whole-model speedup: relative differen
 # one machine) does not put a plan that just met it under it; a plan counts as meeting the target itself.
 MARGIN = 0.05
 ADJUST_ROUNDS = 3  # re-plans after the first check, at most
-CACHE_VERSION = 1
+# The most the expanded layers' times are scaled by when a check adjusts the table (and the least, its
+# inverse). A first check that needs more than this from cached times contradicts the cache: those layers
+# are measured again instead.
+SCALE_LIMIT = 4.0
+CACHE_VERSION = 1  # the schema of latency-tables.json: {"version": 1, "tables": {key: {"dense" or rank: ms}}}
 DENSE = "dense"
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
         "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
@@ -202,10 +215,11 @@ def candidate_layers(model: nn.Module, layers) -> list[tuple[int, str, nn.Conv2d
 
 def candidate_ranks(conv: nn.Conv2d, in_hw, out_hw, align: int = 1) -> list[int]:
     """The ranks worth timing for ``conv``, ascending: per fraction f of :data:`LADDER`, the smallest rank
-    of ``rank_ladder(max rank, align)`` whose scheme 2 MACs reach f times the dense conv's; only ranks
-    with fewer MACs than the dense conv (a rank at or above them cannot be faster)."""
+    of the layer's ladder (:func:`lrx.plan.macs.cheaper_ladder`, which tops out at the largest rank cheaper
+    than the dense conv) whose scheme 2 MACs reach f times the dense conv's; only ranks with fewer MACs
+    than the dense conv (a rank at or above them cannot be faster)."""
     dense = original_macs(conv, out_hw)
-    ladder = rank_ladder(max_rank(conv, "v2"), align)
+    ladder = cheaper_ladder(conv, "v2", in_hw, out_hw, align)
     macs = {r: expanded_macs(conv, "v2", r, in_hw, out_hw) for r in ladder}
     out = set()
     for fraction in LADDER:
@@ -224,31 +238,74 @@ def _cache_key(device_key: dict, conv: nn.Conv2d, input_shape) -> str:
     return json.dumps({**device_key, **shape}, sort_keys=True)
 
 
-def read_cache(path: Path | None) -> dict:
-    """The cached tables (``{key: {rank or "dense": ms}}``); empty when there is no (readable) cache."""
-    if path is None or not Path(path).exists():
+def _is_time(value: Any) -> bool:
+    """A time a cache may hold: a positive, finite number of milliseconds (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _valid_entry(entry: Any) -> bool:
+    """One layer's cached table: a mapping of ``"dense"`` and ranks (as strings) to times."""
+    return (isinstance(entry, dict) and DENSE in entry
+            and all((k == DENSE or (k.isascii() and k.isdigit())) and _is_time(v) for k, v in entry.items()))
+
+
+def read_cache(path: Path | None, log: Callable[[str], None] = lambda m: None) -> dict:
+    """The valid cached tables of ``path`` (``{key: {rank or "dense": ms}}``); empty when there is none.
+
+    The cache is only a cache: a file that cannot be read, is not JSON, is of another schema version
+    (:data:`CACHE_VERSION`) or does not hold a ``tables`` object is ignored, and so is each entry that is
+    not a mapping of ``"dense"`` and ranks to positive, finite times; each with one ``log`` line naming the
+    file. What is ignored is measured again (and written over it).
+    """
+    if path is None:
         return {}
+    path = Path(path)
     try:
         data = load_json(path)
-    except (UserError, OSError, ValueError):
-        return {}  # a damaged cache is only a cache: measure again (and overwrite it)
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("tables"), dict):
+    except FileNotFoundError:
         return {}
-    return data["tables"]
+    except UserError as err:
+        log(f"warning: latency cache {path}: ignored ({err.message}); measuring the layers again")
+        return {}
+    version = data.get("version") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or version != CACHE_VERSION or not isinstance(data.get("tables"), dict):
+        why = ("it is not a JSON object" if not isinstance(data, dict) else
+               f"schema version {str(version)[:20]!r}, this lrx reads {CACHE_VERSION}" if version != CACHE_VERSION
+               else "its 'tables' is not an object")
+        log(f"warning: latency cache {path}: ignored ({why}); measuring the layers again")
+        return {}
+    tables = {k: {t: float(ms) for t, ms in v.items()} for k, v in data["tables"].items() if _valid_entry(v)}
+    bad = len(data["tables"]) - len(tables)
+    if bad:
+        log(f"warning: latency cache {path}: {bad} of {len(data['tables'])} entries ignored (not a mapping of "
+            "'dense' and ranks to positive, finite times in ms); measuring those layers again")
+    return tables
 
 
 def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | None = None,
-                write_cache: bool = True, log: Callable[[str], None] = lambda m: None) -> list[dict]:
+                write_cache: bool = True, log: Callable[[str], None] = lambda m: None,
+                remeasure: Collection[str] = ()) -> list[dict]:
     """Per candidate layer: ``{"index", "name", "input_shape", "ranks", "ms": {"dense": t, "<rank>": t},
-    "macs": {...}, "cached"}``, times from ``cache`` where it holds every rank, else measured (and cached)."""
-    tables = read_cache(cache)
+    "macs": {...}, "cached"}``, times from ``cache`` (:func:`read_cache`) where it holds every rank, else
+    measured (and cached); the layers named in ``remeasure`` are measured whatever the cache holds, and
+    their entries replaced. A cache that cannot be replaced (a directory in its place, a full disk) is
+    refused naming it (:class:`UserError`)."""
+    if cache is not None and write_cache and Path(cache).is_dir():
+        raise UserError(f"the latency cache {cache} is a directory: lrx cannot replace it with the times it "
+                        "measures; move it away and run again")
+    tables = read_cache(cache, log)
     device_key, rows, changed = timing.key(), [], False
     for index, name, conv in chosen:
         in_hw, out_hw = sizes[name]
         shape = (timing.batch, conv.in_channels, *in_hw)
         ranks = candidate_ranks(conv, in_hw, out_hw, align)
         key = _cache_key(device_key, conv, shape)
-        held = tables.get(key, {})
+        held = tables.get(key, {}) if name not in remeasure else {}
         cached = all(str(r) in held for r in ranks) and DENSE in held
         if not cached:
             log(f"timing {name} on {tuple(shape)}: dense and ranks {', '.join(map(str, ranks))}")
@@ -258,7 +315,10 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
         rows.append({"index": index, "name": name, "input_shape": list(shape), "ranks": ranks,
                      "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached})
     if changed and write_cache and cache is not None:
-        write_json_atomic({"version": CACHE_VERSION, "tables": tables}, cache)
+        try:
+            write_json_atomic({"version": CACHE_VERSION, "tables": tables}, cache)
+        except UserError as err:  # the file's name goes into the message: a caller may put its own file first
+            raise UserError(f"cannot replace the latency cache {cache}: {err.message}") from None
     return rows
 
 
@@ -371,13 +431,11 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     # dense conv's time from the whole original, timed per module.
     inside = timing.in_model(model, [row["name"] for row in table])
     unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
-    for row in table:
-        dense_in_model = unit * inside["ms"][row["name"]]
-        row["model_ms"] = {k: dense_in_model * t / row["ms"][DENSE] for k, t in row["ms"].items()}
+    _place(table, inside, unit)
     rest_ms = max(cl_ms - sum(row["model_ms"][DENSE] for row in table), 0.0)
     budget_ms = base_ms / (value * (1 + MARGIN))
     scale, history = 1.0, []
-    for _ in range(rounds + 1):
+    while len(history) <= rounds:
         try:
             choice = choose(table, proxy, rest_ms, budget_ms, scale)
         except ValueError as err:
@@ -408,7 +466,20 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         # The rest and the dense layers come from the whole original's time; what the table cannot know is
         # how the expansion's layers run in the model (layouts between them, caches, fusion). Put the
         # difference on them and choose again.
-        scale = min(max((base_ms / measured_speedup - dense_ms) / factored_ms, 0.25), 4.0)
+        needed = (base_ms / measured_speedup - dense_ms) / factored_ms
+        stale = [row["name"] for row, c in zip(table, choice) if c != DENSE and row["cached"]]
+        if stale and not 1 / SCALE_LIMIT <= needed <= SCALE_LIMIT:
+            # Far more than a layer's time inside a model differs from its time alone: the cached times are
+            # not this machine's (another load, a changed machine, or a file edited by hand). Measure
+            # those layers again and plan from the start, as without the cache (each layer is measured
+            # again at most once: then it is no longer cached).
+            log(f"warning: latency cache {cache}: the cached times of layers {', '.join(stale)} predicted "
+                f"{predicted_speedup:.2f}x, the model measured {measured_speedup:.2f}x; measuring those layers again")
+            table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, remeasure=stale)
+            _place(table, inside, unit)
+            scale, history = 1.0, []
+            continue
+        scale = min(max(needed, 1 / SCALE_LIMIT), SCALE_LIMIT)
     if not history:
         raise UserError(f"target latency {value:g}: no layer of {', '.join(r['name'] for r in table)} is faster "
                         f"expanded than dense on {timing.key()['device']}", key="decompose.target.latency")
@@ -423,6 +494,14 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],
             "ranks": final["ranks"], "predicted_speedup": final["predicted_speedup"],
             "measured_speedup": final["measured_speedup"]}
+
+
+def _place(table: list[dict], inside: dict, unit: float) -> None:
+    """Each row's ``model_ms``: its options' times inside the model, the dense conv's from ``inside``
+    (:meth:`Timing.in_model`, times ``unit`` to the whole-model clock), the others by their ratio to it."""
+    for row in table:
+        dense_in_model = unit * inside["ms"][row["name"]]
+        row["model_ms"] = {k: dense_in_model * t / row["ms"][DENSE] for k, t in row["ms"].items()}
 
 
 def _spec(table: list[dict], choice: list[str]) -> dict:
