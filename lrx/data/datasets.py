@@ -12,7 +12,8 @@ Two paths give the same batches for the same seed (same order, same shards, same
 Sources: ``cifar10``, ``fashion-mnist`` and ``synthetic`` (read whole into memory); ``imagefolder``
 (torchvision's ImageFolder layout, ``<root>/train/<class>/*.png`` and ``<root>/val/<class>/...``) and
 ``torchvision:<Dataset>`` (any torchvision classification dataset, downloaded where it can be), whose images
-are decoded one by one into uint8 at ``data.image_size`` (shorter side resized, centre crop).
+are decoded one by one into uint8 at ``data.image_size`` (shorter side resized, centre crop). Image folders are
+listed and read by :mod:`lrx.data.folders`; :func:`check_data` checks one before a run starts.
 Any other iterable of (images, labels) batches (a ``DataLoader``, a list) goes through :func:`as_batches`.
 The module is long because it holds both paths and every source, which share one order and one decode.
 """
@@ -34,12 +35,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from lrx.base.errors import UserError
+from lrx.data.folders import check_image, find_classes, index_folder, read_image
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DATASETS", "STREAM_ABOVE_BYTES", "DEBIAN_FASHION_MNIST", "Batches",
            "StreamBatches", "Loader", "as_batches", "length", "synthetic", "data_root", "load_split",
            "FASHION_FILES", "subset_indices", "subset", "square_uint8", "to_uint8", "FolderImages",
            "TorchvisionImages", "TensorImages", "image_folder", "SPLIT_NAMES", "torchvision_split", "source",
-           "in_memory", "check_classes", "streams", "load_data"]
+           "in_memory", "check_classes", "streams", "split_data", "load_data", "check_data"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,18 +170,34 @@ class StreamBatches(_Order):
         # Its own generator: the loader's worker seed must not draw from the global RNG, whose next draws
         # are the training's dropout masks (else the two paths would train differently on the same batches).
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        loader = iter(DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
-                                 pin_memory=self.device.type == "cuda", generator=gen))
-        while True:
-            try:
-                images, labels = next(loader)
-            except StopIteration:
-                return
-            except UserError as err:  # raised in a worker: its message carries the worker's traceback
-                last = str(err).strip().splitlines()[-1]
-                raise UserError(last.split("UserError: ", 1)[-1]) from None
+        loader = DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", generator=gen)
+        for images, labels in _read(loader):
             yield (self.prepare(images.to(self.device, non_blocking=True)),
                    labels.to(self.device, dtype=torch.int64, non_blocking=True))
+
+
+def _read(loader: DataLoader):
+    """The batches of ``loader``; a UserError raised in a worker process comes back as its own one line
+    (DataLoader re-raises it with the worker's traceback in its message)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as err:
+            if not str(err).startswith("Caught UserError"):
+                raise
+            message = str(err).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+            # The traceback holds the loader's iterator in a reference cycle; freed by the garbage collector
+            # later, its workers take 5 s each to stop. Dropped here, they stop with `del batches`.
+            err.__traceback__ = None
+        else:
+            yield batch
+            continue
+        del batches
+        raise UserError(message)
 
 
 class Loader:
@@ -398,23 +416,20 @@ class FolderImages(Dataset):
     """One split of an image folder (torchvision's ImageFolder layout) as ``(uint8 (3, size, size), label)``.
 
     ``class_to_idx``: the training split's classes, so that a validation folder with fewer classes keeps
-    the training labels.
+    the training labels. The folder is indexed by :func:`lrx.data.folders.index_folder` (symlinked folders
+    that would change labels refused, files that are not regular files skipped: ``skipped``).
     """
 
     def __init__(self, folder: Path, size: int, class_to_idx: dict[str, int] | None = None):
-        try:
-            found = torchvision.datasets.ImageFolder(str(folder))  # the index only: (path, class) pairs
-        except (FileNotFoundError, OSError) as err:
-            raise UserError(f"cannot read image folder {folder}: {err}; expected {folder}/<class>/<image> with "
-                            f"images ending in {', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)}",
-                            key="data.root") from None
-        self.class_to_idx = class_to_idx or found.class_to_idx
+        found = index_folder(folder)
+        self.class_to_idx = class_to_idx or {name: i for i, name in enumerate(found.classes)}
         self.classes = list(self.class_to_idx)  # the training split's, for both splits
         unknown = sorted(set(found.classes) - set(self.class_to_idx))
         if unknown:
             raise UserError(f"{folder} has classes the training folder lacks: {', '.join(unknown[:10])}; "
                             f"training classes: {', '.join(list(self.class_to_idx)[:10])}", key="data.root")
-        self.samples = [(path, self.class_to_idx[found.classes[label]]) for path, label in found.samples]
+        self.samples = [(path, self.class_to_idx[name]) for path, name in found.samples]
+        self.folder, self.skipped = Path(folder), found.skipped
         self.size = size
 
     def __len__(self) -> int:
@@ -422,12 +437,7 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as image:
-                pixels = to_uint8(image)
-        except OSError as err:
-            raise UserError(f"cannot read image {path}: {err}", key="data.root") from None
-        return square_uint8(pixels, self.size), label
+        return square_uint8(TF.pil_to_tensor(read_image(path)), self.size), label
 
 
 class TorchvisionImages(Dataset):
@@ -461,15 +471,16 @@ class TensorImages(Dataset):
 def image_folder(root: Path, size: int, split: str) -> FolderImages:
     """Split ``split`` of an image folder at ``root``: ``train/``, or for "test" ``val/`` (else ``test/``),
     labelled by the training folder's classes."""
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist{'' if root.is_absolute() else f' (in {Path.cwd()})'}; "
+                        f"data.name imagefolder needs {root}/train/<class>/<images> and {root}/val/<class>/<images>",
+                        key="data.root")
     val = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or val is None:
         raise UserError(f"data.name imagefolder needs {root}/train/<class>/<images> and {root}/val/<class>/<images> "
                         "(torchvision's ImageFolder layout); set data.root (or --data-root) to that folder",
                         key="data.root")
-    try:
-        _, class_to_idx = torchvision.datasets.folder.find_classes(str(root / "train"))
-    except FileNotFoundError as err:
-        raise UserError(f"{err}; expected {root}/train/<class>/<images>", key="data.root") from None
+    class_to_idx = {name: i for i, name in enumerate(find_classes(root / "train"))}
     return FolderImages(root / "train" if split == "train" else val, size, class_to_idx)
 
 
@@ -522,7 +533,7 @@ def in_memory(dataset: Dataset, workers: int = 0) -> tuple[torch.Tensor, torch.T
     if len(dataset) == 0:
         raise UserError("the dataset has no images", key="data.root")
     loader = DataLoader(dataset, batch_size=256, num_workers=workers, generator=torch.Generator().manual_seed(0))
-    images, labels = zip(*loader)
+    images, labels = zip(*_read(loader))
     return torch.cat(images), torch.cat(labels).to(torch.int64)
 
 
@@ -545,22 +556,61 @@ def streams(d, dataset: Dataset) -> bool:
     return len(dataset) * 3 * d.image_size ** 2 > STREAM_ABOVE_BYTES
 
 
+def split_data(cfg, root: Path, split: str) -> Dataset:
+    """Split ``split`` ("train" or "test") of a config's data as it is read: :func:`source`, its classes checked
+    against the model's outputs, cut to ``data.train_subset`` / ``data.test_subset`` (seeded)."""
+    d = cfg.data
+    n, seed = (d.train_subset, cfg.seed) if split == "train" else (d.test_subset, cfg.seed + 1)
+    dataset = source(d, root, split, cfg.model.num_classes)
+    check_classes(dataset, cfg.model.num_classes)
+    idx = subset_indices(len(dataset), n, seed)
+    if idx is not None:
+        dataset = (TensorImages(dataset.images[idx], dataset.labels[idx]) if isinstance(dataset, TensorImages)
+                   else Subset(dataset, idx.tolist()))
+    return dataset
+
+
 def load_data(cfg, device="cpu", root_override: str | None = None):
     """Train and test batches for a config (``lrx.config.settings.Config``): :class:`Batches`, or
     :class:`StreamBatches` where :func:`streams` says so."""
     d = cfg.data
     root = data_root(d.root, root_override)
     out = []
-    for split, n, seed, batch_size, shuffle in (("train", d.train_subset, cfg.seed, d.batch_size, True),
-                                                 ("test", d.test_subset, cfg.seed + 1, d.test_batch_size, False)):
-        dataset = source(d, root, split, cfg.model.num_classes)
-        check_classes(dataset, cfg.model.num_classes)
-        idx = subset_indices(len(dataset), n, seed)
-        if idx is not None:
-            dataset = (TensorImages(dataset.images[idx], dataset.labels[idx]) if isinstance(dataset, TensorImages)
-                       else Subset(dataset, idx.tolist()))
+    for split, batch_size, shuffle in (("train", d.batch_size, True), ("test", d.test_batch_size, False)):
+        dataset = split_data(cfg, root, split)
         if streams(d, dataset):
             out.append(StreamBatches(dataset, batch_size, d.image_size, device, shuffle, cfg.seed, workers=d.workers))
         else:
             out.append(Batches(*in_memory(dataset, d.workers), batch_size, d.image_size, device, shuffle, cfg.seed))
     return tuple(out)
+
+
+def check_data(cfg, root_override: str | None = None) -> list[str]:
+    """Check a config's image folder before a run starts, without decoding a pixel: the folders and classes
+    (:func:`image_folder`), the classes against the model's outputs, and every image a run reads (of the
+    subsets, if set) opened and verified (:func:`lrx.data.folders.check_image`, about 50 us a file).
+
+    Returns notes for the user (files skipped); raises UserError naming the config file. Other sources
+    are read (or downloaded) when the run loads them.
+    """
+    d = cfg.data
+    if d.name != "imagefolder":
+        return []
+    root = data_root(d.root, root_override)
+    given = "--data-root" if root_override else "the env var LRX_DATA" if os.environ.get("LRX_DATA") else None
+    notes = []
+    try:
+        for split in ("train", "test"):
+            dataset = split_data(cfg, root, split)
+            folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+            for i in range(len(folder)) if indices is None else indices:
+                check_image(folder.samples[i][0])
+            if folder.skipped:
+                count = len(folder.skipped)
+                notes.append(f"{folder.folder}: skipped {count} file{'s' * (count > 1)} with an image extension that "
+                             f"{'are' if count > 1 else 'is'} not a regular file (FIFO, socket, device, broken link): "
+                             f"{', '.join(folder.skipped[:3])}{', ...' * (count > 3)}")
+    except UserError as err:
+        where = f" (data root from {given})" if given else ""
+        raise UserError(err.message + where, file=cfg.path, key=err.key or "data.root") from None
+    return notes

@@ -27,6 +27,7 @@ from lrx import __version__
 
 from lrx.base import distributed
 from lrx.config.settings import Config, find_config, load_config
+from lrx.data.datasets import check_data
 from lrx.factor.decomposition import check_rank
 from lrx.base.errors import UserError
 from lrx.nn.layers import check_convertible
@@ -367,6 +368,10 @@ def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str
     """
     say = echo or (lambda message: None)
     configs = configs_to_run(cfg, checked=checked)
+    pending = [dep for dep in configs[:-1] if RunDir(runs_dir, dep.name).read_metrics().get("status") != "done"]
+    notes = [note for c in pending + [cfg] for note in check_data(c, data_root)]  # before any run folder is made
+    for note in dict.fromkeys(notes) if not quiet else ():
+        say(f"[{cfg.name}] {note}")
     for dep in configs[:-1]:
         if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
             continue
