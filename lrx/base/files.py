@@ -24,9 +24,9 @@ import torch
 
 from lrx.base.errors import UserError
 
-__all__ = ["is_temp_file", "NEW_FILE_MODE", "current_umask", "unlink_quietly", "os_reason", "save_atomic",
-           "write_text_atomic", "write_json_atomic", "READ_LIMIT", "read_text_limited", "load_json",
-           "load_checkpoint"]
+__all__ = ["is_temp_file", "NEW_FILE_MODE", "current_umask", "unlink_quietly", "os_reason", "not_a_file",
+           "write_atomic", "write_named_atomic", "save_atomic", "write_text_atomic", "write_json_atomic", "READ_LIMIT",
+           "read_text_limited", "load_json", "load_checkpoint"]
 
 
 # A write goes to ``.<target>.<8 random characters>.tmp`` next to the target (tempfile.mkstemp's
@@ -61,7 +61,7 @@ class _ErrorRecorder:
         self.file.flush()
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], by_name: bool = False) -> None:
     path = Path(path)
     tmp = None
     recorder = None
@@ -70,10 +70,18 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None
         fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(fd, NEW_FILE_MODE & ~current_umask())  # mkstemp makes 0600; a file lrx writes follows the umask
-            recorder = _ErrorRecorder(f)
-            write(recorder)
-            f.flush()
-            os.fsync(f.fileno())
+            if not by_name:
+                recorder = _ErrorRecorder(f)
+                write(recorder)
+                f.flush()
+                os.fsync(f.fileno())
+        if by_name:  # the writer opens the file itself (and may replace it): flush what it wrote by name
+            write(Path(tmp))
+            flushed = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(flushed)
+            finally:
+                os.close(flushed)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
@@ -154,6 +162,47 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write ``path`` atomically with ``write(f)``, ``f`` a binary file object (``write``, ``flush``) on a
+    temporary file beside ``path`` that is renamed over it once ``write`` returned and the data is on disk.
+
+    Raises
+    ------
+    UserError
+        naming ``path`` and the OS's reason when the write fails (an OSError, or a RuntimeError of
+        ``torch.save``-like writers caused by one); the temporary file is removed and an existing ``path``
+        is left as it was. Any other exception of ``write`` is raised as it is, the temporary file removed.
+    """
+    _write_atomic(path, write)
+
+
+def write_named_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """As :func:`write_atomic`, for writers that take a file name (ONNX's ``save``): ``write(tmp)`` writes
+    the temporary file ``tmp`` beside ``path`` by name, which is then renamed over ``path``."""
+    _write_atomic(path, write, by_name=True)
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """What is at ``path`` when it is not a regular file (following symlinks): ``"no such file"``, ``"a
+    directory"``, ``"not a regular file (a character device)"``, ...; None for a regular file. For messages
+    that say what a path is instead of calling a folder or a device missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:
+        return f"cannot be looked at ({os_reason(err)})"
+    except ValueError:  # a NUL byte in the name
+        return "no such file (the name holds a NUL byte)"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"))
+    return "not a regular file (" + next((name for test, name in kinds if test(mode)), "a special file") + ")"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -257,8 +306,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         plain containers, or is not a mapping.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError("no such checkpoint file", file=str(path))
+    problem = not_a_file(path)
+    if problem is not None:
+        raise UserError(f"cannot load checkpoint: {problem}" if problem != "no such file" else "no such checkpoint file",
+                        file=str(path))
     try:
         with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before refusing it: one line is ours
             warnings.simplefilter("ignore", UserWarning)

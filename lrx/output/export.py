@@ -18,6 +18,11 @@ Every format is written from it:
 - ``state-dict``: the plain model's state dict (tensors only, ``torch.load(f, weights_only=True)``), with
   the recipe (:func:`recipe`) that builds the plain modules around the original architecture.
 
+Every file is written to a temporary file beside the target and renamed over it (:mod:`lrx.base.files`),
+so a failed export (a full disk, a file-size limit) leaves the previous file as it was. The output is
+checked before anything is loaded (:func:`check_output`): a directory, a device or FIFO, and a file in a
+run directory (the run's own model files) are refused.
+
 :func:`check_export` loads a written file the way a user without lrx would and compares its outputs with
 PyTorch's; :func:`export_all` writes every format with reference outputs and :func:`check_without_lrx`
 loads them in a subprocess that cannot import lrx (tests/test_export.py, benchmarks/export_check.py).
@@ -27,26 +32,29 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lrx.base.files import load_checkpoint
+from lrx.base.files import load_checkpoint, os_reason, write_atomic, write_named_atomic
 from lrx.config.settings import Config, load_config
 from lrx.base.errors import UserError
 from lrx.nn.layers import factor_convs
-from lrx.pipeline.rundir import RunDir, load_model
+from lrx.pipeline.rundir import RunDir, is_run_folder, load_model
 from lrx.nn.inference import expansion_layers
 from lrx.measure.timing import interleaved
 
 __all__ = ["FORMATS", "EXTRA", "run_dir", "load_run", "final_model", "plain_layer", "to_plain", "recipe",
-           "original_code", "export_model", "check_export", "run_input_size", "export_run", "SUFFIX", "NO_LRX",
-           "export_all", "check_without_lrx", "ort_session", "onnx_latency", "profile_onnx"]
+           "original_code", "check_output", "WRITERS", "export_model", "check_export", "run_input_size", "export_run",
+           "SUFFIX", "NO_LRX", "export_all", "check_without_lrx", "ort_session", "onnx_latency", "profile_onnx"]
 
 FORMATS = ("onnx", "pt2", "torchscript", "state-dict")
 EXTRA = "pip install 'lrx[export]' (onnx, onnxscript, onnxruntime)"
@@ -146,42 +154,32 @@ def _batch_dim():
     return ({0: torch.export.Dim("batch", min=1, max=4096)},)
 
 
-def export_model(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 224, 224),
-                 original: str = "...") -> str:
-    """Write ``model`` (expanded or not) as ``fmt`` (:data:`FORMATS`) to ``path``, from :func:`to_plain`'s
-    module on the CPU in eval mode; returns a one-line summary (for ``state-dict``, followed by the recipe).
-
-    ``input_size``: (C, H, W) of one image; the batch axis stays dynamic in onnx and pt2.
-    """
-    if fmt not in FORMATS:
-        raise UserError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise UserError(f"{path.parent} is not a folder", file=str(path))
-    plain = to_plain(model).cpu().float().eval()
-    plain = plain.to(memory_format=torch.contiguous_format)
-    x = _example(plain, input_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        if fmt == "onnx":
-            _write_onnx(plain, x, path)
-            return f"wrote {path} (ONNX, checked with onnx.checker; input 'images' (batch, {', '.join(map(str, input_size))}))"
-        if fmt == "pt2":
-            torch.export.save(torch.export.export(plain, (x,), dynamic_shapes=_batch_dim()), str(path))
-            return f"wrote {path} (torch.export; load with torch.export.load(f).module())"
-        if fmt == "torchscript":
-            try:
-                scripted, how = torch.jit.script(plain), "scripted"
-            except Exception as err:  # the user's architecture may not script (Python control flow): trace it
-                scripted, how = torch.jit.trace(plain, x), f"traced, as it does not script: {type(err).__name__}"
-            torch.jit.save(scripted, str(path))
-            return f"wrote {path} (TorchScript, {how}; load with torch.jit.load(f))"
-    torch.save(plain.state_dict(), path)
-    return (f"wrote {path} (state dict of plain nn.Conv2d/nn.Sequential modules); build and load it with:\n\n"
-            + recipe(model, original, path.name))
+def check_output(path: str | Path) -> Path:
+    """The file an export may write at ``path``, with symlinks resolved; a :class:`UserError` naming ``path``
+    when it is a directory, exists as something other than a regular file (``/dev/full``, a FIFO), lies in a
+    folder that does not exist, or lies in a run directory (a folder holding a run's metrics.json: writing
+    there could replace the run's own model files), or when the OS refuses to look at it (a name too long)."""
+    shown = str(path)
+    try:
+        real = Path(os.path.realpath(path))
+        mode = os.stat(real).st_mode if os.path.lexists(real) else None
+        folder_ok = real.parent.is_dir()
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise UserError(f"cannot write it ({os_reason(err) if isinstance(err, OSError) else err})", file=shown) from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UserError("is a directory; give the file to write, e.g. -o model.onnx", file=shown)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError("is not a regular file (a device, FIFO or socket); an export writes a file", file=shown)
+    if not folder_ok:
+        raise UserError(f"{real.parent} is not a folder", file=shown)
+    if is_run_folder(real.parent):
+        raise UserError(f"is inside the run directory {real.parent}, whose files belong to the run (its model files "
+                        "among them); write the export elsewhere", file=shown)
+    return real
 
 
 def _write_onnx(plain: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """ONNX by name (onnx's ``save`` takes one), checked with ``onnx.checker`` before it replaces anything."""
     try:
         import onnx  # local: optional extra lrx[export], heavy to import
         import onnxscript  # noqa: F401  # local: the dynamo exporter needs it; imported here for a clear message
@@ -191,6 +189,57 @@ def _write_onnx(plain: nn.Module, x: torch.Tensor, path: Path) -> None:
                                 dynamic_shapes=_batch_dim(), verbose=False)
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _write_torchscript(plain: nn.Module, x: torch.Tensor, f) -> str:
+    try:
+        scripted, how = torch.jit.script(plain), "scripted"
+    except Exception as err:  # the user's architecture may not script (Python control flow): trace it
+        scripted, how = torch.jit.trace(plain, x), f"traced, as it does not script: {type(err).__name__}"
+    torch.jit.save(scripted, f)
+    return how
+
+
+# Per format: the writer of the plain model (``writer(plain, example input, destination)``): onnx's
+# destination is a file name, the others' a binary file object; each is the temporary file of an atomic
+# write (:func:`lrx.base.files.write_named_atomic`, :func:`lrx.base.files.write_atomic`).
+WRITERS: dict[str, Callable[[nn.Module, torch.Tensor, Any], Any]] = {
+    "onnx": _write_onnx, "torchscript": _write_torchscript,
+    "pt2": lambda plain, x, f: torch.export.save(torch.export.export(plain, (x,), dynamic_shapes=_batch_dim()), f),
+    "state-dict": lambda plain, x, f: torch.save(plain.state_dict(), f)}
+
+
+def export_model(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 224, 224),
+                 original: str = "...") -> str:
+    """Write ``model`` (expanded or not) as ``fmt`` (:data:`FORMATS`) to ``path``, from :func:`to_plain`'s
+    module on the CPU in eval mode; returns a one-line summary (for ``state-dict``, followed by the recipe).
+
+    ``input_size``: (C, H, W) of one image; the batch axis stays dynamic in onnx and pt2. The file is
+    written atomically: on failure (a :class:`UserError` naming ``path`` and the OS's reason) a previous
+    file at ``path`` is left as it was. ``path`` must pass :func:`check_output`.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    target = check_output(path)
+    path = Path(path)
+    plain = to_plain(model).cpu().float().eval()
+    plain = plain.to(memory_format=torch.contiguous_format)
+    x = _example(plain, input_size)
+    done: list = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        if fmt == "onnx":
+            write_named_atomic(target, lambda tmp: WRITERS[fmt](plain, x, tmp))
+        else:
+            write_atomic(target, lambda f: done.append(WRITERS[fmt](plain, x, f)))
+    if fmt == "onnx":
+        return f"wrote {path} (ONNX, checked with onnx.checker; input 'images' (batch, {', '.join(map(str, input_size))}))"
+    if fmt == "pt2":
+        return f"wrote {path} (torch.export; load with torch.export.load(f).module())"
+    if fmt == "torchscript":
+        return f"wrote {path} (TorchScript, {done[0]}; load with torch.jit.load(f))"
+    return (f"wrote {path} (state dict of plain nn.Conv2d/nn.Sequential modules); build and load it with:\n\n"
+            + recipe(model, original, path.name))
 
 
 def check_export(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 224, 224), batch: int = 3) -> float:
@@ -237,6 +286,7 @@ def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: 
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    check_output(path)  # before anything is loaded: a directory, a device or a run's own file is refused
     run = run_dir(run_or_config, runs_dir)
     model, model_path, arch = final_model(run)
     size = tuple(input_size) if input_size else run_input_size(run)

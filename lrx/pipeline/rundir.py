@@ -49,7 +49,7 @@ from lrx.nn.surgery import build_expanded
 from lrx.nn.models import build_model
 
 __all__ = ["LOCK_PATIENCE_S", "MODEL_FILES", "LATENCY_TABLES", "LOCK_INFO_LIMIT", "MOVE_AWAY", "model_file",
-           "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file", "clean_runs", "format_size",
+           "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file", "clean_runs", "format_size",
            "metrics_problem", "save_model", "load_model"]
 
 # The advice for a model file that is not what it should be: it belongs to run {run}, which --force on
@@ -72,6 +72,15 @@ def model_file(stage: str) -> str:
     if stage.startswith("finetune."):
         return f"stage{stage.split('.')[1]}.pt"
     return MODEL_FILES[stage]
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a run directory: a folder holding a run's metrics.json (whose other files, the
+    model files among them, belong to the run: nothing else may write there)."""
+    try:
+        return (Path(folder) / METRICS).is_file()
+    except OSError:
+        return False
 
 
 def latency_cache_path(runs_dir: str | Path) -> Path:
@@ -109,11 +118,13 @@ class RunDir:
         name = checkpoint_file(stage)
         return self.file(name) if name else None
 
-    def final_model_path(self) -> Path:
+    def final_model_path(self, metrics: dict | None = None) -> Path:
         """The run's final model: the model file of its last finished model-changing stage in metrics.json
         (``stageK.pt`` of the last fine-tune, else ``expanded.pt``, else ``model.pt``). What later runs build
-        on, ``lrx.load_run`` returns and ``lrx export`` writes; no separate copy is kept."""
-        stages = [s for s in self.read_metrics().get("stages", {}) if s != "profile"]
+        on, ``lrx.load_run`` returns and ``lrx export`` writes; no separate copy is kept. ``metrics``: the
+        run's metrics.json content when the caller has read it already."""
+        metrics = self.read_metrics() if metrics is None else metrics
+        stages = [s for s in metrics.get("stages", {}) if s != "profile"]
         if not stages:
             raise UserError(f"run {self.name!r} in {self.runs_dir} has no finished model")
         return self.model_path(stages[-1])
