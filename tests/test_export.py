@@ -166,3 +166,47 @@ def test_profile_onnx_times_the_original_and_the_final_model_in_onnx_runtime(tin
     assert exported == {"original": 0, "t02": 2}, f"the baseline's model and this run's final (expanded) one: {exported}"
     assert line.startswith("ONNX Runtime (CPU, 1 threads, batch 4 at 3x16x16, medians of 5 interleaved runs): "), line
     assert re.search(r"original [\d.]+ ms.*, t02 [\d.]+ ms.*, speedup [\d.]+x$", line), line
+
+
+MYMODELS = '''
+from torch import nn
+
+
+def small_cnn(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+def fixed_cnn():
+    return small_cnn(5)
+'''
+
+
+@pytest.mark.parametrize("arch", ["tiny_cnn", "torchvision:squeezenet1_1", "python:lrx_recipe_models:small_cnn",
+                                  "python:lrx_recipe_models:fixed_cnn"])
+def test_every_recipe_builds_its_architecture_and_loads_the_state_dict(tmp_path, monkeypatch, arch):
+    import sys
+
+    from lrx.nn.models import build_model, conv_layers
+
+    (tmp_path / "lrx_recipe_models.py").write_text(MYMODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lrx_recipe_models", raising=False)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(4)
+    model = build_model(arch, 5).eval()  # 5 classes: a recipe that builds the default 10 cannot load it
+    second = [name for name, conv in conv_layers(model) if conv.kernel_size == (3, 3)][1]
+    expanded, report = expand(model, [second], "v2", [2], input_size=(3, 32, 32))
+    run = RunDir(tmp_path / "runs", "r1")
+    run.path.mkdir(parents=True)
+    run.save_model("decompose", expanded, arch, 5, report.spec, report.spec["layers"])
+    run.write_metrics({"name": "r1", "status": "done", "stages": {"decompose": {"hash": "h"}}})
+    result = CliRunner().invoke(app, ["export", str(run.path), "--format", "state-dict", "-o", "plain.pt", "--no-check"])
+    assert result.exit_code == 0, result.output
+    code = result.output.split("build and load it with:\n\n", 1)[1]
+    scope: dict = {}
+    exec(code, scope)  # what a user runs: it builds the architecture and loads plain.pt strictly
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scope["model"](x), expanded.eval()(x), atol=1e-5), f"{arch}: the recipe's model computes the run's"
+    assert not scope["model"].training, "the recipe leaves the model in eval mode"

@@ -31,6 +31,7 @@ onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]``, importe
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import stat
@@ -130,14 +131,29 @@ def recipe(model: nn.Module, original: str = "...", state_file: str = "model.pt"
 
 
 def original_code(arch: str | None, num_classes: int | None) -> str:
-    """The expression that builds the original architecture of a run's model, for :func:`recipe`."""
+    """The expression that builds the original architecture of a run's model, for :func:`recipe`: with
+    ``num_classes`` outputs, as lrx built it (:func:`lrx.nn.models.build_model`): torchvision's
+    ``get_model(name, num_classes=N)``, the user's ``factory(num_classes=N)`` (``factory()`` when the
+    factory, imported already by lrx, takes no ``num_classes``), or lrx's registry."""
     arch = arch or "?"
     if arch.startswith("torchvision:"):
         return f"__import__('torchvision').models.get_model({arch.split(':', 1)[1]!r}, num_classes={num_classes})"
     if arch.startswith("python:"):
         module, _, factory = arch.split(":", 1)[1].strip().partition(":")
-        return f"__import__('importlib').import_module({module!r}).{factory}()"
-    return f"lrx.nn.models.build_model({arch!r}, {num_classes})  # lrx's registry (or the same architecture in your code)"
+        takes = _takes_num_classes(getattr(sys.modules.get(module), factory, None))
+        call = f"{factory}(num_classes={num_classes})" if takes else f"{factory}()"
+        return f"__import__('importlib').import_module({module!r}).{call}"
+    return (f"__import__('lrx.nn.models', fromlist=['build_model']).build_model({arch!r}, {num_classes})"
+            "  # lrx's registry (or the same architecture in your code)")
+
+
+def _takes_num_classes(factory: Any) -> bool:
+    """Whether lrx calls ``factory(num_classes=N)`` (lrx.nn.models' rule); True when it cannot be told."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # not imported here, or a builtin without a signature
+        return True
+    return "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 # ---------------------------------------------------------------- files
