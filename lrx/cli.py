@@ -1,31 +1,27 @@
 """The ``lrx`` command line: thin commands that parse, then call the library.
 
-A user's mistake prints one line (file, key, what is wrong, what is allowed) and exits with code 2.
+A user's mistake prints one line (file, key, what is wrong, what is allowed) and exits with code 2, before
+torch is imported when the mistake is in a config.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
 from rich.console import Console
 
 from lrx import __version__
-from lrx.config.settings import load_config
 from lrx.base.errors import TrainingDiverged, UserError
-from lrx.output.export import export_run, profile_onnx
-from lrx.output.plot import plot_pareto, skipped
-from lrx.output.preview import fit_comparison, print_preview, save_bases_picture
-from lrx.pipeline.rundir import RunDir, clean_runs, format_size
-from lrx.pipeline.runner import configs_to_run, run_with_dependencies
-from lrx.pipeline.stages import last_finetune_stage
-from lrx.output.profiles import print_profile
-from lrx.output.table import collect_rows, render
+from lrx.config.settings import load_config
+
+# The library behind each command is imported inside the command ("# local: start-up"): torch takes seconds to
+# import, and a config's mistake is reported before it is loaded.
 
 __all__ = ["fail", "user_errors", "run", "train", "decompose", "finetune_l2", "finetune_ce", "profile", "table",
            "plot", "clean", "export", "main"]
@@ -46,7 +42,7 @@ app = typer.Typer(
 
 def _version(show: bool) -> None:
     if show:
-        typer.echo(f"lrx {__version__}, torch {torch.__version__}")
+        typer.echo(f"lrx {__version__}, torch {importlib.metadata.version('torch')}")
         raise typer.Exit()
 
 
@@ -117,6 +113,7 @@ def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overr
                checked: set[str] | None = None):
     """Run ``config`` up to stage ``until``; ``force`` redoes that stage (every stage when ``until`` is None)."""
     cfg = load_config(config, overrides or ())
+    from lrx.pipeline.runner import run_with_dependencies  # local: start-up
     return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force and until is None,
                                  redo=until if force else None, no_deps=no_deps, echo=_echo, checked=checked)
 
@@ -129,11 +126,14 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
         runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
         set_: Optional[List[str]] = Overrides, force: bool = ForceAll, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
+    loaded = [load_config(config, set_ or ()) for config in configs]  # every config read before torch loads
+    from lrx.pipeline.runner import configs_to_run, run_with_dependencies  # local: start-up
     checked: set[str] = set()  # each config (a shared baseline too) is checked against its model once
-    for config in configs:  # every config is validated before the first one starts
-        configs_to_run(load_config(config, set_ or ()), checked=checked)
-    for config in configs:
-        _summary(_run_until(config, None, runs_dir, data_root, set_, force, no_deps, quiet, checked), quiet)
+    # every config is validated once, before the first one starts
+    involved = [configs_to_run(cfg, checked=checked) for cfg in loaded]
+    for configs_of_row in involved:
+        _summary(run_with_dependencies(configs_of_row[-1], runs_dir, data_root=data_root, quiet=quiet, force=force,
+                                       no_deps=no_deps, echo=_echo, involved=configs_of_row), quiet)
 
 
 @app.command()
@@ -158,11 +158,14 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
                                                 "output errors on the calibration and on held-out (test) images.")):
     """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
     cfg = load_config(config, set_ or ())
+    from lrx.output.preview import fit_comparison, print_preview, save_bases_picture  # local: start-up
+    from lrx.pipeline.rundir import RunDir  # local: start-up
+    from lrx.pipeline.runner import configs_to_run  # local: start-up
     if cfg.decompose is None:
         raise UserError("has no decompose: block", file=str(config), key="decompose")
     if dry_run:
         configs_to_run(cfg)  # the checks a real run makes first, so that a dry run passes only what would start
-        print_preview(cfg, runs_dir)
+        print_preview(cfg, runs_dir, data_root)
         return
     if compare_fits and cfg.decompose.fit != "data":
         raise UserError(f"--compare-fits compares the data fit with the weights fit: needs fit: data, got "
@@ -176,13 +179,19 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
     _summary(metrics, quiet)
 
 
+def _finetune(config: Path, loss: str, runs_dir, data_root, set_, force, no_deps, quiet) -> None:
+    """Run ``config`` up to its last fine-tuning stage with ``loss`` (earlier stages first)."""
+    cfg = load_config(config, set_ or ())
+    from lrx.pipeline.stages import last_finetune_stage  # local: start-up
+    _summary(_run_until(config, last_finetune_stage(cfg, loss), runs_dir, data_root, set_, force, no_deps, quiet), quiet)
+
+
 @app.command("finetune-l2")
 @user_errors
 def finetune_l2(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
                 set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Fine-tune by data reconstruction (L2 to the original's layer outputs), up to the config's last L2 stage."""
-    metrics = _run_until(config, last_finetune_stage(load_config(config, set_ or ()), "l2"), runs_dir, data_root, set_, force, no_deps, quiet)
-    _summary(metrics, quiet)
+    _finetune(config, "l2", runs_dir, data_root, set_, force, no_deps, quiet)
 
 
 @app.command("finetune-ce")
@@ -190,8 +199,7 @@ def finetune_l2(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: O
 def finetune_ce(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
                 set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet):
     """Fine-tune with cross-entropy on labels, up to the config's last CE stage (earlier stages first)."""
-    metrics = _run_until(config, last_finetune_stage(load_config(config, set_ or ()), "ce"), runs_dir, data_root, set_, force, no_deps, quiet)
-    _summary(metrics, quiet)
+    _finetune(config, "ce", runs_dir, data_root, set_, force, no_deps, quiet)
 
 
 @app.command()
@@ -207,6 +215,8 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
     per-layer times and where the time goes."""
     extra = [f"profile.{k}={v}" for k, v in (("threads", threads), ("batch", batch), ("device", device)) if v is not None]
     metrics = _run_until(config, "profile", runs_dir, data_root, (set_ or []) + extra, force, no_deps, quiet)
+    from lrx.output.export import profile_onnx  # local: start-up
+    from lrx.output.profiles import print_profile  # local: start-up
     _summary(metrics, quiet)
     if not quiet:
         print_profile(metrics)
@@ -219,6 +229,7 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
 def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, e.g. runs/."),
           format: str = typer.Option("markdown", "--format", help="markdown, csv or json.")):
     """Print the seed's results table for the runs under RUNS_DIR (e.g. `lrx table runs/ > RESULTS.md`)."""
+    from lrx.output.table import collect_rows, render  # local: start-up
     if format not in ("markdown", "csv", "json"):
         raise UserError(f"--format {format!r}; allowed: markdown, csv, json")
     if not Path(runs_dir).is_dir():
@@ -234,6 +245,8 @@ def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, 
 def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories."),
          output: Path = typer.Option(Path("pareto.png"), "-o", "--output", help="PNG to write.")):
     """Plot acc@1 against MACs and against measured CPU time, one point per run, with the Pareto front."""
+    from lrx.output.plot import plot_pareto, skipped  # local: start-up
+    from lrx.output.table import collect_rows  # local: start-up
     rows = collect_rows(runs_dir)
     plot_pareto(rows, output)
     for line in skipped(rows):
@@ -248,6 +261,7 @@ def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (
           dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing.")):
     """Remove what neither resuming, a rerun's skipping nor the table needs: checkpoints of finished stages,
     model files of stages redone anyway, temporary files of killed writes. Runs in use are not touched."""
+    from lrx.pipeline.rundir import clean_runs, format_size  # local: start-up
     removed, not_touched = clean_runs(runs_dir, dry_run)
     verb = "would remove" if dry_run else "removed"
     for path, size, why in removed:
@@ -270,6 +284,7 @@ def export(run: Path = typer.Argument(..., help="A run folder (runs/exp11) or th
            check: bool = typer.Option(True, "--check/--no-check", help="Load the file back and compare with PyTorch.")):
     """Write a run's final model in a form that loads without lrx: ONNX, torch.export (.pt2), TorchScript, or a
     state dict of plain nn.Conv2d/nn.Sequential modules with the recipe that builds them."""
+    from lrx.output.export import export_run  # local: start-up
     size = None
     if input_size is not None:
         try:

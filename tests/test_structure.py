@@ -263,3 +263,11 @@ def test_design_md_names_only_files_a_run_writes():
              rundir.model_file("finetune.0").replace("0", "K"), rundir.checkpoint_file("train"),
              rundir.checkpoint_file("finetune.0").replace("0", "K")}
     assert named and named <= known, f"docs/design.md names run files lrx.pipeline.rundir does not write: {named - known}"
+
+
+def test_the_command_line_reads_a_config_before_it_imports_torch():
+    """A config's mistake is reported at start-up speed: `lrx.cli` and the config reader do not import torch
+    (benchmarks/startup.py times it)."""
+    code = "import sys, lrx.cli; assert 'torch' not in sys.modules, 'lrx.cli imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

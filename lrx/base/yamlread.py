@@ -17,7 +17,7 @@ import yaml
 from lrx.base.errors import UserError
 
 __all__ = ["MAX_FILE_BYTES", "MAX_NODES", "MAX_DEPTH", "MAX_INT_CHARS", "MAX_EXTENDS", "read_yaml",
-           "apply_override", "kind", "show", "cut", "key_text", "is_number", "is_finite_number"]
+           "apply_override", "kind", "show", "cut", "key_text", "is_number", "is_finite_number", "finite_float"]
 
 
 
@@ -81,16 +81,35 @@ class _Loader(yaml.SafeLoader):
 
     def compose_mapping_node(self, anchor):
         node = super().compose_mapping_node(anchor)
-        first: dict[tuple, int] = {}  # (tag, text) of a key -> its line
-        for key_node, _ in node.value:
+        first: dict[tuple, tuple[int, bool]] = {}  # (tag, text) of a key -> its line, whether merged
+        for key_node, merged in _mapping_keys(node):
             if not isinstance(key_node, yaml.ScalarNode):
                 continue  # a list or mapping as a key: refused later as not a string
             ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
             if ident in first:
-                raise _Refused(f"key {show(key_node.value)} appears twice, on lines {first[ident]} and {line}; "
-                               "the second would silently replace the first", self._key(key_node.value))
-            first[ident] = line
+                seen, earlier_merged = first[ident]
+                how = ("one would silently replace the other (one comes through a merge key <<:)"
+                       if merged or earlier_merged else "the second would silently replace the first")
+                raise _Refused(f"key {show(key_node.value)} appears twice, on lines {seen} and {line}; {how}",
+                               self._key(key_node.value))
+            first[ident] = (line, merged)
         return node
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _mapping_keys(node: yaml.MappingNode, merged: bool = False):
+    """(key node, whether it comes through a merge key ``<<:``) of every key a mapping ends up with: its
+    own, and those of the mappings its merge keys name (YAML's merge silently lets one win)."""
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag == _MERGE:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if isinstance(source, yaml.MappingNode):  # anything else: PyYAML refuses the merge itself
+                    yield from _mapping_keys(source, True)
+        else:
+            yield key_node, merged
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -165,8 +184,15 @@ def _merge(base: dict, child: dict) -> dict:
     return out
 
 
+# What makes a --set value YAML structure rather than a plain word: brackets, braces, quotes, a line break,
+# "key: value", or a tag, anchor, alias, block scalar, comment or list item at its start.
+_STRUCTURED = re.compile(r"""[\[\]{}"'\n\r]|:(?:\s|$)|^\s*[!&*|>#%]|^\s*[-?](?:\s|$)""")
+
+
 def apply_override(raw: dict, assignment: str, file: str = "--set") -> None:
-    """Apply ``a.b.0.c=value`` to the raw mapping; the value is parsed as YAML.
+    """Apply ``a.b.0.c=value`` to the raw mapping; the value is parsed as YAML. A value that is not valid
+    YAML is refused naming the key, unless it is a plain word (no brackets, quotes, ``key: value``, ...),
+    which is taken as the string it is.
 
     A list index may be at most the list's length (the next new entry); a key below a number or a
     string is refused, naming the key that holds it.
@@ -182,8 +208,12 @@ def apply_override(raw: dict, assignment: str, file: str = "--set") -> None:
         value = yaml.load(text, Loader=_Loader)
     except _Refused as err:
         raise UserError(err.message, file=file, key=shown) from None
-    except yaml.YAMLError:
-        value = text
+    except yaml.YAMLError as err:
+        if _STRUCTURED.search(text):  # meant as YAML (a list, a mapping, a quote, a tag) but broken: say so
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"{show(text)} is not valid YAML ({cut(problem)}); to give a string, quote it: "
+                            f"--set '{cut(dotted, 40)}=\"...\"'", file=file, key=shown) from None
+        value = text  # a plain word YAML has no reading for (@home, `cmd`): the string it says
     keys = dotted.split(".")
     if len(keys) > MAX_DEPTH:
         raise UserError(f"more than {MAX_DEPTH} levels of keys", file=file, key=shown)
@@ -257,3 +287,15 @@ def is_finite_number(value: Any) -> bool:
         return is_number(value) and math.isfinite(value)
     except OverflowError:
         return False
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None for what is not a number, is infinite or NaN (nothing to place
+    on an axis or print as a figure)."""
+    if not is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a float's range
+        return None
+    return number if math.isfinite(number) else None

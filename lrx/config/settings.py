@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 
 from lrx.base.errors import UserError
 from lrx.base.yamlread import apply_override, is_finite_number, is_number, key_text, read_yaml, show
-from lrx.factor.decomposition import MAX_ITERATIONS, check_method_options
+from lrx.factor.choices import MAX_ITERATIONS, check_method_options
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "CalibrationConfig", "DecomposeConfig", "layer_pattern",
            "StageConfig", "ProfileConfig", "RuntimeConfig", "Config", "NAME_RE", "load_config", "MAX_SEED",

@@ -91,7 +91,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
            calibration: Iterable | None = None, images: int = 512, sequential: bool = True, iterations: int = 20,
            held_out: Iterable | None = None, basis: str = "shared", method: str = "svd", decomposed: bool = False,
            order: str = "vh", align: int | str = 1, input_size=(3, 224, 224), timing: Timing | None = None,
-           cache: Path | None = None, write_cache: bool = True, proxy: dict | None = None,
+           cache: Path | None = None, write_cache: bool = True, plan_on_data: bool | None = None,
            log: Callable[[str], None] = lambda m: None, **method_options) -> tuple[nn.Module, ExpansionReport]:
     """A copy of ``model`` with the chosen convs replaced by low-rank expansions, and a report.
 
@@ -123,14 +123,15 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
     input_size : (C, H, W) of one image, for the MAC counts.
     timing : how a latency target is measured; default :class:`lrx.plan.latency.DeviceTiming` on the CPU at batch
         16 and ``input_size``. ``cache``: a JSON file for its per-layer tables (kept unless ``write_cache`` is off).
-    proxy : the output energy per rank of each layer (``{name: [share kept at rank 1, 2, ...]}``) when the
-        caller has it already; else, with ``fit="data"`` and an auto plan, it is measured here.
+    plan_on_data : an auto plan ranks layers by their output energy on the calibration images (default: with
+        ``fit="data"``), else by filter energy. A dry run plans on data and fits to the weights.
     log : called with one line per planner step and note.
     """
     check_choice(fit, FITS, "fit")
     if fit == "data" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise UserError(f"images {images!r} must be a positive integer", key="decompose.calibration.images")
-    if fit == "data" and calibration is None:
+    plan_on_data = fit == "data" if plan_on_data is None else plan_on_data
+    if (fit == "data" or plan_on_data) and calibration is None:
         raise UserError("fit 'data' needs calibration batches: pass calibration=<your (images, labels) batches>",
                         key="decompose.calibration")
     if ranks == "auto":
@@ -146,10 +147,10 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
     device = timing.device if timing is not None and hasattr(timing, "device") else torch.device("cpu")
     align = device_align(align, device)
 
-    plan = None
+    plan = stats = proxy = None
     if ranks == "auto":
-        if proxy is None and fit == "data":
-            proxy = output_energy(model, layers, scheme, calibration, basis=basis, images=images)
+        if plan_on_data:  # the statistics of the original model's layers, kept for a fit that needs them again
+            stats, proxy = _output_energy(model, layers, scheme, calibration, basis, images)
         if kind == "latency":
             timing = timing if timing is not None else DeviceTiming(torch.device("cpu"), input_size=tuple(input_size))
             plan = plan_latency(model, layers, target, timing, proxy=proxy, align=align, cache=cache,
@@ -166,7 +167,8 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
                                     method_options)
     if fit == "data":
         report.fit_data = _fit_data(model, expanded, report, calibration, images=images, sequential=sequential,
-                                    basis=basis, decomposed=decomposed, iterations=iterations, held_out=held_out)
+                                    basis=basis, decomposed=decomposed, iterations=iterations, held_out=held_out,
+                                    stats=stats)
     for note in report.notes:
         warnings.warn(note, ExpansionNote, stacklevel=2)
         log(f"note: {note}")
@@ -182,9 +184,15 @@ def output_energy(model: nn.Module, layers: Sequence[int | str], scheme: str, ba
     """The share of each chosen conv's output energy kept at each rank, from one pass of ``model`` over the
     first ``images`` calibration images: ``{name: [share kept at rank 1, 2, ...]}``, the proxy an auto plan
     ranks layers by with ``fit="data"`` (:func:`lrx.factor.datafit.retained_output_energy`)."""
+    return _output_energy(model, layers, scheme, batches, basis, images)[1]
+
+
+def _output_energy(model, layers, scheme, batches, basis, images) -> tuple[dict, dict[str, list[float]]]:
+    """(the chosen convs' input statistics on the original model, their output energy kept per rank)."""
     chosen = select_layers(model, layers, scheme)
     stats = collect_stats(model, [name for _, name, _ in chosen], batches, images)
-    return {name: retained_output_energy(conv.weight, stats[name], scheme, basis).tolist() for _, name, conv in chosen}
+    return stats, {name: retained_output_energy(conv.weight, stats[name], scheme, basis).tolist()
+                   for _, name, conv in chosen}
 
 
 def _check_form(scheme: str, basis: str, method: str, decomposed: bool, order: str) -> None:
@@ -255,17 +263,20 @@ def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, batches: Iterable, *, images: int,
               sequential: bool, basis: str, decomposed: bool, iterations: int, tol: float = TOL,
-              held_out: Iterable | None = None) -> dict:
+              held_out: Iterable | None = None, stats: dict | None = None) -> dict:
     """Refit each layer of the filter-fitted ``expanded`` (in place, in module order) to its outputs on the first
     ``images`` images of ``batches``; the filter fit stays in the report as the data fit's reference
-    (``output_error_weights``). ``sequential=False``: all statistics from the original model, one pass.
-    Returns the record of the fit (``report.fit_data``)."""
+    (``output_error_weights``). ``sequential=False``: all statistics from the original model, one pass (or
+    ``stats``, collected by the plan on the same images). Returns the record of the fit (``report.fit_data``)."""
     started = time.perf_counter()
     scheme = report.spec["scheme"]
     rows = sorted(report.layers, key=lambda row: row["index"])
     names = [row["name"] for row in rows]
     clock = time.perf_counter()
-    stats = None if sequential else collect_stats(model, names, batches, images)
+    if sequential:
+        stats = None
+    elif stats is None or not set(names) <= set(stats):
+        stats = collect_stats(model, names, batches, images)
     seconds_stats = time.perf_counter() - clock
     filter_fits = {}
     for row in rows:

@@ -25,21 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from lrx.base.errors import UserError
-from lrx.base.yamlread import is_finite_number, is_number, key_text, show
+from lrx.factor.choices import (ALTERNATING_DEFAULTS, BASES, MAX_ITERATIONS, METHOD_OPTIONS, METHODS, ORDERS,
+                                SCHEMES, check_choice, check_method_options)
 
 __all__ = ["SCHEMES", "BASES", "METHODS", "ORDERS", "ALTERNATING_DEFAULTS", "Scheme1Factors", "Scheme2Factors",
            "METHOD_OPTIONS", "MAX_ITERATIONS", "check_method_options", "check_choice", "max_rank", "check_rank",
            "scheme1_svd", "scheme1_alternating", "scheme1", "scheme1_weight", "separable_rank1", "energy_first_sv",
            "scheme2_svd", "scheme2_weight", "retained_energy", "conv_macs", "original_macs", "expanded_macs"]
-
-SCHEMES = ("v1", "v2")
-BASES = ("shared", "per-channel")
-METHODS = ("svd", "alternating")
-# Scheme 2's order: the vertical (dh x 1) conv first, the horizontal (1 x dw) first, or per layer the cheaper.
-ORDERS = ("vh", "hv", "auto")
-# Options of scheme1_alternating and their defaults (config `decompose.options`).
-ALTERNATING_DEFAULTS = {"lam": 0.03, "lam_start": None, "lam_growth": 1.5, "iterations": 100, "tol": 1e-7}
-
 
 class Scheme1Factors(NamedTuple):
     """Scheme 1 factors: ``W_hat[n, c] = sum_m coefficients[n, c, m] * bases[(c,) m]``."""
@@ -56,42 +48,6 @@ class Scheme2Factors(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------- checks
-
-
-METHOD_OPTIONS = {"svd": (), "alternating": ("lam", "lam_start", "lam_growth", "iterations", "tol")}
-MAX_ITERATIONS = 100_000
-
-
-def check_method_options(method: str, options: dict) -> None:
-    """Refuse, with a UserError keyed ``decompose.options[.name]``, options that ``method`` does not take
-    (see :data:`METHOD_OPTIONS`) or values it cannot use: numbers (``lam_start`` may be null),
-    ``lam``, ``lam_start``, ``tol`` >= 0, ``lam_growth`` >= 1, ``iterations`` an integer in 0..100000."""
-    allowed = METHOD_OPTIONS[method]
-    if options and not allowed:
-        others = ", ".join(f"{m} ({', '.join(names)})" for m, names in METHOD_OPTIONS.items() if names)
-        raise UserError(f"method {method} takes no options, got {show(sorted(map(str, options)))}; "
-                        f"methods with options: {others}", key="decompose.options")
-    for name, value in options.items():
-        key = f"decompose.options.{key_text(name)}"
-        if name not in allowed:
-            raise UserError(f"unknown option {show(name)} of method {method}; allowed: {', '.join(allowed)}", key=key)
-        if name == "lam_start" and value is None:
-            continue
-        if name == "iterations" and not (is_number(value) and isinstance(value, int) and 0 <= value <= MAX_ITERATIONS):
-            raise UserError(f"must be an integer in 0..{MAX_ITERATIONS}, got {show(value)}", key=key)
-        if not is_finite_number(value):
-            null = " or null" if name == "lam_start" else ""
-            raise UserError(f"must be a finite number{null}, got {show(value)}", key=key)
-        low = 1 if name == "lam_growth" else 0
-        if value < low:
-            raise UserError(f"must be >= {low}, got {show(value)}", key=key)
-    if options.get("lam", 0) > 0 and options.get("lam_start", 1) == 0:
-        raise UserError("must be > 0 when lam > 0 (it grows geometrically towards lam)", key="decompose.options.lam_start")
-
-
-def check_choice(value, allowed, what: str) -> None:
-    if value not in allowed:
-        raise UserError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def _check_weight(weight: Tensor) -> None:

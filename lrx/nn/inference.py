@@ -300,7 +300,7 @@ class Optimisable:
     """Base class of the expansion layers: choosing an inference path once, and running it where it applies.
 
     A subclass is an ``nn.Module`` with the replaced conv's ``kernel_size``, ``stride``, ``padding`` and
-    ``dilation``, a ``scheme`` ("v1" or "v2"), and the methods ``_factored_convs()`` (its ``nn.Conv2d``
+    ``dilation``, a ``scheme`` ("v1" or "v2"), and the methods ``plain_forward(x)``, ``_factored_convs()`` (its ``nn.Conv2d``
     factors in the order they run, the last carrying the bias), ``_macs_per_position()`` and
     ``dense_weight()``. :func:`expansion_layers` finds the layers by this class.
     """
@@ -312,6 +312,17 @@ class Optimisable:
 
     def _factored_convs(self) -> list:
         raise NotImplementedError
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        """The factors run as the plain convs they are (what TorchScript and every export see)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: a path is Python-only
+            fast = self._run(x)
+            if fast is not None:
+                return fast
+        return self.plain_forward(x)
 
     def _macs_per_position(self) -> tuple[int, int]:
         """(dense conv, factors) MACs per output position, the intermediate counted at the stride it runs at."""

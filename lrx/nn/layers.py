@@ -210,11 +210,7 @@ class LowRankExpConvV1(Optimisable, nn.Module):
                 layer.combine.bias.copy_(conv.bias)
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: a path is Python-only
-            fast = self._run(x)
-            if fast is not None:
-                return fast
+    def plain_forward(self, x: Tensor) -> Tensor:
         return self.combine(self.spatial(x))
 
     def _factored_convs(self) -> list:
@@ -367,11 +363,7 @@ class LowRankExpConvV2(Optimisable, nn.Module):
                 layer._factored_convs()[-1].bias.copy_(conv.bias)
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # TorchScript leaves this branch out: a path is Python-only
-            fast = self._run(x)
-            if fast is not None:
-                return fast
+    def plain_forward(self, x: Tensor) -> Tensor:
         if self.order == "vh":
             return self.horizontal(self.vertical(x))
         return self.vertical(self.horizontal(x))

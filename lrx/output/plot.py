@@ -14,24 +14,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from lrx.base.errors import UserError
+from lrx.base.yamlread import finite_float
 
 __all__ = ["skipped", "pareto_front", "row_label", "describe", "model_groups", "Point", "PANELS", "FONT_SIZE",
            "MARKER_AREA", "plot_pareto", "pareto_figure", "DISTANCES", "DIRECTIONS", "LEADER_FROM", "place_labels",
            "LINE_WEIGHT", "FRONT_WEIGHT", "CROSSING_COST", "MARKER_WEIGHT", "AMBIGUITY_COST", "text_box"]
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None (an infinite or NaN value cannot be placed on an axis)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond a float's range
-        return None
-    return number if math.isfinite(number) else None
 
 
 def skipped(rows: list[dict]) -> list[str]:
@@ -48,7 +38,7 @@ def skipped(rows: list[dict]) -> list[str]:
     by_name = {r.get("name"): r for r in done}
     for row in done:
         name = row.get("name")
-        if _number(row.get("acc1")) is None:
+        if finite_float(row.get("acc1")) is None:
             out.append(f"{name}: finished without an acc1")
             continue
         missing = [what for what, get in zip(("MACs", "CPU time"), (_macs_m, _time_ms))
@@ -61,7 +51,7 @@ def skipped(rows: list[dict]) -> list[str]:
 
 
 def _macs_m(row: dict) -> float | None:
-    macs = _number(row.get("macs"))
+    macs = finite_float(row.get("macs"))
     return None if macs is None else macs / 1e6
 
 
@@ -73,9 +63,9 @@ def _time_ms(row: dict) -> float | None:
     """
     latency = row.get("latency") if isinstance(row.get("latency"), dict) else {}
     if not row.get("decompose"):
-        measured = _number(latency.get("original_ms")) is not None or _number(row.get("cpu_time_ms")) is not None
+        measured = finite_float(latency.get("original_ms")) is not None or finite_float(row.get("cpu_time_ms")) is not None
         return 1.0 if measured else None
-    speedup = _number(latency.get("speedup"))
+    speedup = finite_float(latency.get("speedup"))
     return 1.0 / speedup if speedup else None
 
 
@@ -132,7 +122,7 @@ def describe(row: dict) -> str:
     target = (dec.get("plan") or {}).get("target") if isinstance(dec.get("plan"), dict) else None
     if isinstance(target, dict) and len(target) == 1:
         kind, value = next(iter(target.items()))
-        value = _number(value)
+        value = finite_float(value)
         if value is not None:
             parts.append(f"{value:g}x" if kind in ("speedup", "latency") else f"{kind} {value:g}")
     stages = row.get("history", row.get("finetune")) or []
@@ -143,7 +133,7 @@ def describe(row: dict) -> str:
 
 
 def _tune(stage: dict) -> str:
-    l2, ce = _number(stage.get("l2")) or 0.0, _number(stage.get("ce")) or 0.0
+    l2, ce = finite_float(stage.get("l2")) or 0.0, finite_float(stage.get("ce")) or 0.0
     return "L2&CE" if l2 > 0 and ce > 0 else "L2" if l2 > 0 else "CE" if ce > 0 else ""
 
 
@@ -216,7 +206,7 @@ def pareto_figure(rows: list[dict]):
     for _, get in PANELS:
         points = []
         for row in done:
-            acc, cost = _number(row.get("acc1")), _lookup(row, get, by_name)
+            acc, cost = finite_float(row.get("acc1")), _lookup(row, get, by_name)
             if acc is not None and cost is not None:
                 points.append(Point(cost, acc, row_label(row), not row.get("decompose"), groups[row.get("name")]))
         data.append(points)
@@ -417,7 +407,7 @@ def _nothing_to_plot(rows: list[dict], done: list[dict], by_name: dict) -> str:
     missing = []
     for row in done[:8]:
         lacks = [name for name, value in (
-            ("acc1", _number(row.get("acc1"))),
+            ("acc1", finite_float(row.get("acc1"))),
             ("macs", _lookup(row, _macs_m, by_name)),
             ("latency or cpu_time_ms", _lookup(row, _time_ms, by_name)),
         ) if value is None]

@@ -1,4 +1,4 @@
-"""`lrx decompose --dry-run` and `--show-bases`: look at a decomposition before and after making it."""
+"""`lrx decompose --dry-run`, `--show-bases` and `--compare-fits`: look at a decomposition before and after making it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,46 +6,83 @@ from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
-from lrx.config.settings import Config
+from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
+from lrx.config.settings import Config
+from lrx.data.datasets import load_data
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
-from lrx.nn.models import build_model
+from lrx.nn.models import build_model, initial_model
 from lrx.pipeline.rundir import RunDir, load_model
+from lrx.pipeline.runner import dependencies
 from lrx.pipeline.stages import expand_model
 
 __all__ = ["preview_decomposition", "print_preview", "latency_table", "save_bases_picture", "fit_comparison"]
 
 
-def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs") -> tuple[list[dict], str, dict | None]:
-    """Per layer: rank, MACs before/after, retained energy, for the baseline's weights if trained yet.
+def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
+                          data_root: str | None = None) -> tuple[list[dict], str, dict | None, str | None]:
+    """Per layer: rank, MACs before/after, retained energy, planned exactly as ``lrx run`` will plan them.
 
-    Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None). Writes nothing
-    (a latency target reads the runs folder's cached layer times but does not add to them).
+    The weights are the ones the run will decompose: the baseline run's final model when it is finished, else
+    (a baseline that only evaluates ``model.checkpoint`` or ``model.weights``, ``train.epochs: 0``) those
+    weights as the baseline will load them. With ``fit: data`` an auto plan ranks layers by output energy on
+    the same calibration images as the run. Where the run's weights are not known yet (a baseline still to be
+    trained) the plan is made on freshly initialised weights and ``caveat`` says so.
+
+    Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None, caveat or None).
+    Writes nothing (a latency target reads the runs folder's cached layer times but does not add to them).
     """
-    source = "fresh random weights (the baseline is not trained yet)"
-    model = build_model(cfg.model.name, cfg.model.num_classes)
-    if cfg.baseline is not None:
-        try:
-            path = RunDir(runs_dir, cfg.baseline).final_model_path()
-            if path.exists() and cfg.parent is None:
-                model, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
-                source = f"the trained baseline {path}"
-        except UserError:
-            pass
-    _, report = expand_model(model, cfg, runs_dir=runs_dir, write_cache=False)
+    model, source, caveat = _planning_weights(cfg, runs_dir)
+    settings = cfg.decompose
+    batches = None
+    if settings.fit == "data" and settings.bases == "auto":
+        device = resolve_device(cfg.runtime.device)
+        batches, _ = load_data(cfg, device, data_root)
+        batches.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order, as the run takes them
+        model.to(device)
+    _, report = expand_model(model, cfg, batches=batches, runs_dir=runs_dir, write_cache=False, fit="weights")
     rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
              "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
              "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
             for layer in report.layers]
     if report.plan is not None:
         source += f"; ranks by rule: {report.plan['rule']}"
-    return rows, source, report.plan
+    return rows, source, report.plan, caveat
 
 
-def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
+def _planning_weights(cfg: Config, runs_dir: str | Path) -> tuple[nn.Module, str, str | None]:
+    """(model, where its weights come from, a caveat when they are not the ones the run will decompose)."""
+    source = cfg.baseline
+    if source is not None and cfg.parent is None:
+        try:
+            path = RunDir(runs_dir, source).final_model_path()
+            if path.exists():
+                model, _, _ = load_model(path, cfg.model.name, cfg.model.num_classes)
+                return model, f"the trained baseline {path}", None
+        except UserError:
+            pass
+    start = next((dep for dep in dependencies(cfg) if dep.name == cfg.baseline), None) if cfg.baseline else None
+    start = start or cfg
+    given = start.model.checkpoint or start.model.weights
+    if given is not None and start.train.epochs == 0 and cfg.parent is None:
+        return initial_model(start.model), f"the weights the baseline loads ({given})", None
+    model = build_model(cfg.model.name, cfg.model.num_classes)
+    why = (f"the baseline run {source!r} is not finished in {runs_dir}" if source is not None
+           else "the config names no baseline run")
+    return model, "freshly initialised weights", (f"this plan is on freshly initialised weights, not the run's: {why}, "
+                                                   "so the run may choose other ranks")
+
+
+def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None) -> None:
     """Print :func:`preview_decomposition` as a table (what ``lrx decompose --dry-run`` shows)."""
-    rows, source, plan = preview_decomposition(cfg, runs_dir)
+    rows, source, plan, caveat = preview_decomposition(cfg, runs_dir, data_root)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
+        console = Console(width=120)
+    if caveat is not None:
+        console.print(f"note: {caveat}", markup=False)
     settings = cfg.decompose
     if settings.scheme == "v1":
         form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
@@ -61,9 +98,6 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs") -> None:
                       f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
                       f"{row['retained_energy']:.4f}")
     table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
-        console = Console(width=120)
     console.print(table)
     console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
     if plan is not None and "table" in plan:

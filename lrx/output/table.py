@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import yaml
 
 from lrx.base.files import load_json, read_text_limited
 from lrx.base.errors import UserError
+from lrx.base.yamlread import finite_float
 from lrx.pipeline.rundir import RunDir, metrics_problem
 from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
 
@@ -236,19 +237,8 @@ def _time(row: dict, column: str, digits: int) -> str:
     return text
 
 
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond a float's range
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _fmt(value: Any, digits: int, scale: float = 1.0) -> str:
-    number = _number(value)
+    number = finite_float(value)
     return "-" if number is None else f"{number / scale:.{digits}f}"
 
 
@@ -265,7 +255,7 @@ def _schedule(stages: list[dict], loss: str) -> str:
     """ "1.0x20" per stage where ``loss`` has weight > 0, joined by "+"; "0.0" when none has."""
     parts = []
     for stage in stages:
-        weight, epochs = _number(stage.get(loss)), _scalar(stage.get("epochs"))
+        weight, epochs = finite_float(stage.get(loss)), _scalar(stage.get("epochs"))
         if weight is not None and weight > 0:
             parts.append(f"{weight:.1f}x{epochs if epochs is not None else '?'}")
     return "+".join(parts) if parts else "0.0"
@@ -274,16 +264,16 @@ def _schedule(stages: list[dict], loss: str) -> str:
 def _measured(row: dict) -> list[str]:
     """What the run measured, in the seed's words: acc a -> b, L2 norm x -> y, speedup."""
     parts = []
-    before, after = _number(row.get("acc1_before")), _number(row.get("acc1"))
+    before, after = finite_float(row.get("acc1_before")), finite_float(row.get("acc1"))
     if before is not None and after is not None and (row.get("finetune") or before != after):
         parts.append(f"acc {before:.2f} -> {after:.2f}")
-    l2_before, l2_after = _number(row.get("l2_before")), _number(row.get("l2_after"))
+    l2_before, l2_after = finite_float(row.get("l2_before")), finite_float(row.get("l2_after"))
     if l2_before is not None and l2_after is not None:
         parts.append(f"L2 norm {l2_before:.0f} -> {l2_after:.0f}")
     elif l2_before is not None or l2_after is not None:
         parts.append(f"L2 norm {(l2_before if l2_before is not None else l2_after):.0f}")
     latency = _dict(row.get("latency"))
-    speedup, mac_ratio = _number(latency.get("speedup")), _number(latency.get("mac_ratio"))
+    speedup, mac_ratio = finite_float(latency.get("speedup")), finite_float(latency.get("mac_ratio"))
     if speedup is not None:
         text = f"speedup {speedup:.2f}x{NOISY if latency.get('noisy') is True else ''} measured"
         if mac_ratio is not None:
@@ -343,19 +333,19 @@ def record(row: dict) -> dict:
         "decomposed": c["decomped"] == "Y",
         "l2_finetune": c["L2 finetune"],
         "ce_finetune": c["CE finetune"],
-        "acc1": _number(row.get("acc1")),
+        "acc1": finite_float(row.get("acc1")),
         "macs_m": _scaled(row.get("macs")),
         "params_m": _scaled(row.get("params")),
-        "cpu_time_ms": _number(row.get("cpu_time_ms")),
-        "cuda_time_ms": _number(row.get("cuda_time_ms")),
+        "cpu_time_ms": finite_float(row.get("cpu_time_ms")),
+        "cuda_time_ms": finite_float(row.get("cuda_time_ms")),
         "cpu_time_noisy": _flag(_dict(row.get("cpu_time")).get("noisy")),
         "cuda_time_noisy": _flag(_dict(row.get("cuda_time")).get("noisy")),
         "timing_batch": _timing_batch(row),
-        "latency_speedup": _number(latency.get("speedup")),
+        "latency_speedup": finite_float(latency.get("speedup")),
         "latency_noisy": _flag(latency.get("noisy")),
         "original_layout": _scalar(latency.get("original_layout")),
-        "speedup_default": _number(latency.get("speedup_default")),
-        "mac_ratio": _number(latency.get("mac_ratio")),
+        "speedup_default": finite_float(latency.get("speedup_default")),
+        "mac_ratio": finite_float(latency.get("mac_ratio")),
         "remark": c["Remark"],
     }
 
@@ -371,7 +361,7 @@ RECORD_FIELDS = ["no", "name", "group", "status", "layers", "bases", "decomposed
 
 
 def _scaled(value: Any) -> float | None:
-    number = _number(value)
+    number = finite_float(value)
     return None if number is None else number / 1e6
 
 
@@ -388,7 +378,7 @@ def _timing_batch(row: dict) -> int | None:
 
 
 def _timed(row: dict) -> bool:
-    return _number(row.get("cpu_time_ms")) is not None or _number(row.get("cuda_time_ms")) is not None
+    return finite_float(row.get("cpu_time_ms")) is not None or finite_float(row.get("cuda_time_ms")) is not None
 
 
 def _rows_text(label: str, rows: list[dict]) -> str:
@@ -427,9 +417,9 @@ def footnotes(rows: list[dict]) -> list[str]:
     against = []
     for row in rows:
         latency = _dict(row.get("latency"))
-        layout, speedup = _scalar(latency.get("original_layout")), _number(latency.get("speedup"))
+        layout, speedup = _scalar(latency.get("original_layout")), finite_float(latency.get("speedup"))
         if speedup is not None and isinstance(layout, str):
-            default = _number(latency.get("speedup_default"))
+            default = finite_float(latency.get("speedup_default"))
             beside = f", {default:.2f}x against PyTorch's default" if default is not None and layout != "default" else ""
             against.append(f"row {cells(row)['No.']} {speedup:.2f}x against {layout}{beside}")
     if against:
@@ -441,13 +431,27 @@ def footnotes(rows: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- rendering
 
 
+# Terminal control a hostile metrics.json or config could put into a printed value: CSI sequences (ESC [ ...,
+# colours, cursor moves), OSC, DCS, SOS, PM and APC strings up to BEL or ST (ESC ] 8 ;; URL BEL is a
+# hyperlink, ESC ] 0 ; ... a window title), any other ESC sequence, and every other control character.
+_CONTROL = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"
+                      r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]).*?(?:\x07|\x1b\\|\x9c|$)"
+                      r"|\x1b[ -/]*[0-~]?|[\x00-\x1f\x7f-\x9f]", re.S)
+
+
+def _plain(value: Any) -> Any:
+    """A printed string without terminal control sequences (:data:`_CONTROL`); other values as they are."""
+    return _CONTROL.sub("", value) if isinstance(value, str) else value
+
+
 def render(rows: list[dict], fmt: str = "markdown") -> str:
     """The table as text, ending with a newline.
 
     ``markdown``: the seed's header, a ``|---|`` rule, one line per row and a blank ``|`` line
     wherever ``group`` changes between consecutive rows; a ``|`` inside a cell is escaped as ``\\|``;
     then, after an empty line, the :func:`footnotes` as a list (nothing when there are none).
-    ``csv`` / ``json``: one record per row (see :func:`record`), numbers unformatted.
+    ``csv`` / ``json``: one record per row (see :func:`record`), numbers unformatted. Terminal control
+    sequences in any value (colours, OSC titles and hyperlinks) are left out of every format.
     """
     if fmt == "markdown":
         lines = [HEADER, RULE]
@@ -458,18 +462,19 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
                 lines.append("|")
             previous = group
             c = cells(row)
-            lines.append("|" + "|".join(c[col].replace("|", "\\|") for col in COLUMNS) + "|")
+            lines.append("|" + "|".join(_plain(c[col]).replace("|", "\\|") for col in COLUMNS) + "|")
         notes = footnotes(rows)
         if notes:
-            lines += [""] + [f"- {note}" for note in notes]
+            lines += [""] + [f"- {_plain(note)}" for note in notes]
         return "\n".join(lines) + "\n"
+    records = [{key: _plain(value) for key, value in record(row).items()} for row in rows]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")
         writer.writeheader()
-        for row in rows:
-            writer.writerow(record(row))
+        for one in records:
+            writer.writerow(one)
         return out.getvalue()
     if fmt == "json":
-        return json.dumps([record(row) for row in rows], indent=2) + "\n"
+        return json.dumps(records, indent=2) + "\n"
     raise UserError(f"unknown table format {fmt!r}; allowed: markdown, csv, json", key="--format")

@@ -32,6 +32,7 @@ import re
 import socket
 import stat
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -48,9 +49,9 @@ from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded
 from lrx.nn.models import build_model
 
-__all__ = ["LOCK_PATIENCE_S", "MODEL_FILES", "LATENCY_TABLES", "LOCK_INFO_LIMIT", "MOVE_AWAY", "model_file",
-           "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file", "clean_runs", "format_size",
-           "metrics_problem", "save_model", "load_model"]
+__all__ = ["LOCK_PATIENCE_S", "MODEL_FILES", "LATENCY_TABLES", "LOCK_INFO_LIMIT", "STALE_TEMP_S", "MOVE_AWAY",
+           "model_file", "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file",
+           "clean_runs", "format_size", "metrics_problem", "save_model", "load_model"]
 
 # The advice for a model file that is not what it should be: it belongs to run {run}, which --force on
 # another run (one that builds on it) never redoes.
@@ -60,6 +61,9 @@ CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
 LATENCY_TABLES = "latency-tables.json"
 LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
+# A temporary file in a folder of runs (a write of latency-tables.json takes milliseconds) older than this is
+# what a killed write left; `lrx clean` removes it.
+STALE_TEMP_S = 3600
 
 # What a damaged run file is told to do. metrics.json is moved away rather than retired by --force:
 # the runner (and --force) read metrics.json before anything else, and a file lrx cannot parse holds
@@ -186,6 +190,29 @@ class RunDir:
 
     # ------------------------------------------------------------ model files
 
+    def has_model(self, stage: str, log=None) -> bool:
+        """Whether ``stage``'s model file is there and loads: what makes a finished stage done (with its hash).
+
+        The file is read as :func:`load_model` reads it (``weights_only``, a ``model`` entry that is a state
+        dict of tensors); a truncated, corrupted or foreign file is not a finished stage's result: it is
+        logged (``log``, default the run's log) naming the file and why, and the stage counts as not done,
+        so that it is redone and the file replaced.
+        """
+        path = self.model_path(stage)
+        if not os.path.lexists(path):
+            return False
+        try:
+            blob = load_checkpoint(path)
+            state = blob.get("model")
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise UserError("not an lrx model file: its 'model' entry is missing or not a state dict of tensors",
+                                file=str(path))
+        except UserError as err:
+            why = err.message.removesuffix("; delete it to start over")
+            (log or self.log)(f"{path} does not load ({why}); redoing stage {stage}")
+            return False
+        return True
+
     def save_model(self, stage: str, model: nn.Module, arch: str, num_classes: int, spec=None, layers=None) -> Path:
         """Write the model file of ``stage``; rank 0 writes, every process waits until it is there."""
         path = self.model_path(stage)
@@ -205,8 +232,15 @@ class RunDir:
     # locked, and starts over if not. The holder of the inode at the path is then unique: the file at the
     # path is only ever removed by a process holding its flock, so while one holds it no other file can
     # appear there. Removing the file also means that a forked child still holding the inherited
-    # descriptor (a DataLoader worker) cannot block the next run. (Over NFS, Linux maps flock onto NFS
-    # byte-range locks, which cover every client.) Taking the lock twice through one RunDir is a no-op.
+    # descriptor (a DataLoader worker) cannot block the next run. A forked child does not keep it at all:
+    # os.register_at_fork closes every held lock descriptor in the child (:func:`_drop_locks_in_child`),
+    # so a worker that outlives its parent (SIGKILLed: nothing unlinked the file) cannot hold the flock of
+    # a dead process. (Over NFS, Linux maps flock onto NFS byte-range locks, which cover every client.)
+    # Taking the lock twice through one RunDir is a no-op.
+    #
+    # The lock file is opened without truncating it (O_RDWR | O_CREAT, never following a symlink) and is
+    # written only once its flock is held and it is known to be a regular file with exactly one link: a
+    # .lock that is a hard link to metrics.json, or a FIFO or device, is refused naming it, never written.
 
     def lock(self) -> None:
         """Take this run's lock, or raise :class:`UserError` naming the process that holds it.
@@ -238,6 +272,11 @@ class RunDir:
                 os.close(fd)
                 raise UserError(f"cannot lock it ({os_reason(err)})", file=str(path)) from None
             if _names(path, fd):
+                problem = _lock_file_problem(fd)
+                if problem is not None:
+                    os.close(fd)
+                    raise UserError(f"cannot use it as the run's lock file: {problem}; remove it and run again",
+                                    file=str(path))
                 break
             os.close(fd)
         else:
@@ -254,13 +293,14 @@ class RunDir:
             os.close(fd)
             raise UserError(f"cannot take the lock ({os_reason(err)})", file=str(path)) from None
         self._lock_fd = fd
+        _HOLDERS.add(self)
         self.remove_orphan_temp_files(older_than=taken_at)
 
     def in_use(self) -> bool:
         """Whether a process holds this run's lock now (a run marked "running" whose holder is gone was
         interrupted). Probes with a shared flock for an instant; :meth:`lock` waits that long."""
-        try:
-            fd = os.open(self.file(LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        try:  # O_NONBLOCK: a FIFO planted as .lock must not hang the probe
+            fd = os.open(self.file(LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return False
         try:
@@ -278,6 +318,7 @@ class RunDir:
         if self._lock_fd is None:
             return
         fd, self._lock_fd = self._lock_fd, None
+        _HOLDERS.discard(self)
         path = self.file(LOCK)
         try:
             if _names(path, fd):
@@ -394,10 +435,60 @@ class RunDir:
                             file=str(self.path)) from None
 
     def _open_lock(self, path: Path) -> int:
-        try:  # O_NOFOLLOW: a symlink planted as .lock is refused, not followed to wherever it points
-            return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            info = None
         except OSError as err:
             raise UserError(f"cannot open the lock file ({os_reason(err)})", file=str(path)) from None
+        if info is not None and not stat.S_ISREG(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+            raise UserError(f"cannot use it as the run's lock file: {_file_kind(info.st_mode)}; remove it and run "
+                            "again", file=str(path))  # not even opened: opening a device can do things
+        try:  # O_NOFOLLOW: a symlink planted as .lock is refused, not followed; no O_TRUNC: see lock()
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise UserError(f"cannot open the lock file ({os_reason(err)})", file=str(path)) from None
+
+
+# The RunDirs of this process that hold their lock; a forked child closes their descriptors.
+_HOLDERS: "weakref.WeakSet[RunDir]" = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that the flock
+    stays with the parent alone and ends with it. Closing the child's copy does not drop the parent's
+    flock (that lives until the last descriptor of the open file is closed); the child's RunDirs then
+    hold no lock, and their unlock() does nothing."""
+    for run in list(_HOLDERS):
+        fd, run._lock_fd = run._lock_fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HOLDERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return "it is " + next((name for test, name in kinds if test(mode)), "not a regular file") + ", not a regular file"
+
+
+def _lock_file_problem(fd: int) -> str | None:
+    """Why the open file ``fd`` cannot be the lock file (writing the holder into it would clobber another
+    file), or None: it must be a regular file with exactly one link."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return _file_kind(info.st_mode)
+    if info.st_nlink != 1:
+        return (f"it has {info.st_nlink} hard links, so it is another file too (metrics.json?), which writing "
+                "the lock's holder into it would overwrite")
+    return None
 
 
 def stage_of_file(name: str) -> tuple[str, str] | None:
@@ -416,7 +507,9 @@ def clean_runs(runs_dir: str | Path, dry_run: bool = False) -> tuple[list[tuple[
 
     Returns ``(removed, not_touched)``: ``(path, bytes, why)`` of each file removed (with ``dry_run``:
     that would be) and one line per run left as it is, with the reason (in use, damaged metrics.json).
-    A folder without metrics.json is not a run and is passed over. Raises :class:`UserError` when
+    A folder without metrics.json is not a run and is passed over. In a folder of runs, the temporary
+    files of killed writes in the folder itself (of ``latency-tables.json``, which no run's lock covers)
+    are removed too once they are older than :data:`STALE_TEMP_S`. Raises :class:`UserError` when
     ``runs_dir`` is not a folder.
     """
     root = Path(runs_dir)
@@ -433,7 +526,33 @@ def clean_runs(runs_dir: str | Path, dry_run: bool = False) -> tuple[list[tuple[
             removed += RunDir(folder.parent, folder.name).clean(dry_run)
         except UserError as err:
             not_touched.append(f"{folder.name}: not touched: {err}")
+    if folders != [root]:
+        removed += _stale_temp_files(root, dry_run)
     return removed, not_touched
+
+
+def _stale_temp_files(folder: Path, dry_run: bool) -> list[tuple[Path, int, str]]:
+    """Remove (unless ``dry_run``) the temporary files of atomic writes in ``folder`` last changed more
+    than :data:`STALE_TEMP_S` ago; ``(path, bytes, why)`` of each."""
+    cutoff = time.time() - STALE_TEMP_S
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return found
+    for entry in entries:
+        if not is_temp_file(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
+                continue  # not ours, or maybe a write under way
+            if not dry_run:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # gone already, or not ours to remove: harmless
+        found.append((Path(entry.path), info.st_size, "temporary file of a write that was killed"))
+    return found
 
 
 def format_size(size: int) -> str:

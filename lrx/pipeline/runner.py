@@ -208,9 +208,9 @@ def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def final_hash(runs_dir: Path, name: str) -> str | None:
-    """The hash of a finished run's last model-changing stage, for runs that build on it."""
-    metrics = RunDir(runs_dir, name).read_metrics()
+def final_hash(metrics: dict) -> str | None:
+    """The hash of a finished run's last model-changing stage (from its metrics.json content), for runs that
+    build on it; None while the run is not finished."""
     stages = metrics.get("stages", {})
     for key in reversed(list(stages)):
         if key != "profile" and metrics.get("status") == "done":
@@ -226,7 +226,9 @@ class Runner:
 
     def __init__(self, cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
                  quiet: bool = False, force: bool = False, echo: Echo | None = None, redo: str | None = None,
-                 checked: bool = False):
+                 checked: bool = False, sources: dict[str, dict] | None = None):
+        """``sources``: metrics.json content of runs by name, as the caller read it (those this run builds on
+        and the caller did not read are read once when the run starts)."""
         self.cfg, self.runs_dir = cfg, Path(runs_dir)
         self.quiet = quiet
         # Redo from this stage on even where up to date: every stage with force, else the stage named by redo.
@@ -237,6 +239,9 @@ class Runner:
         self.echo = echo or (lambda message: None)
         self.device = device_of(cfg)
         distributed.setup(self.device)
+        # The runs this one builds on, as read once (by the caller, or at the start of run()): every stage and
+        # the final record use this state of them.
+        self.sources = sources
         self.context = Context(cfg, self.dir, self.device, say=self.say, quiet=quiet, data_root=data_root)
 
     def say(self, message: str) -> None:
@@ -245,18 +250,27 @@ class Runner:
             self.echo(f"[{self.cfg.name}] {message}")
 
     def run(self, until: str | None = None) -> dict:
-        """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content."""
+        """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content.
+
+        metrics.json is read once (under the lock) and written when the run starts work and after each stage.
+        """
         cfg = self.cfg
         if not self.checked:
             check_against_model(cfg)
         every = stage_names(cfg)
         names = every if until is None else (every[: every.index(until) + 1] if until in every else [])
-        deps = {name: final_hash(self.runs_dir, name) for name in (cfg.baseline, cfg.parent) if name}
+        builds_on = [name for name in (cfg.baseline, cfg.parent) if name]
+        self.sources = {name: (self.sources or {}).get(name) for name in builds_on}
+        self.sources = {name: RunDir(self.runs_dir, name).read_metrics() if record is None else record
+                        for name, record in self.sources.items()}
+        self.context.sources = self.sources
+        deps = {name: final_hash(self.sources[name]) for name in builds_on}
         for name, value in deps.items():
             if value is None:
                 raise UserError(f"run {name!r} (which {cfg.name} builds on) is not finished in {self.runs_dir}; "
                                 f"run `lrx run {find_config(name, cfg.path)}` first", file=cfg.path)
         hashes = stage_hashes(cfg, deps)
+        inherited = self._inherited()
         self.dir.lock()
         try:
             metrics = self.dir.read_metrics()  # under the lock: a run that just finished is seen finished
@@ -275,20 +289,26 @@ class Runner:
                 todo = [n for n in names if every.index(n) >= first]
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
-            inherited = self._inherited()
+            self.context.metrics = metrics
             current = None
             try:
-                for name in todo:
+                if todo:
+                    self._mark_running(metrics, todo[0], hashes[todo[0]])
+                    self.dir.write_metrics(metrics)
+                for i, name in enumerate(todo):
                     current = f"stage {name}"
                     self._run_stage(name, hashes[name], metrics, inherited)
+                    if i + 1 < len(todo):  # the next stage is marked running in the same write
+                        self._mark_running(metrics, todo[i + 1], hashes[todo[i + 1]])
+                    else:
+                        self._finish(metrics, every, hashes, inherited)
+                    self.dir.write_metrics(metrics)
+                    self._after_stage(name)
                     current = f"after stage {name}"
                 current = "the end of the run"
-                complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
-                metrics["status"] = "done" if complete else "partial"
-                metrics.update(summarise(metrics, self._inherited()))
-                metrics.pop("running", None)
-                metrics.pop("error", None)
-                self.dir.write_metrics(metrics)
+                if not todo:
+                    self._finish(metrics, every, hashes, inherited)
+                    self.dir.write_metrics(metrics)
             except BaseException as err:  # a stage's failure, Ctrl-C or SIGTERM, also between stages
                 if current is not None and metrics.get("status") != "done":
                     self._stopped(metrics, current, err)
@@ -297,6 +317,23 @@ class Runner:
             return metrics
         finally:
             self.dir.unlock()
+
+    @staticmethod
+    def _finish(metrics: dict, every: list[str], hashes: dict, inherited: dict) -> None:
+        complete = all(metrics["stages"].get(n, {}).get("hash") == hashes[n] for n in every)
+        metrics["status"] = "done" if complete else "partial"
+        metrics.update(summarise(metrics, inherited))
+        metrics.pop("running", None)
+        metrics.pop("error", None)
+
+    def _mark_running(self, metrics: dict, name: str, hash_: str) -> None:
+        """Record that stage ``name`` runs now; a checkpoint left by other settings of it must not be resumed."""
+        if metrics.get("running", {}).get(name) != hash_:
+            ckpt = self.dir.checkpoint_path(name)
+            if ckpt is not None:
+                ckpt.unlink(missing_ok=True)
+        metrics["status"] = "running"
+        metrics["running"] = {name: hash_}
 
     def _stopped(self, metrics: dict, where: str, err: BaseException) -> None:
         """Record in metrics.json that the run stopped at ``where``: interrupted (resumable) or failed."""
@@ -308,25 +345,20 @@ class Runner:
         self.say(f"stopped at {where}: {reason}")
 
     def _run_stage(self, name: str, hash_: str, metrics: dict, inherited: dict) -> None:
-        """Run one stage, recording it in ``metrics`` (and on disk) before, after, and if it stops."""
-        if metrics.get("running", {}).get(name) != hash_:
-            ckpt = self.dir.checkpoint_path(name)  # a checkpoint left by other settings must not be resumed
-            if ckpt is not None:
-                ckpt.unlink(missing_ok=True)
-        metrics["status"] = "running"
-        metrics["running"] = {name: hash_}
-        self.dir.write_metrics(metrics)
+        """Run one stage (marked running in ``metrics`` by the caller) and record its result in ``metrics``."""
         self.say(f"stage {name} ...")
         start = time.perf_counter()
         result = stage(name).run(self.context, name)  # if it stops, run() records why
         metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
         metrics.update(summarise(metrics, inherited))
-        self.dir.write_metrics(metrics)
+
+    def _after_stage(self, name: str) -> None:
+        """Once the stage's record is written: its checkpoint is no longer needed."""
         distributed.barrier()  # the next stage checks its model file against this record, on every process
         ckpt = self.dir.checkpoint_path(name)
         if ckpt is not None and distributed.is_main():  # resuming is over: the model file holds the result
             ckpt.unlink(missing_ok=True)
-        self.say(f"stage {name} done in {metrics['stages'][name]['wall_s']:.1f} s")
+        self.say(f"stage {name} done in {self.context.metrics['stages'][name]['wall_s']:.1f} s")
 
     def _header(self, metrics: dict) -> dict:
         cfg = self.cfg
@@ -352,33 +384,35 @@ class Runner:
         source = self.cfg.parent or self.cfg.baseline
         if source is None:
             return {}
-        other = RunDir(self.runs_dir, source).read_metrics()
+        other = self.sources[source]
         return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or []}
 
 
 def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,
                           data_root: str | None = None, quiet: bool = False, force: bool = False,
                           redo: str | None = None, no_deps: bool = False, echo: Echo | None = None,
-                          checked: set[str] | None = None) -> dict:
+                          checked: set[str] | None = None, involved: list[Config] | None = None) -> dict:
     """Run ``cfg`` up to stage ``until``, first running the runs it builds on that are not finished.
 
     ``force`` redoes every stage of ``cfg`` (never of the runs it builds on), ``redo`` the named stage and
     those after it up to ``until``; ``no_deps`` refuses instead of running an unfinished dependency;
-    ``checked`` as for :func:`configs_to_run`. Returns ``cfg``'s metrics.json content.
+    ``checked`` as for :func:`configs_to_run`; ``involved``: what :func:`configs_to_run` returned for ``cfg``
+    when the caller has it already (loaded and checked). Each dependency's metrics.json is read once here,
+    and ``cfg``'s run builds on that state of it. Returns ``cfg``'s metrics.json content.
     """
     say = echo or (lambda message: None)
-    configs = configs_to_run(cfg, checked=checked)
-    pending = [dep for dep in configs[:-1] if RunDir(runs_dir, dep.name).read_metrics().get("status") != "done"]
+    configs = involved if involved is not None else configs_to_run(cfg, checked=checked)
+    records = {dep.name: RunDir(runs_dir, dep.name).read_metrics() for dep in configs[:-1]}
+    pending = [dep for dep in configs[:-1] if records[dep.name].get("status") != "done"]
     notes = [note for c in pending + [cfg] for note in check_data(c, data_root)]  # before any run folder is made
     for note in dict.fromkeys(notes) if not quiet else ():
         say(f"[{cfg.name}] {note}")
-    for dep in configs[:-1]:
-        if RunDir(runs_dir, dep.name).read_metrics().get("status") == "done":
-            continue
+    for dep in pending:
         if no_deps:
             raise UserError(f"run {dep.name!r} is not finished; run `lrx run {dep.path}` first (or drop --no-deps)",
                             file=cfg.path)
         if not quiet:
             say(f"[{cfg.name}] needs run {dep.name}: running {dep.path} first")
-        Runner(dep, runs_dir, data_root, quiet, echo=echo, checked=True).run()
-    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo, checked=True).run(until)
+        records[dep.name] = Runner(dep, runs_dir, data_root, quiet, echo=echo, checked=True, sources=records).run()
+    return Runner(cfg, runs_dir, data_root, quiet, force, echo=echo, redo=redo, checked=True,
+                  sources=records).run(until)

@@ -8,10 +8,11 @@ The table's keys (acc1, l2_before, ...) are derived from the stages' results by 
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-import warnings
 
 import torch
 from torch import nn
@@ -55,7 +56,12 @@ def last_finetune_stage(cfg: Config, loss: str) -> str:
 
 @dataclass
 class Context:
-    """What a stage works with. ``say`` logs a line (and echoes it unless quiet)."""
+    """What a stage works with. ``say`` logs a line (and echoes it unless quiet).
+
+    ``sources``: the metrics.json content of the runs this one builds on (baseline, parent), read once when
+    the run starts, so that every stage builds on the same state of them; ``metrics``: this run's own record,
+    as the runner keeps it in memory.
+    """
 
     cfg: Config
     run: RunDir
@@ -63,8 +69,11 @@ class Context:
     say: Callable[[str], None] = lambda message: None
     quiet: bool = False
     data_root: str | None = None
+    sources: dict[str, dict] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
     _data: tuple | None = field(default=None, repr=False)
     _original: nn.Module | None = field(default=None, repr=False)
+    _original_file: tuple | None = field(default=None, repr=False)  # (path, names, spec) it was loaded from
 
     def data(self):
         """(train, test) :class:`lrx.data.datasets.Batches` of the config, loaded on first use."""
@@ -72,20 +81,24 @@ class Context:
             self._data = load_data(self.cfg, self.device, self.data_root)
         return self._data
 
+    def source_model_path(self, name: str) -> Path:
+        """The final model file of run ``name`` (the baseline or the parent), from the record read at the start."""
+        return RunDir(self.run.runs_dir, name).final_model_path(self.sources.get(name))
+
     def original(self) -> nn.Module:
         """The baseline model this run compresses (the teacher of L2 fine-tuning), on the run's device, eval mode."""
         if self._original is None:
             cfg = self.cfg
-            path = (self.run.model_path("train") if cfg.baseline is None
-                    else RunDir(self.run.runs_dir, cfg.baseline).final_model_path())
-            self._original, _, spec = load_model(path, cfg.model.name, cfg.model.num_classes)
+            path = self.run.model_path("train") if cfg.baseline is None else self.source_model_path(cfg.baseline)
+            self._original, names, spec = load_model(path, cfg.model.name, cfg.model.num_classes)
             check_expansion(path, spec, None, "a baseline run")
+            self._original_file = (path, names, spec)
             self._original.to(self.device).eval()
         return self._original
 
     def forget_original(self) -> None:
         """Drop the cached original (after it was moved off the run's device)."""
-        self._original = None
+        self._original = self._original_file = None
 
     def previous_model_path(self, stage: str) -> Path:
         """The model file ``stage`` starts from: the last model-changing stage before it, or the run it builds on."""
@@ -93,16 +106,21 @@ class Context:
         before = names[: names.index(stage)] if stage in names else names
         if before:
             return self.run.model_path(before[-1])
-        return RunDir(self.run.runs_dir, self.cfg.parent or self.cfg.baseline).final_model_path()
+        return self.source_model_path(self.cfg.parent or self.cfg.baseline)
 
     def previous_model(self, stage: str) -> tuple[nn.Module, list[str], dict | None]:
-        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU.
+        """(model, replaced layer names, spec) that ``stage`` starts from, on the CPU in training mode.
 
         The file must hold the expansion that metrics.json records for it (and the table shows): a model
-        file of other layers, scheme or ranks is refused, never used in its place.
+        file of other layers, scheme or ranks is refused, never used in its place. When it is the file the
+        original was loaded from, the model is a copy of the original rather than a second load.
         """
         path = self.previous_model_path(stage)
-        model, names, spec = load_model(path, self.cfg.model.name, self.cfg.model.num_classes)
+        if self._original_file is not None and self._original_file[0] == path:
+            _, names, spec = self._original_file
+            model = copy.deepcopy(self._original).cpu().train()
+        else:
+            model, names, spec = load_model(path, self.cfg.model.name, self.cfg.model.num_classes)
         expected, source = self._recorded_expansion(stage)
         check_expansion(path, spec, expected, source)
         return model, names, spec
@@ -111,10 +129,10 @@ class Context:
         """The decompose record the model ``stage`` starts from must match, and the file it is read from."""
         cfg = self.cfg
         if cfg.decompose is not None and stage != "decompose":
-            return self.run.read_metrics().get("stages", {}).get("decompose"), str(self.run.metrics_path)
+            return self.metrics.get("stages", {}).get("decompose"), str(self.run.metrics_path)
         if cfg.parent is not None:
             parent = RunDir(self.run.runs_dir, cfg.parent)
-            return parent.read_metrics().get("decompose"), str(parent.metrics_path)
+            return self.sources.get(cfg.parent, {}).get("decompose"), str(parent.metrics_path)
         return None, "a baseline run"
 
     def save_model(self, stage: str, model: nn.Module, spec=None, layers=None) -> None:
@@ -156,11 +174,11 @@ def check_expansion(path: Path, spec: dict | None, expected: dict | None, source
 
 
 class ModelStage:
-    """A stage whose result is its model file: done when the file is there (and its hash unchanged)."""
+    """A stage whose result is its model file: done when the file is there and loads (and its hash unchanged)."""
 
     @staticmethod
     def done(ctx: Context, name: str) -> bool:
-        return ctx.run.model_path(name).exists()
+        return ctx.run.has_model(name, ctx.say)
 
 
 class Train(ModelStage):
@@ -208,19 +226,22 @@ class Decompose(ModelStage):
 
 
 def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
-                 write_cache: bool = True, log=lambda message: None, held_out=None) -> tuple[nn.Module, dict]:
+                 write_cache: bool = True, log=lambda message: None, held_out=None,
+                 fit: str | None = None) -> tuple[nn.Module, ExpansionReport]:
     """Expand ``model`` as ``cfg.decompose`` says, through :func:`lrx.expansion.model.expand`: ``bases: auto`` plans
     ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its layer
     tables cached in ``runs_dir`` unless ``write_cache`` is off); ``fit: data`` fits to the calibration
-    ``batches`` (``held_out``: batches on which both fits are compared too). Without batches (a dry run) the
-    weights fit is shown and an auto plan ranks layers by filter energy."""
+    ``batches`` (``held_out``: batches on which both fits are compared too). ``fit`` overrides the config's
+    (a dry run plans with the calibration batches but fits to the weights only); without batches the weights
+    fit is made and an auto plan ranks layers by filter energy."""
     settings = cfg.decompose
-    fit = settings.fit if batches is not None else "weights"
+    fit = fit or (settings.fit if batches is not None else "weights")
     with warnings.catch_warnings():  # expand's notes (a conv a pattern skipped, a rank adding MACs): logged
         warnings.simplefilter("ignore", ExpansionNote)
         try:
             return expand(model, settings.layers, settings.scheme, settings.bases,
                           target=settings.target if settings.bases == "auto" else None, fit=fit, calibration=batches,
+                          plan_on_data=settings.fit == "data" and batches is not None,
                           images=settings.calibration.images, sequential=settings.calibration.sequential,
                           iterations=settings.calibration.iterations, held_out=held_out, basis=settings.basis,
                           method=settings.method, decomposed=settings.decomposed, order=settings.order,
