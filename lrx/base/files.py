@@ -186,16 +186,17 @@ def write_named_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -
 
 def not_a_file(path: str | os.PathLike) -> str | None:
     """What is at ``path`` when it is not a regular file (following symlinks): ``"no such file"``, ``"a
-    directory"``, ``"not a regular file (a character device)"``, ...; None for a regular file. For messages
-    that say what a path is instead of calling a folder or a device missing."""
+    directory"``, ``"not a regular file (a character device)"``, ``"unreadable (<the OS's reason>)"``;
+    None for a regular file. For messages that say what a path is instead of calling a folder or a device
+    missing."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return "no such file"
     except OSError as err:
-        return f"cannot be looked at ({os_reason(err)})"
+        return f"unreadable ({os_reason(err)})"
     except ValueError:  # a NUL byte in the name
-        return "no such file (the name holds a NUL byte)"
+        return "unreadable (its name holds a NUL byte)"
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
@@ -308,8 +309,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     problem = not_a_file(path)
     if problem is not None:
-        raise UserError(f"cannot load checkpoint: {problem}" if problem != "no such file" else "no such checkpoint file",
-                        file=str(path))
+        said = "no such checkpoint file" if problem == "no such file" else f"cannot load checkpoint: it is {problem}"
+        raise UserError(said, file=str(path))
     try:
         with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before refusing it: one line is ours
             warnings.simplefilter("ignore", UserWarning)
