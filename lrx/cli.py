@@ -304,9 +304,16 @@ def _summary(metrics: dict, quiet: bool) -> None:
         value = metrics.get(key)
         if value is not None:
             parts.append(fmt.format(value / 1e6 if key != "acc1" else value))
-    speed = (metrics.get("latency") or {}).get("speedup")
+    latency = metrics.get("latency") or {}
+    speed = latency.get("speedup")
     if speed:
-        parts.append(f"measured speedup {speed:.2f}x")
+        missed = f" (latency target {latency['target']:g}x missed)" if latency.get("target_missed") is True else ""
+        parts.append(f"measured speedup {speed:.2f}x{missed}")
+    else:
+        plan = (metrics.get("decompose") or {}).get("plan") or {}
+        if plan.get("target_met") is False:
+            parts.append(f"latency target {plan['target']['latency']:g}x out of reach: planned "
+                         f"{plan['measured_speedup']:.2f}x")
     _echo(", ".join(parts))
 
 

@@ -293,3 +293,26 @@ def test_single_profiler_runs_are_named(seed_runs):
     assert "- Rows 1, 2: time from one torch.profiler run (profiled by an older lrx), not a median; " \
            "lrx profile CONFIG --force re-times it." in notes, notes
     assert render([]).count("\n") == 2, "no rows, no footnotes"
+
+
+def test_several_models_get_a_model_column_and_footnotes_name_each_row_once(tmp_path):
+    root = tmp_path / "runs"
+    for model in ("resnet18", "tiny_cnn", "vgg11"):
+        for no in (1, 2):
+            name = f"{model}_{no}"
+            latency = {"original_ms": 10.0, "expanded_ms": 5.0, "speedup": 2.0, "original_layout": "channels_last",
+                       "noisy": True} if no == 2 else {}
+            write_run(root, name, done(name, no, no, acc1=80.0, cpu_time_ms=5.0, latency=latency,
+                                       cpu_time={"noisy": no == 2, "batch": 16}),
+                      config={"name": name, "no": no, "group": no, "model": {"name": model}})
+    text = render(collect_rows(root))
+    table, notes = text.split("\n\n")
+    lines = table.splitlines()
+    assert lines[0] == SEED_HEADER.replace("|No.|", "|No.|model|"), f"a model column after No.: {lines[0]}"
+    rows = [cells_of(line)[:2] for line in lines[2:] if line != "|"]
+    assert rows == [["1", "resnet18"], ["2", "resnet18"], ["1", "tiny_cnn"], ["2", "tiny_cnn"], ["1", "vgg11"],
+                    ["2", "vgg11"]], f"each model's rows together, in order: {rows}"
+    assert "rows 2 (resnet18_2), 2 (tiny_cnn_2), 2 (vgg11_2)" in notes, f"footnotes name each row once: {notes}"
+    single = render(collect_rows(root)[:2])
+    assert single.splitlines()[0] == SEED_HEADER and "rows 2 (" not in single and "row 2 " in single, \
+        f"one model: the seed's table as before: {single}"

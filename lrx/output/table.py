@@ -30,8 +30,8 @@ from lrx.base.yamlread import finite_float
 from lrx.pipeline.rundir import RunDir, metrics_problem
 from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
 
-__all__ = ["COLUMNS", "HEADER", "RULE", "NO_METRICS", "UNREADABLE", "collect_rows", "sort_rows", "NOISY", "cells",
-           "record", "RECORD_FIELDS", "footnotes", "render"]
+__all__ = ["COLUMNS", "HEADER", "RULE", "NO_METRICS", "UNREADABLE", "collect_rows", "sort_rows", "model_of",
+           "models_of", "NOISY", "cells", "record", "RECORD_FIELDS", "row_ids", "footnotes", "render"]
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
@@ -210,13 +210,28 @@ def _inherit(rows: list[dict]) -> None:
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
-    """Rows by ``no`` (runs without a number last), then by name."""
+    """Rows by ``no`` (runs without a number last), then by name; when the rows hold more than one model
+    (:func:`models_of`), each model's rows together first, models by name."""
+    several = len(models_of(rows)) > 1
+
     def key(row):
         no = row.get("no")
         numbered = isinstance(no, (int, float)) and not isinstance(no, bool)
-        return (not numbered, no if numbered else 0, str(row.get("name", "")))
+        return (model_of(row) or "~" if several else "", not numbered, no if numbered else 0, str(row.get("name", "")))
 
     return sorted(rows, key=key)
+
+
+def model_of(row: dict) -> str | None:
+    """The model a row's run uses (``model.name`` of its config.yaml), or None when unknown."""
+    model = row.get("model")
+    name = _scalar(model.get("name")) if isinstance(model, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def models_of(rows: list[dict]) -> list[str]:
+    """The models the rows use, by name (unknown ones left out)."""
+    return sorted({name for name in map(model_of, rows) if name is not None})
 
 
 # ---------------------------------------------------------------- cells
@@ -279,6 +294,14 @@ def _measured(row: dict) -> list[str]:
         if mac_ratio is not None:
             text += f" / {mac_ratio:.2f}x by MACs"
         parts.append(text)
+    target = finite_float(latency.get("target"))
+    if speedup is not None and target is not None and latency.get("target_missed") is True:
+        parts.append(f"latency target {target:g}x missed")
+    elif speedup is None:
+        plan = _dict(_dict(row.get("decompose")).get("plan"))
+        planned, aimed = finite_float(plan.get("measured_speedup")), finite_float(_dict(plan.get("target")).get("latency"))
+        if plan.get("target_met") is False and planned is not None and aimed is not None:
+            parts.append(f"latency target {aimed:g}x out of reach: planned {planned:.2f}x")
     return parts
 
 
@@ -305,6 +328,7 @@ def cells(row: dict) -> dict[str, str]:
     no = row.get("no")
     return {
         "No.": str(no) if no is not None else str(row.get("name", "")),
+        "model": model_of(row) or "-",
         "layers": _join(dec.get("layers")) if dec else "-",
         "#bases": _join(dec.get("bases")) if dec else "-",
         "decomped": "Y" if dec and dec.get("decomposed") else "-",
@@ -326,6 +350,7 @@ def record(row: dict) -> dict:
     return {
         "no": row.get("no"),
         "name": row.get("name"),
+        "model": model_of(row),
         "group": row.get("group"),
         "status": row.get("status"),
         "layers": c["layers"],
@@ -346,6 +371,8 @@ def record(row: dict) -> dict:
         "original_layout": _scalar(latency.get("original_layout")),
         "speedup_default": finite_float(latency.get("speedup_default")),
         "mac_ratio": finite_float(latency.get("mac_ratio")),
+        "latency_target": finite_float(latency.get("target")),
+        "latency_target_missed": _flag(latency.get("target_missed")),
         "remark": c["Remark"],
     }
 
@@ -354,10 +381,10 @@ def _flag(value: Any) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-RECORD_FIELDS = ["no", "name", "group", "status", "layers", "bases", "decomposed", "l2_finetune", "ce_finetune",
-                 "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy", "cuda_time_noisy",
-                 "timing_batch", "latency_speedup", "latency_noisy", "original_layout", "speedup_default", "mac_ratio",
-                 "remark"]
+RECORD_FIELDS = ["no", "name", "model", "group", "status", "layers", "bases", "decomposed", "l2_finetune",
+                 "ce_finetune", "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy",
+                 "cuda_time_noisy", "timing_batch", "latency_speedup", "latency_noisy", "original_layout",
+                 "speedup_default", "mac_ratio", "latency_target", "latency_target_missed", "remark"]
 
 
 def _scaled(value: Any) -> float | None:
@@ -381,9 +408,17 @@ def _timed(row: dict) -> bool:
     return finite_float(row.get("cpu_time_ms")) is not None or finite_float(row.get("cuda_time_ms")) is not None
 
 
-def _rows_text(label: str, rows: list[dict]) -> str:
-    ids = [cells(row)["No."] for row in rows]
-    return f"{label}{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+def _rows_text(label: str, rows: list[dict], ids: dict[int, str]) -> str:
+    named = [ids[id(row)] for row in rows]
+    return f"{label}{'s' if len(named) > 1 else ''} {', '.join(named)}"
+
+
+def row_ids(rows: list[dict]) -> dict[int, str]:
+    """How footnotes name each row (keyed by ``id(row)``): its "No." cell, with the run's name after it
+    where two rows share a number (runs of several models in one folder)."""
+    numbers = [cells(row)["No."] for row in rows]
+    return {id(row): number if numbers.count(number) == 1 else f"{number} ({row.get('name')})"
+            for row, number in zip(rows, numbers)}
 
 
 def footnotes(rows: list[dict]) -> list[str]:
@@ -395,11 +430,12 @@ def footnotes(rows: list[dict]) -> list[str]:
     - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it.
     """
     notes = []
+    ids = row_ids(rows)
     noisy = [row for row in rows if _timed(row) and (
         any(_dict(row.get(c)).get("noisy") is True for c in ("cpu_time", "cuda_time"))
         or _dict(row.get("latency")).get("noisy") is True)]
     if noisy:
-        notes.append(f"{NOISY} noisy ({_rows_text('row', noisy)}): the middle half of the repeats spans more than "
+        notes.append(f"{NOISY} noisy ({_rows_text('row', noisy, ids)}): the middle half of the repeats spans more than "
                      f"{NOISY_SPREAD:.0%} of the median, or fewer than {NOISY_MIN_REPEATS} repeats; the spread is in metrics.json "
                      f"(cpu_time, cuda_time, latency.spread). Re-time on a quiet machine: lrx profile CONFIG --force.")
     batches: dict[int | None, list[dict]] = {}
@@ -407,12 +443,12 @@ def footnotes(rows: list[dict]) -> list[str]:
         if _timed(row):
             batches.setdefault(_timing_batch(row), []).append(row)
     if len(batches) > 1:
-        parts = [f"batch {batch if batch is not None else 'unknown'} ({_rows_text('row', group)})"
+        parts = [f"batch {batch if batch is not None else 'unknown'} ({_rows_text('row', group, ids)})"
                  for batch, group in sorted(batches.items(), key=lambda item: (item[0] is None, item[0] or 0))]
         notes.append(f"The time columns mix batch sizes: {'; '.join(parts)}; compare times only within one batch.")
     single = [row for row in rows if _timed(row) and not row.get("cpu_time") and not row.get("cuda_time")]
     if single:
-        notes.append(f"{_rows_text('Row', single)}: time from one torch.profiler run (profiled by an older lrx), "
+        notes.append(f"{_rows_text('Row', single, ids)}: time from one torch.profiler run (profiled by an older lrx), "
                      f"not a median; lrx profile CONFIG --force re-times it.")
     against = []
     for row in rows:
@@ -421,7 +457,7 @@ def footnotes(rows: list[dict]) -> list[str]:
         if speedup is not None and isinstance(layout, str):
             default = finite_float(latency.get("speedup_default"))
             beside = f", {default:.2f}x against PyTorch's default" if default is not None and layout != "default" else ""
-            against.append(f"row {cells(row)['No.']} {speedup:.2f}x against {layout}{beside}")
+            against.append(f"row {ids[id(row)]} {speedup:.2f}x against {layout}{beside}")
     if against:
         notes.append("Measured speedups are against the original in its fastest plain layout on the profile device: "
                      + "; ".join(against) + ".")
@@ -454,15 +490,16 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
     sequences in any value (colours, OSC titles and hyperlinks) are left out of every format.
     """
     if fmt == "markdown":
-        lines = [HEADER, RULE]
+        columns = COLUMNS if len(models_of(rows)) <= 1 else COLUMNS[:1] + ["model"] + COLUMNS[1:]
+        lines = ["|" + "|".join(columns) + "|", "|" + "|".join("---" for _ in columns) + "|"]
         previous = object()
         for i, row in enumerate(rows):
-            group = row.get("group")
+            group = (row.get("group"), model_of(row))
             if i > 0 and group != previous:
                 lines.append("|")
             previous = group
             c = cells(row)
-            lines.append("|" + "|".join(_plain(c[col]).replace("|", "\\|") for col in COLUMNS) + "|")
+            lines.append("|" + "|".join(_plain(c[col]).replace("|", "\\|") for col in columns) + "|")
         notes = footnotes(rows)
         if notes:
             lines += [""] + [f"- {_plain(note)}" for note in notes]

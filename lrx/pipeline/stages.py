@@ -31,7 +31,7 @@ from lrx.pipeline.rundir import RunDir, latency_cache_path, load_model
 from lrx.train.baseline import evaluate, train_baseline
 
 __all__ = ["stage_names", "last_finetune_stage", "Context", "check_expansion", "ModelStage", "Train", "Decompose",
-           "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "summarise"]
+           "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "summarise", "latency_target"]
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -324,7 +324,7 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
     if "decompose" in stages:
         d = stages["decompose"]
         out["decompose"] = {k: d.get(k) for k in ("layers", "names", "bases", "scheme", "basis", "method", "decomposed",
-                                                  "plan")}
+                                                  "fit", "plan")}
         out["acc1_before"], out["acc1"], out["l2_after"] = d.get("acc1_original"), d.get("acc1"), d.get("l2")
     tunes = [stages[k] for k in sorted((k for k in stages if k.startswith("finetune.")), key=lambda k: int(k.split(".")[1]))]
     if tunes:
@@ -335,4 +335,15 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
     prof = stages.get("profile", {})
     for key in ("macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "latency"):
         out[key] = prof.get(key)
+    target = latency_target(out["decompose"])
+    if target is not None and isinstance(out["latency"], dict) and out["latency"].get("speedup") is not None:
+        out["latency"] = {**out["latency"], "target": target, "target_missed": out["latency"]["speedup"] < target}
     return out
+
+
+def latency_target(decompose: dict | None) -> float | None:
+    """The latency target (``{latency: X}``) the run's expansion (its own or the one it builds on) was planned for."""
+    plan = (decompose or {}).get("plan")
+    target = plan.get("target") if isinstance(plan, dict) else None
+    value = target.get("latency") if isinstance(target, dict) else None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

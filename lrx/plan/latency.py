@@ -20,7 +20,10 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
    Predicted whole-model time = the rest of the model + each layer's time at its choice. Greedy, as
    :func:`lrx.plan.macs.plan_ranks`: from every layer dense, repeatedly take the move (a layer to any
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
-   meets the target; where a step overshot, layers then move back to less lossy options that still fit.
+   meets the target (aiming :data:`MARGIN` above it, or at the target itself where only that is reachable);
+   where a step overshot, layers then move back to less lossy options that still fit. A target the table
+   cannot meet is planned as the fastest expansion it allows, and the plan says so (``best_reachable``,
+   ``target_met``): a run is never refused for a machine that is slower than hoped.
    Options slower than a less lossy one are never taken. The proxy is the retained
    filter energy per rank (or any per-rank proxy the caller gives, e.g. a data-aware one).
 5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
@@ -77,7 +80,8 @@ __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "CAC
 LADDER = (0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 TOLERANCE = 0.10  # predicted vs measured whole-model speedup: relative difference that triggers an adjustment
 # Plans aim this much above the target, so that the noise of a later measurement (a few % between runs on
-# one machine) does not put a plan that just met it under it; a plan counts as meeting the target itself.
+# one machine) does not put a plan that just met it under it; where the margin is out of reach they aim at
+# the target itself, and a plan counts as meeting the target itself.
 MARGIN = 0.05
 ADJUST_ROUNDS = 3  # re-plans after the first check, at most
 # The most the expanded layers' times are scaled by when a check adjusts the table (and the least, its
@@ -410,7 +414,11 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     ``{"rule", "target", "align", "device", "batch", "input_size", "table": [per layer: times, MACs,
     choice], "baseline": {"layout", "layouts_ms"}, "rounds": [{"choice", "predicted_speedup",
     "measured_speedup", "scale"}], "layers": [chosen 1-based indices], "names", "ranks",
-    "predicted_speedup", "measured_speedup"}``; ``layers``/``ranks`` are those expanded (dense ones left out).
+    "predicted_speedup", "measured_speedup", "target_met", "best_reachable"}``; ``layers``/``ranks`` are those
+    expanded (dense ones left out). A target the measured layer times cannot meet is not an error: the
+    fastest expansion they allow is planned, ``best_reachable`` holds its predicted speedup (never below
+    1.0: every layer kept dense is the original), and ``target_met`` says whether the kept plan measured
+    at the target. Raises :class:`UserError` only when no layer is faster expanded than dense.
     """
     kind, value = check_target(target)
     if kind != "latency":
@@ -433,19 +441,23 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
     _place(table, inside, unit)
     rest_ms = max(cl_ms - sum(row["model_ms"][DENSE] for row in table), 0.0)
-    budget_ms = base_ms / (value * (1 + MARGIN))
-    scale, history = 1.0, []
+    # Aim a margin above the target; where only the target itself is reachable, aim at it; where not even
+    # that is, plan the fastest the table allows and say so (the original, every layer dense, is 1.0x).
+    budgets = (base_ms / (value * (1 + MARGIN)), base_ms / value)
+    scale, history, best_reachable = 1.0, [], None
     while len(history) <= rounds:
         try:
-            choice = choose(table, proxy, rest_ms, budget_ms, scale)
+            choice = _choose_within(table, proxy, rest_ms, budgets, scale)
         except ValueError as err:
             if history:  # the adjusted table says the target is out of reach: keep the best plan measured
                 log(f"adjusted for what was measured, target {value:g}x is out of reach; keeping the best plan measured")
                 break
             fastest = float(err.args[0])
-            raise UserError(f"target latency {value:g} cannot be met on {timing.key()['device']} by layers "
-                            f"{', '.join(r['name'] for r in table)}: the best reachable is {base_ms / fastest:.3g}x "
-                            f"(every layer at its fastest measured option)", key="decompose.target.latency") from None
+            best_reachable = max(1.0, base_ms / fastest)
+            log(f"target latency {value:g}x cannot be met on {timing.key()['device']} by layers "
+                f"{', '.join(r['name'] for r in table)}: the best reachable is {best_reachable:.2f}x by the measured "
+                f"layer times; planning the fastest expansion instead")
+            choice = choose(table, proxy, rest_ms, fastest * (1 + 1e-9), scale)
         if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
             break  # nothing to expand, or the adjusted plan is one already measured
         dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
@@ -487,13 +499,28 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     for row, c in zip(table, final["choice"]):
         row["choice"] = c
     indices = {row["name"]: row["index"] for row in table}
+    met = final["measured_speedup"] >= value
+    if not met:
+        log(f"target latency {value:g}x missed: the plan kept measured {final['measured_speedup']:.2f}x")
     return {"rule": RULE, "proxy": "filter energy" if given is None else "given", "target": {kind: value},
+            "target_met": met, "best_reachable": best_reachable,
             "align": align, "device": timing.key()["device"],
             "batch": timing.batch, "input_size": list(input_size), "table": table,
             "baseline": {"layout": base["layout"], "layouts_ms": base["layouts"]},
             "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],
             "ranks": final["ranks"], "predicted_speedup": final["predicted_speedup"],
             "measured_speedup": final["measured_speedup"]}
+
+
+def _choose_within(table: list[dict], proxy, rest_ms: float, budgets: Sequence[float], scale: float) -> list[str]:
+    """:func:`choose` for the first of ``budgets`` (ms, tightest first) the table can meet; ``ValueError``
+    with the fastest reachable time when it meets none."""
+    for budget in budgets[:-1]:
+        try:
+            return choose(table, proxy, rest_ms, budget, scale)
+        except ValueError:
+            continue
+    return choose(table, proxy, rest_ms, budgets[-1], scale)
 
 
 def _place(table: list[dict], inside: dict, unit: float) -> None:
