@@ -62,27 +62,50 @@ def device_of(cfg: Config) -> torch.device:
 def dependencies(cfg: Config) -> list[Config]:
     """The configs this one builds on (baseline, parent, recursively), dependencies first, validated.
 
-    Command-line overrides apply to the named config only, never to the runs it builds on.
+    Command-line overrides apply to the named config only, never to the runs it builds on. Refused before
+    anything runs: a config whose ``name:`` is not the name it is referred by (its run folder would not be
+    the one the referring run reads), and configs that build on each other in a loop.
     """
     out: list[Config] = []
     seen = {cfg.name}
 
-    def visit(c: Config) -> None:
+    def visit(c: Config, chain: tuple[Config, ...]) -> None:
         for key in ("baseline", "parent"):
             name = getattr(c, key)
-            if name is None or name in seen:
+            if name is None:
+                continue
+            looped = next((i for i, earlier in enumerate(chain) if earlier.name == name), None)
+            if looped is not None:
+                cycle = " -> ".join(f"{link.path} ({link.name})" for link in chain[looped:])
+                raise UserError(f"the runs build on each other in a loop: {cycle} -> {chain[looped].path}; "
+                                f"one of them must start from a run outside the loop", file=c.path, key=key)
+            if name in seen:
                 continue
             seen.add(name)
             dep = load_config(find_config(name, c.path, key))
-            visit(dep)
+            if dep.name != name:
+                raise UserError(f"names run {name!r}, found in {dep.path}, but that config says name: {dep.name!r} "
+                                f"(its run is runs/{dep.name}); refer to it as {dep.name!r} or give it name: {name}",
+                                file=c.path, key=key)
+            visit(dep, chain + (dep,))
             out.append(dep)
 
-    visit(cfg)
+    visit(cfg, (cfg,))
     return out
 
 
 def check_against_model(cfg: Config) -> None:
-    """Checks that need the model: image size, layers, ranks. Nothing is loaded, trained or written."""
+    """Checks that need the model: image size, layers, ranks; and the devices the run and its profile ask
+    for (a profile on a GPU this machine lacks is refused before a baseline trains). Nothing is loaded,
+    trained or written."""
+    devices = [("runtime.device", cfg.runtime.device)]
+    if cfg.profile.enabled:
+        devices.append(("profile.device", cfg.profile.device))
+    for key, want in devices:
+        try:
+            distributed.resolve_device(want)
+        except UserError as err:
+            raise UserError(err.message, file=cfg.path, key=key) from None
     try:
         model = build_model(cfg.model.name, cfg.model.num_classes)
         check_start(cfg.model, model)  # weights' name, the checkpoint's keys and shapes
@@ -167,8 +190,11 @@ def config_key(cfg: Config) -> str:
 
 
 # A run and the run it builds on must agree on these: its model file is loaded as this model, and its
-# accuracy is this run's "before".
-SHARED = ("model.name", "model.num_classes", "data.name", "data.image_size")
+# accuracy is this run's "before", so both read the same images (the dataset, its folder, the size they are
+# read at, the test subset both are measured on). The training subset may differ (a baseline may train on
+# more images than a fine-tune).
+SHARED = ("model.name", "model.num_classes", "data.name", "data.root", "data.image_size", "data.test_subset",
+          "data.synthetic_size")
 
 
 def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
@@ -177,8 +203,10 @@ def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
         section, name = dotted.split(".")
         mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(other, section), name)
         if mine != theirs:
+            hint = ", or give --data-root, which every run of the command reads" if dotted == "data.root" else ""
             raise UserError(f"is {mine!r} but the {key} run {other.name!r} ({other.path}) has {dotted}: {theirs!r}; "
-                            f"a run and the run it builds on share {', '.join(SHARED)}", file=cfg.path, key=dotted)
+                            f"a run and the run it builds on share {', '.join(SHARED)} (--set changes only the "
+                            f"config named on the command line: set it in both files{hint})", file=cfg.path, key=dotted)
 
 
 # ---------------------------------------------------------------- stage hashes
