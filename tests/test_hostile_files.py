@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +254,17 @@ def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path, kind):
     with no_hang(f"loading {kind}"), pytest.raises(UserError) as err:
         load_checkpoint(path)
     assert kind in str(err.value) and "no such" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["device", "directory", "fifo"])
+def test_a_model_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path, kind):
+    """model.checkpoint: /dev/zero, a folder or a FIFO is named for what it is, not as a missing file."""
+    from lrx.nn.models import build_model, load_user_weights
+
+    path = {"device": Path("/dev/zero"), "directory": tmp_path}.get(kind, tmp_path / "weights.pt")
+    if kind == "fifo":
+        os.mkfifo(path)
+    words = {"device": "character device", "directory": "a directory", "fifo": "FIFO"}[kind]
+    with pytest.raises(UserError) as err:
+        load_user_weights(build_model("tiny_cnn", 10), path)
+    assert words in str(err.value) and "no such file" not in str(err.value), str(err.value)

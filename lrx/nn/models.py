@@ -35,6 +35,7 @@ import torchvision
 
 from lrx.config.settings import ModelConfig
 from lrx.base.errors import UserError
+from lrx.base.files import not_a_file
 
 __all__ = ["alexnet_cifar10", "tiny_cnn", "MODELS", "IMAGENET_WEIGHTS", "MIN_IMAGE_SIZE", "TORCHVISION", "PYTHON",
            "build_model", "torchvision_models", "initial_model", "check_start", "load_user_weights", "conv_layers",
@@ -255,9 +256,10 @@ def load_user_weights(model: nn.Module, path: str | os.PathLike) -> None:
     refused by name (:class:`UserError`, key ``model.checkpoint``)."""
     path = Path(path)
     key = "model.checkpoint"
-    if not path.is_file():
-        raise UserError(f"no such file {str(path)!r} (relative paths start from the current directory "
-                        f"{os.getcwd()})", key=key)
+    problem = not_a_file(path)
+    if problem is not None:
+        where = f" (relative paths start from the current directory {os.getcwd()})" if problem == "no such file" else ""
+        raise UserError(f"{str(path)!r}: {problem}{where}; give a file of trained weights", key=key)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
