@@ -28,6 +28,7 @@ from lrx.config.settings import ProfileConfig
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import describe, optimise
+from lrx.measure.machine import MachineWatch
 from lrx.measure.timing import (SUMMARY_KEYS, cudnn_autotuned, forward_with_flags, eval_copy, random_input, synchronize, interleaved,
                      layer_inputs, module_times, original_layouts, time_pair, torch_threads, unwrapped)
 
@@ -344,7 +345,9 @@ def profile_pair(
     median's quartiles, min, max, runs and noisy flag), ``speedup`` = original_ms / expanded_ms,
     ``speedup_default`` = original_default_ms / expanded_ms, ``noisy`` (either median), ``mac_ratio``
     = original / expanded MACs, ``realised`` = speedup / mac_ratio, ``layers`` and ``modules`` (the
-    per-module breakdown, or None). For a baseline the expanded fields are None and ``layers`` is empty.
+    per-module breakdown, or None), ``machine`` (:class:`lrx.measure.machine.MachineWatch`'s readings while
+    everything was timed) and ``busy`` (those readings say the cores were shared: every time is suspect).
+    For a baseline the expanded fields are None and ``layers`` is empty.
     """
     device = resolve_device(device if device is not None else cfg.device)
     cpu = torch.device("cpu")
@@ -354,7 +357,8 @@ def profile_pair(
     original_macs = count(original, input_size)[0] if expanded is not None else macs
     baseline = expanded is None
     plain_only = not cfg.optimise
-    with torch_threads(cfg.threads) as threads:
+    watch = MachineWatch(threads=cfg.threads or torch.get_num_threads())
+    with torch_threads(cfg.threads) as threads, watch:
         orig, new, paths = _models_on(device, original, expanded, cfg, input_size)
         timed = time_pair(orig, new, input_size, cfg.batch, device, cfg.warmup, cfg.repeats, plain_only)
         cpu_timed = timed
@@ -418,5 +422,7 @@ def profile_pair(
             "realised": realised,
             "layers": layers,
             "modules": modules,
+            "machine": watch.record,  # how busy the machine was while all of this was timed
+            "busy": watch.record["busy"],
         },
     }

@@ -11,9 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lrx.nn.surgery import shown_name
 from lrx.output.table import NOISY
 
-__all__ = ["SHOWN_SHARE", "whole_model_table", "layers_table", "breakdown_table", "profile_tables", "print_profile"]
+__all__ = ["SHOWN_SHARE", "whole_model_table", "layers_table", "breakdown_table", "profile_tables", "print_profile", "busy_warning"]
 
 # Modules below this share of the forward in both models are summed into one line of the breakdown.
 SHOWN_SHARE = 0.01
@@ -62,7 +63,7 @@ def layers_table(layers: list[dict]) -> Table:
         table.add_column(column, justify="left" if column in ("layer", "input") else "right")
     for entry in layers:
         noisy = entry.get("noisy")
-        table.add_row(str(entry.get("layer")), "x".join(str(s) for s in entry.get("input_shape") or []),
+        table.add_row(shown_name(str(entry.get("layer"))), "x".join(str(s) for s in entry.get("input_shape") or []),
                       _ms(entry.get("original_ms")), _ms(entry.get("expanded_ms")),
                       _ratio(entry.get("speedup")) + (NOISY if noisy is True else ""), _ratio(entry.get("mac_ratio")),
                       _share(entry.get("realised")))
@@ -90,7 +91,7 @@ def breakdown_table(modules: dict) -> Table:
                 small[name] += (e or {}).get("ms") or 0.0
             continue
         kind = " -> ".join(dict.fromkeys(e["type"] for e in entries if e))  # "Conv2d -> LowRankExpConvV2"
-        table.add_row(unit, kind, *[f"{_ms(e.get('ms'))} ({_share(e.get('share'))})" if e else "-" for e in entries])
+        table.add_row(shown_name(unit), kind, *[f"{_ms(e.get('ms'))} ({_share(e.get('share'))})" if e else "-" for e in entries])
     if hidden:
         table.add_row(f"{hidden} smaller modules", "", *[_ms(small[name]) for name in names])
     table.add_row("outside any module", "", *[_ms(modules[name].get("outside_ms")) for name in names])
@@ -122,3 +123,15 @@ def print_profile(metrics: dict, console: Console | None = None) -> None:
             console = Console(width=140)
     for table in profile_tables(metrics):
         console.print(table)
+    warning = busy_warning(metrics)
+    if warning:
+        console.print(warning, markup=False)
+
+
+def busy_warning(metrics: dict) -> str | None:
+    """One line when the profile was timed on a busy machine (its times, breakdown included, are suspect)."""
+    machine = (metrics.get("latency") or {}).get("machine") or {}
+    if not machine.get("busy"):
+        return None
+    return ("warning: timed on a busy machine (" + "; ".join(machine.get("reasons", [])) + "): these times and the "
+            "breakdown may be far off; profile again on a quiet machine (lrx profile CONFIG --force)")
