@@ -32,7 +32,7 @@ from lrx.factor.decomposition import (BASES, METHODS, ORDERS, SCHEMES, Scheme1Fa
                                       check_method_options, check_rank, energy_first_sv, expanded_macs, max_rank,
                                       original_macs, scheme1)
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
-from lrx.nn.surgery import conv_sizes, layer_label, per_layer_ranks, select_layers
+from lrx.nn.surgery import conv_sizes, layer_label, per_layer_ranks, select_layers, summarise_notes
 from lrx.plan.latency import DeviceTiming, Timing, plan_latency
 from lrx.plan.macs import device_align, plan_ranks
 
@@ -92,7 +92,8 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
            held_out: Iterable | None = None, basis: str = "shared", method: str = "svd", decomposed: bool = False,
            order: str = "vh", align: int | str = 1, input_size=(3, 224, 224), timing: Timing | None = None,
            cache: Path | None = None, write_cache: bool = True, plan_on_data: bool | None = None,
-           log: Callable[[str], None] = lambda m: None, **method_options) -> tuple[nn.Module, ExpansionReport]:
+           log: Callable[[str], None] = lambda m: None, notes_in: str = "report.notes",
+           **method_options) -> tuple[nn.Module, ExpansionReport]:
     """A copy of ``model`` with the chosen convs replaced by low-rank expansions, and a report.
 
     Parameters
@@ -125,7 +126,9 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
         16 and ``input_size``. ``cache``: a JSON file for its per-layer tables (kept unless ``write_cache`` is off).
     plan_on_data : an auto plan ranks layers by their output energy on the calibration images (default: with
         ``fit="data"``), else by filter energy. A dry run plans on data and fits to the weights.
-    log : called with one line per planner step and note.
+    log : called with one line per planner step and note; the convs a pattern skipped are told one line per
+        reason, with a count and the first names (``report.notes`` lists each; ``notes_in`` names where the
+        caller keeps them, for the line's "each in ...").
     """
     check_choice(fit, FITS, "fit")
     if fit == "data" and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
@@ -169,7 +172,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
         report.fit_data = _fit_data(model, expanded, report, calibration, images=images, sequential=sequential,
                                     basis=basis, decomposed=decomposed, iterations=iterations, held_out=held_out,
                                     stats=stats)
-    for note in report.notes:
+    for note in summarise_notes(report.notes, notes_in):  # skipped convs one line per reason; each in report.notes
         warnings.warn(note, ExpansionNote, stacklevel=2)
         log(f"note: {note}")
     if plan is not None:

@@ -6,8 +6,10 @@ expansion's structure rebuilt from its spec without rerunning a decomposition::
 """
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
+import re
 from typing import Sequence
 
 import torch
@@ -19,7 +21,7 @@ from lrx.factor.decomposition import BASES, SCHEMES, check_choice
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, adds_macs, check_convertible, unsupported_reason
 from lrx.nn.models import conv_layers
 
-__all__ = ["select_layers", "layer_label", "conv_sizes", "per_layer_ranks", "new_layer", "build_expanded", "SPEC_KEYS"]
+__all__ = ["select_layers", "layer_label", "shown_name", "summarise_notes", "conv_sizes", "per_layer_ranks", "new_layer", "build_expanded", "SPEC_KEYS"]
 
 SPEC_KEYS = ("layers", "scheme", "ranks", "basis", "decomposed")
 
@@ -97,6 +99,60 @@ def _matching(convs, pattern: str, scheme: str, decomposed: bool, notes: list[st
 def layer_label(index: int, name: str) -> str:
     """How messages name a chosen conv: its 1-based position (the seed's "layer 2") and its module name."""
     return f"{index} ({name!r})"
+
+
+def shown_name(name: str) -> str:
+    """A module name as lrx prints it in tables and lists: as it is (``features.0.0``), or quoted where every
+    part is a number (``'0.0'``, ``'3'``: the modules of an ``nn.Sequential``), so that it does not read as
+    a number, and as a YAML ``layers:`` list needs it written."""
+    return repr(name) if name and all(part.isdigit() for part in name.split(".")) else name
+
+
+# How _matching words a conv it skips; summarise_notes reads it back.
+_SKIPPED = re.compile(r"layer (?P<index>\d+) \((?P<name>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\) skipped: (?P<reason>.*)",
+                      re.S)
+
+
+def summarise_notes(notes: Sequence[str], listed_in: str = "report.notes", names: int = 3) -> list[str]:
+    """``notes`` with the skipped convs (:func:`select_layers`'s notes) grouped: one line per reason, with
+    how many convs and the first ``names`` of them ("and N more", each in ``listed_in``); a number that
+    differs within a reason (depthwise convs of 16 and 72 groups) is shown as its range. Other notes, and a
+    reason of one conv, stay as they are."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    out: list = []
+    for note in notes:
+        match = _SKIPPED.fullmatch(note)
+        if match is None:
+            out.append(note)
+            continue
+        key = re.sub(r"\d+", "#", match["reason"])
+        if key not in groups:
+            groups[key] = []
+            out.append(key)  # the group's place among the notes
+        groups[key].append((ast.literal_eval(match["name"]), match["reason"], note))
+    lines = []
+    for item in out:
+        if item not in groups:
+            lines.append(item)
+            continue
+        members = groups[item]
+        if len(members) == 1:
+            lines.append(members[0][2])
+            continue
+        shown = ", ".join(repr(name) for name, _, _ in members[:names])
+        more = f" and {len(members) - names} more (each in {listed_in})" if len(members) > names else ""
+        lines.append(f"{len(members)} convs skipped: {_merged([reason for _, reason, _ in members])}: {shown}{more}")
+    return lines
+
+
+def _merged(reasons: list[str]) -> str:
+    """One reason for reasons that differ only in their numbers: each differing number as low..high."""
+    parts = [re.split(r"(\d+)", reason) for reason in reasons]
+    out = []
+    for i, piece in enumerate(parts[0]):
+        values = sorted({int(p[i]) for p in parts}) if i % 2 else [piece]
+        out.append(str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}")
+    return "".join(out)
 
 
 @torch.no_grad()
