@@ -197,3 +197,21 @@ def test_each_model_has_its_own_pareto_front(tmp_path):
 ])
 def test_row_label(row, text):
     assert row_label(row) == text
+
+
+def test_runs_fitted_to_data_are_marked(tmp_path):
+    runs = tmp_path / "runs"
+    write_metrics(runs, "exp01", no=1, acc1=85.0, macs=7e8, latency={"original_ms": 100.0})
+    write_metrics(runs, "exp11", no=11, acc1=83.0, macs=3e8, decompose={**V1, "scheme": "v2"},
+                  latency={"original_ms": 100.0, "expanded_ms": 50.0, "speedup": 2.0})
+    write_metrics(runs, "exp17", no=17, acc1=84.0, macs=3e8, decompose={**V1, "scheme": "v2", "fit": "data"},
+                  latency={"original_ms": 100.0, "expanded_ms": 50.0, "speedup": 2.0})
+    write_metrics(runs, "exp18", no=18, acc1=84.5, macs=2e8, decompose={**V1, "scheme": "v2"},
+                  stages={"decompose": {"hash": "x", "fit": "data"}})  # older metrics: the fit in the stage only
+    fig = pareto_figure(collect_rows(runs))
+    texts = {t.get_text() for t in labels(fig.axes[0])}
+    assert texts == {"1: original", "11: s2", "17: s2 data", "18: s2 data"}, texts
+    markers = {tuple(coll.get_offsets()[0]): coll.get_paths()[0].vertices.shape[0] for coll in fig.axes[0].collections}
+    assert len(set(markers.values())) == 3, "dots, diamonds for the data fits, a star for the original"
+    (legend,) = fig.legends
+    assert any("fitted to data" in t.get_text() for t in legend.get_texts()), "the legend says what a diamond is"

@@ -2,7 +2,8 @@
 
 Each point is labelled as the table numbers its row, with a short description ("4: s1 L2+CE": scheme 1,
 then L2 and CE fine-tuning); labels are placed greedily where they overlap no other label and no point,
-stay inside the axes and sit nearer their own point than any other (far ones get a leader line). The legend sits outside the axes. Every model
+stay inside the axes and sit nearer their own point than any other (far ones get a leader line). Runs fitted
+to data (``fit: data``) are diamonds, their labels say "data". The legend sits outside the axes. Every model
 (and dataset, when the runs use several) has its own colour and its own Pareto front: accuracies of
 different models are never compared on one front.
 
@@ -19,7 +20,7 @@ from typing import Callable
 from lrx.base.errors import UserError
 from lrx.base.yamlread import finite_float
 
-__all__ = ["skipped", "pareto_front", "row_label", "describe", "model_groups", "Point", "PANELS", "FONT_SIZE",
+__all__ = ["skipped", "pareto_front", "row_label", "describe", "fitted_to_data", "model_groups", "Point", "PANELS", "FONT_SIZE",
            "MARKER_AREA", "plot_pareto", "pareto_figure", "DISTANCES", "DIRECTIONS", "LEADER_FROM", "place_labels",
            "LINE_WEIGHT", "FRONT_WEIGHT", "CROSSING_COST", "MARKER_WEIGHT", "AMBIGUITY_COST", "text_box"]
 
@@ -108,7 +109,7 @@ def row_label(row: dict) -> str:
 
 def describe(row: dict) -> str:
     """A few words on how the run's model was made: "original", or the scheme ("s1", "s2"), "dec"
-    (scheme 1 decomposed), "per-ch" (per-channel basis), a rank target ("3x"), and the fine-tune
+    (scheme 1 decomposed), "per-ch" (per-channel basis), "data" (fitted to data), a rank target ("3x"), and the fine-tune
     stages in order ("L2+CE"; "L2&CE" for one stage with both losses)."""
     dec = row.get("decompose") if isinstance(row.get("decompose"), dict) else None
     if not dec:
@@ -119,6 +120,8 @@ def describe(row: dict) -> str:
         parts.append("dec")
     if dec.get("basis") == "per-channel":
         parts.append("per-ch")
+    if fitted_to_data(row):
+        parts.append("data")
     target = (dec.get("plan") or {}).get("target") if isinstance(dec.get("plan"), dict) else None
     if isinstance(target, dict) and len(target) == 1:
         kind, value = next(iter(target.items()))
@@ -130,6 +133,15 @@ def describe(row: dict) -> str:
     if any(tunes):
         parts.append("+".join(t for t in tunes if t))
     return " ".join(parts)
+
+
+def fitted_to_data(row: dict) -> bool:
+    """Whether the run's expansion was fitted to data (``decompose.fit: data``; older metrics: its own
+    decompose stage's record)."""
+    dec = row.get("decompose") if isinstance(row.get("decompose"), dict) else {}
+    stages = row.get("stages") if isinstance(row.get("stages"), dict) else {}
+    own = stages.get("decompose") if isinstance(stages.get("decompose"), dict) else {}
+    return (dec.get("fit") or own.get("fit")) == "data"
 
 
 def _tune(stage: dict) -> str:
@@ -163,6 +175,7 @@ class Point:
     label: str
     original: bool
     group: str
+    data_fit: bool = False
 
 
 # ---------------------------------------------------------------- the figure
@@ -208,7 +221,8 @@ def pareto_figure(rows: list[dict]):
         for row in done:
             acc, cost = finite_float(row.get("acc1")), _lookup(row, get, by_name)
             if acc is not None and cost is not None:
-                points.append(Point(cost, acc, row_label(row), not row.get("decompose"), groups[row.get("name")]))
+                points.append(Point(cost, acc, row_label(row), not row.get("decompose"), groups[row.get("name")],
+                                    fitted_to_data(row)))
         data.append(points)
     if not any(data):
         raise UserError(_nothing_to_plot(rows, done, by_name))
@@ -232,8 +246,8 @@ def pareto_figure(rows: list[dict]):
             front = pareto_front([(p.cost, p.acc) for p in mine])
             ax.step([c for c, _ in front], [a for _, a in front], where="post", linestyle="--", linewidth=1,
                     color=colours[group], gid=f"front:{group}", zorder=1)
-            for original, marker in ((False, "o"), (True, "*")):
-                chosen = [p for p in mine if p.original == original]
+            for original, data_fit, marker in ((False, False, "o"), (False, True, "D"), (True, False, "*")):
+                chosen = [p for p in mine if p.original == original and p.data_fit == data_fit]
                 if chosen:
                     ax.scatter([p.cost for p in chosen], [p.acc for p in chosen], color=colours[group],
                                edgecolors="black", linewidths=0.5, zorder=3, marker=marker, s=MARKER_AREA[original])
@@ -241,6 +255,9 @@ def pareto_figure(rows: list[dict]):
     handles = [Line2D([], [], color=colours[g], marker="o", linestyle="--", label=f"{g} (dashed: its Pareto front)")
                for g in drawn]
     handles.append(Line2D([], [], color="gray", marker="*", markersize=12, linestyle="none", label="original model"))
+    if any(p.data_fit for points in data for p in points):
+        handles.append(Line2D([], [], color="gray", marker="D", markersize=6, linestyle="none",
+                              label="fitted to data (fit: data; label 'data')"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=9)
     fig.suptitle("accuracy against cost: one point per run, labelled by its row in the table")
     fig.canvas.draw()  # settles the layout: labels are placed in the final pixel positions
