@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrx.base.errors import UserError
-from lrx.factor.datafit import DAMP, RIDGE
+from lrx.factor.datafit import DAMP, RIDGE, calibration_images
 
 __all__ = ["ChannelFactors", "ChannelStats", "channel_max_rank", "check_channel_rank", "channel_macs", "channel_svd",
            "channel_data_fit", "channel_weight", "channel_output_error", "channel_energy", "channel_samples",
@@ -273,12 +273,7 @@ def collect_channel_stats(model: nn.Module, names: Sequence[str], batches: Itera
                for name, module in modules.items()]
     try:
         model.eval()
-        done = 0
-        for x, *_ in batches:
-            if done >= images:
-                break
-            x = x[:images - done]
-            done += x.shape[0]
+        for x in calibration_images(batches, images):
             seen.clear()
             try:
                 model(x)

@@ -27,7 +27,7 @@ driver share the private objective and solver helpers; the statistics are the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from lrx.factor.decomposition import (BASES, ORDERS, SCHEMES, Scheme1Factors, Sc
 from lrx.base.errors import UserError
 
 __all__ = ["RIDGE", "DAMP", "DENSE_LIMIT", "TOL", "PatchStats", "collect_stats", "output_error", "fit_scheme2",
-           "fit_scheme1", "split_bases", "refit_coefficients", "retained_output_energy"]
+           "fit_scheme1", "split_bases", "refit_coefficients", "retained_output_energy", "calibration_images"]
 
 # Ridge of the whitening covariance in the closed form, relative to its mean eigenvalue (trace / size).
 RIDGE = 1e-6
@@ -161,6 +161,18 @@ def _gram(x: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def calibration_images(batches: Iterable, images: int) -> Iterator[Tensor]:
+    """The first ``images`` images of ``batches`` (``(images, labels)`` batches), batch by batch: what every
+    statistic over calibration images streams."""
+    done = 0
+    for x, *_ in batches:
+        if done >= images:
+            break
+        x = x[:images - done]
+        done += x.shape[0]
+        yield x
+
+
 def collect_stats(model: nn.Module, names: Sequence[str], batches: Iterable, images: int = 512,
                   reference: nn.Module | None = None) -> dict[str, PatchStats]:
     """Second moments of the named convs' input patches over the first ``images`` calibration images.
@@ -194,12 +206,7 @@ def collect_stats(model: nn.Module, names: Sequence[str], batches: Iterable, ima
         hooks += _capture(model, names, geometry, seen_v)
         if reference is not None:
             hooks += _capture(reference, names, geometry, seen_y, responses=True)
-        done = 0
-        for x, *_ in batches:
-            if done >= images:
-                break
-            x = x[:images - done]
-            done += x.shape[0]
+        for x in calibration_images(batches, images):
             seen_v.clear()
             seen_y.clear()
             _run(model, x)
