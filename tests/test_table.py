@@ -316,3 +316,27 @@ def test_several_models_get_a_model_column_and_footnotes_name_each_row_once(tmp_
     single = render(collect_rows(root)[:2])
     assert single.splitlines()[0] == SEED_HEADER and "rows 2 (" not in single and "row 2 " in single, \
         f"one model: the seed's table as before: {single}"
+
+
+def test_rows_chosen_on_the_test_images_are_marked_and_intervals_are_carried(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", done("a", 1, 1, acc1=85.9, selected_on="test", acc1_ci=[83.6, 87.9]))
+    write_run(root, "b", done("b", 2, 2, acc1=83.3, selected_on="validation", acc1_ci=[80.9, 85.5],
+                              vs_original={"diff": -2.6, "low": -4.1, "high": -1.2, "p": 0.0004},
+                              finetune=[{"l2": 1.0, "ce": 0.0, "epochs": 2, "kept_input": True},
+                                        {"l2": 0.0, "ce": 1.0, "epochs": 1, "kept_input": False}]))
+    write_run(root, "c", done("c", 3, 2, acc1=80.0, acc1_ci="lies", vs_original={"diff": "x"}))  # older or damaged
+    text = render(collect_rows(root))
+    table, notes = text.split("\n\n")
+    rows = {cells_of(line)[0]: cells_of(line) for line in table.splitlines()[2:] if line != "|"}
+    assert rows["1"][6] == "85.90†" and rows["2"][6] == "83.30" and rows["3"][6] == "80.00", "only row 1 is marked"
+    assert "fine-tune 1 kept its input" in rows["2"][-1], rows["2"][-1]
+    assert "† chosen on the test images (row 1)" in notes, notes
+    assert "row 1 83.6-87.9; row 2 80.9-85.5." in notes and "row 2 -2.60 (-4.10 to -1.20, p 0.0004)" in notes, notes
+    records = {r["name"]: r for r in json.loads(render(collect_rows(root), "json"))}
+    assert (records["a"]["acc1_low"], records["a"]["acc1_high"], records["a"]["selected_on"]) == (83.6, 87.9, "test")
+    assert (records["b"]["vs_original"], records["b"]["vs_original_low"], records["b"]["vs_original_high"],
+            records["b"]["vs_original_p"]) == (-2.6, -4.1, -1.2, 0.0004)
+    assert records["c"]["acc1_low"] is None and records["c"]["vs_original"] is None, "a damaged field is left out"
+    csv_rows = list(csv.DictReader(io.StringIO(render(collect_rows(root), "csv"))))
+    assert csv_rows[0]["acc1_low"] == "83.6" and csv_rows[1]["vs_original_high"] == "-1.2"

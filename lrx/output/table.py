@@ -8,7 +8,9 @@ Notation (the seed's): layers "2,3,4,5", #bases "8,8,6,4", decomped "Y" or "-", 
 schedules "1.0x20" (loss weight x epochs, stages joined by "+"), "0.0" (that loss not used),
 "-" (no fine-tuning at all); "-" for anything not measured. Time columns are medians of interleaved
 repeats (lrx.measure.timing); a noisy one ends in "~", and :func:`footnotes` under the table say what the
-marks, mixed batch sizes, older single-run times and the speedups' references mean.
+marks, mixed batch sizes, older single-run times and the speedups' references mean. An acc@1 whose kept
+epochs were chosen on the test images (``selected_on: test`` in metrics.json) ends in "†"; its 95% interval
+and an expansion's paired difference from the original are footnotes, and fields of csv / json.
 
 This module is long because those footnotes read the same cells the rows print; split reading runs
 (``collect_rows``) from printing them if it grows further.
@@ -31,7 +33,7 @@ from lrx.pipeline.rundir import RunDir, metrics_problem
 from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
 
 __all__ = ["COLUMNS", "HEADER", "RULE", "NO_METRICS", "UNREADABLE", "collect_rows", "sort_rows", "model_of",
-           "models_of", "NOISY", "cells", "record", "RECORD_FIELDS", "row_ids", "footnotes", "render"]
+           "models_of", "NOISY", "ON_TEST", "cells", "record", "RECORD_FIELDS", "row_ids", "footnotes", "render"]
 
 COLUMNS = ["No.", "layers", "#bases", "decomped", "L2 finetune", "CE finetune", "acc@1(%)", "macs(M)",
            "params(M)", "CPU time(ms)", "CUDA time(ms)", "Remark"]
@@ -305,9 +307,25 @@ def _measured(row: dict) -> list[str]:
     return parts
 
 
+def _stage_notes(row: dict) -> list[str]:
+    """What the fine-tune columns do not show, per stage of the row's whole history (1-based): distillation
+    ("kd 1.0x2 (T 4)": weight x epochs, temperature) and "fine-tune K kept its input"."""
+    stages = [s for s in row.get("finetune") if isinstance(s, dict)] if isinstance(row.get("finetune"), list) else []
+    notes = []
+    for stage in stages:
+        kd, epochs, t = finite_float(stage.get("kd")), _scalar(stage.get("epochs")), finite_float(stage.get("temperature"))
+        if kd is not None and kd > 0:
+            temperature = f" (T {t:g})" if t is not None else ""
+            notes.append(f"kd {kd:.1f}x{epochs if epochs is not None else '?'}{temperature}")
+    kept = [str(i) for i, stage in enumerate(stages, 1) if stage.get("kept_input") is True]
+    if kept:
+        notes.append(f"fine-tune {', '.join(kept)} kept {'its' if len(kept) == 1 else 'their'} input")
+    return notes
+
+
 def _remark(row: dict) -> str:
     remark = str(_scalar(row.get("remark")) or "").strip()
-    measured = ", ".join(_measured(row))
+    measured = ", ".join(_measured(row) + _stage_notes(row))
     text = "; ".join(part for part in (remark, measured) if part)
     if row.get("status") != "done":
         state = str(row.get("status"))
@@ -334,7 +352,7 @@ def cells(row: dict) -> dict[str, str]:
         "decomped": "Y" if dec and dec.get("decomposed") else "-",
         "L2 finetune": l2,
         "CE finetune": ce,
-        "acc@1(%)": _fmt(row.get("acc1"), 2),
+        "acc@1(%)": _fmt(row.get("acc1"), 2) + (ON_TEST if _on_test(row) and row.get("acc1") is not None else ""),
         "macs(M)": _fmt(row.get("macs"), 2, 1e6),
         "params(M)": _fmt(row.get("params"), 2, 1e6),
         "CPU time(ms)": _time(row, "cpu_time", 0),
@@ -343,10 +361,28 @@ def cells(row: dict) -> dict[str, str]:
     }
 
 
+# Appended to an acc@1 whose kept epochs were chosen on the test images it is measured on; a footnote says so.
+ON_TEST = "†"
+
+
+def _on_test(row: dict) -> bool:
+    return row.get("selected_on") == "test"
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    """A [low, high] pair of finite numbers from metrics.json, or None."""
+    if isinstance(value, list) and len(value) == 2:
+        low, high = finite_float(value[0]), finite_float(value[1])
+        if low is not None and high is not None:
+            return low, high
+    return None
+
+
 def record(row: dict) -> dict:
     """A flat record for csv / json: the notation columns as text, the measurements as numbers."""
     c = cells(row)
     latency = _dict(row.get("latency"))
+    ci, vs = _interval(row.get("acc1_ci")), _dict(row.get("vs_original"))
     return {
         "no": row.get("no"),
         "name": row.get("name"),
@@ -359,6 +395,13 @@ def record(row: dict) -> dict:
         "l2_finetune": c["L2 finetune"],
         "ce_finetune": c["CE finetune"],
         "acc1": finite_float(row.get("acc1")),
+        "acc1_low": ci[0] if ci else None,
+        "acc1_high": ci[1] if ci else None,
+        "selected_on": row.get("selected_on") if row.get("selected_on") in ("validation", "test") else None,
+        "vs_original": finite_float(vs.get("diff")),
+        "vs_original_low": finite_float(vs.get("low")),
+        "vs_original_high": finite_float(vs.get("high")),
+        "vs_original_p": finite_float(vs.get("p")),
         "macs_m": _scaled(row.get("macs")),
         "params_m": _scaled(row.get("params")),
         "cpu_time_ms": finite_float(row.get("cpu_time_ms")),
@@ -382,7 +425,8 @@ def _flag(value: Any) -> bool | None:
 
 
 RECORD_FIELDS = ["no", "name", "model", "group", "status", "layers", "bases", "decomposed", "l2_finetune",
-                 "ce_finetune", "acc1", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy",
+                 "ce_finetune", "acc1", "acc1_low", "acc1_high", "selected_on", "vs_original", "vs_original_low",
+                 "vs_original_high", "vs_original_p", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy",
                  "cuda_time_noisy", "timing_batch", "latency_speedup", "latency_noisy", "original_layout",
                  "speedup_default", "mac_ratio", "latency_target", "latency_target_missed", "remark"]
 
@@ -427,7 +471,9 @@ def footnotes(rows: list[dict]) -> list[str]:
     - which figures are marked noisy (:data:`NOISY`) and the rule behind the mark;
     - a time column that mixes batch sizes, naming the rows of each batch;
     - rows whose time comes from one torch.profiler run (metrics written before lrx timed repeats);
-    - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it.
+    - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it;
+    - rows whose kept epochs were chosen on the test images (:data:`ON_TEST`), each acc@1's 95% interval and each
+      expansion's paired difference from the original.
     """
     notes = []
     ids = row_ids(rows)
@@ -461,6 +507,30 @@ def footnotes(rows: list[dict]) -> list[str]:
     if against:
         notes.append("Measured speedups are against the original in its fastest plain layout on the profile device: "
                      + "; ".join(against) + ".")
+    return notes + _accuracy_notes(rows, ids)
+
+
+def _accuracy_notes(rows: list[dict], ids: dict[int, str]) -> list[str]:
+    """The footnotes on acc@1: chosen on the test images, 95% intervals, differences from the original."""
+    notes = []
+    on_test = [row for row in rows if _on_test(row) and row.get("acc1") is not None]
+    if on_test:
+        notes.append(f"{ON_TEST} chosen on the test images ({_rows_text('row', on_test, ids)}): a kept epoch behind the "
+                     "figure was chosen on the images acc@1 is measured on, so it is optimistic by that choice; "
+                     "select_on: validation chooses on images held out of training.")
+    intervals = [f"row {ids[id(row)]} {ci[0]:.1f}-{ci[1]:.1f}" for row in rows
+                 if (ci := _interval(row.get("acc1_ci"))) is not None]
+    if intervals:
+        notes.append("acc@1 95% interval (Wilson, over the test images): " + "; ".join(intervals) + ".")
+    diffs = []
+    for row in rows:
+        vs = _dict(row.get("vs_original"))
+        diff, low, high, p = (finite_float(vs.get(key)) for key in ("diff", "low", "high", "p"))
+        if None not in (diff, low, high, p):
+            diffs.append(f"row {ids[id(row)]} {diff:+.2f} ({low:+.2f} to {high:+.2f}, p {p:.2g})")
+    if diffs:
+        notes.append("acc@1 minus the original's on the same test images, points (exact 95% interval, McNemar's "
+                     "exact p): " + "; ".join(diffs) + ".")
     return notes
 
 
