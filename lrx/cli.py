@@ -58,8 +58,8 @@ RunsDir = typer.Option("runs", "--runs-dir", help="Folder holding one run direct
 DataRoot = typer.Option(None, "--data-root", help="Dataset folder (overrides data.root and LRX_DATA).", metavar="DIR")
 Overrides = typer.Option(None, "--set", help="Dotted override, repeatable: --set finetune.0.epochs=2.",
                          metavar="KEY=VALUE")
-Force = typer.Option(False, "--force", help="Redo this command's stage even if it is up to date (earlier stages "
-                                            "are redone only if their settings changed).")
+Force = typer.Option(False, "--force", help="Redo this command's stage even if it is up to date, and earlier "
+                                            "stages whose settings changed (without --force those are refused).")
 ForceAll = typer.Option(False, "--force", help="Redo every stage of the run, even those that are up to date "
                                                "(never the runs it builds on).")
 NoDeps = typer.Option(False, "--no-deps", help="Fail instead of first running the runs this one builds on.")
@@ -258,11 +258,13 @@ def plot(runs_dir: Path = typer.Argument(..., help="Folder of run directories.")
 @user_errors
 def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (or one run directory).",
                                           metavar="RUNS_DIR", show_default=False),
-          dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing.")):
+          dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+          keep_final: bool = typer.Option(False, "--keep-final", help="In finished runs, also remove the model files "
+                                          "of stages before the final model (a rerun that needs one makes it again).")):
     """Remove what neither resuming, a rerun's skipping nor the table needs: checkpoints of finished stages,
     model files of stages redone anyway, temporary files of killed writes. Runs in use are not touched."""
-    from lrx.pipeline.rundir import clean_runs, format_size  # local: start-up
-    removed, not_touched = clean_runs(runs_dir, dry_run)
+    from lrx.pipeline.rundir import clean_runs, finished_needs, format_size  # local: start-up
+    removed, not_touched = clean_runs(runs_dir, dry_run, keep_final)
     verb = "would remove" if dry_run else "removed"
     for path, size, why in removed:
         typer.echo(f"{verb} {path} ({format_size(size)}): {why}")
@@ -270,6 +272,10 @@ def clean(runs_dir: Path = typer.Argument(..., help="Folder of run directories (
         typer.echo(f"lrx: note: {line}", err=True)
     typer.echo(f"{'would free' if dry_run else 'freed'} {format_size(sum(s for _, s, _ in removed))} "
                f"in {len(removed)} file(s)")
+    if keep_final and not dry_run:
+        count, size = finished_needs(runs_dir)
+        typer.echo(f"{count} finished run(s) keep {format_size(size)}: each one's final model, metrics.json, "
+                   f"config.yaml and log.txt, what the table, lrx export, the runs built on it and a rerun's skip need")
 
 
 @app.command()

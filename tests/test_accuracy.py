@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lrx.measure.accuracy import (binomial_tail, clopper_pearson, mcnemar_exact, pack, paired_difference, unpack,
-                                  wilson)
+from lrx.measure.accuracy import (binomial_tail, clopper_pearson, mcnemar_exact, pack, paired_difference, percent,
+                                  unpack, wilson)
 
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Stat. Med. 17:857-872,
@@ -102,3 +102,10 @@ def test_pack_round_trips(n):
 def test_a_damaged_record_is_refused(record):
     with pytest.raises(ValueError):
         unpack(record)
+
+
+def test_percent_rounds_as_evaluate_does():
+    """A stage that reads acc@1 off the bits and one that counts on the device must agree to the last bit."""
+    correct = np.array([True, False, False])
+    assert percent(correct) == 100.0 * 1 / 3 == 33.333333333333336, "100 k first, then / n"
+    assert percent(np.ones(7, dtype=bool)) == 100.0

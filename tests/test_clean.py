@@ -187,3 +187,34 @@ def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path):
     assert (tmp_path / "runs" / "mine" / "model.pt").exists() and (damaged / "train.ckpt").exists()
     result = lrx("clean", tmp_path / "nope")
     assert result.exit_code == 2 and "not a folder" in result.output, result.output
+
+
+def test_keep_final_drops_the_earlier_models_of_finished_runs_and_they_still_skip(tree, one_thread):
+    configs, runs = tree
+    stage0 = runs / "t03" / "stage0.pt"
+    size = stage0.stat().st_size
+    table = render(collect_rows(runs), "markdown")
+    recorded = {n: json.loads((runs / n / "metrics.json").read_text())["stages"] for n in ("t01", "t02", "t03")}
+
+    result = lrx("clean", runs, "--keep-final")
+    assert result.exit_code == 0, result.output
+    assert f"removed {stage0} ({format_size(size)}): model of stage finetune.0, before the final model stage1.pt" \
+        in result.output, result.output
+    assert f"freed {format_size(size)} in 1 file(s)" in result.output, \
+        "t01's model.pt and t02's expanded.pt are their runs' final models (and what t03 builds on): kept"
+    needed = sum((runs / n / f).stat().st_size for n, final in (("t01", "model.pt"), ("t02", "expanded.pt"),
+                                                               ("t03", "stage1.pt"))
+                 for f in (final, "metrics.json", "config.yaml", "log.txt"))
+    assert f"3 finished run(s) keep {format_size(needed)}" in result.output, result.output
+    assert render(collect_rows(runs), "markdown") == table, "the table is unchanged"
+
+    again = lrx("run", configs / "t03.yaml", "--runs-dir", runs)
+    assert again.exit_code == 0 and "nothing to do" in again.output, f"a finished run still skips: {again.output}"
+    for name, stages in recorded.items():
+        assert json.loads((runs / name / "metrics.json").read_text())["stages"] == stages, f"{name}: nothing redone"
+
+    changed = lrx("run", configs / "t03.yaml", "--runs-dir", runs, "--set", "finetune.1.epochs=2")
+    assert changed.exit_code == 0, changed.output
+    assert "stage finetune.1 starts from stage0.pt, which lrx clean --keep-final removed: making stage finetune.0 " \
+           "again first" in changed.output, changed.output
+    assert stage0.exists() and json.loads((runs / "t03" / "metrics.json").read_text())["finetune"][-1]["epochs"] == 2

@@ -78,6 +78,13 @@ BAD = [
      "decompose.target.speedup", "must be a number > 1, got 0.5"),
     ("unknown order", {"baseline": "t01", "decompose": {"layers": [2], "scheme": "v2", "bases": [2], "order": "hh"}},
      "decompose.order", "allowed: vh, hv, auto"),
+    ("kd temperature 0", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2]},
+                          "finetune": [{"kd": 1.0, "temperature": 0}]}, "finetune.0.temperature", "must be > 0"),
+    ("negative kd", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2]},
+                     "finetune": [{"ce": 1.0, "kd": -1.0}]}, "finetune.0", "loss weights must be >= 0"),
+    ("no loss", {"baseline": "t01", "decompose": {"layers": [2], "bases": [2]}, "finetune": [{"epochs": 1}]},
+     "finetune.0", "needs l2 > 0, ce > 0 or kd > 0"),
+    ("kd without an expansion", {"finetune": [{"kd": 1.0}]}, "finetune", "needs an expanded model"),
 ]
 
 

@@ -148,11 +148,13 @@ def write_image_folder(root: Path, per_class: int = 6, size: int = 32) -> Path:
     return root
 
 
-def folder_config(tmp_path: Path, images: Path, **data):
+def folder_config(tmp_path: Path, images: Path, select_on: str = "test", **data):
+    """A config reading ``images``; ``select_on: test`` by default: the training images are all of train/."""
     settings = {"name": "imagefolder", "root": str(images), "image_size": 24, "batch_size": 4, "test_batch_size": 4,
                 "workers": 0, **data}
     return load_config(write_yaml(tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml",
-                                  {"model": {"name": "tiny_cnn", "num_classes": 3}, "data": settings, "seed": 5}))
+                                  {"model": {"name": "tiny_cnn", "num_classes": 3}, "data": settings, "seed": 5,
+                                   "select_on": select_on}))
 
 
 def test_image_folder_decodes_resizes_and_keeps_the_training_labels(tmp_path):

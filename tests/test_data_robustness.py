@@ -22,6 +22,7 @@ from lrx.base.errors import UserError
 from lrx.cli import app
 from lrx.config.settings import load_config
 from lrx.data.datasets import check_data, image_folder, load_data, subset_indices
+from lrx.data.splits import carve
 from test_data import write_image_folder
 
 runner = CliRunner()
@@ -57,11 +58,13 @@ def spoil(images: Path, kind: str) -> Path:
     return path
 
 
-def config(folder: Path, images: Path, name: str = "c", **data) -> Path:
+def config(folder: Path, images: Path, name: str = "c", select_on: str = "test", **data) -> Path:
+    """A config reading the folder; ``select_on: test`` by default: the training images are all of train/."""
     settings = {"name": "imagefolder", "root": str(images), "image_size": 16, "batch_size": 4, "test_batch_size": 4,
                 "workers": 0, **data}
     return write_yaml(folder / f"{name}.yaml", {"model": {"name": "tiny_cnn", "num_classes": 3}, "data": settings,
-                                                "train": {"epochs": 0}, "profile": {"enabled": False}, "seed": 5})
+                                                "train": {"epochs": 0}, "profile": {"enabled": False}, "seed": 5,
+                                                "select_on": select_on})
 
 
 def one_line(err: UserError) -> str:
@@ -106,6 +109,18 @@ def test_check_data_verifies_only_the_images_a_run_reads(tmp_path):
     seed = next(seed for seed in range(50) if bad not in [samples[i] for i in subset_indices(12, 2, seed).tolist()])
     cfg = load_config(config(tmp_path, images, train_subset=2), [f"seed={seed}"])
     assert check_data(cfg) == [], "the bad image is not in the subset the run reads: nothing to refuse"
+    # With validation images held out of train/, those are read too: refused when the bad one is among them.
+    cfg = load_config(config(tmp_path, images, select_on="validation", train_subset=2, val_subset=3))
+
+    def read(seed):
+        train, val = carve(12, cfg.data, seed)
+        return {samples[i] for i in train.tolist()}, {samples[i] for i in val.tolist()}
+
+    seed = next(seed for seed in range(50) if bad not in set().union(*read(seed)))
+    assert check_data(load_config(cfg.path, [f"seed={seed}"])) == [], "neither split reads the bad image"
+    seed = next(seed for seed in range(50) if bad in read(seed)[1])
+    with pytest.raises(UserError, match="cannot read image"):
+        check_data(load_config(cfg.path, [f"seed={seed}"]))
 
 
 # ---------------------------------------------------------------- through the CLI: one line, exit 2, nothing written

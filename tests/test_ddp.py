@@ -23,6 +23,7 @@ from lrx.train import finetune
 
 from lrx.train import loop
 from lrx.config.settings import StageConfig, TrainConfig
+from lrx.measure.accuracy import unpack
 from lrx.data.datasets import Batches, synthetic
 
 STAGES = [StageConfig(l2=1.0, epochs=2, lr=1e-2), StageConfig(ce=1.0, epochs=2, lr=2e-3)]
@@ -130,6 +131,10 @@ def test_two_gloo_processes_match_one(tmp_path, teacher_file):
     for a, b in zip(l2_one["history"], l2_two["history"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), f"L2 stage loss: 1 process {a}, 2 processes {b}"
         assert b["l2"] == pytest.approx(a["l2"], rel=1e-4), f"L2 stage L2 norm: 1 process {a}, 2 processes {b}"
+    bits_one, bits_two = unpack(l2_one["test_correct"]), unpack(l2_two["test_correct"])
+    assert len(bits_two) == 101 and 100 * bits_two.mean() == pytest.approx(l2_two["acc1_after"]), \
+        "the two shards' per-image correctness put back together, the padding left out"
+    assert (bits_one != bits_two).sum() <= 2, "image by image in the same order as one process (rounding may flip one)"
     # CE: different dropout masks and BatchNorm batches. Stated tolerance: 8 points of acc@1 (8 of the
     # 101 test images; seen here: 96.0 vs 100.0) and 10% of the epoch's mean loss (seen: 3%).
     ce_one, ce_two = one[1], two[1]

@@ -164,7 +164,8 @@ def test_l2_stage_trains_only_the_replaced_layers(tmp_path, monkeypatch):
     assert all(torch.equal(teacher_before[k], v) for k, v in state(teacher).items()), "the teacher changed"
     assert result["l2_after"] < result["l2_before"], f"L2 norm did not fall: {result['l2_before']} -> {result['l2_after']}"
     assert result["history"][-1]["loss"] < result["history"][0]["loss"], f"L2 loss did not fall: {result['history']}"
-    keys = {"l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "history", "wall_s"}
+    keys = {"l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "history", "wall_s",
+            "selected_on", "kept_input", "test_correct"}
     assert set(result) == keys, f"result keys {sorted(result)}"
     assert (result["l2"], result["ce"], result["epochs"]) == (1.0, 0.0, 2), "the stage's weights/epochs are reported"
 
@@ -352,3 +353,146 @@ def test_l2_stage_on_real_expanded_layers(tmp_path, scheme, options):
     params = sorted(f"{n}.{p}" for n in names for p, _ in student.get_submodule(n).named_parameters())
     assert changed == params, f"{scheme}: changed {changed}, expected exactly the expanded layers' parameters {params}"
     assert result["l2_after"] < result["l2_before"], f"{scheme}: L2 norm did not fall: {result}"
+
+
+# ---------------------------------------------------------------- chosen on validation images, the input as epoch 0
+
+
+def make_val(n=96, size=16):
+    x, y = synthetic(n, size, seed=2)
+    return Batches(x, y, 64, size, "cpu", shuffle=False, seed=0)
+
+
+def test_a_stage_that_makes_the_model_worse_hands_on_its_input(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data()
+    run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=3, lr=3e-3), tmp_path / "a.ckpt",
+              quiet=True)  # a student above chance (about 27% on the validation images, chance is 10%)
+    given = state(student)
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=2, lr=0.3),
+                       tmp_path / "s.ckpt", quiet=True, val=make_val())  # lr 0.3: AdamW steps that wreck it
+    assert all(r["acc1"] <= result["validation"]["acc1_before"] for r in result["history"]), \
+        f"lr 1e3 should ruin every epoch on the validation images: {result['history']}"
+    assert result["best_epoch"] == 0 and result["kept_input"] is True and result["selected_on"] == "validation"
+    assert all(torch.equal(given[k], v) for k, v in state(student).items()), "the output is not the input model"
+    assert (result["acc1_after"], result["l2_after"]) == (result["acc1_before"], result["l2_before"]), \
+        "the test figures after are the input's"
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_with_validation_images_no_epoch_is_evaluated_on_the_test_images(tmp_path, monkeypatch):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=64)
+    val = make_val()
+    seen = []
+    real = finetune.measure
+    monkeypatch.setattr(finetune, "measure", lambda s, t, n, batches, *a, **k: seen.append(batches) or real(s, t, n, batches, *a, **k))
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=3, lr=1e-2, keep="best-l2"),
+                       tmp_path / "s.ckpt", quiet=True, val=val)
+    assert [b is val for b in seen] == [True, False, True, True, True, False], \
+        "the input on validation and on test, each epoch on validation, then the kept model on test"
+    best = min(range(4), key=lambda e: ([result["validation"]["l2_before"]] + [r["l2"] for r in result["history"]])[e])
+    assert result["best_epoch"] == best, f"best-l2 over epochs 0..3 on validation: {result}"
+
+
+def test_resumed_with_validation_equals_uninterrupted(tmp_path):
+    train, test = make_data()
+    stage = StageConfig(l2=0.01, ce=1.0, epochs=3, lr=1e-3)
+    student, teacher = make_pair()
+    whole = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "whole.ckpt", quiet=True, seed=3,
+                      val=make_val())
+    whole_state = state(student)
+
+    def stop_after_2(epoch, record):
+        if epoch == 2:
+            raise Interrupt
+
+    student, teacher = make_pair()
+    with pytest.raises(Interrupt):
+        run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, seed=3,
+                  on_epoch=stop_after_2, val=make_val())
+    student, teacher = make_pair()
+    resumed = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, seed=3,
+                        val=make_val())
+    for key in ("acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "history", "validation",
+                "test_correct", "kept_input"):
+        assert resumed[key] == whole[key], f"{key}: resumed {resumed[key]} != uninterrupted {whole[key]}"
+    assert all(torch.equal(whole_state[k], v) for k, v in state(student).items()), "resumed weights differ"
+
+
+def test_the_input_kept_survives_a_resume(tmp_path):
+    """Stopped after epoch 1 with the input still the best: the resumed stage can still hand it on."""
+    train, test = make_data()
+    student, teacher = make_pair()
+    run_stage(student, teacher, REPLACED, train, test, StageConfig(ce=1.0, epochs=3, lr=3e-3), tmp_path / "a.ckpt",
+              quiet=True)
+    trained = state(student)
+    stage = StageConfig(ce=1.0, epochs=2, lr=0.3)
+    given = state(student)
+
+    def stop_after_1(epoch, record):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True,
+                  on_epoch=stop_after_1, val=make_val())
+    student, teacher = make_pair()
+    student.load_state_dict(trained)  # a fresh process would load the stage's input again
+    result = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "cut.ckpt", quiet=True, val=make_val())
+    assert result["best_epoch"] == 0 and all(torch.equal(given[k], v) for k, v in state(student).items()), \
+        "after a resume the input is still epoch 0's candidate and is handed on"
+
+
+# ---------------------------------------------------------------- distillation (kd)
+
+
+def test_distillation_is_hintons_softened_kl_times_t_squared():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 10), torch.randn(5, 10)
+    t = 3.0
+    p, q = torch.softmax(teacher / t, 1), torch.softmax(student / t, 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * t * t
+    assert finetune.distillation(student, teacher, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert finetune.distillation(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6), "no loss at the teacher"
+    with pytest.raises(UserError, match="same classes"):
+        finetune.distillation(student[:, :5], teacher, t)
+
+
+def test_a_kd_stage_trains_every_layer_towards_the_original(tmp_path):
+    student, teacher = make_pair()
+    train, test = make_data()
+    before = state(student)
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(kd=1.0, temperature=2.0, epochs=2, lr=1e-3),
+                       tmp_path / "s.ckpt", quiet=True)
+    unchanged = [k for k, v in state(student).items() if not replaced_key(k) and v.is_floating_point()
+                 and torch.equal(v, before[k])]
+    assert unchanged == [], f"kd, like ce, trains the whole student: {unchanged}"
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"], f"the kd loss fell: {result['history']}"
+    x = next(iter(test))[0]
+    with torch.no_grad():
+        gap_after = finetune.distillation(student.eval()(x), teacher(x), 2.0).item()
+        first, _ = make_pair()
+        gap_before = finetune.distillation(first.eval()(x), teacher(x), 2.0).item()
+    assert gap_after < gap_before, f"the student's softened logits moved towards the original's: {gap_before} -> {gap_after}"
+
+
+def test_kd_combines_with_l2_and_ce_and_is_labelled(tmp_path, monkeypatch):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=64)
+    stage = StageConfig(l2=0.01, ce=1.0, kd=0.5, temperature=4.0, epochs=1, lr=1e-3)
+    terms = []
+    real = finetune.distillation
+    monkeypatch.setattr(finetune, "distillation", lambda s, t, temp: terms.append(temp) or real(s, t, temp))
+    result = run_stage(student, teacher, REPLACED, train, test, stage, tmp_path / "s.ckpt", quiet=True)
+    assert terms and set(terms) == {4.0}, "every step adds the kd term at its temperature"
+    assert finetune.stage_label(stage) == "l2 0.01 + ce 1 + kd 0.5 (T 4)"
+    assert math.isfinite(result["history"][0]["loss"])
+
+
+def test_fine_tuning_without_a_teacher_is_refused(tmp_path):
+    student, _ = make_pair()
+    train, test = make_data(n_train=32, n_test=16)
+    with pytest.raises(UserError, match="teacher"):
+        run_stage(student, None, REPLACED, train, test, StageConfig(kd=1.0), tmp_path / "s.ckpt", quiet=True)
+    assert not (tmp_path / "s.ckpt").exists(), "nothing written"

@@ -274,18 +274,21 @@ def tiny_cnn_timing(monkeypatch) -> "FakeTiming":
     return timing
 
 
-def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_nothing(tiny_configs, tmp_path, monkeypatch):
+def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_only_the_cache(tiny_configs, tmp_path,
+                                                                                          monkeypatch):
     timing = tiny_cnn_timing(monkeypatch)
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs), "--dry-run",
-                                      "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
-                                      "--set", "decompose.layers=[1, 2, 3, 4]",
-                                      "--set", "decompose.target={latency: 1.3}"])
+    latency_row = ["--runs-dir", str(runs), "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
+                   "--set", "decompose.layers=[1, 2, 3, 4]", "--set", "decompose.target={latency: 1.3}"]
+    result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--dry-run", *latency_row])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "layer times" in out and "dense" in out and "*" in out, "the measured table, the choice marked"
     assert "predicted" in out and "measured" in out and "round 1" in out, out
-    assert not runs.exists(), "--dry-run writes nothing, not even the cache"
+    assert sorted(p.name for p in runs.iterdir()) == ["latency-tables.json"], "--dry-run writes only the cache"
+    assert out.count("(cached)") < 4, "the first dry run measured the layers (a layer of a shape measured before reuses it)"
+    again = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--dry-run", *latency_row])
+    assert again.exit_code == 0 and again.output.count("(cached)") == 4, f"a second dry run reuses the cached tables: {again.output}"
 
 
 def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_table(tiny_configs, tmp_path, monkeypatch):

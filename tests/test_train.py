@@ -10,6 +10,7 @@ from lrx.base.files import load_checkpoint
 from lrx.config.settings import TrainConfig
 from lrx.data.datasets import Batches, synthetic
 from lrx.base.errors import UserError
+from lrx.measure.accuracy import unpack
 from lrx.train.baseline import TrainingDiverged, evaluate, train_baseline, train_one_epoch
 
 
@@ -127,7 +128,11 @@ def test_baseline_learns_and_reports(tmp_path):
     model = Scaled()
     train, test = make_data()
     result = train_baseline(model, train, test, TrainConfig(epochs=3, lr=0.05), tmp_path / "t.ckpt", quiet=True)
-    assert set(result) == {"acc1", "best_epoch", "epochs", "wall_s"}, f"result keys {sorted(result)}"
+    assert set(result) == {"acc1", "best_epoch", "epochs", "wall_s", "selected_on", "test_correct"}, \
+        f"result keys {sorted(result)}"
+    assert result["selected_on"] == "test", "without validation images the epoch is chosen on the test images"
+    bits = unpack(result["test_correct"])
+    assert len(bits) == 128 and 100 * bits.mean() == pytest.approx(result["acc1"]), "the kept model's per-image bits"
     assert [r["epoch"] for r in result["epochs"]] == [1, 2, 3], "one history record per epoch"
     assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"], f"the loss did not fall: {result['epochs']}"
     assert result["acc1"] > 30.0, f"3 epochs on learnable synthetic data should beat chance (10%): {result['acc1']}"
@@ -265,3 +270,25 @@ def test_adamw_uses_the_fused_kernel_for_float_parameters_only():
             net(x).square().mean().backward()
             opt.step()
     assert torch.allclose(fused.weight, plain.weight, atol=1e-6), "the fused kernel computes AdamW's update"
+
+
+def test_with_validation_images_epochs_are_chosen_on_them_and_the_test_is_evaluated_once(tmp_path, monkeypatch):
+    model = Scaled()
+    train, test = make_data(n_train=64)
+    xv, yv = synthetic(60, 16, seed=2)
+    val = Batches(xv, yv, 50, 16, "cpu", shuffle=False, seed=0)
+    fake = iter([50.0, 90.0, 70.0])
+    asked = []
+    monkeypatch.setattr(train_mod, "evaluate", lambda model, batches, *a, **k: asked.append(batches) or next(fake))
+    tested = []
+    real = train_mod.correct_per_image
+    monkeypatch.setattr(train_mod, "correct_per_image", lambda m, b, *a, **k: tested.append(b) or real(m, b, *a, **k))
+    snapshots = {}
+    result = train_baseline(model, train, test, TrainConfig(epochs=3), tmp_path / "t.ckpt", quiet=True, val=val,
+                            on_epoch=lambda epoch, rec: snapshots.update({epoch: state(model)}))
+    assert all(b is val for b in asked) and len(asked) == 3, "every epoch is evaluated on the validation images only"
+    assert tested == [test], "the test images are evaluated once, on the kept model"
+    assert result["best_epoch"] == 2 and result["val_acc1"] == 90.0 and result["selected_on"] == "validation"
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in state(model).items()), "the model holds epoch 2's weights"
+    bits = unpack(result["test_correct"])
+    assert result["acc1"] == pytest.approx(100 * bits.mean()) and len(bits) == 128, "acc1 is the kept model's test figure"

@@ -33,7 +33,7 @@ __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "CalibrationConfig", "Dec
            "StageConfig", "ProfileConfig", "RuntimeConfig", "Config", "NAME_RE", "load_config", "MAX_SEED",
            "MAX_EPOCHS", "MAX_IMAGE_SIZE", "MAX_BATCH", "MAX_SUBSET", "MAX_CLASSES", "MAX_CHANNELS", "MAX_ROW",
            "MAX_LAYER", "MAX_RANK", "MAX_NAME", "validate", "PYTHON_MODEL_RE", "TORCHVISION_RE", "DATASETS",
-           "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config"]
+           "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config", "stage_settings"]
 
 Number = Union[int, float]
 
@@ -59,6 +59,11 @@ class DataConfig:
     test_batch_size: int = 256
     train_subset: Union[int, None] = None  # a fixed, seeded subset of this many images
     test_subset: Union[int, None] = None
+    # Validation images (select_on: validation), seeded, held out of the training split before train_subset
+    # is drawn from the rest: this many; null with val_fraction null: 10% of the split, at most 5000 images
+    # (an image folder with train/, val/ and test/ validates on val/, this many of them when set).
+    val_subset: Union[int, None] = None
+    val_fraction: Union[float, None] = None  # or this fraction of the training split, in (0, 1)
     download: bool = True
     synthetic_size: int = 32  # native pixels of the synthetic images
     stream: Union[bool, None] = None  # read batches with a DataLoader; null: when the images exceed 4 GiB in memory
@@ -123,6 +128,10 @@ class StageConfig:
 
     l2: float = 0.0
     ce: float = 0.0
+    # Knowledge distillation (Hinton et al. 2015): weight of T^2 * KL(original || expansion) on the logits
+    # softened by temperature T; combines with l2 and ce.
+    kd: float = 0.0
+    temperature: float = 4.0  # kd's T, > 0: higher shows more of the original's smaller class scores
     epochs: int = 1
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -162,6 +171,10 @@ class Config:
     group: Union[int, None] = None  # rows of one group sit between separators
     remark: str = ""
     seed: int = 0
+    # The images that choose the kept epoch of training and fine-tuning (keep: best-acc, best-l2): validation
+    # images held out of the training split (data.val_subset), or test, the images acc@1 is reported on
+    # (lrx's earlier rule, optimistic; the table marks such rows).
+    select_on: Literal["validation", "test"] = "validation"
     baseline: Union[str, None] = None  # run that provides the original model; None: this run trains it
     parent: Union[str, None] = None  # run whose expanded model this one starts from
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +364,7 @@ def validate(cfg: Config) -> None:
         if value is not None:
             within(value, f"data.{key}", 1, MAX_SUBSET, why_low=" or null", why_high=" or null (every image)")
     within(d.synthetic_size, "data.synthetic_size", 8, MAX_IMAGE_SIZE)
+    _validate_validation(cfg, need, within)
     t = cfg.train
     within(t.epochs, "train.epochs", 0, MAX_EPOCHS)
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
@@ -366,8 +380,10 @@ def validate(cfg: Config) -> None:
     for i, stage in enumerate(cfg.finetune):
         key = f"finetune.{i}"
         within(stage.epochs, f"{key}.epochs", 0, MAX_EPOCHS)
-        need(stage.l2 >= 0 and stage.ce >= 0, key, f"loss weights must be >= 0, got l2={stage.l2}, ce={stage.ce}")
-        need(stage.l2 > 0 or stage.ce > 0, key, "a stage needs l2 > 0 or ce > 0")
+        need(stage.l2 >= 0 and stage.ce >= 0 and stage.kd >= 0, key,
+             f"loss weights must be >= 0, got l2={stage.l2}, ce={stage.ce}, kd={stage.kd}")
+        need(stage.l2 > 0 or stage.ce > 0 or stage.kd > 0, key, "a stage needs l2 > 0, ce > 0 or kd > 0")
+        need(stage.temperature > 0, f"{key}.temperature", f"must be > 0, got {show(stage.temperature)}")
         need(stage.lr > 0, f"{key}.lr", f"must be > 0, got {stage.lr}")
         need(stage.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {stage.weight_decay}")
         need(len(stage.betas) == 2 and all(0 <= b < 1 for b in stage.betas), f"{key}.betas",
@@ -384,6 +400,21 @@ def validate(cfg: Config) -> None:
         within(p.threads, "profile.threads", 1, 1024, why_low=" or null")
     within(p.repeats, "profile.repeats", 5, 10_000, why_low=" (a median needs several runs)")
     within(p.warmup, "profile.warmup", 0, 1000)
+
+
+def _validate_validation(cfg: Config, need, within) -> None:
+    """The validation split's keys; its size against the training split is checked with the data
+    (:func:`lrx.data.splits.check_split_sizes`)."""
+    d = cfg.data
+    given = [key for key in ("val_subset", "val_fraction") if getattr(d, key) is not None]
+    need(len(given) < 2, "data.val_fraction", f"data.val_subset ({d.val_subset}) and data.val_fraction "
+         f"({d.val_fraction}) both size the validation split; keep one")
+    need(not given or cfg.select_on == "validation", f"data.{given[0]}" if given else "data",
+         "sizes the validation split, but select_on: test uses none; drop it or set select_on: validation")
+    if d.val_subset is not None:
+        within(d.val_subset, "data.val_subset", 1, MAX_SUBSET, why_low=" or null")
+    if d.val_fraction is not None:
+        need(0 < d.val_fraction < 1, "data.val_fraction", f"must be a fraction in (0, 1), got {show(d.val_fraction)}")
 
 
 PYTHON_MODEL_RE = re.compile(r"^python:[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -455,6 +486,15 @@ def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
         check_method_options(settings.method, settings.options)
     except UserError as err:
         need(False, err.key, err.message)
+
+
+def stage_settings(stage: StageConfig) -> dict:
+    """A fine-tune stage's settings as its hash and its checkpoint record them: without ``kd`` and
+    ``temperature`` while ``kd`` is 0, so that stages made before distillation existed keep their hash."""
+    out = dataclasses.asdict(stage)
+    if out["kd"] == 0:
+        del out["kd"], out["temperature"]
+    return out
 
 
 TARGETS = ("speedup", "macs", "latency")

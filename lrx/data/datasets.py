@@ -10,10 +10,12 @@ Two paths give the same batches for the same seed (same order, same shards, same
   above :data:`STREAM_ABOVE_BYTES`).
 
 Sources: ``cifar10``, ``fashion-mnist`` and ``synthetic`` (read whole into memory); ``imagefolder``
-(torchvision's ImageFolder layout, ``<root>/train/<class>/*.png`` and ``<root>/val/<class>/...``) and
+(torchvision's ImageFolder layout, ``<root>/train/<class>/*.png`` and ``<root>/val/<class>/...``, or ``val/`` and
+``test/`` both) and
 ``torchvision:<Dataset>`` (any torchvision classification dataset, downloaded where it can be), whose images
 are decoded one by one into uint8 at ``data.image_size`` (shorter side resized, centre crop). Image folders are
-listed and read by :mod:`lrx.data.folders`; :func:`check_data` checks one before a run starts.
+listed and read by :mod:`lrx.data.folders`; :func:`check_data` checks one before a run starts. The validation
+split that ``select_on: validation`` chooses epochs on is held out of the training split (:mod:`lrx.data.splits`).
 Any other iterable of (images, labels) batches (a ``DataLoader``, a list) goes through :func:`as_batches`.
 The module is long because it holds both paths and every source, which share one order and one decode.
 """
@@ -25,6 +27,7 @@ import inspect
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,12 +39,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from lrx.base.errors import UserError
 from lrx.data.folders import check_image, find_classes, index_folder, read_image
+from lrx.data.splits import TRAIN_SIZES, VAL_SEED_OFFSET, carve, check_split_sizes
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DATASETS", "STREAM_ABOVE_BYTES", "DEBIAN_FASHION_MNIST", "Batches",
            "StreamBatches", "Loader", "as_batches", "length", "synthetic", "data_root", "load_split",
            "FASHION_FILES", "subset_indices", "subset", "square_uint8", "to_uint8", "FolderImages",
-           "TorchvisionImages", "TensorImages", "image_folder", "SPLIT_NAMES", "torchvision_split", "source",
-           "in_memory", "check_classes", "streams", "split_data", "load_data", "check_data"]
+           "TorchvisionImages", "TensorImages", "held_out_folders", "image_folder", "SPLIT_NAMES", "torchvision_split",
+           "source", "in_memory", "check_classes", "streams", "Splits", "data_splits", "load_splits", "load_data",
+           "check_data"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -281,7 +286,7 @@ def load_split(name: str, root: Path, split: str, download: bool = True, synthet
     Cached, so the runs of one process (``lrx run a.yaml b.yaml ...``) read each split once.
     """
     if name == "synthetic":
-        n = 2000 if split == "train" else 500
+        n = TRAIN_SIZES["synthetic"] if split == "train" else 500
         return synthetic(n, synthetic_size, num_classes, seed=0 if split == "train" else 1)
     if name == "cifar10":
         return _cifar10(Path(root), split, download)
@@ -468,20 +473,34 @@ class TensorImages(Dataset):
         return self.images[i], int(self.labels[i])
 
 
+def held_out_folders(root: Path) -> tuple[Path | None, Path | None]:
+    """(validation folder, test folder) of the image folder at ``root``: ``val/`` and ``test/`` when it has
+    both; else (None, whichever of them it has), the validation images then held out of ``train/``."""
+    found = [root / name for name in ("val", "test") if (root / name).is_dir()]
+    if len(found) == 2:
+        return found[0], found[1]
+    return None, (found[0] if found else None)
+
+
 def image_folder(root: Path, size: int, split: str) -> FolderImages:
-    """Split ``split`` of an image folder at ``root``: ``train/``, or for "test" ``val/`` (else ``test/``),
-    labelled by the training folder's classes."""
+    """Split ``split`` of an image folder at ``root``: ``train/``; for "test" ``test/`` (else ``val/``); for
+    "val" ``val/`` of a folder that has ``test/`` too (:func:`held_out_folders`); labelled by the training
+    folder's classes."""
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist{'' if root.is_absolute() else f' (in {Path.cwd()})'}; "
                         f"data.name imagefolder needs {root}/train/<class>/<images> and {root}/val/<class>/<images>",
                         key="data.root")
-    val = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
-    if not (root / "train").is_dir() or val is None:
+    val, test = held_out_folders(root)
+    if not (root / "train").is_dir() or test is None:
         raise UserError(f"data.name imagefolder needs {root}/train/<class>/<images> and {root}/val/<class>/<images> "
                         "(torchvision's ImageFolder layout); set data.root (or --data-root) to that folder",
                         key="data.root")
+    folder = {"train": root / "train", "test": test, "val": val}[split]
+    if folder is None:
+        raise UserError(f"{root} has no val/ folder beside test/: its validation images come from train/",
+                        key="data.root")
     class_to_idx = {name: i for i, name in enumerate(find_classes(root / "train"))}
-    return FolderImages(root / "train" if split == "train" else val, size, class_to_idx)
+    return FolderImages(folder, size, class_to_idx)
 
 
 SPLIT_NAMES = {"train": ("train", "trainval"), "test": ("test", "val")}
@@ -556,52 +575,96 @@ def streams(d, dataset: Dataset) -> bool:
     return len(dataset) * 3 * d.image_size ** 2 > STREAM_ABOVE_BYTES
 
 
-def split_data(cfg, root: Path, split: str) -> Dataset:
-    """Split ``split`` ("train" or "test") of a config's data as it is read: :func:`source`, its classes checked
-    against the model's outputs, cut to ``data.train_subset`` / ``data.test_subset`` (seeded)."""
+def _take(dataset: Dataset, idx: torch.Tensor | None) -> Dataset:
+    """The images of ``dataset`` at positions ``idx`` (all of them when None), in that order."""
+    if idx is None:
+        return dataset
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[idx], dataset.labels[idx])
+    return Subset(dataset, idx.tolist())
+
+
+class Splits(NamedTuple):
+    """A config's three splits (datasets, or batches of them): the images trained on, the validation images
+    that choose the kept epoch (None with ``select_on: test``), the test images acc@1 is reported on."""
+
+    train: object
+    val: object
+    test: object
+
+
+def data_splits(cfg, root: Path) -> Splits:
+    """A config's data as it is read: :func:`source`'s splits, their classes checked against the model's
+    outputs, cut to ``data.test_subset`` (seed + 1), and the validation split held out of the training split
+    before ``data.train_subset`` (seeded) is drawn from the rest (:func:`lrx.data.splits.carve`); an image
+    folder with ``val/`` and ``test/`` validates on ``val/`` (``data.val_subset`` of it, seed + 2)."""
     d = cfg.data
-    n, seed = (d.train_subset, cfg.seed) if split == "train" else (d.test_subset, cfg.seed + 1)
-    dataset = source(d, root, split, cfg.model.num_classes)
-    check_classes(dataset, cfg.model.num_classes)
-    idx = subset_indices(len(dataset), n, seed)
-    if idx is not None:
-        dataset = (TensorImages(dataset.images[idx], dataset.labels[idx]) if isinstance(dataset, TensorImages)
-                   else Subset(dataset, idx.tolist()))
-    return dataset
+    train = source(d, root, "train", cfg.model.num_classes)
+    check_classes(train, cfg.model.num_classes)
+    test = source(d, root, "test", cfg.model.num_classes)
+    check_classes(test, cfg.model.num_classes)
+    test = _take(test, subset_indices(len(test), d.test_subset, cfg.seed + 1))
+    if cfg.select_on == "test":
+        return Splits(_take(train, subset_indices(len(train), d.train_subset, cfg.seed)), None, test)
+    if d.name == "imagefolder" and held_out_folders(root)[0] is not None:
+        if d.val_fraction is not None:
+            raise UserError(f"{root} validates on its val/ folder; data.val_fraction carves validation images out "
+                            "of train/ only when there is no val/ beside test/ (data.val_subset takes some of val/)",
+                            key="data.val_fraction")
+        val = image_folder(root, d.image_size, "val")
+        val = _take(val, subset_indices(len(val), d.val_subset, cfg.seed + VAL_SEED_OFFSET))
+        return Splits(_take(train, subset_indices(len(train), d.train_subset, cfg.seed)), val, test)
+    train_idx, val_idx = carve(len(train), d, cfg.seed, f"the training split of {d.name}")
+    return Splits(_take(train, train_idx), _take(train, val_idx), test)
+
+
+def load_splits(cfg, device="cpu", root_override: str | None = None) -> Splits:
+    """Batches of a config's three splits (:func:`data_splits`): :class:`Batches`, or :class:`StreamBatches`
+    where :func:`streams` says so; the training batches shuffle, the others keep their order."""
+    d = cfg.data
+    out = []
+    for name, dataset in zip(Splits._fields, data_splits(cfg, data_root(d.root, root_override))):
+        train = name == "train"
+        batch_size = d.batch_size if train else d.test_batch_size
+        if dataset is None:
+            out.append(None)
+        elif streams(d, dataset):
+            out.append(StreamBatches(dataset, batch_size, d.image_size, device, train, cfg.seed, workers=d.workers))
+        else:
+            out.append(Batches(*in_memory(dataset, d.workers), batch_size, d.image_size, device, train, cfg.seed))
+    return Splits(*out)
 
 
 def load_data(cfg, device="cpu", root_override: str | None = None):
-    """Train and test batches for a config (``lrx.config.settings.Config``): :class:`Batches`, or
-    :class:`StreamBatches` where :func:`streams` says so."""
-    d = cfg.data
-    root = data_root(d.root, root_override)
-    out = []
-    for split, batch_size, shuffle in (("train", d.batch_size, True), ("test", d.test_batch_size, False)):
-        dataset = split_data(cfg, root, split)
-        if streams(d, dataset):
-            out.append(StreamBatches(dataset, batch_size, d.image_size, device, shuffle, cfg.seed, workers=d.workers))
-        else:
-            out.append(Batches(*in_memory(dataset, d.workers), batch_size, d.image_size, device, shuffle, cfg.seed))
-    return tuple(out)
+    """(train, test) batches of a config (:func:`load_splits` without the validation split)."""
+    splits = load_splits(cfg, device, root_override)
+    return splits.train, splits.test
 
 
 def check_data(cfg, root_override: str | None = None) -> list[str]:
-    """Check a config's image folder before a run starts, without decoding a pixel: the folders and classes
-    (:func:`image_folder`), the classes against the model's outputs, and every image a run reads (of the
-    subsets, if set) opened and verified (:func:`lrx.data.folders.check_image`, about 50 us a file).
+    """Check a config's data before a run starts, without decoding a pixel: the validation split's size
+    against the training split where that is known unread (:data:`lrx.data.splits.TRAIN_SIZES`); an image
+    folder's folders and classes (:func:`image_folder`), the classes against the model's outputs, its splits
+    (:func:`data_splits`) and every image a run reads opened and verified (:func:`lrx.data.folders.check_image`,
+    about 50 us a file). A ``torchvision:`` set's sizes are checked when the run reads it.
 
-    Returns notes for the user (files skipped); raises UserError naming the config file. Other sources
-    are read (or downloaded) when the run loads them.
+    Returns notes for the user (files skipped); raises UserError naming the config file.
     """
     d = cfg.data
     if d.name != "imagefolder":
+        if cfg.select_on == "validation" and d.name in TRAIN_SIZES:
+            try:
+                check_split_sizes(d, TRAIN_SIZES[d.name], f"the training split of {d.name}")
+            except UserError as err:
+                raise UserError(err.message, file=cfg.path, key=err.key) from None
         return []
     root = data_root(d.root, root_override)
     given = "--data-root" if root_override else "the env var LRX_DATA" if os.environ.get("LRX_DATA") else None
     notes = []
     try:
-        for split in ("train", "test"):
-            dataset = split_data(cfg, root, split)
+        for dataset in data_splits(cfg, root):
+            if dataset is None:
+                continue
             folder, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
             for i in range(len(folder)) if indices is None else indices:
                 check_image(folder.samples[i][0])
@@ -611,6 +674,6 @@ def check_data(cfg, root_override: str | None = None) -> list[str]:
                              f"{'are' if count > 1 else 'is'} not a regular file (FIFO, socket, device, broken link): "
                              f"{', '.join(folder.skipped[:3])}{', ...' * (count > 3)}")
     except UserError as err:
-        where = f" (data root from {given})" if given else ""
+        where = f" (data root from {given})" if given and (err.key or "data.root") == "data.root" else ""
         raise UserError(err.message + where, file=cfg.path, key=err.key or "data.root") from None
-    return notes
+    return list(dict.fromkeys(notes))

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Z95", "wilson", "binomial_tail", "clopper_pearson", "mcnemar_exact", "PairedDifference",
+__all__ = ["Z95", "percent", "wilson", "binomial_tail", "clopper_pearson", "mcnemar_exact", "PairedDifference",
            "paired_difference", "pack", "unpack"]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
@@ -32,6 +32,12 @@ def _check_count(k: int, n: int) -> None:
         raise ValueError(f"counts must be integers, got k={k!r}, n={n!r}")
     if n < 1 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+
+
+def percent(correct) -> float:
+    """acc@1 in percent of per-image correctness (bools, (n,)): 100 k / n, rounded as
+    :func:`lrx.train.loop.evaluate` rounds it (100 k first, then / n, in float64)."""
+    return 100.0 * int(correct.sum()) / len(correct)
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -127,7 +133,7 @@ def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
     """
     a, b = np.asarray(a, dtype=bool).ravel(), np.asarray(b, dtype=bool).ravel()
     if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired correctness needs two vectors of the same, non-zero length; got {a.size} and {b.size}")
+        raise ValueError(f"paired correctness needs two vectors of the same, non-zero length; got {a.size}, {b.size}")
     n = int(a.size)
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
     m = only_a + only_b

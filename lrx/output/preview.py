@@ -14,6 +14,7 @@ from lrx.config.settings import Config
 from lrx.data.datasets import load_data
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.nn.models import build_model, initial_model
+from lrx.nn.surgery import shown_name
 from lrx.pipeline.rundir import RunDir, load_model
 from lrx.pipeline.runner import dependencies
 from lrx.pipeline.stages import expand_model
@@ -32,7 +33,7 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
     trained) the plan is made on freshly initialised weights and ``caveat`` says so.
 
     Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None, caveat or None).
-    Writes nothing (a latency target reads the runs folder's cached layer times but does not add to them).
+    Writes nothing but, for a latency target, the layer times it measured into the runs folder's cache.
     """
     model, source, caveat = _planning_weights(cfg, runs_dir)
     settings = cfg.decompose
@@ -42,7 +43,9 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
         batches, _ = load_data(cfg, device, data_root)
         batches.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order, as the run takes them
         model.to(device)
-    _, report = expand_model(model, cfg, batches=batches, runs_dir=runs_dir, write_cache=False, fit="weights")
+    # A latency target's measured layer times are kept in the runs folder's cache (the one file a dry run
+    # writes), so that the run does not measure every layer again.
+    _, report = expand_model(model, cfg, batches=batches, runs_dir=runs_dir, write_cache=True, fit="weights")
     rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
              "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
              "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
@@ -88,13 +91,14 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
         form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
     else:
         form = f"order {settings.order}"
-    table = Table(title=f"{cfg.name}: scheme {settings.scheme}, {form} (dry run: nothing written)")
+    written = "nothing written" if plan is None or "table" not in plan else "only the latency cache written"
+    table = Table(title=f"{cfg.name}: scheme {settings.scheme}, {form} (dry run: {written})")
     for column in ("layer", "rank", "max", "MACs before (M)", "MACs after (M)", "ratio", "retained energy"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     before = after = 0
     for row in rows:
         before, after = before + row["macs_before"], after + row["macs_after"]
-        table.add_row(row["name"], str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
+        table.add_row(shown_name(row["name"]), str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
                       f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
                       f"{row['retained_energy']:.4f}")
     table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
@@ -108,6 +112,11 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
                           f"(against the original {step['original_layout']})")
         console.print(f"chosen: predicted {plan['predicted_speedup']:.2f}x, measured {plan['measured_speedup']:.2f}x "
                       f"for target {plan['target']['latency']:g}x on {plan['device']}, batch {plan['batch']}")
+        if plan.get("target_met") is False:
+            best = plan.get("best_reachable")
+            console.print(f"target {plan['target']['latency']:g}x missed: "
+                          + (f"the measured layer times reach {best:.2f}x at best; this is the fastest expansion"
+                             if best is not None else "the kept plan is the fastest measured"))
 
 
 def latency_table(plan: dict) -> Table:
@@ -120,7 +129,7 @@ def latency_table(plan: dict) -> Table:
         ms = row["model_ms"]  # the table's times relative to dense, on the dense conv's time in the model
         mark = {k: "*" if row.get("choice") == k else "" for k in ms}
         ranks = "  ".join(f"{r}: {ms[str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
-        table.add_row(row["name"] + (" (cached)" if row["cached"] else ""), f"{ms['dense']:.2f}{mark['dense']}", ranks)
+        table.add_row(shown_name(row["name"]) + (" (cached)" if row["cached"] else ""), f"{ms['dense']:.2f}{mark['dense']}", ranks)
     return table
 
 
@@ -163,7 +172,7 @@ def fit_comparison(rows: Sequence[dict]) -> str:
     lines = ["relative output error   calibration images: weights fit -> data fit"
              + ("   held-out images: weights fit -> data fit" if held else "")]
     for row in rows:
-        line = f"{row['name']:<20} rank {row['rank']:>4}   {row['output_error_weights']:.4f} -> {row['output_error']:.4f}"
+        line = f"{shown_name(row['name']):<20} rank {row['rank']:>4}   {row['output_error_weights']:.4f} -> {row['output_error']:.4f}"
         if held:
             line += f"                  {row['held_out_error_weights']:.4f} -> {row['held_out_error']:.4f}"
         lines.append(line)

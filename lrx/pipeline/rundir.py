@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import time
@@ -42,8 +43,8 @@ from torch import nn
 from lrx import __version__
 
 from lrx.base import distributed
-from lrx.base.files import (is_temp_file, load_checkpoint, load_json, os_reason, save_atomic, unlink_quietly,
-                         write_json_atomic, write_text_atomic)
+from lrx.base.files import (TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpoint, load_json, os_reason,
+                            save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
 from lrx.config.settings import Config
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded
@@ -51,7 +52,7 @@ from lrx.nn.models import build_model
 
 __all__ = ["LOCK_PATIENCE_S", "MODEL_FILES", "LATENCY_TABLES", "LOCK_INFO_LIMIT", "STALE_TEMP_S", "MOVE_AWAY",
            "model_file", "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file",
-           "clean_runs", "format_size", "metrics_problem", "save_model", "load_model"]
+           "clean_runs", "finished_needs", "format_size", "metrics_problem", "save_model", "load_model", "REDO_MARK"]
 
 # The advice for a model file that is not what it should be: it belongs to run {run}, which --force on
 # another run (one that builds on it) never redoes.
@@ -64,6 +65,10 @@ LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
 # A temporary file in a folder of runs (a write of latency-tables.json takes milliseconds) older than this is
 # what a killed write left; `lrx clean` removes it.
 STALE_TEMP_S = 3600
+
+# The second name a file gets while a redo may replace it (``.expanded.pt.redo_old.tmp``): a temporary file's
+# name, so that one a killed process left is removed the next time the run is locked.
+REDO_MARK = "redo_old"
 
 # What a damaged run file is told to do. metrics.json is moved away rather than retired by --force:
 # the runner (and --force) read metrics.json before anything else, and a file lrx cannot parse holds
@@ -219,6 +224,42 @@ class RunDir:
         save_model(path, model, arch, num_classes, spec, layers)
         return path
 
+    # ------------------------------------------------------------ a redo that may fail
+
+    def keep_for_redo(self, stages) -> list[tuple[Path, Path]]:
+        """Give config.yaml and the model files of ``stages`` a second name (a hard link, else a copy) before a
+        redo replaces them, so that a redo that fails can put the finished result back (:meth:`put_back`).
+        Returns ``(file, its second name)`` for each file there; rank 0 alone keeps them."""
+        if not distributed.is_main():
+            return []
+        kept = []
+        for path in [self.file(CONFIG)] + [self.model_path(s) for s in stages if s != "profile"]:
+            second = path.with_name(f"{TEMP_PREFIX}{path.name}.{REDO_MARK}{TEMP_SUFFIX}")
+            unlink_quietly(second)
+            try:
+                try:
+                    os.link(path, second)
+                except FileNotFoundError:
+                    continue
+                except OSError:  # a file system without hard links
+                    shutil.copy2(path, second)
+            except OSError as err:
+                self.drop_kept(kept)
+                raise UserError(f"cannot keep it while the run is redone ({os_reason(err)})", file=str(path)) from None
+            kept.append((path, second))
+        return kept
+
+    def put_back(self, kept: list[tuple[Path, Path]]) -> None:
+        """Put the files :meth:`keep_for_redo` kept back under their names (a rename each)."""
+        for path, second in kept:
+            os.replace(second, path)
+
+    @staticmethod
+    def drop_kept(kept: list[tuple[Path, Path]]) -> None:
+        """Remove the second names :meth:`keep_for_redo` made (the redo finished, or stopped to be resumed)."""
+        for _, second in kept:
+            unlink_quietly(second)
+
     # ------------------------------------------------------------ lock
 
     # The lock is the kernel's: an exclusive flock on the open .lock file, held until unlock() or until
@@ -356,8 +397,13 @@ class RunDir:
 
     # ------------------------------------------------------------ what is kept, what `lrx clean` removes
 
-    def unneeded_files(self, metrics: dict) -> list[tuple[Path, str]]:
+    def unneeded_files(self, metrics: dict, keep_final: bool = False) -> list[tuple[Path, str]]:
         """The files of this run that nothing reads again, each with why, given its ``metrics``.
+
+        With ``keep_final``, a finished run (status ``done``, its final model file there) also drops the
+        model files of its earlier stages (``expanded.pt`` and ``stageK.pt`` before the final model): the
+        table, ``lrx export``, the runs built on it and a rerun's skip read only the final model, and a rerun
+        that has to start from an earlier stage's model makes that stage again (the runner says so).
 
         Needed, so kept: metrics.json, config.yaml (the table reads both), log.txt, the lock, the model
         file of every stage metrics.json records (a rerun skips a stage only while its file is there; the
@@ -373,6 +419,7 @@ class RunDir:
             return []  # not a run lrx wrote: nothing is known to be unneeded
         running = metrics.get("running") if metrics.get("status") != "done" else None
         resumable = set(running) if isinstance(running, dict) else set()
+        final = self.final_model_file(metrics) if keep_final else None
         out = []
         try:
             entries = sorted(os.scandir(self.path), key=lambda e: e.name)
@@ -394,11 +441,34 @@ class RunDir:
             elif kind == "model" and stage not in stages:
                 out.append((Path(entry.path), f"model of stage {stage}, which metrics.json does not record "
                                               "(a rerun redoes the stage before reading it)"))
+            elif kind == "model" and final is not None and entry.name != final:
+                out.append((Path(entry.path), f"model of stage {stage}, before the final model {final} "
+                                              "(--keep-final; a rerun that needs it makes the stage again)"))
         return out
 
-    def clean(self, dry_run: bool = False) -> list[tuple[Path, int, str]]:
+    def final_model_file(self, metrics: dict) -> str | None:
+        """The name of a finished run's final model file when it is there, else None (a run not finished, or
+        one whose final model is missing, keeps its earlier model files)."""
+        if metrics.get("status") != "done":
+            return None
+        try:
+            path = self.final_model_path(metrics)
+        except UserError:
+            return None
+        return path.name if path.is_file() else None
+
+    def kept_when_finished(self, metrics: dict) -> int | None:
+        """Bytes a finished run needs to stay as it is in the table and skipped by a rerun: its final model,
+        metrics.json, config.yaml and log.txt (None when the run is not finished)."""
+        final = self.final_model_file(metrics)
+        if final is None:
+            return None
+        return sum(size for _, size, _ in _sized((self.file(name), "") for name in (final, METRICS, CONFIG, LOG)))
+
+    def clean(self, dry_run: bool = False, keep_final: bool = False) -> list[tuple[Path, int, str]]:
         """Remove :meth:`unneeded_files` under the run's lock; ``(path, bytes, why)`` of each file removed
-        (with ``dry_run``: that would be; nothing is written, not even the lock).
+        (with ``dry_run``: that would be; nothing is written, not even the lock). ``keep_final``: see
+        :meth:`unneeded_files`.
 
         Raises :class:`UserError` when the run is in use (another process holds its lock) or its
         metrics.json is missing or damaged; the run is then left as it is.
@@ -408,13 +478,13 @@ class RunDir:
         if dry_run:
             if self.in_use():
                 raise UserError(f"run {self.path} is in use by another process (lock file {self.file(LOCK)})")
-            return _sized(self.unneeded_files(self.read_metrics()))
+            return _sized(self.unneeded_files(self.read_metrics(), keep_final))
         temp = _sized((p, "temporary file of a write that was killed") for p in self.path.iterdir()
                       if is_temp_file(p.name))
         self.lock()  # removes the temporary files of killed writes itself
         try:
             found = [t for t in temp if not t[0].exists()]
-            found += _sized(self.unneeded_files(self.read_metrics()))
+            found += _sized(self.unneeded_files(self.read_metrics(), keep_final))
             for path, _, _ in found:
                 try:
                     path.unlink(missing_ok=True)
@@ -502,8 +572,10 @@ def stage_of_file(name: str) -> tuple[str, str] | None:
     return (stage, "model") if name == model_file(stage) else (stage, "checkpoint")
 
 
-def clean_runs(runs_dir: str | Path, dry_run: bool = False) -> tuple[list[tuple[Path, int, str]], list[str]]:
-    """:meth:`RunDir.clean` on every run under ``runs_dir`` (or on ``runs_dir`` itself when it is a run).
+def clean_runs(runs_dir: str | Path, dry_run: bool = False,
+               keep_final: bool = False) -> tuple[list[tuple[Path, int, str]], list[str]]:
+    """:meth:`RunDir.clean` on every run under ``runs_dir`` (or on ``runs_dir`` itself when it is a run);
+    ``keep_final``: see :meth:`RunDir.unneeded_files`.
 
     Returns ``(removed, not_touched)``: ``(path, bytes, why)`` of each file removed (with ``dry_run``:
     that would be) and one line per run left as it is, with the reason (in use, damaged metrics.json).
@@ -523,12 +595,32 @@ def clean_runs(runs_dir: str | Path, dry_run: bool = False) -> tuple[list[tuple[
     removed, not_touched = [], []
     for folder in folders:
         try:
-            removed += RunDir(folder.parent, folder.name).clean(dry_run)
+            removed += RunDir(folder.parent, folder.name).clean(dry_run, keep_final)
         except UserError as err:
             not_touched.append(f"{folder.name}: not touched: {err}")
     if folders != [root]:
         removed += _stale_temp_files(root, dry_run)
     return removed, not_touched
+
+
+def finished_needs(runs_dir: str | Path) -> tuple[int, int]:
+    """(finished runs under ``runs_dir``, the bytes they need to stay as they are: :meth:`RunDir.kept_when_finished`)."""
+    root = Path(runs_dir)
+    try:
+        folders = [root] if (root / METRICS).is_file() else sorted(
+            p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / METRICS).is_file())
+    except OSError:
+        return 0, 0
+    count = total = 0
+    for folder in folders:
+        run = RunDir(folder.parent, folder.name)
+        try:
+            size = run.kept_when_finished(run.read_metrics())
+        except UserError:
+            continue
+        if size is not None:
+            count, total = count + 1, total + size
+    return count, total
 
 
 def _stale_temp_files(folder: Path, dry_run: bool) -> list[tuple[Path, int, str]]:

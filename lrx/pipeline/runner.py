@@ -6,6 +6,13 @@ on (its settings, the previous stage's hash, the runs it builds on); a stage who
 unchanged is skipped, a changed one is redone together with every stage after it, and what it replaced
 is kept under ``replaced`` in metrics.json.
 
+A stage command (``lrx profile``, ``decompose``, ``finetune-l2``, ``finetune-ce``) redoes an earlier stage
+whose settings changed only when told (``--force``); a redo that fails leaves the finished result as it was;
+and results are recorded only while the runs this one builds on are as they were when it read them.
+
+The module is long because a run's rules are read together: the checks before anything runs, the stage
+hashes, and the runner's skip, redo, refusal and put-back.
+
 From Python (what ``lrx run`` does)::
 
     from lrx.config.settings import load_config
@@ -14,8 +21,10 @@ From Python (what ``lrx run`` does)::
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +35,7 @@ import torch
 from lrx import __version__
 
 from lrx.base import distributed
-from lrx.config.settings import Config, find_config, load_config
+from lrx.config.settings import Config, find_config, load_config, stage_settings
 from lrx.data.datasets import check_data
 from lrx.factor.decomposition import check_rank
 from lrx.base.errors import UserError
@@ -34,8 +43,9 @@ from lrx.nn.layers import check_convertible
 from lrx.nn.surgery import conv_sizes, layer_label, select_layers
 from lrx.nn.models import build_model, check_start, min_image_size
 from lrx.plan.macs import check_reachable, device_align
-from lrx.pipeline.rundir import RunDir
-from lrx.pipeline.stages import Context, stage, stage_names, summarise
+from lrx.pipeline.changes import config_changes, fingerprint
+from lrx.pipeline.rundir import RunDir, model_file
+from lrx.pipeline.stages import Context, run_selection, stage, stage_names, summarise
 
 __all__ = ["device_of", "dependencies", "check_against_model", "configs_to_run", "config_key", "SHARED",
            "check_shared_settings", "stage_hashes", "final_hash", "Runner", "run_with_dependencies"]
@@ -215,10 +225,15 @@ def check_shared_settings(cfg: Config, key: str, other: Config) -> None:
 def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
     """Each stage's hash: its own settings chained with the previous stage's and the runs it builds on."""
     # Keys added later count only when set, so runs made before them keep their hash; data.stream and
-    # data.workers say how batches are read, not which (both paths give the same batches).
+    # data.workers say how batches are read, not which (both paths give the same batches). Before select_on
+    # existed every choice was made on the test images: select_on: test keeps those hashes, validation (and
+    # the validation split's size, which changes the images trained on) is part of every stage's hash.
     model = {k: v for k, v in asdict(cfg.model).items() if not (k in ("weights", "checkpoint") and v is None)}
-    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("stream", "workers")}
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("stream", "workers", "val_subset", "val_fraction")}
     common = (model, data, cfg.seed, asdict(cfg.runtime))
+    if cfg.select_on != "test":
+        common += ({"select_on": cfg.select_on, "val_subset": cfg.data.val_subset,
+                    "val_fraction": cfg.data.val_fraction},)
     previous = _hash(common, dep_hashes.get(cfg.baseline), dep_hashes.get(cfg.parent))
     out = {}
     for name in stage_names(cfg):
@@ -229,7 +244,7 @@ def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
             if own["fit"] == "weights":  # calibration is unused; runs made before fit: existed keep their hash
                 del own["fit"], own["calibration"]
         elif name.startswith("finetune."):
-            own = asdict(cfg.finetune[int(name.split(".")[1])])
+            own = stage_settings(cfg.finetune[int(name.split(".")[1])])
         else:
             own = asdict(cfg.profile)
         previous = out[name] = _hash(name, own, previous)
@@ -270,6 +285,7 @@ class Runner:
         # The runs this one builds on, as read once (by the caller, or at the start of run()): every stage and
         # the final record use this state of them.
         self.sources = sources
+        self._used: dict[str, tuple[Path, tuple | None]] = {}  # their final model files and fingerprints, as read
         self.context = Context(cfg, self.dir, self.device, say=self.say, quiet=quiet, data_root=data_root)
 
     def say(self, message: str) -> None:
@@ -281,6 +297,10 @@ class Runner:
         """Run the stages up to ``until`` (inclusive; all when None). Returns metrics.json's content.
 
         metrics.json is read once (under the lock) and written when the run starts work and after each stage.
+        With ``until`` (a stage command), a stage before it whose settings changed since it was recorded is
+        redone only with ``redo`` (``--force``); else the command is refused, naming the changed settings. A
+        redo that fails puts the finished result back (metrics.json, config.yaml and the model files) and
+        records the failure under ``redo_failed``; one that is interrupted is resumed by the same command.
         """
         cfg = self.cfg
         if not self.checked:
@@ -300,21 +320,38 @@ class Runner:
         hashes = stage_hashes(cfg, deps)
         inherited = self._inherited()
         self.dir.lock()
+        kept: list = []
         try:
+            self._used = {name: self._source_file(name) for name in builds_on}
             metrics = self.dir.read_metrics()  # under the lock: a run that just finished is seen finished
             distributed.barrier()  # every process has read the same state before rank 0 writes
-            metrics = self._header(metrics)
-            self.dir.write_config(cfg)
+            before = copy.deepcopy(metrics)
+            metrics.setdefault("stages", {})
             forced = every.index(self.redo) if self.redo in every else len(every)
             todo = [n for n in names if every.index(n) >= forced or metrics["stages"].get(n, {}).get("hash") != hashes[n]
-                    or not stage(n).done(self.context, n)]
+                    or not self._done(n, metrics)]
+            why = None
             if todo:
                 first = every.index(todo[0])
+                why = "--force" if first >= forced else self._why(todo[0], metrics, hashes, deps)
+                if until in every and first < every.index(until) and self.redo is None \
+                        and metrics["stages"].get(todo[0], {}).get("hash") not in (None, hashes[todo[0]]):
+                    raise UserError(f"this command makes stage {until}, but the earlier stage {todo[0]} was made "
+                                    f"with other settings ({why.split(': ', 1)[-1]}); redo it with `lrx run "
+                                    f"{cfg.path}` (every changed stage) or add --force to this command, or give the "
+                                    f"settings it was made with (--set)", file=cfg.path)
+                first = self._rebuild_from(first, every, metrics)
+                if first < every.index(todo[0]):
+                    why = f"rebuilding {model_file(every[first])}, removed by lrx clean --keep-final"
                 stale = [n for n in every[first:] if n in metrics["stages"]]
-                if stale:
-                    why = "--force" if first >= forced else f"settings changed from stage {todo[0]}"
-                    metrics = self._header(self._retire(metrics, why, keep=every[:first]))
+                if stale and before.get("status") in ("done", "partial"):
+                    kept = self.dir.keep_for_redo(stale)  # put back if the redo fails
                 todo = [n for n in names if every.index(n) >= first]
+            metrics = self._header(metrics, deps)
+            self.dir.write_config(cfg)
+            if todo:
+                if stale:
+                    metrics = self._header(self._retire(metrics, why, keep=every[:first]), deps)
             else:
                 self.say("nothing to do: every stage is up to date (use --force to redo)")
             self.context.metrics = metrics
@@ -335,16 +372,83 @@ class Runner:
                     current = f"after stage {name}"
                 current = "the end of the run"
                 if not todo:
+                    self._check_sources()
                     self._finish(metrics, every, hashes, inherited)
                     self.dir.write_metrics(metrics)
             except BaseException as err:  # a stage's failure, Ctrl-C or SIGTERM, also between stages
-                if current is not None and metrics.get("status") != "done":
-                    self._stopped(metrics, current, err)
+                if metrics.get("status") != "done":
+                    if kept and not isinstance(err, KeyboardInterrupt):
+                        self._put_back(before, kept, current or "the start of the run", err)
+                        kept = []
+                    elif current is not None:
+                        self._stopped(metrics, current, err)
                 raise
             distributed.barrier()  # no process reads this run's results before rank 0 has written them
             return metrics
         finally:
+            self.dir.drop_kept(kept)
             self.dir.unlock()
+
+    def _done(self, name: str, metrics: dict) -> bool:
+        """Whether stage ``name``'s result is there: its model file, or, where ``lrx clean --keep-final``
+        removed that, a later model file of this run that metrics.json records (made from it)."""
+        if stage(name).done(self.context, name):
+            return True
+        if name == "profile" or os.path.lexists(self.dir.model_path(name)):
+            return False  # a damaged file: has_model said so; the stage is made again
+        later = [n for n in stage_names(self.cfg) if n != "profile"]
+        later = later[later.index(name) + 1:]
+        return any(n in metrics["stages"] and self.dir.model_path(n).is_file() for n in later)
+
+    def _rebuild_from(self, first: int, every: list[str], metrics: dict) -> int:
+        """The stage to start from so that stage ``every[first]`` finds the model file it starts from: an
+        earlier stage of this run whose file ``lrx clean --keep-final`` removed is made again first (said)."""
+        while True:
+            before = [n for n in every[:first] if n != "profile"]
+            if not before or self.dir.model_path(before[-1]).is_file():
+                return first
+            self.say(f"stage {every[first]} starts from {model_file(before[-1])}, which lrx clean --keep-final "
+                     f"removed: making stage {before[-1]} again first")
+            first = every.index(before[-1])
+
+    def _why(self, name: str, metrics: dict, hashes: dict, deps: dict) -> str:
+        """Why stage ``name`` is redone: the settings that changed (old -> new), the runs it builds on that
+        changed, or its missing result."""
+        recorded = metrics["stages"].get(name, {}).get("hash")
+        if recorded is None or recorded == hashes[name]:
+            return f"stage {name}'s result is missing"
+        try:
+            changes = config_changes(self.dir.read_config(), self.cfg.to_dict())
+        except UserError:
+            changes = []
+        built_on = metrics.get("built_on") if isinstance(metrics.get("built_on"), dict) else {}
+        redone = [n for n, h in deps.items() if n in built_on and built_on[n] != h]
+        if redone:
+            changes.append(f"run{'s' if len(redone) > 1 else ''} {', '.join(map(repr, redone))} it builds on "
+                           "changed since")
+        return f"settings changed from stage {name}: {'; '.join(changes) or 'its settings or the runs it builds on'}"
+
+    def _source_file(self, name: str) -> tuple[Path, tuple | None]:
+        """The final model file of run ``name`` (one this run builds on), and its fingerprint now."""
+        path = RunDir(self.runs_dir, name).final_model_path(self.sources[name])
+        return path, fingerprint(path)
+
+    def _check_sources(self) -> None:
+        """Refuse to record results when a run this one builds on changed its final model file since it was read."""
+        for name, (path, seen) in self._used.items():
+            if fingerprint(path) != seen:
+                raise UserError(f"run {name!r}, which {self.cfg.name} builds on, changed while this run used it "
+                                f"({path} was written again); this run's results since are not recorded: run "
+                                f"`lrx run {self.cfg.path}` again to build on its new state", file=self.cfg.path)
+
+    def _put_back(self, before: dict, kept: list, where: str, err: BaseException) -> None:
+        """A redo failed: the finished result from before stays (its files and metrics), with the failure noted."""
+        reason = str(err) or type(err).__name__
+        self.dir.put_back(kept)
+        before["redo_failed"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "error": f"{where}: {reason}"}
+        self.dir.write_metrics(before)
+        self.say(f"stopped at {where}: {reason}; the results from before the redo stay (metrics.json, config.yaml "
+                 f"and model files as they were)")
 
     @staticmethod
     def _finish(metrics: dict, every: list[str], hashes: dict, inherited: dict) -> None:
@@ -377,6 +481,7 @@ class Runner:
         self.say(f"stage {name} ...")
         start = time.perf_counter()
         result = stage(name).run(self.context, name)  # if it stops, run() records why
+        self._check_sources()  # a result built on a run that changed meanwhile is not recorded
         metrics["stages"][name] = {"hash": hash_, "wall_s": round(time.perf_counter() - start, 3), **(result or {})}
         metrics.update(summarise(metrics, inherited))
 
@@ -388,11 +493,12 @@ class Runner:
             ckpt.unlink(missing_ok=True)
         self.say(f"stage {name} done in {self.context.metrics['stages'][name]['wall_s']:.1f} s")
 
-    def _header(self, metrics: dict) -> dict:
+    def _header(self, metrics: dict, deps: dict) -> dict:
         cfg = self.cfg
+        metrics.pop("redo_failed", None)
         metrics.update({
             "name": cfg.name, "no": cfg.no, "group": cfg.group, "remark": cfg.remark, "seed": cfg.seed,
-            "config": cfg.path, "baseline": cfg.baseline, "parent": cfg.parent,
+            "config": cfg.path, "baseline": cfg.baseline, "parent": cfg.parent, "built_on": deps,
             "versions": {"lrx": __version__, "torch": torch.__version__},
             "device": str(self.device),
         })
@@ -408,12 +514,14 @@ class Runner:
         return {"replaced": replaced, "stages": {k: v for k, v in metrics.get("stages", {}).items() if k in keep}}
 
     def _inherited(self) -> dict:
-        """What a run started from another's model shows of it: accuracy, decomposition, earlier fine-tune stages."""
+        """What a run started from another's model shows of it: accuracy, decomposition, earlier fine-tune stages,
+        and what the choices behind that model were made on."""
         source = self.cfg.parent or self.cfg.baseline
         if source is None:
             return {}
         other = self.sources[source]
-        return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or []}
+        return {"acc1": other.get("acc1"), "decompose": other.get("decompose"), "finetune": other.get("finetune") or [],
+                "selected_on": run_selection(other)}
 
 
 def run_with_dependencies(cfg: Config, runs_dir: str | Path = "runs", until: str | None = None, *,

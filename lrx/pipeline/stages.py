@@ -4,7 +4,9 @@ Every stage reads the model it starts from out of a file and writes the model it
 file of its own (the names are :mod:`lrx.pipeline.rundir`'s), so any stage can be redone alone. A stage gets
 what it needs in a :class:`Context` that the runner (:mod:`lrx.pipeline.runner`) builds: the config, the run
 directory, the device, and the data and original model, each loaded once on first use.
-The table's keys (acc1, l2_before, ...) are derived from the stages' results by :func:`summarise`.
+The table's keys (acc1, l2_before, ...) are derived from the stages' results by :func:`summarise`, with how sure
+each is: the final model's per-image correctness on the test images, its Wilson interval, and its paired
+difference from the original on the same images (:mod:`lrx.measure.accuracy`).
 """
 from __future__ import annotations
 
@@ -19,19 +21,22 @@ from torch import nn
 
 from lrx.base import distributed
 from lrx.config.settings import Config
-from lrx.data.datasets import load_data
+from lrx.data.datasets import load_splits
 from lrx.base.errors import UserError
 from lrx.train.finetune import l2_norm, run_stage
 from lrx.expansion.model import ExpansionNote, ExpansionReport, expand
 from lrx.nn.models import initial_model
 from lrx.plan.latency import DeviceTiming
+from lrx.measure.accuracy import pack, paired_difference, percent, unpack, wilson
 from lrx.measure.profiling import profile_pair
 from lrx.plan.macs import device_align
 from lrx.pipeline.rundir import RunDir, latency_cache_path, load_model
-from lrx.train.baseline import evaluate, train_baseline
+from lrx.train.baseline import train_baseline
+from lrx.train.loop import correct_per_image
 
 __all__ = ["stage_names", "last_finetune_stage", "Context", "check_expansion", "ModelStage", "Train", "Decompose",
-           "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "summarise", "latency_target"]
+           "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "stage_selection", "run_selection",
+           "summarise", "latency_target"]
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -78,8 +83,13 @@ class Context:
     def data(self):
         """(train, test) :class:`lrx.data.datasets.Batches` of the config, loaded on first use."""
         if self._data is None:
-            self._data = load_data(self.cfg, self.device, self.data_root)
-        return self._data
+            self._data = load_splits(self.cfg, self.device, self.data_root)
+        return self._data.train, self._data.test
+
+    def validation(self):
+        """The validation batches that choose kept epochs (``select_on: validation``), or None (``test``)."""
+        self.data()
+        return self._data.val
 
     def source_model_path(self, name: str) -> Path:
         """The final model file of run ``name`` (the baseline or the parent), from the record read at the start."""
@@ -190,7 +200,7 @@ class Train(ModelStage):
         model = initial_model(cfg.model).to(ctx.device)
         train, test = ctx.data()
         result = train_baseline(model, train, test, cfg.train, ctx.run.checkpoint_path(name), log=ctx.say,
-                                quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed)
+                                quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed, val=ctx.validation())
         ctx.save_model(name, model)
         return result
 
@@ -212,7 +222,9 @@ class Decompose(ModelStage):
         names = [layer["name"] for layer in report.layers]
         ctx.save_model(name, expanded, report.spec, names)
         ctx.say(report_text(report))
-        result = {"acc1_original": evaluate(original, test), "acc1": evaluate(expanded, test),
+        original_correct, correct = correct_per_image(original, test), correct_per_image(expanded, test)
+        result = {"acc1_original": percent(original_correct), "acc1": percent(correct),
+                  "original_test_correct": pack(original_correct.numpy()), "test_correct": pack(correct.numpy()),
                   "l2": l2_norm(expanded, original, names, test), "report": report.layers,
                   "layers": report.chosen_layers or settings.layers, "names": names, "bases": report.ranks, "scheme": settings.scheme,
                   "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
@@ -279,8 +291,11 @@ class Finetune(ModelStage):
         student.to(ctx.device)
         train, test = ctx.data()
         result = run_stage(student, original, names, train, test, cfg.finetune[index], ctx.run.checkpoint_path(name),
-                           log=ctx.say, quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed + index)
+                           log=ctx.say, quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed + index,
+                           val=ctx.validation())
         ctx.save_model(name, student, spec, names)
+        if index == 0 and cfg.decompose is None:  # the original on this run's test images, for the paired difference
+            result["original_test_correct"] = pack(correct_per_image(original, test).numpy())
         return result
 
 
@@ -301,6 +316,9 @@ class Profile:
         if cfg.baseline is not None:
             expanded, names, _ = ctx.previous_model(name)
         result = profile_pair(original, expanded, names, cfg.profile)  # cfg.profile.device, "auto" resolved there
+        machine = result["latency"]["machine"]
+        if machine["busy"]:
+            ctx.say(f"warning: timed on a busy machine ({'; '.join(machine['reasons'])}): its times may be far off")
         distributed.barrier()
         return result
 
@@ -311,6 +329,44 @@ STAGES = {"train": Train, "decompose": Decompose, "finetune": Finetune, "profile
 def stage(name: str):
     """The stage class that runs stage ``name`` (``finetune.K`` -> :class:`Finetune`)."""
     return STAGES[name.split(".")[0]]
+
+
+def stage_selection(record: dict) -> str | None:
+    """What a training or fine-tuning stage's record chose its kept model on: "validation", "test", or None
+    (nothing chosen). Records of an older lrx, without ``selected_on``, chose on the test images."""
+    if "selected_on" in record:
+        return record["selected_on"]
+    history = next((record[key] for key in ("history", "epochs") if isinstance(record.get(key), list)), [])
+    return "test" if history else None
+
+
+def _combined(choices) -> str | None:
+    """"test" if any choice was made on the test images, else "validation" if any was made, else None."""
+    choices = set(choices)
+    return "test" if "test" in choices else "validation" if "validation" in choices else None
+
+
+def run_selection(metrics: dict) -> str | None:
+    """What the choices behind a run's final model were made on (:func:`summarise`'s ``selected_on``; read
+    off the stages for metrics.json of an older lrx)."""
+    if "selected_on" in metrics:
+        return metrics["selected_on"]
+    stages = metrics.get("stages") if isinstance(metrics.get("stages"), dict) else {}
+    return _combined(stage_selection(record) for name, record in stages.items()
+                     if (name == "train" or name.startswith("finetune.")) and isinstance(record, dict))
+
+
+def _correctness(record) -> dict:
+    """What metrics.json says about a model's per-image correctness (``test_correct``): its acc@1 interval,
+    and the bits themselves for a paired difference; {} when there is none or it is damaged."""
+    try:
+        bits = unpack(record)
+    except ValueError:
+        return {}
+    if len(bits) == 0:
+        return {}
+    low, high = wilson(int(bits.sum()), len(bits))
+    return {"bits": bits, "acc1_ci": [100 * low, 100 * high]}
 
 
 def summarise(metrics: dict, inherited: dict | None = None) -> dict:
@@ -330,11 +386,13 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
     if tunes:
         out["acc1_before"], out["l2_before"] = tunes[0].get("acc1_before"), tunes[0].get("l2_before")
         out["acc1"], out["l2_after"] = tunes[-1].get("acc1_after"), tunes[-1].get("l2_after")
-        out["finetune"] += [{k: t.get(k) for k in ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before",
-                                                   "l2_after", "best_epoch", "wall_s")} for t in tunes]
+        keys = ("l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch", "wall_s",
+                "selected_on", "kept_input", "kd", "temperature")
+        out["finetune"] += [{k: t.get(k) for k in keys} for t in tunes]
     prof = stages.get("profile", {})
     for key in ("macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "latency"):
         out[key] = prof.get(key)
+    out.update(_uncertainty(stages, inherited))
     target = latency_target(out["decompose"])
     if target is not None and isinstance(out["latency"], dict) and out["latency"].get("speedup") is not None:
         out["latency"] = {**out["latency"], "target": target, "target_missed": out["latency"]["speedup"] < target}
@@ -347,3 +405,27 @@ def latency_target(decompose: dict | None) -> float | None:
     target = plan.get("target") if isinstance(plan, dict) else None
     value = target.get("latency") if isinstance(target, dict) else None
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _uncertainty(stages: dict, inherited: dict) -> dict:
+    """What the choices behind the final model were made on (``selected_on``: this run's training and
+    fine-tuning stages and what it builds on), the final model's ``test_correct`` and the Wilson interval of
+    its acc@1 (``acc1_ci``, percent), and its paired difference from the original on the same test images
+    (``vs_original``: percentage points, the 95% interval, McNemar's exact p and the discordant counts)."""
+    choices = [stage_selection(record) for name, record in stages.items()
+               if (name == "train" or name.startswith("finetune.")) and isinstance(record, dict)]
+    out = {"selected_on": _combined(choices + [inherited.get("selected_on")]), "test_correct": None,
+           "acc1_ci": None, "vs_original": None}
+    models = [name for name in stages if name != "profile"]
+    final = stages[models[-1]] if models else {}
+    mine = _correctness(final.get("test_correct"))
+    if not mine:
+        return out
+    out["test_correct"], out["acc1_ci"] = final["test_correct"], mine["acc1_ci"]
+    source = next((stages[name] for name in models if "original_test_correct" in stages[name]), {})
+    original = _correctness(source.get("original_test_correct"))
+    if original and len(original["bits"]) == len(mine["bits"]):
+        d = paired_difference(original["bits"], mine["bits"])
+        out["vs_original"] = {"diff": 100 * d.diff, "low": 100 * d.low, "high": 100 * d.high, "p": d.p,
+                              "only_original": d.only_a, "only_this": d.only_b, "images": d.n}
+    return out

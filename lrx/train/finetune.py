@@ -1,21 +1,27 @@
-"""Fine-tuning an expanded model: data reconstruction (L2), cross-entropy (CE), or both at once.
+"""Fine-tuning an expanded model: data reconstruction (L2), cross-entropy (CE), distillation (KD), or together.
 
 The teacher is the original model, frozen, in eval mode, run under ``torch.inference_mode``; the
 student is the expanded model whose modules named ``layer_names`` replaced the teacher's modules of
 the same names. Forward hooks (:class:`LayerTaps`) read those modules' outputs in both models, so no
 model code is copied. Each batch is prepared once and fed to both models.
 
-Loss of a stage with weights ``l2`` and ``ce``::
+Loss of a stage with weights ``l2``, ``ce`` and ``kd`` (temperature T)::
 
     l2 * sum_layers mean_batch || student_layer(x) - teacher_layer(x) ||_2^2  +  ce * cross_entropy
+      +  kd * T^2 * mean_batch KL(softmax(teacher(x) / T) || softmax(student(x) / T))
 
-With ``ce == 0`` (the seed's L2 fine-tune) only the replaced layers train: every other parameter has
-``requires_grad=False`` and the rest of the student stays in eval mode (dropout off).
+the last being Hinton, Vinyals and Dean's distillation ("Distilling the Knowledge in a Neural Network", 2015;
+T^2 keeps its gradients' scale as T changes). With ``ce == kd == 0`` (the seed's L2 fine-tune) only the
+replaced layers train: every other parameter has ``requires_grad=False`` and the rest of the student stays
+in eval mode (dropout off).
+
+Given validation images, a stage chooses its kept epoch on them among the model it was given (epoch 0) and
+its epochs, so it never hands on a model worse on them than its input; the test images are evaluated on the
+kept model only.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -25,14 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrx.base import distributed
-from lrx.config.settings import RuntimeConfig, StageConfig
+from lrx.config.settings import RuntimeConfig, StageConfig, stage_settings
 from lrx.base.errors import UserError
-from lrx.train.loop import (LossFn, autocast, batches_device, fit, for_model, kept_modes, main_log, prepare_model, resume,
-                   start_device, to_memory_format)
-from lrx.train.baseline import adamw
+from lrx.measure.accuracy import pack
+from lrx.train.loop import (LossFn, autocast, batches_device, correct_per_image, fit, for_model, kept_modes, main_log,
+                            prepare_model, resume, start_device, to_memory_format)
+from lrx.train.baseline import adamw, selection
 
 __all__ = ["LayerTaps", "squared_distances", "measure", "l2_norm", "freeze_for_stage", "set_stage_modes",
-           "stage_label", "run_stage", "stage_loss"]
+           "stage_label", "run_stage", "distillation", "stage_loss"]
 
 Log = Callable[[str], None]
 
@@ -201,13 +208,15 @@ def set_stage_modes(student: nn.Module, names: list[str], pure_l2: bool) -> None
 
 
 def stage_label(stage: StageConfig) -> str:
-    parts = [f"{key} {getattr(stage, key):g}" for key in ("l2", "ce") if getattr(stage, key) > 0]
+    parts = [f"{key} {getattr(stage, key):g}" for key in ("l2", "ce", "kd") if getattr(stage, key) > 0]
+    if stage.kd > 0:
+        parts[-1] += f" (T {stage.temperature:g})"
     return " + ".join(parts) or "no loss"
 
 
 def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], train, test, stage: StageConfig,
               ckpt_path, log: Log | None = None, quiet: bool = False, runtime: RuntimeConfig | None = None,
-              seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+              seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None, val=None) -> dict:
     """Fine-tune ``student`` for ``stage.epochs`` epochs; resume from ``ckpt_path`` if it exists.
 
     Parameters
@@ -223,6 +232,10 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
         moved to the student's device batch by batch (under DDP: this process's share, e.g. with a
         DistributedSampler, whose ``set_epoch`` is called).
     stage : loss weights ``l2``/``ce``, ``epochs``, AdamW's ``lr``, ``betas``, ``weight_decay``, ``keep``.
+    val : batches of validation images (as ``test``), disjoint from ``train``: the student as given (epoch
+        0) and after every epoch is measured on them, and the kept one is chosen among all of these (ties
+        keep the earlier); the test images are measured on the input and on the kept model only. None: every
+        epoch is measured on ``test`` and the kept one chosen among epochs 1..n on it (lrx's earlier rule).
     ckpt_path : the per-epoch checkpoint ``{model, optimizer, scheduler (None), epoch, best, best_epoch, history,
         before, rng, settings, wall_s}``, written atomically by rank 0 after every epoch (and as epoch 0
         before training).
@@ -233,7 +246,13 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     Returns
     -------
     ``{"l2", "ce", "epochs", "acc1_before", "acc1_after", "l2_before", "l2_after", "best_epoch",
-    "history": [{"epoch", "loss", "acc1", "l2"}], "wall_s"}``. ``best_epoch`` is 0 when no epoch ran.
+    "history": [{"epoch", "loss", "acc1", "l2"}], "wall_s", "selected_on", "kept_input", "test_correct"}``:
+    ``*_before`` / ``*_after`` on the test images, the history on the images the epochs were chosen on
+    (``selected_on``: "validation", "test", or None when nothing was chosen); with ``val`` also
+    ``validation``: ``{"acc1_before", "acc1_after", "l2_before", "l2_after"}`` on them; with ``kd`` also ``kd``
+    and ``temperature``. ``best_epoch`` is 0
+    when no epoch ran or the input was kept (``kept_input``: it was, over every epoch); ``test_correct``:
+    the kept model's per-image correctness on the test images (:func:`lrx.measure.accuracy.pack`).
 
     Raises
     ------
@@ -246,22 +265,30 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
     names = list(layer_names)
     if not names:
         raise UserError("fine-tuning needs the names of the replaced layers; got none", key="layers")
+    if teacher is None:
+        raise UserError(f"fine-tuning ({stage_label(stage)}) needs the original model as its teacher: the L2 norm and "
+                        "kd compare with it, and it is the reference of every stage; got none", key="teacher")
     train, test = for_model(train, student), for_model(test, student)
     device = start_device(train)
     say = main_log(log)
     ckpt_path = Path(ckpt_path)
-    pure_l2 = stage.ce == 0
+    pure_l2 = stage.ce == 0 and stage.kd == 0  # only the replaced layers train
     prepare_model(student, device, runtime)
     prepare_model(teacher, device, runtime)
     teacher.eval()
-    settings = {"kind": "finetune", "stage": dataclasses.asdict(stage), "layers": names, "seed": seed}
-    train_b, test_b = distributed.shard(train), distributed.shard(test)
-    n_test = test.num_images
+    settings = {"kind": "finetune", "stage": stage_settings(stage), "layers": names, "seed": seed}
+    if val is not None:  # a checkpoint chosen on the test images is not resumed as one chosen on validation
+        settings["selected_on"] = "validation"
+    chooser = for_model(val, student) if val is not None else test
+    train_b, test_b, chooser_b = distributed.shard(train), distributed.shard(test), distributed.shard(chooser)
     label = stage_label(stage)
 
-    def evaluate_epoch() -> dict:
-        acc1, l2 = measure(student, teacher, names, test_b, runtime, total=n_test)
+    def measured(batches, total) -> dict:
+        acc1, l2 = measure(student, teacher, names, batches, runtime, total=total)
         return {"acc1": acc1, "l2": l2}
+
+    def evaluate_epoch() -> dict:
+        return measured(chooser_b, chooser.num_images)
 
     with kept_modes(student):
         try:
@@ -271,51 +298,89 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
             torch.manual_seed(seed + distributed.rank())
 
             state = resume(ckpt_path, settings, student, optimizer)
-            if not state.resumed:
-                state.extra["before"] = before = evaluate_epoch()  # only when fresh: a resumed run reads it back
-                say(f"fine-tune ({label}) for {stage.epochs} epochs: before, acc@1 {before['acc1']:.2f}%, "
+            if not state.resumed:  # only when fresh: a resumed run reads them back
+                state.extra["before"] = before = evaluate_epoch()
+                on = " on the validation images" if val is not None else ""
+                say(f"fine-tune ({label}) for {stage.epochs} epochs: before, acc@1{on} {before['acc1']:.2f}%, "
                     f"L2 norm {before['l2']:.4g}")
+                if val is not None:
+                    state.extra["before_test"] = measured(test_b, test.num_images)
             elif state.next_epoch <= stage.epochs:
                 say(f"resuming fine-tune ({label}) from epoch {state.next_epoch} of {stage.epochs} ({ckpt_path})")
+            if val is not None:
+                state.initial = state.extra["before"]  # the input competes as epoch 0
             # DDP needs whole forward passes; one process may stop the student after the last replaced layer.
             student_stops = pure_l2 and not distributed.is_distributed()
             fit(net, train_b, optimizer, state, stage.epochs, keep=stage.keep, evaluate_epoch=evaluate_epoch,
                 epoch_loss=lambda: _epoch_loss(teacher, student, names, stage, student_stops),
                 set_modes=lambda: set_stage_modes(student, names, pure_l2), ckpt_path=ckpt_path, settings=settings,
-                started=started, runtime=runtime, label=label, quiet=quiet, say=say, on_epoch=on_epoch)
+                started=started, runtime=runtime, label=label, quiet=quiet, say=say, on_epoch=on_epoch,
+                split="validation" if val is not None else None)
         finally:
             student.requires_grad_(True)
 
     before = state.extra["before"]
-    after = state.best if state.best is not None else before
-    return {"l2": stage.l2, "ce": stage.ce, "epochs": stage.epochs,
-            "acc1_before": before["acc1"], "acc1_after": after["acc1"],
-            "l2_before": before["l2"], "l2_after": after["l2"], "best_epoch": state.best_epoch,
-            "history": state.history, "wall_s": round(state.wall(started), 3)}
+    kept = state.best if state.best is not None else before
+    correct = correct_per_image(student, test_b, runtime, total=test.num_images)  # the kept model, once
+    if val is None:  # chosen on the test images: the kept epoch's figures are the test figures
+        before_test, after_test = before, kept
+    else:
+        before_test, after_test = state.extra["before_test"], measured(test_b, test.num_images)
+    kept_input = bool(state.history) and state.best_epoch == 0 and val is not None and stage.keep != "last"
+    if kept_input:
+        say(f"kept the model the stage started from: no epoch beat it on the validation images "
+            f"(acc@1 {before['acc1']:.2f}%, L2 norm {before['l2']:.4g})")
+    result = {"l2": stage.l2, "ce": stage.ce, "epochs": stage.epochs,
+              "acc1_before": before_test["acc1"], "acc1_after": after_test["acc1"],
+              "l2_before": before_test["l2"], "l2_after": after_test["l2"], "best_epoch": state.best_epoch,
+              "history": state.history, "wall_s": round(state.wall(started), 3),
+              "selected_on": selection(val, len(state.history), stage.keep), "kept_input": kept_input,
+              "test_correct": pack(correct.numpy())}
+    if stage.kd > 0:
+        result.update(kd=stage.kd, temperature=stage.temperature)
+    if val is not None:
+        result["validation"] = {"acc1_before": before["acc1"], "acc1_after": kept["acc1"],
+                                "l2_before": before["l2"], "l2_after": kept["l2"]}
+    return result
 
 
 @contextlib.contextmanager
 def _epoch_loss(teacher: nn.Module, student: nn.Module, names: list[str], stage: StageConfig,
                 student_stops: bool) -> Iterator[LossFn]:
     """The taps for one epoch and the stage's loss over them; :func:`measure` sets its own on the same modules."""
-    with LayerTaps(teacher, names, stop_early=True) as t_taps, \
+    with LayerTaps(teacher, names, stop_early=stage.kd == 0) as t_taps, \
             LayerTaps(student, names, stop_early=student_stops) as s_taps:
         yield stage_loss(teacher, names, stage, t_taps, s_taps)
 
 
+def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over the batch of KL(softmax(teacher / T) || softmax(student / T)), logits (B, classes)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise UserError(f"kd compares logits: the student gives {tuple(student_logits.shape)}, the original "
+                        f"{tuple(teacher_logits.shape)}; both need the same classes", key="kd")
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
 def stage_loss(teacher: nn.Module, names: list[str], stage: StageConfig, t_taps: LayerTaps, s_taps: LayerTaps):
-    """The stage's ``loss_fn(model, x, y)``: weighted L2 reconstruction plus weighted cross-entropy."""
+    """The stage's ``loss_fn(model, x, y)``: weighted L2 reconstruction, cross-entropy and distillation."""
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if stage.l2 > 0:
+        teacher_logits = None
+        if stage.l2 > 0 or stage.kd > 0:
             with torch.inference_mode():
-                t_taps(teacher, x)
+                teacher_logits = t_taps(teacher, x)  # the whole forward with kd (its taps do not stop early)
+            if teacher_logits is not None:
+                teacher_logits = teacher_logits.clone()  # out of inference mode, to enter the loss
         logits = s_taps(model, x)
         loss = torch.zeros((), device=x.device)
         if stage.l2 > 0:
             loss = loss + stage.l2 * squared_distances(s_taps.outputs, t_taps.outputs, names).mean(1).sum()
         if stage.ce > 0:
             loss = loss + stage.ce * F.cross_entropy(logits.float(), y)
+        if stage.kd > 0:
+            loss = loss + stage.kd * distillation(logits, teacher_logits, stage.temperature)
         return loss
 
     return loss_fn

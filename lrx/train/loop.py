@@ -2,10 +2,14 @@
 
 ``train_one_epoch`` runs one pass with any loss and ``evaluate`` returns acc@1. :func:`fit` runs the
 epochs ``state.next_epoch..epochs``: a checkpoint after every epoch (and as epoch 0 before the first),
-the keep rule (:func:`is_better`), the NaN stop and the kept weights restored at the end. What differs
+the keep rule (:func:`is_better`; the model it started from competes as epoch 0 when ``state.initial`` holds
+its record), the NaN stop and the kept weights restored at the end. What differs
 between :mod:`lrx.train.baseline` and :mod:`lrx.train.finetune` (the loss, what trains, how an epoch is evaluated,
 the scheduler, extra checkpoint keys) comes in as hooks. :func:`resume` reads a checkpoint back into a
-:class:`LoopState`. This module sits below both callers and imports neither.
+:class:`LoopState`. :func:`correct_per_image` says which test images a kept model classifies correctly (for the
+intervals of :mod:`lrx.measure.accuracy`). This module sits below both callers and imports neither.
+It is long because it is the one loop: every piece both callers share (runtime, one epoch, evaluation, the
+keep rule, checkpoints and resume) lives here, so that they cannot drift apart.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from lrx.base.progress import progress
 
 __all__ = ["CHECK_EVERY", "LOOP_KEYS", "autocast", "to_memory_format", "prepare_model", "batches_device",
            "model_device", "for_model", "start_device", "main_log", "kept_modes", "rng_state", "set_rng_state",
-           "all_rng_states", "restore_rng_states", "cpu_state", "train_one_epoch", "evaluate", "is_better",
+           "all_rng_states", "restore_rng_states", "cpu_state", "train_one_epoch", "evaluate", "correct_per_image",
+           "is_better",
            "LoopState", "load_weights", "check_settings", "resume", "epoch_line", "fit"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -233,6 +238,44 @@ def evaluate(model: nn.Module, batches, runtime: RuntimeConfig | None = None, to
     return float(100.0 * stats[0] / stats[1])
 
 
+@torch.inference_mode()
+def correct_per_image(model: nn.Module, batches, runtime: RuntimeConfig | None = None,
+                      total: int | None = None) -> torch.Tensor:
+    """Whether ``model``'s top-1 class is right, per image of ``batches``: bool (N,) on the CPU, in the split's
+    order (eval mode; flags restored after).
+
+    Under DDP pass this rank's shard of unshuffled batches and ``total``, the unsharded number of images:
+    every process gets the whole vector, each rank's strided share put back in its place (the padding a shard
+    repeats left out). Without ``total`` the vector is this process's own images.
+    """
+    model = distributed.unwrap(model)
+    batches = for_model(batches, model)
+    device = batches_device(batches)
+    limit = distributed.own_count(total) if total is not None else None
+    parts, seen = [], 0
+    with kept_modes(model):
+        model.eval()
+        for x, y in batches:
+            if limit is not None and seen + len(y) > limit:
+                x, y = x[: limit - seen], y[: limit - seen]
+            if len(y) == 0:
+                break
+            with autocast(runtime, device):
+                logits = model(to_memory_format(x, runtime))
+            parts.append(logits.argmax(1) == y)
+            seen += len(y)
+    mine = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
+    if total is None:
+        return mine
+    shares = distributed.gather(mine)
+    if len(shares) == 1:
+        return shares[0]
+    whole = torch.zeros(total, dtype=torch.bool)
+    for rank, share in enumerate(shares):
+        whole[rank::len(shares)] = share
+    return whole
+
+
 # ---------------------------------------------------------------- keep rule and resume
 
 
@@ -257,13 +300,15 @@ class LoopState:
     Attributes
     ----------
     history : one record ``{"epoch", "loss", "acc1", ...}`` per finished epoch.
-    best_epoch : the kept epoch; 0 before any.
+    best_epoch : the kept epoch; 0 before any, or the model the loop started from (see ``initial``).
     best_state : the kept epoch's weights on the CPU, or None when the model holds them (the kept
         epoch is the latest, or ``keep="last"``).
     wall_s : seconds spent by earlier sessions on this checkpoint.
     next_epoch : the first epoch to run.
     extra : the caller's own checkpoint keys (fine-tuning's ``before``), written into every checkpoint.
     resumed : whether the state came from a checkpoint on disk.
+    initial : the record ``{"acc1", ...}`` of the model the loop starts from, when it competes as epoch 0
+        (a fine-tuning stage that never hands on a model worse than its input); None: it does not.
     """
 
     history: list = dataclasses.field(default_factory=list)
@@ -273,10 +318,13 @@ class LoopState:
     next_epoch: int = 1
     extra: dict = dataclasses.field(default_factory=dict)
     resumed: bool = False
+    initial: dict | None = None
 
     @property
     def best(self) -> dict | None:
-        """The kept epoch's record, or None before any epoch."""
+        """The kept epoch's record (``initial`` for epoch 0), or None before any epoch."""
+        if self.best_epoch == 0:
+            return self.initial
         return next((r for r in self.history if r["epoch"] == self.best_epoch), None)
 
     def wall(self, started: float) -> float:
@@ -331,18 +379,21 @@ def resume(ckpt_path, settings: dict, model: nn.Module, optimizer, scheduler=Non
 # ---------------------------------------------------------------- the loop
 
 
-def epoch_line(record: dict, epochs: int, best_epoch: int) -> str:
-    """The log line of one epoch: loss, acc@1, the L2 norm when measured, and the kept epoch."""
+def epoch_line(record: dict, epochs: int, best_epoch: int, split: str | None = None) -> str:
+    """The log line of one epoch: loss, acc@1 (on ``split`` when named), the L2 norm when measured, and the
+    kept epoch (0: the model the loop started from)."""
     l2 = f", L2 norm {record['l2']:.4g}" if "l2" in record else ""
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4g}, acc@1 {record['acc1']:.2f}%{l2} "
-            f"(kept: epoch {best_epoch})")
+    on = f" ({split})" if split else ""
+    kept = "the starting model" if best_epoch == 0 else f"epoch {best_epoch}"
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4g}, acc@1{on} {record['acc1']:.2f}%{l2} "
+            f"(kept: {kept})")
 
 
 def fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, state: LoopState, epochs: int, *,
         epoch_loss: Callable[[], ContextManager[LossFn]], evaluate_epoch: Callable[[], dict], keep: str,
         ckpt_path, settings: dict, started: float, set_modes: Callable[[], None] | None = None, scheduler=None,
         runtime: RuntimeConfig | None = None, label: str = "train", quiet: bool = True, say: Log | None = None,
-        on_epoch: Callable[[int, dict], None] | None = None) -> LoopState:
+        on_epoch: Callable[[int, dict], None] | None = None, split: str | None = None) -> LoopState:
     """Run epochs ``state.next_epoch..epochs``; on return the model holds the kept epoch's weights.
 
     A checkpoint ``{model, optimizer, scheduler, epoch, best, best_epoch, history, rng, settings, wall_s,
@@ -355,8 +406,10 @@ def fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, state: Loop
     state : from :func:`resume`; advanced in place and returned.
     epoch_loss : ``epoch_loss()`` opens a context that yields the epoch's ``loss_fn(model, x, y)`` (the
         fine-tuning hooks live for one epoch).
-    evaluate_epoch : ``evaluate_epoch() -> {"acc1", ...}``, the metrics of the epoch's record.
-    keep : the rule of :func:`is_better`.
+    evaluate_epoch : ``evaluate_epoch() -> {"acc1", ...}``, the metrics of the epoch's record, measured on the
+        images that choose the kept epoch (``split`` names them in the log).
+    keep : the rule of :func:`is_better`; with ``state.initial`` set the starting model is epoch 0's
+        candidate (kept unless an epoch beats it; ``last`` ignores it).
     started : ``time.perf_counter()`` when this session began (for ``wall_s``).
     set_modes : sets the train/eval flags before each epoch; default ``model.train()``.
     scheduler : stepped once per batch, and saved.
@@ -382,6 +435,8 @@ def fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, state: Loop
                    "history": state.history, "rng": rng, "settings": settings, "wall_s": state.wall(started),
                    **state.extra}, ckpt_path)
 
+    if state.initial is not None and keep != "last" and state.best_epoch == 0 and state.best_state is None:
+        state.best_state = cpu_state(plain)  # the starting weights, epoch 0's candidate (before any epoch ran)
     if state.next_epoch == 1:
         save(0)
     for epoch in range(state.next_epoch, epochs + 1):
@@ -403,7 +458,7 @@ def fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, state: Loop
             state.best_state = cpu_state(plain) if keep != "last" else None
         state.next_epoch = epoch + 1
         save(epoch)
-        say(epoch_line(record, epochs, state.best_epoch))
+        say(epoch_line(record, epochs, state.best_epoch, split))
         if on_epoch is not None:
             on_epoch(epoch, record)
     if state.history and state.best_state is not None and state.best_epoch != state.history[-1]["epoch"]:
