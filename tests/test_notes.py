@@ -52,3 +52,28 @@ def test_module_names_of_a_sequential_do_not_read_as_numbers():
                                  "speedup": 2.0, "mac_ratio": 3.0, "realised": 0.66}]))
     row = next(line for line in console.export_text().splitlines() if "4x16x8x8" in line)
     assert "'1.3'" in row, f"the profile's layer table names the module, quoted: {row}"
+
+
+def test_a_run_says_one_line_per_reason_and_logs_each_skipped_conv(tiny_configs, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from conftest import write_yaml
+    from lrx.cli import app
+    from lrx.nn import models
+
+    monkeypatch.setitem(models.MODELS, "mobile_like", lambda num_classes=10: mobile_like())
+    monkeypatch.setitem(models.MIN_IMAGE_SIZE, "mobile_like", 8)
+    model = {"name": "mobile_like", "num_classes": 5}
+    write_yaml(tiny_configs / "m01.yaml", {"extends": "base.yaml", "model": model, "train": {"epochs": 1},
+                                           "profile": {"enabled": False}})
+    write_yaml(tiny_configs / "m02.yaml", {"extends": "base.yaml", "model": model, "baseline": "m01",
+                                           "profile": {"enabled": False},
+                                           "decompose": {"layers": "auto", "scheme": "v2", "bases": [2]}})
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(tiny_configs / "m02.yaml"), "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "skipped" in line]
+    log = runs / "m02" / "log.txt"
+    assert len(said) == 2 and all(f"(each in {log})" in line for line in said), said
+    logged = [line for line in log.read_text().splitlines() if "') skipped: " in line]
+    assert len(logged) == 15, f"the log names every skipped conv: {logged}"

@@ -120,6 +120,10 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def log_path(self) -> Path:
+        """The run's log.txt (what :meth:`log` appends to)."""
+        return self.file(LOG)
+
     def model_path(self, stage: str) -> Path:
         return self.file(model_file(stage))
 

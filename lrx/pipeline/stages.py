@@ -26,6 +26,7 @@ from lrx.base.errors import UserError
 from lrx.train.finetune import l2_norm, run_stage
 from lrx.expansion.model import ExpansionNote, ExpansionReport, expand
 from lrx.nn.models import initial_model
+from lrx.nn.surgery import shown_name, summarise_notes
 from lrx.plan.latency import DeviceTiming
 from lrx.measure.accuracy import pack, paired_difference, percent, unpack, wilson
 from lrx.measure.profiling import profile_pair
@@ -217,7 +218,10 @@ class Decompose(ModelStage):
             train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
         _, test = ctx.data()
         expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say,
-                                        held_out=test)
+                                        held_out=test, notes_in=str(ctx.run.log_path()))
+        if summarise_notes(report.notes) != report.notes:  # the said lines group skipped convs: each in the log
+            for note in report.notes:
+                ctx.run.log(f"note: {note}")
         expanded.to(ctx.device)
         names = [layer["name"] for layer in report.layers]
         ctx.save_model(name, expanded, report.spec, names)
@@ -239,7 +243,7 @@ class Decompose(ModelStage):
 
 def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
                  write_cache: bool = True, log=lambda message: None, held_out=None,
-                 fit: str | None = None) -> tuple[nn.Module, ExpansionReport]:
+                 fit: str | None = None, notes_in: str = "report.notes") -> tuple[nn.Module, ExpansionReport]:
     """Expand ``model`` as ``cfg.decompose`` says, through :func:`lrx.expansion.model.expand`: ``bases: auto`` plans
     ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its layer
     tables cached in ``runs_dir`` unless ``write_cache`` is off); ``fit: data`` fits to the calibration
@@ -261,7 +265,7 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
                           input_size=tuple(input_size or cfg.profile.input_size),
                           timing=DeviceTiming.from_config(cfg) if "latency" in (settings.target or {}) else None,
                           cache=latency_cache_path(runs_dir) if runs_dir is not None else None,
-                          write_cache=write_cache, log=log, **settings.options)
+                          write_cache=write_cache, log=log, notes_in=notes_in, **settings.options)
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None
         except TypeError as err:  # an unknown method option
@@ -273,7 +277,7 @@ def report_text(report: dict) -> str:
     lines = ["layer                 rank  max   rel.error  MACs ratio" + ("  output error: weights fit -> data fit"
                                                                           if data else "")]
     for layer in report.layers:
-        line = (f"{layer['name']:<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
+        line = (f"{shown_name(layer['name']):<20} {layer['rank']:>5} {layer['max_rank']:>4}   {layer['rel_error']:.4f}     "
                 f"{layer['mac_ratio']:.2f}x")
         if data:
             line += f"       {layer['output_error_weights']:.4f} -> {layer['output_error']:.4f}"
