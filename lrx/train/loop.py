@@ -206,6 +206,24 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     return float(stats[0] / stats[1])
 
 
+def _top1_right(model: nn.Module, batches, device, runtime: RuntimeConfig | None, total: int | None):
+    """Per batch, whether ``model``'s top-1 class is right for each image (bool, on ``device``), in eval mode
+    with the model's flags restored after; under DDP this rank's images up to its share of ``total``."""
+    limit = distributed.own_count(total) if total is not None else None
+    seen = 0
+    with kept_modes(model):
+        model.eval()
+        for x, y in batches:
+            if limit is not None and seen + len(y) > limit:
+                x, y = x[: limit - seen], y[: limit - seen]
+            if len(y) == 0:
+                break
+            with autocast(runtime, device):
+                logits = model(to_memory_format(x, runtime))
+            seen += len(y)
+            yield logits.argmax(1) == y
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches, runtime: RuntimeConfig | None = None, total: int | None = None) -> float:
     """Top-1 accuracy in percent of ``model`` on ``batches`` (eval mode; flags restored after).
@@ -218,20 +236,11 @@ def evaluate(model: nn.Module, batches, runtime: RuntimeConfig | None = None, to
     model = distributed.unwrap(model)
     batches = for_model(batches, model)
     device = batches_device(batches)
-    limit = distributed.own_count(total) if total is not None else None
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    with kept_modes(model):
-        model.eval()
-        for x, y in batches:
-            if limit is not None and seen + len(y) > limit:
-                x, y = x[: limit - seen], y[: limit - seen]
-            if len(y) == 0:
-                break
-            with autocast(runtime, device):
-                logits = model(to_memory_format(x, runtime))
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+    for right in _top1_right(model, batches, device, runtime, total):
+        correct += right.sum()
+        seen += len(right)
     stats = distributed.all_reduce_sum(torch.stack([correct, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
     if stats[1] == 0:
         raise UserError("no test images to evaluate on", key="data")
@@ -250,20 +259,7 @@ def correct_per_image(model: nn.Module, batches, runtime: RuntimeConfig | None =
     """
     model = distributed.unwrap(model)
     batches = for_model(batches, model)
-    device = batches_device(batches)
-    limit = distributed.own_count(total) if total is not None else None
-    parts, seen = [], 0
-    with kept_modes(model):
-        model.eval()
-        for x, y in batches:
-            if limit is not None and seen + len(y) > limit:
-                x, y = x[: limit - seen], y[: limit - seen]
-            if len(y) == 0:
-                break
-            with autocast(runtime, device):
-                logits = model(to_memory_format(x, runtime))
-            parts.append(logits.argmax(1) == y)
-            seen += len(y)
+    parts = list(_top1_right(model, batches, batches_device(batches), runtime, total))
     mine = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
     if total is None:
         return mine
