@@ -283,10 +283,7 @@ def is_number(value: Any) -> bool:
 
 def is_finite_number(value: Any) -> bool:
     """A number that is a finite float (a huge YAML integer overflows one)."""
-    try:
-        return is_number(value) and math.isfinite(value)
-    except OverflowError:
-        return False
+    return finite_float(value) is not None
 
 
 def finite_float(value: Any) -> float | None:

@@ -379,21 +379,7 @@ class RunDir:
         Returns the files removed.
         """
         cutoff = time.time() if older_than is None else older_than
-        removed = []
-        try:
-            entries = list(os.scandir(self.path))
-        except OSError:
-            return removed
-        for entry in entries:
-            if not is_temp_file(entry.name):
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-            except OSError:
-                continue  # gone already, or not ours to remove: harmless
+        removed = [path for path, _ in _temp_files(self.path, cutoff, remove=True)]
         if removed:
             self.log(f"removed {len(removed)} temporary file(s) an interrupted write left: "
                      + ", ".join(p.name for p in removed))
@@ -630,7 +616,13 @@ def finished_needs(runs_dir: str | Path) -> tuple[int, int]:
 def _stale_temp_files(folder: Path, dry_run: bool) -> list[tuple[Path, int, str]]:
     """Remove (unless ``dry_run``) the temporary files of atomic writes in ``folder`` last changed more
     than :data:`STALE_TEMP_S` ago; ``(path, bytes, why)`` of each."""
-    cutoff = time.time() - STALE_TEMP_S
+    return [(path, size, "temporary file of a write that was killed")
+            for path, size in _temp_files(folder, time.time() - STALE_TEMP_S, remove=not dry_run)]
+
+
+def _temp_files(folder: str | Path, cutoff: float, remove: bool) -> list[tuple[Path, int]]:
+    """``(path, bytes)`` of the temporary files of atomic writes (``.<file>.XXXXXXXX.tmp``) in ``folder`` last
+    changed before ``cutoff`` (seconds since the epoch), each removed first when ``remove``."""
     found = []
     try:
         entries = list(os.scandir(folder))
@@ -643,11 +635,11 @@ def _stale_temp_files(folder: Path, dry_run: bool) -> list[tuple[Path, int, str]
             info = entry.stat(follow_symlinks=False)
             if not stat.S_ISREG(info.st_mode) or info.st_mtime >= cutoff:
                 continue  # not ours, or maybe a write under way
-            if not dry_run:
+            if remove:
                 os.unlink(entry.path)
         except OSError:
             continue  # gone already, or not ours to remove: harmless
-        found.append((Path(entry.path), info.st_size, "temporary file of a write that was killed"))
+        found.append((Path(entry.path), info.st_size))
     return found
 
 
