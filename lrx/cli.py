@@ -164,8 +164,8 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
     if cfg.decompose is None:
         raise UserError("has no decompose: block", file=str(config), key="decompose")
     if dry_run:
-        configs_to_run(cfg)  # the checks a real run makes first, so that a dry run passes only what would start
-        print_preview(cfg, runs_dir, data_root)
+        involved = configs_to_run(cfg)  # the checks a real run makes first: a dry run passes only what would start
+        print_preview(cfg, runs_dir, data_root, involved)
         return
     if compare_fits and cfg.decompose.fit != "data":
         raise UserError(f"--compare-fits compares the data fit with the weights fit: needs fit: data, got "

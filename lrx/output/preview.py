@@ -22,8 +22,8 @@ from lrx.pipeline.stages import expand_model
 __all__ = ["preview_decomposition", "print_preview", "latency_table", "save_bases_picture", "fit_comparison"]
 
 
-def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
-                          data_root: str | None = None) -> tuple[list[dict], str, dict | None, str | None]:
+def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
+                          involved: list[Config] | None = None) -> tuple[list[dict], str, dict | None, str | None]:
     """Per layer: rank, MACs before/after, retained energy, planned exactly as ``lrx run`` will plan them.
 
     The weights are the ones the run will decompose: the baseline run's final model when it is finished, else
@@ -35,7 +35,7 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
     Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None, caveat or None).
     Writes nothing but, for a latency target, the layer times it measured into the runs folder's cache.
     """
-    model, source, caveat = _planning_weights(cfg, runs_dir)
+    model, source, caveat = _planning_weights(cfg, runs_dir, involved)
     settings = cfg.decompose
     batches = None
     if settings.fit == "data" and settings.bases == "auto":
@@ -55,8 +55,11 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs",
     return rows, source, report.plan, caveat
 
 
-def _planning_weights(cfg: Config, runs_dir: str | Path) -> tuple[nn.Module, str, str | None]:
-    """(model, where its weights come from, a caveat when they are not the ones the run will decompose)."""
+def _planning_weights(cfg: Config, runs_dir: str | Path,
+                      involved: list[Config] | None) -> tuple[nn.Module, str, str | None]:
+    """(model, where its weights come from, a caveat when they are not the ones the run will decompose).
+    ``involved``: the configs ``cfg`` builds on and ``cfg`` itself, as :func:`lrx.pipeline.runner.configs_to_run`
+    loaded them (loaded here when None)."""
     source = cfg.baseline
     if source is not None and cfg.parent is None:
         try:
@@ -66,7 +69,8 @@ def _planning_weights(cfg: Config, runs_dir: str | Path) -> tuple[nn.Module, str
                 return model, f"the trained baseline {path}", None
         except UserError:
             pass
-    start = next((dep for dep in dependencies(cfg) if dep.name == cfg.baseline), None) if cfg.baseline else None
+    builds_on = involved[:-1] if involved is not None else dependencies(cfg)
+    start = next((dep for dep in builds_on if dep.name == cfg.baseline), None) if cfg.baseline else None
     start = start or cfg
     given = start.model.checkpoint or start.model.weights
     if given is not None and start.train.epochs == 0 and cfg.parent is None:
@@ -78,9 +82,10 @@ def _planning_weights(cfg: Config, runs_dir: str | Path) -> tuple[nn.Module, str
                                                    "so the run may choose other ranks")
 
 
-def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None) -> None:
+def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | None = None,
+                  involved: list[Config] | None = None) -> None:
     """Print :func:`preview_decomposition` as a table (what ``lrx decompose --dry-run`` shows)."""
-    rows, source, plan, caveat = preview_decomposition(cfg, runs_dir, data_root)
+    rows, source, plan, caveat = preview_decomposition(cfg, runs_dir, data_root, involved)
     console = Console()
     if not console.is_terminal:  # piped or captured: do not wrap the columns at 80
         console = Console(width=120)
