@@ -7,7 +7,7 @@ or, where the row has not run, a fresh plan (:func:`lrx.plan.latency.plan_latenc
 ``--runs-dir`` if there is one, else on random weights: times do not depend on the weights, the ranks
 do). The expansion is rebuilt from the plan's layers and ranks (random factors: time does not depend on
 them) and timed again here, independently of the planner, against the original in its fastest plain
-layout (:func:`lrx.measure.timing.time_pair`: default, channels_last, NNPACK), at each batch of ``--batches``,
+layout (:func:`lrx.measure.layouts.time_pair`: default, channels_last, NNPACK), at each batch of ``--batches``,
 on the CPU with the row's threads (2).
 
 Checks (exit code 1 if one fails):

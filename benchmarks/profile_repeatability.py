@@ -1,23 +1,28 @@
-"""How far apart two profiles of the same model pair land: the old time column against the new one.
+"""How far apart profiles of the same model pair land, each as ``lrx profile`` takes it.
 
-    .venv/bin/python benchmarks/profile_repeatability.py [--trials 5] [--batch 16] [--size 224] [--threads 2]
+    .venv/bin/python benchmarks/profile_repeatability.py [--trials 10] [--batch 16] [--size 224] [--threads 2]
+        [--rounds 3] [--busy-trials 4,8]
 
 alexnet_cifar10 (random weights, seed 0) and scheme 2 on conv2-5 at row 11's ranks (23, 213, 160, 228),
-profiled ``--trials`` times in this one process, as ``lrx profile`` would profile the run each time:
+profiled ``--trials`` times in this one process with :func:`lrx.measure.profiling.profile_pair` (whole model
+only): each profile is ``--rounds`` rounds on fresh copies of both models, each model in its fastest layout,
+the speedup the median of the rounds'. Per trial: the speedup, each round's, both layouts, whether the profile
+is flagged (noisy: its rounds disagree by more than 10% or its repeats spread; busy: other processes used the
+cores), and the machine's readings.
 
-- old column: one ``torch.profiler`` forward of the expansion (``lrx.measure.profiling.profiler_times``, what the
-  CPU time column was before it became a median);
-- new column: ``profile_pair``'s ``cpu_time_ms`` (median of ``--repeats`` forwards interleaved with the
-  original's layouts), and its speedup.
+``--busy-trials`` runs those trials beside a busy loop (one Python process spinning on one core), the state a
+2-core machine is in when anything else runs: such a trial must be flagged, not reported as a figure.
 
-For each, the spread across trials: max / min. A column a reader can trust lands close to itself; the noisy
-flag says when one trial's repeats spread too widely. Absolute times only hold on the machine that made them.
+The verdict: every unflagged trial's speedup within 10% of the median of the unflagged trials. Absolute times
+only hold on the machine that made them.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,50 +32,74 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lrx.config.settings import ProfileConfig  # noqa: E402
 from lrx.expansion.model import expand  # noqa: E402
+from lrx.measure.profiling import profile_pair  # noqa: E402
 from lrx.nn.models import build_model  # noqa: E402
-from lrx.measure.profiling import profile_pair, profiler_times  # noqa: E402
 
 RANKS = [23, 213, 160, 228]  # row 11: scheme 2, the 3x MAC plan
+TOLERANCE = 0.10  # an unflagged trial's speedup must be within this share of the median
 
 
-def spread(values: list[float], digits: int = 1) -> str:
-    return (f"min {min(values):8.{digits}f}  median {statistics.median(values):8.{digits}f}  "
-            f"max {max(values):8.{digits}f}  max/min {max(values) / min(values):5.2f}")
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_loop() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--busy-trials", default="", help="comma-separated trial numbers run beside a busy loop")
     args = parser.parse_args()
+    busy_trials = {int(t) for t in args.busy_trials.split(",") if t.strip()}
     torch.manual_seed(0)
     original = build_model("alexnet_cifar10").eval()
     expanded, report = expand(original, [2, 3, 4, 5], "v2", RANKS)
-    names = [layer["name"] for layer in report.layers]
     cfg = ProfileConfig(input_size=[3, args.size, args.size], batch=args.batch, threads=args.threads,
-                        warmup=args.warmup, repeats=args.repeats, device="cpu")
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, 3x{args.size}x{args.size}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    old, new, speedups, noisy = [], [], [], 0
-    for trial in range(args.trials):
-        torch.set_num_threads(args.threads)
-        old.append(profiler_times(expanded, args.batch, cfg.input_size, "cpu", args.warmup)["cpu_time_ms"])
-        out = profile_pair(original, expanded, names, cfg, "cpu", per_layer=False, breakdown=False)
-        new.append(out["cpu_time_ms"])
-        speedups.append(out["latency"]["speedup"])
-        noisy += bool(out["cpu_time"]["noisy"] or out["latency"]["noisy"])
-        print(f"trial {trial + 1}: one profiler run {old[-1]:8.1f} ms | median {new[-1]:8.1f} ms "
-              f"(p25-p75 {out['cpu_time']['p25_ms']:.1f}-{out['cpu_time']['p75_ms']:.1f}"
-              f"{', noisy' if out['cpu_time']['noisy'] else ''}), speedup {speedups[-1]:.2f}x against "
-              f"{out['latency']['original_layout']} ({out['latency']['speedup_default']:.2f}x against default)")
-    print(f"old column (one torch.profiler run): {spread(old)}")
-    print(f"new column (interleaved median):     {spread(new)}")
-    print(f"speedup:                             {spread(speedups, 2)}")
-    print(f"trials flagged noisy: {noisy} of {args.trials}")
+                        warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, device="cpu")
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+          f"3x{args.size}x{args.size}, {args.rounds} rounds of {args.repeats} repeats; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    kept, flagged = [], []
+    for trial in range(1, args.trials + 1):
+        hog = busy_loop() if trial in busy_trials else None
+        try:
+            out = profile_pair(original, expanded, [], cfg, "cpu", per_layer=False, breakdown=False)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+        lat = out["latency"]
+        machine = lat["machine"]
+        flags = [name for name, on in (("noisy", lat["noisy"]), ("busy", lat["busy"])) if on]
+        (flagged if flags else kept).append(lat["speedup"])
+        rounds = ", ".join(f"{s:.2f}" for s in lat["round_speedups"])
+        print(f"trial {trial:2d}{' (beside a busy loop)' if hog else ''}: speedup {lat['speedup']:.2f}x "
+              f"(rounds {rounds}); original {lat['original_ms']:.1f} ms in {lat['original_layout']}, expansion "
+              f"{lat['expanded_ms']:.1f} ms in {lat['expanded_layout']}; {lat['speedup_default']:.2f}x against "
+              f"default; other processes {machine['other_share'] or 0:.0%}, steal {machine['steal_share'] or 0:.0%}"
+              f"{'; FLAGGED ' + ', '.join(flags) if flags else ''}", flush=True)
+    if kept:
+        median = statistics.median(kept)
+        outside = [s for s in kept if abs(s / median - 1) > TOLERANCE]
+        print(f"unflagged trials: {len(kept)} of {args.trials}, speedup min {min(kept):.2f} median {median:.2f} "
+              f"max {max(kept):.2f} (max/min {max(kept) / min(kept):.2f})")
+        print(f"unflagged trials outside +-{TOLERANCE:.0%} of their median: {len(outside)}"
+              f"{' (' + ', '.join(f'{s:.2f}' for s in outside) + ')' if outside else ''}")
+    print(f"flagged trials: {len(flagged)}{' (' + ', '.join(f'{s:.2f}' for s in flagged) + ')' if flagged else ''}")
 
 
 if __name__ == "__main__":

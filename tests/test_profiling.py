@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrx.measure import timing
+from lrx.base.errors import UserError
 from lrx.config.settings import ProfileConfig
 from lrx.expansion.model import expand
 from lrx.nn.models import alexnet_cifar10, build_model, conv_layers
 from lrx.measure.profiling import count, layer_latency, profile_pair, profiler_times
-from lrx.measure.timing import NOISY_SPREAD, _stats, latency, module_times, original_layouts, time_pair, timed_units
+from lrx.measure.layouts import ROUNDS_DISAGREE, combine_rounds, original_layouts, time_pair, time_rounds
+from lrx.measure.timing import NOISY_SPREAD, latency, module_times, summarise, timed_units
 
 SEED_BASES = [8, 8, 6, 4]  # the seed's #bases for layers 2,3,4,5
 
@@ -191,7 +193,7 @@ def test_profile_pair_fields(one_thread):
     ([10, 10], True),              # too few repeats to know
 ])
 def test_noise_rule(runs, noisy):
-    stats = _stats(runs)
+    stats = summarise(runs)
     assert NOISY_SPREAD == 0.2, "the documented rule: the middle half of the repeats within 20% of the median"
     assert stats["noisy"] is noisy, f"{runs}: {stats}"
     assert stats["repeats"] == len(runs) and stats["p25_ms"] <= stats["median_ms"] <= stats["p75_ms"], stats
@@ -232,6 +234,77 @@ def test_time_pair_compares_with_the_fastest_plain_layout_and_reports_the_defaul
     assert list(plain["layouts"]) == ["default"] and plain["expanded"] is None and plain["speedup"] is None, plain
 
 
+def test_time_pair_gives_the_expansion_its_fastest_plain_layout_too(fake_clock):
+    """An expansion whose lrx paths (9 ms) are slower than its plain channels_last layout (6 ms) is timed at
+    6 ms: both models in their own fastest layout, and both layouts named."""
+    cpu = torch.device("cpu")
+    timed = time_pair(LayoutCost(), FakeCost("lrx", [9]), (3, 2, 2), 1, cpu, warmup=0, repeats=3,
+                      expanded_plain=LayoutCost())
+    assert set(timed["expanded_layouts"]) >= {"lrx", "default", "channels_last"}, timed["expanded_layouts"].keys()
+    assert timed["expanded_layout"] == "channels_last" and timed["expanded"]["median_ms"] == pytest.approx(6), timed
+    assert timed["speedup"] == pytest.approx(1.0), "fastest original against fastest expansion"
+    assert timed["speedup_default"] == pytest.approx(10 / 6), "the original's default layout against the expansion's best"
+    alone = time_pair(LayoutCost(), FakeCost("lrx", [9]), (3, 2, 2), 1, cpu, warmup=0, repeats=3)
+    assert list(alone["expanded_layouts"]) == ["lrx"] and alone["speedup"] == pytest.approx(6 / 9), \
+        "without a plain copy the expansion runs on its paths alone"
+    plain = time_pair(LayoutCost(), FakeCost("e", [9]), (3, 2, 2), 1, cpu, warmup=0, repeats=3, plain_only=True,
+                      expanded_plain=LayoutCost())
+    assert list(plain["expanded_layouts"]) == ["default"], "profile.optimise: false times the plain expansion alone"
+
+
+def _round(original_ms: float, expanded_ms: float) -> dict:
+    stats = {name: summarise([ms] * 3) for name, ms in (("original", original_ms), ("expanded", expanded_ms))}
+    return {"layouts": {"default": stats["original"]}, "expanded_layouts": {"lrx": stats["expanded"]},
+            "expanded": stats["expanded"], "speedup": original_ms / expanded_ms}
+
+
+def test_rounds_take_the_median_of_medians_and_flag_a_round_that_disagrees():
+    slow = combine_rounds([_round(200, 100), _round(200, 200), _round(200, 100)])
+    assert slow["expanded"]["median_ms"] == pytest.approx(100) and slow["speedup"] == pytest.approx(2.0), \
+        "one slow round moves neither the median of medians nor the speedup"
+    assert slow["expanded"]["round_medians_ms"] == [100, 200, 100], slow["expanded"]
+    assert slow["round_speedups"] == [2.0, 1.0, 2.0] and slow["rounds"] == 3, slow
+    assert slow["rounds_disagree"] and slow["expanded"]["noisy"], "a 2x slow round is flagged"
+    close = combine_rounds([_round(200, 100), _round(204, 100), _round(200, 97)])
+    assert not close["rounds_disagree"] and not close["expanded"]["noisy"], \
+        f"rounds within {ROUNDS_DISAGREE:.0%} of each other are not flagged: {close['round_speedups']}"
+    base = combine_rounds([{**_round(200, 100), "expanded": None, "expanded_layouts": {}, "speedup": None}] * 2)
+    assert base["expanded"] is None and base["round_speedups"] is None and not base["rounds_disagree"], base
+
+
+def test_time_rounds_builds_fresh_models_each_round(fake_clock):
+    made = []
+
+    def make():
+        made.append(LayoutCost())
+        return made[-1], FakeCost("lrx", [3]), None
+
+    timed = time_rounds(make, (3, 2, 2), 1, torch.device("cpu"), warmup=0, repeats=3, rounds=4)
+    assert len(made) == 4 and len({id(m) for m in made}) == 4, "each round times new copies"
+    assert timed["rounds"] == 4 and len(timed["expanded"]["round_medians_ms"]) == 4, timed
+    with pytest.raises(UserError, match="rounds"):
+        time_rounds(make, (3, 2, 2), 1, torch.device("cpu"), warmup=0, repeats=3, rounds=0)
+
+
+def test_profile_pair_records_rounds_and_flags_a_slow_round(fake_clock):
+    """Three rounds; the expansion's fresh copy in round two runs 2x slow: the figure is the other rounds',
+    and the profile says its rounds disagree."""
+    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=3, rounds=3, device="cpu", optimise=False)
+    copies = []
+
+    class Slow(Costly):
+        def __deepcopy__(self, memo):
+            copies.append(1)
+            return Slow("expanded", [6] if len(copies) == 3 else [3])  # copies: ptflops, round 1, round 2, ...
+
+    out = profile_pair(LayoutCost(), Slow("expanded", [3]), [], cfg, "cpu", per_layer=False, breakdown=False)
+    lat = out["latency"]
+    assert lat["rounds"] == 3 and lat["round_speedups"] == pytest.approx([10 / 3, 10 / 6, 10 / 3]), lat["round_speedups"]
+    assert lat["speedup"] == pytest.approx(10 / 3) and lat["expanded_ms"] == pytest.approx(3), lat
+    assert lat["rounds_disagree"] and lat["noisy"], "a round at half speed marks the profile noisy"
+    assert lat["spread"]["expanded"]["round_medians_ms"] == pytest.approx([3, 6, 3]), lat["spread"]["expanded"]
+
+
 def test_original_layouts_on_cpu():
     model = nn.Conv2d(3, 4, 3).eval()
     layouts = original_layouts(model, torch.device("cpu"))
@@ -246,7 +319,7 @@ def test_original_layouts_on_cpu():
 
 
 def test_profile_pair_time_columns_are_the_interleaved_medians(fake_clock):
-    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=5, device="cpu")
+    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=5, rounds=1, device="cpu")
     # The expansion's five repeats: 5, 5, 9, 5, 9 ms -> median 5, quartiles 5 and 9: noisy.
     out = profile_pair(LayoutCost(), Costly("expanded", [5, 5, 9, 5, 9]), [], cfg, "cpu", per_layer=False,
                        breakdown=False)

@@ -147,6 +147,9 @@ class ProfileConfig:
     threads: Union[int, None] = None  # torch threads; None: torch's default
     warmup: int = 2
     repeats: int = 5
+    # Rounds of a profile: each with fresh copies of both models and its own warm-up; a time is the median of
+    # the rounds' medians, and rounds whose speedups disagree by more than 10% mark the profile noisy.
+    rounds: int = 3
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # On CPU, time both models in their fastest layout: the original in channels_last, the expansion
     # with lrx.nn.inference.optimise's per-layer paths (MACs and params are counted before, on the plain models).
@@ -400,6 +403,7 @@ def validate(cfg: Config) -> None:
         within(p.threads, "profile.threads", 1, 1024, why_low=" or null")
     within(p.repeats, "profile.repeats", 5, 10_000, why_low=" (a median needs several runs)")
     within(p.warmup, "profile.warmup", 0, 1000)
+    within(p.rounds, "profile.rounds", 1, 100)
 
 
 def _validate_validation(cfg: Config, need, within) -> None:

@@ -29,8 +29,9 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import describe, optimise
 from lrx.measure.machine import MachineWatch
-from lrx.measure.timing import (SUMMARY_KEYS, cudnn_autotuned, forward_with_flags, eval_copy, random_input, synchronize, interleaved,
-                     layer_inputs, module_times, original_layouts, time_pair, torch_threads, unwrapped)
+from lrx.measure.layouts import cudnn_autotuned, forward_with_flags, original_layouts, time_rounds
+from lrx.measure.timing import (SUMMARY_KEYS, eval_copy, random_input, synchronize, interleaved,
+                                layer_inputs, module_times, torch_threads, unwrapped)
 
 __all__ = ["PTFLOPS_BACKEND", "PTFLOPS_CONFIG", "count", "profiler_times", "layer_latency", "profile_pair"]
 
@@ -293,13 +294,21 @@ def _models_on(device: torch.device, original: nn.Module, expanded: nn.Module | 
     return orig, new, describe(unwrapped(new))
 
 
+def _plain_expansion(expanded: nn.Module | None, device: torch.device, cfg: ProfileConfig) -> nn.Module | None:
+    """A copy of the expansion without inference paths, for the plain layouts it is timed in too
+    (:func:`lrx.measure.layouts.expansion_layouts`); None where the expansion runs plain anyway
+    (``profile.optimise: false``) or both models run wrapped (another dtype, or compiled)."""
+    if expanded is None or not cfg.optimise or cfg.dtype != "float32" or cfg.compile:
+        return None
+    return eval_copy(expanded, device)
+
+
 def _column(timed: dict, baseline: bool, batch: int, threads: int) -> dict:
     """The stats behind a time column: the expansion's median, or for a baseline the fastest original layout's."""
     stats = timed["original"] if baseline else timed["expanded"]
     out = {k: stats[k] for k in SUMMARY_KEYS}
     out.update(batch=batch, threads=threads, source="interleaved")
-    if baseline:
-        out["layout"] = timed["original_layout"]
+    out["layout"] = timed["original_layout"] if baseline else timed["expanded_layout"]
     return out
 
 
@@ -314,12 +323,13 @@ def profile_pair(
 ) -> dict:
     """Everything ``metrics.json`` holds about a run's size and speed.
 
-    Every time is a median of ``cfg.repeats`` interleaved forwards (:func:`time_pair`): the original
-    in each plain layout (:func:`original_layouts`; the fastest is the reference) and the expansion
-    (with ``cfg.optimise``, on lrx.nn.inference's paths), alternately, on the profile device. The CPU time
-    column is such a median on the CPU (a second interleaved timing when profiling on a GPU), the
-    CUDA time column such a median on the GPU (CUDA events); the speedup is the ratio of the same
-    medians. MACs and params are counted on the plain models.
+    Every whole-model time comes from ``cfg.rounds`` rounds (:func:`lrx.measure.layouts.time_rounds`), each on
+    fresh copies of both models with its own warm-up, of ``cfg.repeats`` interleaved forwards: the original
+    in each plain layout (:func:`original_layouts`) and the expansion on lrx.nn.inference's paths (with
+    ``cfg.optimise``) and in the same plain layouts; a time is the median of the rounds' medians, and each
+    model's fastest layout is its reference. The CPU time column is such a median on the CPU (a second
+    timing when profiling on a GPU), the CUDA time column such a median on the GPU (CUDA events); the speedup
+    is the ratio of the same medians. MACs and params are counted on the plain models.
 
     Parameters
     ----------
@@ -341,9 +351,11 @@ def profile_pair(
     ``cuda_time`` hold the column's stats (median, p25, p75, min, max, IQR, repeats, noisy, batch,
     threads). ``latency`` (on the profile device): ``threads``, ``repeats``, ``warmup``, ``batch``,
     ``original_ms`` (the fastest layout's median), ``original_layout``, ``original_default_ms``,
-    ``expanded_ms``, ``spread`` ({"original", "expanded", "layouts": {layout: ...}} with each
-    median's quartiles, min, max, runs and noisy flag), ``speedup`` = original_ms / expanded_ms,
-    ``speedup_default`` = original_default_ms / expanded_ms, ``noisy`` (either median), ``mac_ratio``
+    ``expanded_ms`` (the expansion's fastest layout's median), ``expanded_layout``, ``spread``
+    ({"original", "expanded", "layouts": {layout: ...}, "expanded_layouts": {layout: ...}} with each
+    median's quartiles, min, max, runs, rounds' medians and noisy flag), ``speedup`` = original_ms /
+    expanded_ms, ``speedup_default`` = original_default_ms / expanded_ms, ``rounds``, ``round_speedups``
+    (each round's own), ``rounds_disagree``, ``noisy`` (either median, or the rounds disagree), ``mac_ratio``
     = original / expanded MACs, ``realised`` = speedup / mac_ratio, ``layers`` and ``modules`` (the
     per-module breakdown, or None), ``machine`` (:class:`lrx.measure.machine.MachineWatch`'s readings while
     everything was timed) and ``busy`` (those readings say the cores were shared: every time is suspect).
@@ -358,14 +370,18 @@ def profile_pair(
     baseline = expanded is None
     plain_only = not cfg.optimise
     watch = MachineWatch(threads=cfg.threads or torch.get_num_threads())
+
+    def fresh(on: torch.device) -> Callable[[], tuple]:
+        return lambda: (*_models_on(on, original, expanded, cfg, input_size)[:2], _plain_expansion(expanded, on, cfg))
+
+    def rounds(on: torch.device) -> dict:  # cfg.rounds rounds of the whole models, each round on fresh copies
+        return time_rounds(fresh(on), input_size, cfg.batch, on, cfg.warmup, cfg.repeats, cfg.rounds, plain_only)
+
     with torch_threads(cfg.threads) as threads, watch:
-        orig, new, paths = _models_on(device, original, expanded, cfg, input_size)
-        timed = time_pair(orig, new, input_size, cfg.batch, device, cfg.warmup, cfg.repeats, plain_only)
-        cpu_timed = timed
+        timed = cpu_timed = rounds(device)
         if device.type != "cpu":  # the seed's CPU time column is a CPU run, also on a GPU machine
-            cpu_models = _models_on(cpu, original, expanded, cfg, input_size)
-            cpu_timed = time_pair(*cpu_models[:2], input_size, cfg.batch, cpu, cfg.warmup, cfg.repeats, plain_only)
-            del cpu_models
+            cpu_timed = rounds(cpu)
+        orig, new, paths = _models_on(device, original, expanded, cfg, input_size)
         best_net, best_flags = original_layouts(orig, device, plain_only)[timed["original_layout"]]
         layers = []
         if per_layer and new is not None and replaced_layer_names:
@@ -382,7 +398,7 @@ def profile_pair(
                                    cfg.warmup, cfg.repeats)
 
     def spread(stats: dict) -> dict:
-        return {k: stats[k] for k in (*SUMMARY_KEYS, "runs_ms")}
+        return {k: stats[k] for k in (*SUMMARY_KEYS, "runs_ms", "round_medians_ms")}
 
     orig_stats, new_stats = timed["original"], timed["expanded"]
     mac_ratio = realised = None
@@ -413,11 +429,16 @@ def profile_pair(
             "original_layout": timed["original_layout"],
             "original_default_ms": timed["layouts"]["default"]["median_ms"],
             "expanded_ms": new_stats["median_ms"] if new_stats else None,
+            "expanded_layout": timed["expanded_layout"],
             "spread": {"original": spread(orig_stats), **({"expanded": spread(new_stats)} if new_stats else {}),
-                       "layouts": {name: spread(s) for name, s in timed["layouts"].items()}},
+                       "layouts": {name: spread(s) for name, s in timed["layouts"].items()},
+                       "expanded_layouts": {name: spread(s) for name, s in timed["expanded_layouts"].items()}},
             "speedup": speedup,
             "speedup_default": timed["speedup_default"],
-            "noisy": orig_stats["noisy"] or bool(new_stats and new_stats["noisy"]),
+            "rounds": timed["rounds"],
+            "round_speedups": timed["round_speedups"],
+            "rounds_disagree": timed["rounds_disagree"],
+            "noisy": orig_stats["noisy"] or bool(new_stats and new_stats["noisy"]) or timed["rounds_disagree"],
             "mac_ratio": mac_ratio,
             "realised": realised,
             "layers": layers,

@@ -3,9 +3,7 @@
 - :func:`interleaved`: time several callables once per repeat, in an order rotating each repeat,
   so that a shared machine's drift hits them alike; medians, quartiles and a ``noisy`` flag
   (:data:`NOISY_SPREAD`). CUDA events on a GPU, :data:`_clock` elsewhere.
-- :func:`latency`: whole models, interleaved. :func:`time_pair`: the original in each of its plain
-  layouts (:func:`original_layouts`: PyTorch's default, channels_last, NNPACK, cudnn.benchmark) and an
-  expansion, the fastest original layout being the reference.
+- :func:`latency`: whole models, interleaved (each model in its fastest layout, in rounds: lrx.measure.layouts).
 - :func:`module_times`: where the time goes inside a forward, per module (forward hooks).
 
 Ratios of medians are what a reader should trust; an absolute time only holds on the machine that made it.
@@ -26,8 +24,7 @@ from lrx.base.errors import UserError
 from lrx.nn.inference import InferenceModel, Optimisable
 
 __all__ = ["torch_threads", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
-           "SUMMARY_KEYS", "interleaved", "latency", "cudnn_autotuned", "original_layouts", "forward_with_flags",
-           "time_pair", "layer_inputs", "unwrapped", "timed_units", "module_times"]
+           "SUMMARY_KEYS", "summarise", "interleaved", "latency", "layer_inputs", "unwrapped", "timed_units", "module_times"]
 
 # The clock behind every CPU latency figure; a module attribute so that tests can replace it.
 _clock: Callable[[], float] = time.perf_counter
@@ -81,7 +78,7 @@ NOISY_MIN_REPEATS = 3
 SUMMARY_KEYS = ("median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy")
 
 
-def _stats(runs_ms: list[float]) -> dict:
+def summarise(runs_ms: list[float]) -> dict:
     """Median, quartiles (inclusive method), min, max, IQR, repeat count, noisy flag and the runs themselves."""
     q1, _, q3 = statistics.quantiles(runs_ms, n=4, method="inclusive") if len(runs_ms) > 1 else (runs_ms[0],) * 3
     median = statistics.median(runs_ms)
@@ -115,7 +112,7 @@ def _time_ms(call: Callable[[], object], device: torch.device) -> float:
 def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
     """Time each callable once per repeat, in an order that rotates by one each repeat.
 
-    Every wall-clock figure of lrx comes from here. Returns ``{name: stats}`` (see :func:`_stats`); the
+    Every wall-clock figure of lrx comes from here. Returns ``{name: stats}`` (see :func:`summarise`); the
     first name gets no ``speedup``, each other one ``speedup = median(first) / median(name)``.
     """
     if repeats < 1:
@@ -131,7 +128,7 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, wa
         for name in names[shift:] + names[:shift]:
             synchronize(device)
             runs[name].append(_time_ms(calls[name], device))
-    out = {name: _stats(runs[name]) for name in names}
+    out = {name: summarise(runs[name]) for name in names}
     reference = out[names[0]]["median_ms"]
     for name in names[1:]:
         median = out[name]["median_ms"]
@@ -180,100 +177,6 @@ def latency(
         "repeats": repeats,
         "models": stats,
     }
-
-
-# ---------------------------------------------------------------- the original's plain layouts
-
-
-@contextlib.contextmanager
-def _backend_flag(backend, name: str, value: bool) -> Iterator[None]:
-    """Set one ``torch.backends`` flag for the block (its ``flags()`` helpers reset the others too)."""
-    before = getattr(backend, name)
-    setattr(backend, name, value)
-    try:
-        yield
-    finally:
-        setattr(backend, name, before)
-
-
-def cudnn_autotuned():
-    return _backend_flag(torch.backends.cudnn, "benchmark", True)
-
-
-def _mkldnn_off():
-    # With oneDNN off, PyTorch runs stride-1 float convs through NNPACK (from batch 16), else im2col.
-    return _backend_flag(torch.backends.mkldnn, "enabled", False)
-
-
-def original_layouts(model: nn.Module, device: torch.device, plain_only: bool = False) -> dict[str, tuple]:
-    """The ways to run the original model that need no lrx code, for the honest baseline.
-
-    Returns ``{name: (model, flags)}`` where ``flags()`` is the context the forward runs in:
-
-    - ``"default"``: the model as PyTorch runs it by default (NCHW weights, global flags untouched);
-    - ``"channels_last"``: its weights in channels_last (on CPU oneDNN's NHWC kernels skip the
-      reorders of the NCHW path);
-    - on CPU where NNPACK is built in, ``"nnpack"``: NCHW with oneDNN off, so stride-1 convs run
-      through NNPACK;
-    - on CUDA, ``"cudnn_benchmark"`` and ``"channels_last_cudnn_benchmark"``: cuDNN's autotuner on.
-
-    ``plain_only`` (``profile.optimise: false``): the default layout alone. ``model`` must already be on
-    ``device`` in eval mode; the channels_last variants are copies.
-    """
-    layouts = {"default": (model, contextlib.nullcontext)}
-    if plain_only:
-        return layouts
-    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        layouts["channels_last"] = (last, contextlib.nullcontext)
-        layouts["cudnn_benchmark"] = (model, cudnn_autotuned)
-        layouts["channels_last_cudnn_benchmark"] = (last, cudnn_autotuned)
-    else:
-        layouts["channels_last"] = (last, contextlib.nullcontext)
-        if getattr(torch, "_nnpack_available", lambda: False)():
-            layouts["nnpack"] = (model, _mkldnn_off)
-    return layouts
-
-
-def forward_with_flags(net: nn.Module, flags: Callable, x: torch.Tensor) -> Callable[[], object]:
-    def call():
-        with flags():
-            return net(x)
-    return call
-
-
-def time_pair(original: nn.Module, expanded: nn.Module | None, input_size: Sequence[int], batch: int,
-              device: torch.device, warmup: int, repeats: int, plain_only: bool = False) -> dict:
-    """Whole-model times on ``device``: every plain layout of the original and the expansion, interleaved.
-
-    ``original`` and ``expanded`` must be on ``device`` in eval mode (the expansion as it is to run,
-    e.g. after lrx.nn.inference.optimise). On CUDA the expansion runs with cudnn.benchmark on, as the fastest
-    original layouts may.
-
-    Returns
-    -------
-    ``{"layouts": {layout: stats}, "original_layout": the fastest layout's name, "original": its stats,
-    "expanded": stats or None, "speedup": fastest original / expansion median (None for a baseline),
-    "speedup_default": default-layout original / expansion median}``; stats as :func:`_stats` gives them.
-    """
-    layouts = original_layouts(original, device, plain_only)
-    x = random_input(batch, input_size, device)
-    calls = {name: forward_with_flags(net, flags, x) for name, (net, flags) in layouts.items()}
-    if expanded is not None:
-        flags = cudnn_autotuned if device.type == "cuda" and not plain_only else contextlib.nullcontext
-        calls["expanded"] = forward_with_flags(expanded, flags, x)
-    with torch.inference_mode():
-        stats = interleaved(calls, device, warmup, repeats)
-    for s in stats.values():
-        s.pop("speedup", None)  # relative to whichever call came first: meaningless here
-    new = stats.pop("expanded", None)
-    best = min(stats, key=lambda name: stats[name]["median_ms"])
-
-    def ratio(reference: dict) -> float | None:
-        return reference["median_ms"] / new["median_ms"] if new is not None and new["median_ms"] > 0 else None
-
-    return {"layouts": stats, "original_layout": best, "original": stats[best], "expanded": new,
-            "speedup": ratio(stats[best]), "speedup_default": ratio(stats["default"])}
 
 
 # ---------------------------------------------------------------- per layer, per module

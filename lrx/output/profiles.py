@@ -35,11 +35,12 @@ def _share(value: Any) -> str:
 
 
 def whole_model_table(latency: dict) -> Table:
-    """The original in each plain layout and the expansion: medians, quartiles, and speedups against each."""
+    """The original in each plain layout and the expansion in each of its layouts: medians, quartiles, and the
+    expansion's (fastest layout's) speedup against each original layout."""
     spread = latency.get("spread") or {}
     layouts = spread.get("layouts") or {}
     table = Table(title=f"whole model (ms, batch {latency.get('batch', '?')}, {latency.get('repeats', '?')} "
-                        f"interleaved repeats; {NOISY} = noisy)")
+                        f"interleaved repeats a round; median of the rounds' medians; {NOISY} = noisy)")
     for column in ("model", "median", "p25-p75", "expansion's speedup"):
         table.add_column(column, justify="left" if column == "model" else "right")
     expanded_ms = latency.get("expanded_ms")
@@ -49,10 +50,16 @@ def whole_model_table(latency: dict) -> Table:
         speedup = median / expanded_ms if isinstance(median, (int, float)) and expanded_ms else None
         table.add_row(f"original, {name}{mark}", _ms(median, stats.get("noisy")),
                       f"{_ms(stats.get('p25_ms'))}-{_ms(stats.get('p75_ms'))}", _ratio(speedup))
-    if expanded_ms is not None:
-        stats = spread.get("expanded") or {}
-        table.add_row("expansion", _ms(expanded_ms, stats.get("noisy")),
+    own = spread.get("expanded_layouts") or ({"": spread.get("expanded") or {}} if expanded_ms is not None else {})
+    for name, stats in own.items():  # older profiles: the expansion in one layout, unnamed
+        mark = " (fastest)" if name and name == latency.get("expanded_layout") else ""
+        table.add_row(f"expansion{', ' + name if name else ''}{mark}", _ms(stats.get("median_ms"), stats.get("noisy")),
                       f"{_ms(stats.get('p25_ms'))}-{_ms(stats.get('p75_ms'))}", "")
+    rounds = latency.get("round_speedups")
+    if isinstance(rounds, list) and len(rounds) > 1:
+        table.caption = (f"{len(rounds)} rounds on fresh copies, speedup per round: "
+                         + ", ".join(_ratio(r) for r in rounds)
+                         + ("; they disagree by more than 10%: re-time on a quiet machine" if latency.get("rounds_disagree") else ""))
     return table
 
 

@@ -503,11 +503,20 @@ def footnotes(rows: list[dict]) -> list[str]:
         if speedup is not None and isinstance(layout, str):
             default = finite_float(latency.get("speedup_default"))
             beside = f", {default:.2f}x against PyTorch's default" if default is not None and layout != "default" else ""
-            against.append(f"row {ids[id(row)]} {speedup:.2f}x against {layout}{beside}")
+            own = _scalar(latency.get("expanded_layout"))
+            runs = f" (expansion {_LAYOUT_NAMES.get(own, own)})" if isinstance(own, str) else ""
+            rounds = latency.get("round_speedups")
+            spread = (f", rounds {min(rounds):.2f}-{max(rounds):.2f}x" if isinstance(rounds, list) and len(rounds) > 1
+                      and all(finite_float(r) is not None for r in rounds) else "")
+            against.append(f"row {ids[id(row)]} {speedup:.2f}x against {layout}{runs}{beside}{spread}")
     if against:
-        notes.append("Measured speedups are against the original in its fastest plain layout on the profile device: "
-                     + "; ".join(against) + ".")
+        notes.append("Measured speedups are each model in its fastest layout on the profile device, the original in a "
+                     "plain one: " + "; ".join(against) + ".")
     return notes + _accuracy_notes(rows, ids)
+
+
+# How a footnote names the layout an expansion ran fastest in.
+_LAYOUT_NAMES = {"lrx": "on lrx's inference paths", "default": "in PyTorch's default layout"}
 
 
 def _accuracy_notes(rows: list[dict], ids: dict[int, str]) -> list[str]:

@@ -27,7 +27,7 @@ MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an 
    Options slower than a less lossy one are never taken. The proxy is the retained
    filter energy per rank (or any per-rank proxy the caller gives, e.g. a data-aware one).
 5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
-   (:func:`lrx.measure.timing.time_pair`: PyTorch's default, channels_last, NNPACK or cudnn.benchmark, whichever
+   (:func:`lrx.measure.layouts.time_rounds`: PyTorch's default, channels_last, NNPACK or cudnn.benchmark, whichever
    is fastest on the device: the honest baseline). If the predicted
    speedup is off the measured one by more than :data:`TOLERANCE` (or the target is missed), the expanded
    layers' times are scaled
@@ -67,7 +67,8 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.layers import LowRankExpConvV2, check_convertible
 from lrx.nn.surgery import build_expanded, conv_sizes, layer_label, select_layers
-from lrx.measure.timing import interleaved, module_times, time_pair, torch_threads
+from lrx.measure.layouts import time_rounds
+from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import cheaper_ladder
 from lrx.nn.inference import optimise
 
@@ -115,7 +116,8 @@ class Timing(Protocol):
     def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
         """Whole-model medians, interleaved: ``{"original_ms"`` (the original's fastest plain layout),
         ``"layout"`` (its name), ``"layouts": {name: ms}`` (``"channels_last"`` among them),
-        ``"expanded_ms"`` (None without ``expanded``)``}``."""
+        ``"expanded_ms"`` (the expansion's fastest layout, lrx's paths or a plain one; None without
+        ``expanded``), ``"expanded_layout"``}``, each time the median of the rounds' medians."""
 
 
 @dataclass
@@ -131,14 +133,15 @@ class DeviceTiming:
     compile: bool = False
     warmup: int = 2
     repeats: int = 5
+    rounds: int = 1  # of the whole-model check, as a profile's (profile.rounds)
 
     @classmethod
     def from_config(cls, cfg) -> "DeviceTiming":
         """The timing a config asks for: ``runtime.device``, and the profile's batch, input size, threads,
-        dtype, compile, warm-up and repeats."""
+        dtype, compile, warm-up, repeats and rounds."""
         p = cfg.profile
         return cls(resolve_device(cfg.runtime.device), p.batch, tuple(p.input_size), p.threads, p.dtype, p.compile,
-                   p.warmup, p.repeats)
+                   p.warmup, p.repeats, p.rounds)
 
     def key(self) -> dict:
         if self.device.type == "cuda":
@@ -181,15 +184,23 @@ class DeviceTiming:
 
     def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
         x = self._input((self.batch, *self.input_size)).contiguous()
-        with torch.no_grad():
-            # The original as PyTorch runs it (NCHW); lrx.measure.timing tries its other plain layouts itself.
-            base = self._prepare(original, False, x, self.compile)
-            new = self._prepare(expanded, True, x, self.compile) if expanded is not None else None
+
+        def make() -> tuple:  # fresh copies each round, as a profile times them
+            with torch.no_grad():
+                # The original as PyTorch runs it (NCHW); lrx.measure.timing tries its other plain layouts itself.
+                base = self._prepare(original, False, x, self.compile)
+                new = self._prepare(expanded, True, x, self.compile) if expanded is not None else None
+            plain = None
+            if expanded is not None and self.dtype == "float32" and not self.compile:
+                plain = copy.deepcopy(expanded).to(self.device).eval()
+            return base, new, plain
+
         with torch_threads(self.threads):
-            timed = time_pair(base, new, self.input_size, self.batch, self.device, self.warmup, self.repeats)
+            timed = time_rounds(make, self.input_size, self.batch, self.device, self.warmup, self.repeats, self.rounds)
         return {"original_ms": timed["original"]["median_ms"], "layout": timed["original_layout"],
                 "layouts": {k: v["median_ms"] for k, v in timed["layouts"].items()},
-                "expanded_ms": timed["expanded"]["median_ms"] if new is not None else None}
+                "expanded_ms": timed["expanded"]["median_ms"] if expanded is not None else None,
+                "expanded_layout": timed["expanded_layout"]}
 
 
 def _cpu_name() -> str:
