@@ -12,6 +12,7 @@ from lrx.config.settings import StageConfig
 from lrx.data.datasets import Batches, synthetic
 from lrx.base.errors import UserError
 from lrx.train.finetune import LayerTaps, l2_norm, measure, run_stage
+from lrx.train.loop import correct_per_image
 from lrx.train.baseline import TrainingDiverged, is_better
 
 REPLACED = ["3", "6"]  # module names of the two convolutions the student replaces
@@ -496,3 +497,27 @@ def test_fine_tuning_without_a_teacher_is_refused(tmp_path):
     with pytest.raises(UserError, match="teacher"):
         run_stage(student, None, REPLACED, train, test, StageConfig(kd=1.0), tmp_path / "s.ckpt", quiet=True)
     assert not (tmp_path / "s.ckpt").exists(), "nothing written"
+
+
+def test_measure_gives_the_per_image_correctness_of_its_own_pass():
+    student, teacher = make_pair()
+    _, test = make_data(n_test=70)
+    bits: list = []
+    acc1, l2 = measure(student, teacher, REPLACED, test, per_image=bits)
+    assert torch.equal(bits[0], correct_per_image(student, test)), "the same per-image correctness as a pass of its own"
+    assert acc1 == pytest.approx(100.0 * bits[0].sum().item() / 70) and l2 == pytest.approx(l2_norm(student, teacher, REPLACED, test))
+
+
+def test_given_input_figures_are_not_measured_again_on_the_test_images(tmp_path, monkeypatch):
+    student, teacher = make_pair()
+    train, test = make_data(n_train=64)
+    val = make_val()
+    seen = []
+    real = finetune.measure
+    monkeypatch.setattr(finetune, "measure", lambda s, t, n, batches, *a, **k: seen.append(batches) or real(s, t, n, batches, *a, **k))
+    monkeypatch.setattr(finetune, "correct_per_image", lambda *a, **k: pytest.fail("the test pass gives the bits"))
+    result = run_stage(student, teacher, REPLACED, train, test, StageConfig(l2=1.0, epochs=1, lr=1e-2),
+                       tmp_path / "s.ckpt", quiet=True, val=val, before_test={"acc1": 12.5, "l2": 3.25})
+    assert [b is test for b in seen] == [False, False, True], "validation before and after the epoch, then the test images once"
+    assert (result["acc1_before"], result["l2_before"]) == (12.5, 3.25), "the given input figures are reported"
+    assert result["test_correct"]["n"] == 128 and result["test_correct"]["correct"] == round(result["acc1_after"] * 1.28)

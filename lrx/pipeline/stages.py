@@ -7,6 +7,9 @@ directory, the device, and the data and original model, each loaded once on firs
 The table's keys (acc1, l2_before, ...) are derived from the stages' results by :func:`summarise`, with how sure
 each is: the final model's per-image correctness on the test images, its Wilson interval, and its paired
 difference from the original on the same images (:mod:`lrx.measure.accuracy`).
+
+It is long because each stage's record and the test figures the next stage takes from it (not measuring the
+same model on the same images twice) are read together; the table's derivation could move out if it grows.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from lrx.base import distributed
 from lrx.config.settings import Config
 from lrx.data.datasets import load_splits
 from lrx.base.errors import UserError
-from lrx.train.finetune import l2_norm, run_stage
+from lrx.train.finetune import measure, run_stage
 from lrx.expansion.model import ExpansionNote, ExpansionReport, expand
 from lrx.nn.models import initial_model
 from lrx.nn.surgery import shown_name, summarise_notes
@@ -226,10 +229,12 @@ class Decompose(ModelStage):
         names = [layer["name"] for layer in report.layers]
         ctx.save_model(name, expanded, report.spec, names)
         ctx.say(report_text(report))
-        original_correct, correct = correct_per_image(original, test), correct_per_image(expanded, test)
+        bits: list = []  # the expansion's acc@1, correctness and L2 norm to the original in one pass
+        _, l2 = measure(expanded, original, names, test, per_image=bits)
+        original_correct, correct = correct_per_image(original, test), bits[0]
         result = {"acc1_original": percent(original_correct), "acc1": percent(correct),
                   "original_test_correct": pack(original_correct.numpy()), "test_correct": pack(correct.numpy()),
-                  "l2": l2_norm(expanded, original, names, test), "report": report.layers,
+                  "l2": l2, "report": report.layers,
                   "layers": report.chosen_layers or settings.layers, "names": names, "bases": report.ranks, "scheme": settings.scheme,
                   "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
                   "fit": settings.fit}
@@ -296,11 +301,20 @@ class Finetune(ModelStage):
         train, test = ctx.data()
         result = run_stage(student, original, names, train, test, cfg.finetune[index], ctx.run.checkpoint_path(name),
                            log=ctx.say, quiet=ctx.quiet, runtime=cfg.runtime, seed=cfg.seed + index,
-                           val=ctx.validation())
+                           val=ctx.validation(), before_test=_input_figures(ctx, index))
         ctx.save_model(name, student, spec, names)
         if index == 0 and cfg.decompose is None:  # the original on this run's test images, for the paired difference
             result["original_test_correct"] = pack(correct_per_image(original, test).numpy())
         return result
+
+
+def _input_figures(ctx: Context, index: int) -> dict | None:
+    """acc@1 and L2 norm on the test images of the model fine-tune stage ``index`` starts from, as this run's
+    previous stage recorded them (not measured again); None when another run made that model."""
+    stage, acc, l2 = (f"finetune.{index - 1}", "acc1_after", "l2_after") if index else ("decompose", "acc1", "l2")
+    record = ctx.metrics.get("stages", {}).get(stage, {}) if index or ctx.cfg.decompose is not None else {}
+    figures = {"acc1": record.get(acc), "l2": record.get(l2)}
+    return figures if all(isinstance(v, float) for v in figures.values()) else None
 
 
 class Profile:

@@ -35,7 +35,7 @@ from lrx.config.settings import RuntimeConfig, StageConfig, stage_settings
 from lrx.base.errors import UserError
 from lrx.measure.accuracy import pack
 from lrx.train.loop import (LossFn, autocast, batches_device, correct_per_image, fit, for_model, kept_modes, main_log,
-                            prepare_model, resume, start_device, to_memory_format)
+                            prepare_model, resume, start_device, to_memory_format, whole_correct)
 from lrx.train.baseline import adamw, selection
 
 __all__ = ["LayerTaps", "squared_distances", "measure", "l2_norm", "freeze_for_stage", "set_stage_modes",
@@ -131,12 +131,15 @@ def squared_distances(student: dict, teacher: dict, names: list[str]) -> torch.T
 
 @torch.inference_mode()
 def measure(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], batches,
-            runtime: RuntimeConfig | None = None, total: int | None = None, accuracy: bool = True) -> tuple[float | None, float]:
+            runtime: RuntimeConfig | None = None, total: int | None = None, accuracy: bool = True,
+            per_image: list | None = None) -> tuple[float | None, float]:
     """Acc@1 (percent) of the student and its L2 norm to the teacher, in one pass over ``batches``.
 
     The L2 norm: per-sample L2 norm of each named layer's output difference, averaged over the
     images, summed over the layers (the seed's "L2 norm"). Both models in eval mode (flags restored
     after). Under DDP pass this rank's shard and ``total``, the unsharded number of images.
+    ``per_image`` (with ``accuracy``): a list that receives the student's per-image correctness, bool (N,) on
+    the CPU in the batches' order (:func:`lrx.train.loop.whole_correct`), from the same pass.
     Returns ``(acc1 or None when accuracy=False, l2)``.
     """
     names = list(layer_names)
@@ -145,6 +148,7 @@ def measure(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], 
     device = batches_device(batches)
     limit = distributed.own_count(total) if total is not None else None
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, images, sum of per-image L2 norms
+    rights = []
     with kept_modes(student), kept_modes(teacher), LayerTaps(teacher, names, stop_early=True) as t_taps, \
             LayerTaps(student, names, stop_early=not accuracy) as s_taps:
         student.eval()
@@ -161,12 +165,16 @@ def measure(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], 
                 logits = s_taps(student, x)
             sums[2] += squared_distances(s_taps.outputs, t_taps.outputs, names).sqrt().sum(0).sum()
             if accuracy:
-                sums[0] += (logits.argmax(1) == y).sum()
+                right = logits.argmax(1) == y
+                sums[0] += right.sum()
+                rights.append(right)
             sums[1] += len(y)
             seen += len(y)
     distributed.all_reduce_sum(sums)
     if sums[1] == 0:
         raise UserError("no test images to evaluate on", key="data")
+    if per_image is not None and accuracy:
+        per_image.append(whole_correct(rights, total))
     acc1 = float(100.0 * sums[0] / sums[1]) if accuracy else None
     return acc1, float(sums[2] / sums[1])
 
@@ -216,7 +224,8 @@ def stage_label(stage: StageConfig) -> str:
 
 def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str], train, test, stage: StageConfig,
               ckpt_path, log: Log | None = None, quiet: bool = False, runtime: RuntimeConfig | None = None,
-              seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None, val=None) -> dict:
+              seed: int = 0, on_epoch: Callable[[int, dict], None] | None = None, val=None,
+              before_test: dict | None = None) -> dict:
     """Fine-tune ``student`` for ``stage.epochs`` epochs; resume from ``ckpt_path`` if it exists.
 
     Parameters
@@ -236,6 +245,8 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
         0) and after every epoch is measured on them, and the kept one is chosen among all of these (ties
         keep the earlier); the test images are measured on the input and on the kept model only. None: every
         epoch is measured on ``test`` and the kept one chosen among epochs 1..n on it (lrx's earlier rule).
+    before_test : ``{"acc1", "l2"}`` of the student as given on ``test``, when the caller measured them already
+        (the previous stage's kept model on the same images); None: measured here (with ``val``).
     ckpt_path : the per-epoch checkpoint ``{model, optimizer, scheduler (None), epoch, best, best_epoch, history,
         before, rng, settings, wall_s}``, written atomically by rank 0 after every epoch (and as epoch 0
         before training).
@@ -304,7 +315,7 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
                 say(f"fine-tune ({label}) for {stage.epochs} epochs: before, acc@1{on} {before['acc1']:.2f}%, "
                     f"L2 norm {before['l2']:.4g}")
                 if val is not None:
-                    state.extra["before_test"] = measured(test_b, test.num_images)
+                    state.extra["before_test"] = dict(before_test) if before_test else measured(test_b, test.num_images)
             elif state.next_epoch <= stage.epochs:
                 say(f"resuming fine-tune ({label}) from epoch {state.next_epoch} of {stage.epochs} ({ckpt_path})")
             if val is not None:
@@ -321,11 +332,13 @@ def run_stage(student: nn.Module, teacher: nn.Module, layer_names: Iterable[str]
 
     before = state.extra["before"]
     kept = state.best if state.best is not None else before
-    correct = correct_per_image(student, test_b, runtime, total=test.num_images)  # the kept model, once
     if val is None:  # chosen on the test images: the kept epoch's figures are the test figures
         before_test, after_test = before, kept
-    else:
-        before_test, after_test = state.extra["before_test"], measured(test_b, test.num_images)
+        correct = correct_per_image(student, test_b, runtime, total=test.num_images)  # the kept model, once
+    else:  # the kept model on the test images, once: acc@1, L2 norm and per-image correctness in one pass
+        bits: list = []
+        acc1, l2 = measure(student, teacher, names, test_b, runtime, total=test.num_images, per_image=bits)
+        before_test, after_test, correct = state.extra["before_test"], {"acc1": acc1, "l2": l2}, bits[0]
     kept_input = bool(state.history) and state.best_epoch == 0 and val is not None and stage.keep != "last"
     if kept_input:
         say(f"kept the model the stage started from: no epoch beat it on the validation images "

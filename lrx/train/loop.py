@@ -32,7 +32,7 @@ from lrx.base.progress import progress
 __all__ = ["CHECK_EVERY", "LOOP_KEYS", "autocast", "to_memory_format", "prepare_model", "batches_device",
            "model_device", "for_model", "start_device", "main_log", "kept_modes", "rng_state", "set_rng_state",
            "all_rng_states", "restore_rng_states", "cpu_state", "train_one_epoch", "evaluate", "correct_per_image",
-           "is_better",
+           "whole_correct", "is_better",
            "LoopState", "load_weights", "check_settings", "resume", "epoch_line", "fit"]
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,7 +259,13 @@ def correct_per_image(model: nn.Module, batches, runtime: RuntimeConfig | None =
     """
     model = distributed.unwrap(model)
     batches = for_model(batches, model)
-    parts = list(_top1_right(model, batches, batches_device(batches), runtime, total))
+    return whole_correct(list(_top1_right(model, batches, batches_device(batches), runtime, total)), total)
+
+
+def whole_correct(parts: list[torch.Tensor], total: int | None) -> torch.Tensor:
+    """bool (N,) on the CPU from this process's per-batch correctness ``parts`` (its strided share of
+    unshuffled batches under DDP): every process gets the whole vector when ``total`` (the unsharded number
+    of images) is given, else this process's own images."""
     mine = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.bool)
     if total is None:
         return mine
