@@ -1,8 +1,9 @@
 """The channel low-rank scheme: 1x1 convs and linear layers as C -> R -> N (lrx.nn.channel.LowRankChannel), its
-fits (lrx.factor.channel) and the model-level call (lrx.expansion.channels.expand_channels)."""
+fits (lrx.factor.channel) and a model expanded with it (lrx.expand(..., scheme="channel"))."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -10,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrx.base.errors import UserError
-from lrx.expansion.channels import expand_channels
+from lrx.expansion.model import ExpansionNote, expand
 from lrx.factor.channel import (ChannelFactors, channel_data_fit, channel_energy, channel_macs, channel_output_error,
                                 channel_samples, channel_svd, channel_weight, check_channel_rank,
                                 collect_channel_stats)
 from lrx.measure.profiling import count
 from lrx.nn.inference import expansion_layers, optimise
-from lrx.nn.channel import LowRankChannel, build_channels, channel_positions, select_channel_layers
+from lrx.nn.channel import LowRankChannel, channel_positions
+from lrx.nn.surgery import build_expanded, select_layers
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +42,13 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 24, 1, stride=2),
                          nn.ReLU(), nn.Conv2d(24, 8, 1, bias=False), nn.Flatten(), nn.Linear(8 * 4 * 4, 20),
                          nn.ReLU(), nn.Linear(20, 10))
+
+
+def expand_channels(model, layers, ranks, **options):
+    """lrx.expand with the channel scheme, its notes not warned (the tests read report.notes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExpansionNote)
+        return expand(model, layers, "channel", ranks, **options)
 
 
 def calibration(count_: int = 24, batch: int = 8, size: int = 8) -> list:
@@ -287,12 +296,14 @@ def test_full_rank_expansion_of_a_model_gives_its_outputs_and_rebuilds_from_its_
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert relative(new(x), model(x)) < 1e-5, "full rank everywhere reproduces the model"
-    assert [type(new.get_submodule(n)) for n in report["spec"]["layers"]] == [LowRankChannel] * 4, "layers replaced"
+    assert [type(new.get_submodule(n)) for n in report.spec["layers"]] == [LowRankChannel] * 4, "layers replaced"
+    assert report.spec["scheme"] == "channel" and [row["kind"] for row in report.layers] == ["conv", "conv", "linear",
+                                                                                             "linear"]
     assert type(model[2]) is nn.Conv2d, "the model passed in is not modified"
-    again = build_channels(model, report["spec"])
+    again = build_expanded(model, report.spec)
     again.load_state_dict(new.state_dict())
     with torch.no_grad():
-        assert torch.equal(again.eval()(x), new(x)), "build_channels + the state dict give the same model"
+        assert torch.equal(again.eval()(x), new(x)), "build_expanded + the state dict give the same model"
 
 
 def test_the_report_counts_macs_as_ptflops_does():
@@ -301,9 +312,9 @@ def test_the_report_counts_macs_as_ptflops_does():
     new, report = expand_channels(model, ["2", "4", "6", "8"], ranks, input_size=(3, 8, 8))
     before, _ = count(model, (3, 8, 8))
     after, _ = count(new, (3, 8, 8))
-    assert before - after == report["macs_before"] - report["macs_after"], \
-        f"ptflops saves {before - after} MACs, the report {report['macs_before'] - report['macs_after']}"
-    by_name = {row["name"]: row for row in report["layers"]}
+    saved = sum(row["macs_before"] - row["macs_after"] for row in report.layers)
+    assert before - after == saved, f"ptflops saves {before - after} MACs, the report {saved}"
+    by_name = {row["name"]: row for row in report.layers}
     assert by_name["2"]["positions"] == 16 and by_name["6"]["positions"] == 1, "H' W' of a conv, rows of a linear"
     assert by_name["4"]["macs_after"] == channel_macs(24, 8, 3, 16) == 3 * (24 + 8) * 16, "R (C + N) H' W'"
     # Layer alone, no bias: ptflops counts exactly the formula.
@@ -314,26 +325,57 @@ def test_the_report_counts_macs_as_ptflops_does():
     assert count(LowRankChannel.from_linear(linear, 2), (5, 7))[0] == channel_macs(7, 9, 2, 5), "R (C + N) per row"
 
 
-def test_the_data_fit_lowers_the_output_error_on_the_calibration_images():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_data_fit_lowers_the_output_error_on_the_calibration_images(sequential):
     model = tiny_model().eval()
     batches = calibration()
-    _, weights = expand_channels(model, ["2", "6"], [3, 4], calibration=batches, input_size=(3, 8, 8))
-    _, data = expand_channels(model, ["2", "6"], [3, 4], fit="data", calibration=batches, input_size=(3, 8, 8))
-    assert data["images"] == 24 and weights["images"] == 24, "all 24 calibration images used"
-    for w_row, d_row in zip(weights["layers"], data["layers"]):
-        assert d_row["output_error"] <= w_row["output_error"] + 1e-9, \
-            f"{d_row['name']}: data fit {d_row['output_error']:.4f} above the weight fit's {w_row['output_error']:.4f}"
-        assert d_row["output_error_weights"] == pytest.approx(w_row["output_error"]), "the SVD's error reported alike"
-        assert d_row["rel_error"] == d_row["output_error"], "rel_error is the output error with calibration"
-        assert d_row["weight_error"] >= w_row["weight_error"] - 1e-9, "the SVD has the least weight error"
+    _, data = expand_channels(model, ["2", "6"], [3, 4], fit="data", calibration=batches, sequential=sequential,
+                              input_size=(3, 8, 8))
+    assert data.fit_data["images"] == 24 and data.fit_data["sequential"] == sequential, "all 24 images used"
+    _, weights = expand_channels(model, ["2", "6"], [3, 4], input_size=(3, 8, 8))
+    for w_row, d_row in zip(weights.layers, data.layers):
+        assert d_row["output_error"] <= d_row["output_error_weights"] + 1e-9, \
+            f"{d_row['name']}: data fit {d_row['output_error']:.4f} above the weight fit's {d_row['output_error_weights']:.4f}"
+        assert d_row["output_error"] < 1.0 and d_row["fit"] == "data" and d_row["sweeps"] == 0, "a closed form"
+        assert d_row["rel_error"] >= w_row["rel_error"] - 1e-9, "the SVD has the least weight error"
+
+
+def test_the_sequential_data_fit_targets_the_originals_outputs():
+    """Sequential mode: each layer's inputs come from the model whose earlier layers are replaced, its target from
+    the original. At full rank for the later layer, its fit corrects the earlier layer's error on these images:
+    its output error on the sequential statistics is below the weight fit's (which copies W)."""
+    model = tiny_model().eval()
+    batches = calibration(count_=48)
+    _, report = expand_channels(model, ["2", "4"], [2, 8], fit="data", calibration=batches, input_size=(3, 8, 8))
+    second = report.layers[1]
+    assert second["output_error_weights"] > 0.01, "the first layer's error reaches the second: W alone misses it"
+    assert second["output_error"] < second["output_error_weights"], \
+        f"the refit lowers it: {second['output_error']:.4f} vs {second['output_error_weights']:.4f}"
+
+
+def test_sequential_statistics_of_an_untouched_model_are_the_plain_ones():
+    """With nothing replaced before a layer, the sequential cross moment is W E[x x^T] and the sequential fit
+    equals the plain data fit."""
+    model = tiny_model().eval()
+    batches = calibration()
+    plain = collect_channel_stats(model, ["4"], batches)["4"]
+    seq = collect_channel_stats(model, ["4"], batches, reference=model)["4"]
+    w = model[4].weight.detach().double().reshape(8, 24)
+    assert torch.allclose(seq.xx, plain.xx) and torch.allclose(seq.yx, w @ plain.xx, rtol=1e-4, atol=1e-6), \
+        "cross moment = W sum x x^T"
+    a = channel_weight(channel_data_fit(model[4].weight, plain.covariance, 3))
+    b = channel_weight(channel_data_fit(model[4].weight, seq.covariance, 3, cross=seq.yx / seq.count))
+    assert relative(b, a) < 1e-4, "the same fit from either form"
 
 
 @pytest.mark.parametrize("layers,ranks,message", [
-    (["0"], [2], r"layer 0: kernel_size=\(3, 3\)"),
-    (["1"], [2], "layer 1: only a 1x1 nn.Conv2d or an nn.Linear"),
-    (["fc"], [2], "no module named 'fc'"),
-    (["2"], [13], r"layer 2: rank 13 is out of range.*ranks 1\.\.12"),
-    (["2"], [0], r"layer 2: rank 0 is out of range"),
+    (["0"], [2], r"layer 1 \('0'\): kernel_size=\(3, 3\)"),
+    ([1], [2], r"layer 1 \('0'\): kernel_size=\(3, 3\)"),
+    (["1"], [2], "no conv or linear layer named '1'"),
+    (["fc"], [2], "no conv or linear layer named 'fc'"),
+    (["2"], [13], r"layer 2 \('2'\): rank 13 is out of range.*ranks 1\.\.12"),
+    (["8"], [11], r"layer '8': rank 11 is out of range.*ranks 1\.\.10"),
+    (["2"], [0], r"rank 0 is out of range"),
     (["2", "6"], [3], "1 ranks given for 2 layers"),
     (["2", "2"], [3, 3], "given more than once"),
     (["conv*"], [3], "pattern 'conv\\*' matches no conv or linear layer"),
@@ -346,26 +388,27 @@ def test_bad_requests_are_refused_naming_the_layer(layers, ranks, message):
 
 def test_grouped_convs_and_bad_fits_are_refused():
     model = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2), nn.Linear(4, 4))
-    with pytest.raises(UserError, match="layer 0: groups=2"):
+    with pytest.raises(UserError, match=r"layer 1 \('0'\): groups=2"):
         expand_channels(model, ["0"], 1, input_size=(4, 2, 4))
     with pytest.raises(UserError, match="fit 'data' needs calibration"):
         expand_channels(model, ["1"], 1, fit="data", input_size=(4, 2, 4))
-    with pytest.raises(UserError, match="fit 'filters' is not one of"):
+    with pytest.raises(UserError, match="unknown fit 'filters'"):
         expand_channels(model, ["1"], 1, fit="filters", input_size=(4, 2, 4))
 
 
 def test_patterns_skip_what_the_scheme_cannot_replace_with_a_note():
     notes: list[str] = []
-    chosen = select_channel_layers(tiny_model(), ["auto"], notes)
-    assert [name for name, _ in chosen] == ["2", "4", "6", "8"], f"1x1 convs and linears chosen: {chosen}"
-    assert notes == ["layer 0 skipped: kernel_size=(3, 3): the channel scheme replaces 1x1 convs only "
+    chosen = select_layers(tiny_model(), ["auto"], "channel", notes=notes)
+    assert [(index, name) for index, name, _ in chosen] == [(2, "2"), (3, "4"), (None, "6"), (None, "8")], \
+        f"1x1 convs (with their conv index) and linears (none) chosen: {chosen}"
+    assert notes == ["layer 1 ('0') skipped: kernel_size=(3, 3): the channel scheme replaces 1x1 convs only "
                      "(schemes v1 and v2 expand larger kernels)"], f"the 3x3 conv is noted: {notes}"
     _, report = expand_channels(tiny_model(), "*", 2, input_size=(3, 8, 8))
-    assert report["spec"]["ranks"] == [2, 2, 2, 2] and len(report["notes"]) == 1, "one rank for all; the note kept"
+    assert report.spec["ranks"] == [2, 2, 2, 2] and len(report.notes) == 1, "one rank for all; the note kept"
     assert channel_positions(tiny_model(), ["2", "8"], (3, 8, 8)) == {"2": 16, "8": 1}, "positions per image"
 
 
 def test_a_rank_that_costs_more_than_the_dense_layer_is_noted():
     _, report = expand_channels(nn.Sequential(nn.Linear(4, 4)), ["0"], [4], input_size=(4,))
-    assert report["notes"] == ["layer 0: rank 4 costs 32 MACs, more than the dense layer's 16 "
-                               "(cheaper at ranks below 2)"], f"note: {report['notes']}"
+    assert report.notes == ["layer '0': rank 4 costs 2.00x the layer's MACs (MAC ratio 0.50); a lower rank saves "
+                            "MACs"], f"note: {report.notes}"

@@ -26,13 +26,17 @@ from torch import nn
 
 from lrx.base.errors import UserError
 from lrx.config.settings import check_target
+from lrx.expansion.channels import channel_layer, channel_proxy, channel_refit
+from lrx.factor.channel import channel_stats_error, collect_channel_stats
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
 from lrx.factor.datafit import (TOL, collect_stats, fit_scheme1, fit_scheme2, output_error, refit_coefficients,
                                 retained_output_energy)
-from lrx.factor.decomposition import (BASES, METHODS, ORDERS, SCHEMES, Scheme1Factors, check_choice,
-                                      check_method_options, check_rank, energy_first_sv, expanded_macs, max_rank,
-                                      original_macs, scheme1)
-from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, check_convertible
-from lrx.nn.surgery import conv_sizes, layer_label, per_layer_ranks, select_layers, summarise_notes
+from lrx.factor.decomposition import (BASES, METHODS, ORDERS, Scheme1Factors, check_choice, check_method_options,
+                                      energy_first_sv, expanded_macs, max_rank, original_macs, scheme1)
+from lrx.nn.channel import channel_positions
+from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
+from lrx.nn.surgery import (check_layer, check_layer_rank, conv_sizes, layer_label, layer_scheme, per_layer_ranks,
+                            select_layers, summarise_notes)
 from lrx.plan.latency import DeviceTiming, Timing, plan_latency
 from lrx.plan.macs import device_align, plan_ranks
 
@@ -103,9 +107,12 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
         (``"layer3.*"``) or ``"auto"`` (every conv the scheme can replace), one or a list
         (:func:`lrx.nn.surgery.select_layers`; what a pattern skips is in ``report.notes`` and warned as
         :class:`ExpansionNote`).
-    scheme : "v1" (:class:`lrx.nn.layers.LowRankExpConvV1`) or "v2" (:class:`lrx.nn.layers.LowRankExpConvV2`).
-    ranks : one rank per layer (the seed's "#bases": M basis filters for v1, K channels for v2), one int for
-        all, or ``"auto"``: planned from ``target``.
+    scheme : "v1" (:class:`lrx.nn.layers.LowRankExpConvV1`), "v2" (:class:`lrx.nn.layers.LowRankExpConvV2`),
+        "channel" (1x1 convs and linear layers, :class:`lrx.nn.channel.LowRankChannel`; ``layers`` then match
+        linear layers too, by name or pattern) or "auto" (per layer: v2 for a larger kernel, channel for a 1x1
+        conv or a linear layer; with ``ranks="auto"`` a planner chooses among them and keeping a layer dense).
+    ranks : one rank per layer (the seed's "#bases": M basis filters for v1, K channels for v2, R for the channel
+        scheme), one int for all, or ``"auto"``: planned from ``target``.
     target : with ``ranks="auto"``: ``{"speedup": X}`` (the replaced layers' MACs fall X-fold), ``{"macs": F}``
         (the model keeps the fraction F of its MACs) (:func:`lrx.plan.macs.plan_ranks`), or ``{"latency": X}``
         (the whole model runs X times faster, measured with ``timing``; scheme 2; :func:`lrx.plan.latency.plan_latency`).
@@ -157,8 +164,9 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
         if kind == "latency":
             timing = timing if timing is not None else DeviceTiming(torch.device("cpu"), input_size=tuple(input_size))
             plan = plan_latency(model, layers, target, timing, proxy=proxy, align=align, cache=cache,
-                                write_cache=write_cache, log=log)
-            layers = plan["layers"]
+                                write_cache=write_cache, log=log, scheme=scheme)
+            # Convs by their index (the seed's numbering), linear layers (no index) by name.
+            layers = [index if index is not None else name for index, name in zip(plan["layers"], plan["names"])]
         else:
             plan = plan_ranks(model, layers, scheme, target, input_size=input_size, basis=basis,
                               decomposed=decomposed, align=align, retained=proxy)
@@ -191,24 +199,39 @@ def output_energy(model: nn.Module, layers: Sequence[int | str], scheme: str, ba
 
 
 def _output_energy(model, layers, scheme, batches, basis, images) -> tuple[dict, dict[str, list[float]]]:
-    """(the chosen convs' input statistics on the original model, their output energy kept per rank)."""
+    """(the chosen layers' input statistics on the original model, their output energy kept per rank)."""
     chosen = select_layers(model, layers, scheme)
-    stats = collect_stats(model, [name for _, name, _ in chosen], batches, images)
-    return stats, {name: retained_output_energy(conv.weight, stats[name], scheme, basis).tolist()
-                   for _, name, conv in chosen}
+    stats = _statistics(model, [(name, layer_scheme(module, scheme)) for _, name, module in chosen], batches, images)
+    return stats, {name: (channel_proxy(module, stats[name]) if layer_scheme(module, scheme) == CHANNEL
+                          else retained_output_energy(module.weight, stats[name], layer_scheme(module, scheme),
+                                                      basis).tolist())
+                   for _, name, module in chosen}
+
+
+def _statistics(model, layers: Sequence[tuple[str, str]], batches, images, reference=None) -> dict:
+    """The input statistics of ``layers`` ((name, its scheme) pairs): patch statistics of the convs of schemes v1
+    and v2 (:func:`lrx.factor.datafit.collect_stats`), channel statistics of the rest
+    (:func:`lrx.factor.channel.collect_channel_stats`); with ``reference``, sequential ones."""
+    convs = [name for name, own in layers if own != CHANNEL]
+    channels = [name for name, own in layers if own == CHANNEL]
+    stats = collect_stats(model, convs, batches, images, reference=reference) if convs else {}
+    if channels:
+        stats.update(collect_channel_stats(model, channels, batches, images, reference=reference))
+    return stats
 
 
 def _check_form(scheme: str, basis: str, method: str, decomposed: bool, order: str) -> None:
-    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(scheme, EXPANSIONS, "scheme")
     check_choice(basis, BASES, "basis")
     check_choice(method, METHODS, "method")
-    if scheme == "v2" and (method != "svd" or decomposed or basis != "shared"):
-        raise UserError("scheme v2 takes method 'svd', basis 'shared' and decomposed false only "
+    if scheme != "v1" and (method != "svd" or decomposed or basis != "shared"):
+        raise UserError(f"scheme {scheme} takes method 'svd', basis 'shared' and decomposed false only "
                         f"(got method {method!r}, basis {basis!r}, decomposed {decomposed}): its SVD is exact and "
-                        "its filters are already separable")
+                        "its factors are already separable")
     check_choice(order, ORDERS, "order")
-    if scheme == "v1" and order != "vh":
-        raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes none")
+    if scheme in ("v1", CHANNEL) and order != "vh":
+        raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme {scheme} "
+                        "takes none")
 
 
 def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_size, order,
@@ -217,46 +240,59 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
     notes: list[str] = []
     chosen = select_layers(model, layers, scheme, decomposed, notes)
     ranks = per_layer_ranks(ranks, len(chosen), [name for _, name, _ in chosen])
-    for (index, name, conv), rank in zip(chosen, ranks):
-        check_convertible(conv, scheme, decomposed, layer_label(index, name))
-        check_rank(rank, conv, scheme, basis, order, layer_label(index, name))
+    for (index, name, module), rank in zip(chosen, ranks):
+        check_layer(module, scheme, decomposed, layer_label(index, name))
+        check_layer_rank(rank, module, scheme, basis, order, layer_label(index, name))
     check_method_options(method, method_options)
 
     names = [name for _, name, _ in chosen]
     sizes = conv_sizes(model, names, input_size)
+    channels = [name for _, name, module in chosen if layer_scheme(module, scheme) == CHANNEL]
+    positions = channel_positions(model, channels, input_size) if channels else {}
     new = copy.deepcopy(model)
     rows = []
     for (index, name, _), rank in zip(chosen, ranks):
         conv = new.get_submodule(name)
-        weight = conv.weight.detach()
-        energy = layer_order = None
-        if scheme == "v1":
-            factors = scheme1(weight, rank, basis, method, **method_options)
-            share = energy_first_sv(factors.bases)
-            energy = (share if share.dim() == 1 else share.mean(0)).tolist()
-            layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
+        own = layer_scheme(conv, scheme)
+        if own == CHANNEL:
+            layer, row = channel_layer(conv, rank, positions[name])
+            row = {"index": index, "name": name, **row}
         else:
-            layer = LowRankExpConvV2.from_conv(conv, rank, order=order, name=name)
-            layer_order = layer.order
-        in_hw, out_hw = sizes[name]
-        before = original_macs(conv, out_hw)
-        after = expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
-        rows.append({
-            "index": index, "name": name, "shape": list(weight.shape), "rank": rank,
-            "max_rank": max_rank(conv, scheme, basis, layer_order or "vh"),
-            "rel_error": _relative_error(weight, layer.dense_weight()),
-            "macs_before": before, "macs_after": after, "mac_ratio": before / after,
-            "energy_first_sv": energy, "order": layer_order,
-        })
-        if after > before:
-            notes.append(f"layer {layer_label(index, name)}: rank {rank} costs {after / before:.2f}x the conv's MACs "
-                         f"(MAC ratio {before / after:.2f}); a lower rank saves MACs")
+            layer, row = _conv_layer(conv, own, rank, basis, method, decomposed, order, sizes[name], method_options)
+            row = {"index": index, "name": name, **row}
+            if scheme == AUTO:
+                row["scheme"] = own
+        if row["macs_after"] > row["macs_before"]:
+            notes.append(f"layer {layer_label(index, name)}: rank {rank} costs {row['macs_after'] / row['macs_before']:.2f}x "
+                         f"the {'conv' if row.get('scheme', 'v1') != CHANNEL else 'layer'}'s MACs (MAC ratio {row['mac_ratio']:.2f}); a lower rank saves MACs")
+        rows.append(row)
         new.set_submodule(name, layer)
     spec = {"layers": names, "scheme": scheme, "ranks": list(ranks), "basis": basis, "decomposed": decomposed,
             "method": method, "method_options": dict(method_options)}
-    if scheme == "v2":
+    if scheme in ("v2", AUTO):
         spec["orders"] = [row["order"] for row in rows]
     return new, ExpansionReport(spec=spec, layers=rows, notes=notes, ranks=list(ranks))
+
+
+def _conv_layer(conv, scheme, rank, basis, method, decomposed, order, size, method_options) -> tuple[nn.Module, dict]:
+    """A conv replaced by scheme v1 or v2 at ``rank``, fitted to its filters, and its report row."""
+    weight = conv.weight.detach()
+    energy = layer_order = None
+    if scheme == "v1":
+        factors = scheme1(weight, rank, basis, method, **method_options)
+        share = energy_first_sv(factors.bases)
+        energy = (share if share.dim() == 1 else share.mean(0)).tolist()
+        layer = LowRankExpConvV1.from_factors(conv, factors, decomposed=decomposed, basis=basis)
+    else:
+        layer = LowRankExpConvV2.from_conv(conv, rank, order=order)
+        layer_order = layer.order
+    in_hw, out_hw = size
+    before = original_macs(conv, out_hw)
+    after = expanded_macs(conv, scheme, rank, in_hw, out_hw, decomposed, layer_order or "vh")
+    return layer, {"shape": list(weight.shape), "rank": rank, "max_rank": max_rank(conv, scheme, basis, layer_order or "vh"),
+                   "rel_error": _relative_error(weight, layer.dense_weight()),
+                   "macs_before": before, "macs_after": after, "mac_ratio": before / after,
+                   "energy_first_sv": energy, "order": layer_order}
 
 
 def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -273,28 +309,31 @@ def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, ba
     ``stats``, collected by the plan on the same images). Returns the record of the fit (``report.fit_data``)."""
     started = time.perf_counter()
     scheme = report.spec["scheme"]
-    rows = sorted(report.layers, key=lambda row: row["index"])
-    names = [row["name"] for row in rows]
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    rows = sorted(report.layers, key=lambda row: position[row["name"]])
+    kinds = [(row["name"], layer_scheme(model.get_submodule(row["name"]), scheme)) for row in rows]
     clock = time.perf_counter()
     if sequential:
         stats = None
-    elif stats is None or not set(names) <= set(stats):
-        stats = collect_stats(model, names, batches, images)
+    elif stats is None or not {name for name, _ in kinds} <= set(stats):
+        stats = _statistics(model, kinds, batches, images)
     seconds_stats = time.perf_counter() - clock
     filter_fits = {}
-    for row in rows:
-        name = row["name"]
+    for row, (name, own) in zip(rows, kinds):
         conv = model.get_submodule(name)
         weight = conv.weight.detach()
         clock = time.perf_counter()
-        layer_stats = (collect_stats(expanded, [name], batches, images, reference=model)[name] if sequential
+        layer_stats = (_statistics(expanded, [(name, own)], batches, images, reference=model)[name] if sequential
                        else stats[name])
         seconds_stats += time.perf_counter() - clock
         before = expanded.get_submodule(name)
         filter_fits[name] = before.dense_weight()
+        if own == CHANNEL:
+            expanded.set_submodule(name, channel_refit(conv, before, row, layer_stats))
+            continue
         row["output_error_weights"] = output_error(weight, filter_fits[name], layer_stats)
         history = []
-        if scheme == "v2":
+        if own == "v2":
             factors = fit_scheme2(weight, row["rank"], layer_stats, row["order"], iterations, tol=tol, history=history)
             layer = LowRankExpConvV2.from_factors(conv, factors, order=row["order"])
         else:
@@ -308,12 +347,12 @@ def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, ba
         row.update(fit="data", output_error=output_error(weight, dense, layer_stats), sweeps=len(history) - 1,
                    rel_error=_relative_error(weight, dense))
     if held_out is not None:
-        unseen = collect_stats(model, names, held_out, images)
-        for row in rows:
-            weight = model.get_submodule(row["name"]).weight
-            row.update(held_out_error_weights=output_error(weight, filter_fits[row["name"]], unseen[row["name"]]),
-                       held_out_error=output_error(weight, expanded.get_submodule(row["name"]).dense_weight(),
-                                                   unseen[row["name"]]))
+        unseen = _statistics(model, kinds, held_out, images)
+        for row, (name, own) in zip(rows, kinds):
+            weight = model.get_submodule(name).weight
+            error = channel_stats_error if own == CHANNEL else output_error
+            row.update(held_out_error_weights=error(weight, filter_fits[name], unseen[name]),
+                       held_out_error=error(weight, expanded.get_submodule(name).dense_weight(), unseen[name]))
     seconds = time.perf_counter() - started
     return {"images": layer_stats.images, "sequential": sequential, "iterations": iterations, "tol": tol,
             "seconds": seconds, "seconds_stats": seconds_stats, "seconds_fit": seconds - seconds_stats}

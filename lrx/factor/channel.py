@@ -27,7 +27,7 @@ from lrx.base.errors import UserError
 from lrx.factor.datafit import DAMP, RIDGE, calibration_images
 
 __all__ = ["ChannelFactors", "ChannelStats", "channel_max_rank", "check_channel_rank", "channel_macs", "channel_svd",
-           "channel_data_fit", "channel_weight", "channel_output_error", "channel_energy", "channel_samples",
+           "channel_data_fit", "channel_fit", "channel_stats_error", "channel_weight", "channel_output_error", "channel_energy", "channel_samples",
            "collect_channel_stats"]
 
 
@@ -41,11 +41,18 @@ class ChannelFactors(NamedTuple):
 @dataclass
 class ChannelStats:
     """Sums over calibration samples of one layer's inputs: ``xx`` = sum x x^T (C, C) float64, ``count`` samples
-    (images x output positions, or input rows), ``images`` images."""
+    (images x output positions, or input rows), ``images`` images.
+
+    Sequential mode (:func:`collect_channel_stats` with a ``reference``): x is the input in the model whose earlier
+    layers are already replaced, and the target is the original layer's output on its own input u, ``y = W u``
+    (bias left out); then ``yx`` = sum y x^T (N, C) and ``yy`` = sum ||y||^2 are kept too (None otherwise: the
+    target is ``W x``)."""
 
     xx: Tensor
     count: int
     images: int = 0
+    yx: Tensor | None = None
+    yy: float | None = None
 
     @property
     def covariance(self) -> Tensor:
@@ -108,7 +115,8 @@ def channel_svd(weight: Tensor, rank: int) -> ChannelFactors:
 
 
 def _whitener(covariance: Tensor, shift: float):
-    """(B, right_inverse) with ``B B^T = covariance + shift I`` (C, C) and ``right_inverse(X) = X B^{-1}``.
+    """(B, right_inverse, right_inverse_t) with ``B B^T = covariance + shift I`` (C, C), ``right_inverse(X) = X B^{-1}``
+    and ``right_inverse_t(X) = X B^{-T}``.
 
     Cholesky where it factors. A covariance summed from float32 products of inputs confined to a subspace
     (identical channels, dead units) has eigenvalues a little below 0 where they are 0, which a small shift
@@ -117,10 +125,12 @@ def _whitener(covariance: Tensor, shift: float):
     eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
     chol, info = torch.linalg.cholesky_ex(covariance + shift * eye)
     if info.item() == 0:
-        return chol, lambda x: torch.linalg.solve_triangular(chol, x, upper=False, left=False)
+        return (chol, lambda x: torch.linalg.solve_triangular(chol, x, upper=False, left=False),
+                lambda x: torch.linalg.solve_triangular(chol.T, x, upper=True, left=False))
     values, vectors = torch.linalg.eigh(covariance)
     root = (values.clamp_min(0) + shift).sqrt()
-    return (vectors * root) @ vectors.T, lambda x: ((x @ vectors) / root) @ vectors.T
+    inverse = lambda x: ((x @ vectors) / root) @ vectors.T  # noqa: E731  B is symmetric: B^{-T} = B^{-1}
+    return (vectors * root) @ vectors.T, inverse, inverse
 
 
 def _shift(covariance: Tensor, damp: float) -> float:
@@ -137,7 +147,8 @@ def _covariance(covariance: Tensor, columns: int) -> Tensor:
 
 
 @torch.no_grad()
-def channel_data_fit(weight: Tensor, covariance: Tensor, rank: int, damp: float = DAMP) -> ChannelFactors:
+def channel_data_fit(weight: Tensor, covariance: Tensor, rank: int, damp: float = DAMP,
+                     cross: Tensor | None = None) -> ChannelFactors:
     """The rank-``rank`` factors that minimise ``E||W x - W_hat x||^2 + delta ||W - W_hat||_F^2`` exactly.
 
     Parameters
@@ -145,6 +156,10 @@ def channel_data_fit(weight: Tensor, covariance: Tensor, rank: int, damp: float 
     weight : (N, C) or (N, C, 1, 1), the layer's W.
     covariance : (C, C) ``E[x x^T]`` of its inputs (:attr:`ChannelStats.covariance`).
     rank : R in 1..min(C, N).
+    cross : sequential mode: (N, C) ``E[y x^T]`` with ``y = W u`` the original layer's output on its own input
+        (:attr:`ChannelStats.cross`). The objective is then ``E||y - W_hat x||^2 + delta ||W - W_hat||_F^2``,
+        whose minimiser is ``[T B]_R B^{-1}`` for ``T = (E[y x^T] + delta W)(Sigma + delta I)^{-1}``; with
+        ``y = W x`` this is the fit above (T = W).
     damp : ``delta`` relative to the covariance's mean eigenvalue (:data:`lrx.factor.datafit.DAMP`, 1%, as the
         other data fits: it keeps W_hat near W along directions the calibration inputs barely excite; at least
         :data:`lrx.factor.datafit.RIDGE`). Since the weight SVD minimises the damping term alone, the fit's
@@ -159,10 +174,42 @@ def channel_data_fit(weight: Tensor, covariance: Tensor, rank: int, damp: float 
     check_channel_rank(rank, weight.shape)
     w = _matrix(weight)
     sigma = _covariance(covariance, w.shape[1]).to(w.device)
-    root, right_inverse = _whitener(sigma, _shift(sigma, damp))
-    u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
+    shift = _shift(sigma, damp)
+    root, right_inverse, right_inverse_t = _whitener(sigma, shift)
+    if cross is None:
+        target = w @ root  # W B
+    else:  # T B = (E[y x^T] + delta W) B^{-T}, since (Sigma + delta I)^{-1} B = B^{-T}
+        target = right_inverse_t(_cross(cross, w) + shift * w)
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
     first, second = _balanced(u, s, vh, rank)
     return ChannelFactors(right_inverse(first).to(weight.dtype), second.to(weight.dtype))
+
+
+def _cross(cross: Tensor, w: Tensor) -> Tensor:
+    if tuple(cross.shape) != tuple(w.shape):
+        raise UserError(f"a cross moment of shape {tuple(cross.shape)} does not fit a weight of shape {tuple(w.shape)}")
+    return cross.detach().double().to(w.device)
+
+
+def channel_fit(weight: Tensor, rank: int, stats: ChannelStats, damp: float = DAMP) -> ChannelFactors:
+    """:func:`channel_data_fit` on a layer's statistics: to ``W x`` on the original model's inputs, or in sequential
+    mode (statistics with ``yx``) to the original layer's outputs from the inputs the replaced model gives it."""
+    cross = None if stats.yx is None else stats.yx / stats.count
+    return channel_data_fit(weight, stats.covariance, rank, damp, cross)
+
+
+@torch.no_grad()
+def channel_stats_error(weight: Tensor, approx: Tensor, stats: ChannelStats) -> float:
+    """Relative output error of ``approx`` on a layer's statistics: :func:`channel_output_error` without a target of
+    its own, else ``sqrt(E||y - W_hat x||^2 / E||y||^2)`` (sequential mode)."""
+    if stats.yx is None:
+        return channel_output_error(weight, approx, stats.covariance)
+    w = _matrix(weight)
+    a = _matrix(approx).to(w.device)
+    sigma = _covariance(stats.covariance, w.shape[1]).to(w.device)
+    energy = stats.yy / stats.count
+    err = energy - 2 * (a * _cross(stats.yx / stats.count, w)).sum().item() + ((a @ sigma) * a).sum().item()
+    return (max(err, 0.0) / max(energy, 1e-300)) ** 0.5
 
 
 def channel_weight(factors: ChannelFactors) -> Tensor:
@@ -238,52 +285,43 @@ def _gram(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def collect_channel_stats(model: nn.Module, names: Sequence[str], batches: Iterable,
-                          images: int = 512) -> dict[str, ChannelStats]:
+def collect_channel_stats(model: nn.Module, names: Sequence[str], batches: Iterable, images: int = 512,
+                          reference: nn.Module | None = None) -> dict[str, ChannelStats]:
     """``sum x x^T`` of the named layers' input samples (:func:`channel_samples`) over the first ``images`` images.
 
     Parameters
     ----------
     model : the model; it runs in eval mode (every module's mode is put back as it was), with forward pre-hooks
         on ``names``.
-    names : qualified names of 1x1 ``nn.Conv2d`` (groups 1) or ``nn.Linear`` modules.
+    names : qualified names of 1x1 ``nn.Conv2d`` (groups 1) or ``nn.Linear`` modules (with ``reference``: of the
+        reference's; in ``model`` they may be replaced already).
     batches : any iterable of ``(x, ...)`` batches with x on the model's device; the rest of a batch is ignored.
     images : stop after this many images (the last batch is cut).
+    reference : sequential mode: the original model. Each batch runs through both; ``x`` comes from ``model``
+        (its earlier layers replaced), the target ``y = W u`` from the reference layer on its own input u, and
+        ``yx``, ``yy`` are kept too (:class:`ChannelStats`).
 
     Returns
     -------
     ``{name: ChannelStats}``, float64 on the data's device.
     """
     names = list(names)
-    modules = {name: model.get_submodule(name) for name in names}
-    for name, module in modules.items():
+    originals = {name: (reference if reference is not None else model).get_submodule(name) for name in names}
+    for name, module in originals.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise UserError(f"layer {name}: channel statistics need a 1x1 nn.Conv2d or an nn.Linear, "
                             f"got {type(module).__name__}")
-    seen: dict[str, Tensor] = {}
-
-    def hook(module, inputs, name):
-        seen[name] = channel_samples(module, inputs[0])
-        if len(seen) == len(names):
-            raise _Enough
-
     stats: dict[str, ChannelStats] = {}
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [module.register_forward_pre_hook(lambda m, inputs, name=name: hook(m, inputs, name))
-               for name, module in modules.items()]
+    nets = [model] if reference is None else [model, reference]
+    modes = [(m, m.training) for net in nets for m in net.modules()]
     try:
-        model.eval()
+        for net in nets:
+            net.eval()
         for x in calibration_images(batches, images):
-            seen.clear()
-            try:
-                model(x)
-            except _Enough:
-                pass
-            missing = [name for name in names if name not in seen]
-            if missing:
-                raise UserError(f"layer(s) {', '.join(missing)} are not used in the model's forward pass")
+            inputs = _layer_samples(model, originals, x)
+            targets = _layer_samples(reference, originals, x) if reference is not None else {}
             for name in names:
-                v = seen[name]
+                v = inputs[name]
                 if name not in stats:
                     stats[name] = ChannelStats(torch.zeros(v.shape[0], v.shape[0], dtype=torch.float64,
                                                            device=v.device), 0)
@@ -291,11 +329,41 @@ def collect_channel_stats(model: nn.Module, names: Sequence[str], batches: Itera
                 s.xx += _gram(v)
                 s.count += v.shape[1]
                 s.images += x.shape[0]
+                if reference is not None:
+                    weight = originals[name].weight
+                    y = weight.reshape(weight.shape[0], -1).to(v.dtype) @ targets[name]  # W u, (N, samples)
+                    if s.yx is None:
+                        s.yx, s.yy = torch.zeros(y.shape[0], v.shape[0], dtype=torch.float64, device=v.device), 0.0
+                    s.yx += (y @ v.T).double()
+                    s.yy += y.double().square().sum().item()
     finally:
-        for handle in handles:
-            handle.remove()
         for m, training in modes:
             m.training = training
     if not stats:
         raise UserError("no calibration images: the batches were empty")
     return stats
+
+
+def _layer_samples(model: nn.Module, originals: dict[str, nn.Module], x: Tensor) -> dict[str, Tensor]:
+    """One forward of ``model`` on ``x``, as far as the last named layer: each named layer's input samples, taken
+    with the geometry of the original layer ``originals[name]`` (the module in ``model`` may be its replacement)."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(inputs, name):
+        seen[name] = channel_samples(originals[name], inputs[0])
+        if len(seen) == len(originals):
+            raise _Enough
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda m, inputs, name=name: hook(inputs, name))
+               for name in originals]
+    try:
+        model(x)
+    except _Enough:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in originals if name not in seen]
+    if missing:
+        raise UserError(f"layer(s) {', '.join(missing)} are not used in the model's forward pass")
+    return seen

@@ -8,16 +8,15 @@ computes exactly what a 1x1 conv of weight ``second @ first`` computes); for a l
 them as the plain modules they are. The state dict holds ``first.*`` and ``second.*``: :meth:`LowRankChannel.plain`
 gives an ``nn.Sequential`` with the same keys, a model file that loads without lrx.
 
-Layers are chosen by module name or glob pattern (:func:`select_channel_layers`); the factors come from
-:mod:`lrx.factor.channel`; :func:`lrx.expansion.channels.expand_channels` puts it together for a model::
+Which layers it replaces is :func:`lrx.nn.surgery.select_layers`' rule (``scheme="channel"``, or ``"auto"``); the
+factors come from :mod:`lrx.factor.channel`; :func:`lrx.expand` puts it together for a model::
 
-    fast, report = expand_channels(model, ["classifier.*"], [512, 256], fit="data", calibration=loader)
-    again = build_channels(model, report["spec"])   # the structure alone; then load fast's state dict
+    fast, report = lrx.expand(model, ["classifier.*"], "channel", [512, 256], fit="data", calibration=loader)
+    again = lrx.build_expanded(model, report.spec)   # the structure alone; then load fast's state dict
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections import OrderedDict
 from typing import Sequence
 
@@ -25,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from lrx.base.errors import UserError
-from lrx.config.settings import layer_pattern
-from lrx.factor.channel import ChannelFactors, channel_max_rank, channel_svd, check_channel_rank
+from lrx.factor.choices import CHANNEL
+from lrx.factor.channel import ChannelFactors, channel_svd, check_channel_rank
 
-__all__ = ["SCHEME", "LowRankChannel", "channel_unsupported_reason", "check_channel_layer", "candidate_layers",
-           "select_channel_layers", "channel_positions", "build_channels"]
+__all__ = ["SCHEME", "LowRankChannel", "channel_unsupported_reason", "check_channel_layer", "channel_shape",
+           "channel_positions"]
 
-SCHEME = "channel"
+SCHEME = CHANNEL
 
 
 def channel_unsupported_reason(module: nn.Module) -> str | None:
@@ -56,8 +55,8 @@ def check_channel_layer(module: nn.Module, name: str | None = None) -> None:
         raise UserError(f"layer {name if name else repr(module)}: {reason}")
 
 
-def _weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(N, C) of a 1x1 conv or a linear layer."""
+def channel_shape(module: nn.Module) -> tuple[int, int]:
+    """(N, C) of a 1x1 conv or a linear layer: its weight as the N x C matrix the scheme factors."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     return module.out_channels, module.in_channels
@@ -95,7 +94,7 @@ class LowRankChannel(nn.Module):
     def like(cls, module: nn.Module, rank: int, name: str | None = None) -> "LowRankChannel":
         """A default-initialised layer with ``module``'s geometry and bias at ``rank``, on its device and dtype."""
         check_channel_layer(module, name)
-        n, c = _weight_shape(module)
+        n, c = channel_shape(module)
         check_channel_rank(rank, (n, c), name=name)
         factory = dict(bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
         if isinstance(module, nn.Linear):
@@ -122,14 +121,14 @@ class LowRankChannel(nn.Module):
     def from_module(cls, module: nn.Module, rank: int, name: str | None = None) -> "LowRankChannel":
         """:meth:`from_conv` or :meth:`from_linear`, whichever ``module`` is."""
         check_channel_layer(module, name)
-        check_channel_rank(rank, _weight_shape(module), name=name)
+        check_channel_rank(rank, channel_shape(module), name=name)
         return cls.from_factors(module, *channel_svd(module.weight.detach(), rank))
 
     @classmethod
     def from_factors(cls, module: nn.Module, first: Tensor, second: Tensor) -> "LowRankChannel":
         """A layer with ``module``'s geometry and bias, filled with ``first`` (R, C) and ``second`` (N, R)
         (:class:`lrx.factor.channel.ChannelFactors`)."""
-        n, c = _weight_shape(module)
+        n, c = channel_shape(module)
         if first.dim() != 2 or second.dim() != 2 or first.shape[1] != c or second.shape[0] != n \
                 or first.shape[0] != second.shape[1]:
             raise UserError(f"factors of shapes {tuple(first.shape)} and {tuple(second.shape)} do not fit a weight "
@@ -172,82 +171,7 @@ class LowRankChannel(nn.Module):
         return text
 
 
-# -------------------------------------------------------------------------------------- selection
-
-
-def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every ``nn.Conv2d`` and ``nn.Linear`` in ``model``, in module order: what
-    names and patterns of :func:`select_channel_layers` are matched against (the factors inside an
-    existing :class:`LowRankChannel` excluded)."""
-    inner = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, LowRankChannel)
-             for part in ("first", "second")}
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in inner]
-
-
-def _shown(names) -> str:
-    names = list(names)
-    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-
-
-def select_channel_layers(model: nn.Module, layers: Sequence[str] | str,
-                          notes: list[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """The modules a ``layers`` list means for the channel scheme: (qualified name, module) per chosen layer.
-
-    Each entry is a qualified module name, a glob pattern on qualified names (``"classifier.*"``,
-    :func:`fnmatch.fnmatchcase`) or ``"auto"`` (every candidate), matched against the model's ``nn.Conv2d`` and
-    ``nn.Linear`` modules. A pattern keeps what the scheme can replace and what can save MACs (both C and N
-    above 1) and notes the others in ``notes``; a layer named outright is refused with a UserError if the
-    scheme cannot replace it. Entries in the order given, a pattern's matches in module order; a layer chosen
-    twice is refused.
-    """
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    if not layers:
-        raise UserError("no layers to expand: give module names or glob patterns of 1x1 convs and linear layers")
-    candidates = candidate_layers(model)
-    modules = dict(model.named_modules())
-    chosen: list[tuple[str, nn.Module]] = []
-    for entry in layers:
-        if not isinstance(entry, str):
-            raise UserError(f"layer {entry!r} must be a module name or a glob pattern (such as 'classifier.*')")
-        if layer_pattern(entry):
-            chosen += _matching(candidates, entry, notes)
-        elif entry in modules and entry != "":
-            check_channel_layer(modules[entry], entry)
-            chosen.append((entry, modules[entry]))
-        else:
-            raise UserError(f"no module named {entry!r}; 1x1 convs and linear layers: "
-                            f"{_shown(name for name, m in candidates if channel_unsupported_reason(m) is None)} "
-                            "(or a glob pattern such as 'classifier.*', or 'auto')")
-    names = [name for name, _ in chosen]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise UserError(f"layer(s) {', '.join(repeated)} given more than once")
-    return chosen
-
-
-def _matching(candidates, pattern: str, notes: list[str] | None) -> list[tuple[str, nn.Module]]:
-    matched = [(name, m) for name, m in candidates if pattern == "auto" or fnmatch.fnmatchcase(name, pattern)]
-    if not matched:
-        raise UserError(f"pattern {pattern!r} matches no conv or linear layer; they are: "
-                        f"{_shown(name for name, _ in candidates)}")
-    kept, skipped = [], []
-    for name, module in matched:
-        reason = channel_unsupported_reason(module)
-        if reason is None and channel_max_rank(_weight_shape(module)) == 1:
-            reason = "one input or output channel: the channel scheme costs more MACs at every rank"
-        if reason is None:
-            kept.append((name, module))
-        else:
-            skipped.append(f"layer {name} skipped: {reason}")
-    if notes is not None:
-        notes.extend(skipped)
-    if not kept:
-        raise UserError(f"{pattern!r} selects no layer the channel scheme can replace: " + "; ".join(skipped[:3])
-                        + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
-    return kept
+# ------------------------------------------------------------------------------------- positions
 
 
 @torch.no_grad()
@@ -260,7 +184,7 @@ def channel_positions(model: nn.Module, names: Sequence[str], input_size=(3, 224
     counts: dict[str, int] = {}
 
     def hook(module, inputs, output, name):
-        counts[name] = output.numel() // (output.shape[0] * _weight_shape(module)[0])
+        counts[name] = output.numel() // (output.shape[0] * channel_shape(module)[0])
 
     hooks = [model.get_submodule(name).register_forward_hook(
         lambda m, inputs, output, name=name: hook(m, inputs, output, name)) for name in names]
@@ -283,22 +207,3 @@ def channel_positions(model: nn.Module, names: Sequence[str], input_size=(3, 224
     if missing:
         raise UserError(f"layer(s) {', '.join(missing)} are not used in the model's forward pass")
     return counts
-
-
-def build_channels(model: nn.Module, spec: dict) -> nn.Module:
-    """A copy of ``model`` with default-initialised :class:`LowRankChannel` layers where ``spec`` says:
-    ``{"layers": [names], "ranks": [ints]}`` (:func:`lrx.expansion.channels.expand_channels`' ``report["spec"]``).
-    Load the saved state dict into the result; no fit is run."""
-    missing = [key for key in ("layers", "ranks") if key not in spec]
-    if missing:
-        raise UserError(f"channel expansion spec lacks {', '.join(missing)}; it needs layers and ranks")
-    if len(spec["layers"]) != len(spec["ranks"]):
-        raise UserError(f"channel expansion spec has {len(spec['layers'])} layers and {len(spec['ranks'])} ranks")
-    new = copy.deepcopy(model)
-    for name, rank in zip(spec["layers"], spec["ranks"]):
-        module = dict(new.named_modules()).get(name)
-        if module is None:
-            raise UserError(f"no module named {name!r} to expand")
-        new.set_submodule(name, LowRankChannel.like(module, rank, name))
-    return new
-

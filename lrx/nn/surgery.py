@@ -17,30 +17,106 @@ from torch import nn
 
 from lrx.base.errors import UserError
 from lrx.config.settings import layer_pattern
-from lrx.factor.decomposition import BASES, SCHEMES, check_choice
+from lrx.factor.channel import channel_max_rank, check_channel_rank
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
+from lrx.factor.decomposition import BASES, SCHEMES, check_choice, check_rank, max_rank
+from lrx.nn.channel import LowRankChannel, channel_shape, channel_unsupported_reason, check_channel_layer
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, adds_macs, check_convertible, unsupported_reason
 from lrx.nn.models import conv_layers
 
-__all__ = ["select_layers", "layer_label", "shown_name", "summarise_notes", "conv_sizes", "per_layer_ranks", "new_layer", "build_expanded", "SPEC_KEYS"]
+__all__ = ["layer_scheme", "replace_reason", "check_layer", "layer_max_rank", "check_layer_rank", "select_layers",
+           "layer_label", "shown_name", "summarise_notes", "conv_sizes", "per_layer_ranks", "new_layer", "build_expanded", "SPEC_KEYS"]
 
 SPEC_KEYS = ("layers", "scheme", "ranks", "basis", "decomposed")
 
 
+def layer_scheme(module: nn.Module, scheme: str) -> str:
+    """The scheme that replaces ``module`` in an expansion of ``scheme``: ``scheme`` itself, or for ``"auto"`` the
+    channel scheme for a 1x1 conv or a linear layer and scheme v2 for a conv with a larger kernel."""
+    if scheme != AUTO:
+        return scheme
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)):
+        return CHANNEL
+    return "v2"
+
+
+def replace_reason(module: nn.Module, scheme: str, decomposed: bool = False) -> str | None:
+    """Why an expansion of ``scheme`` cannot replace ``module`` usefully (one phrase), or None: what ``auto`` and
+    patterns skip. The scheme's own rule (:func:`lrx.nn.layers.unsupported_reason`,
+    :func:`lrx.nn.channel.channel_unsupported_reason`), and a layer that costs more MACs even at rank 1."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        reason = channel_unsupported_reason(module)
+        if reason is None and channel_max_rank(channel_shape(module)) == 1:
+            reason = "one input or output channel: the channel scheme costs more MACs at every rank"
+        return reason
+    reason = unsupported_reason(module, own, decomposed)
+    if reason is None and adds_macs(module, own, 1, decomposed):
+        reason = f"scheme {own} costs more MACs than the conv even at rank 1"
+    return reason
+
+
+def check_layer(module: nn.Module, scheme: str, decomposed: bool = False, name: str | None = None) -> None:
+    """Refuse, with a UserError naming the layer, a module an expansion of ``scheme`` cannot replace (a 3x3 or a
+    grouped conv for the channel scheme, a 1x1 conv for scheme v2, ...)."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        check_channel_layer(module, name)
+    else:
+        check_convertible(module, own, decomposed, name)
+
+
+def layer_max_rank(module: nn.Module, scheme: str, basis: str = "shared", order: str = "vh") -> int:
+    """The largest useful rank of ``module`` in an expansion of ``scheme`` (where it is exact):
+    :func:`lrx.factor.decomposition.max_rank` for a conv scheme, min(C, N) for the channel scheme."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        return channel_max_rank(channel_shape(module))
+    return max_rank(module, own, basis, order)
+
+
+def check_layer_rank(rank, module: nn.Module, scheme: str, basis: str = "shared", order: str = "vh",
+                     name: str | None = None) -> None:
+    """Refuse, with a UserError naming the layer and the allowed ranks, a rank out of 1..:func:`layer_max_rank`."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        check_channel_rank(rank, channel_shape(module), name=name)
+    else:
+        check_rank(rank, module, own, basis, order, name)
+
+
+def _candidates(model: nn.Module, scheme: str) -> list[tuple[int | None, str, nn.Module]]:
+    """(1-based conv index or None, name, module) of what ``layers`` entries of ``scheme`` are matched against,
+    in module order: the convs (schemes v1, v2), and for the channel scheme and ``auto`` the linear layers too
+    (a linear layer has no index: indices count convs, whatever the scheme). Convs and linear layers inside
+    an expansion layer are left out."""
+    inner = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, LowRankChannel)
+             for part in ("first", "second")}
+    index = {name: i + 1 for i, (name, _) in enumerate(conv_layers(model))}
+    kinds = (nn.Conv2d,) if scheme in SCHEMES else (nn.Conv2d, nn.Linear)
+    return [(index.get(name), name, m) for name, m in model.named_modules()
+            if isinstance(m, kinds) and name not in inner]
+
+
 def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, scheme: str = "v1",
-                  decomposed: bool = False, notes: list[str] | None = None) -> list[tuple[int, str, nn.Conv2d]]:
-    """The convs a ``layers`` list means: the one rule for ``decompose.layers`` and ``expand(layers=...)``.
+                  decomposed: bool = False, notes: list[str] | None = None) -> list[tuple[int | None, str, nn.Module]]:
+    """The layers a ``layers`` list means: the one rule for ``decompose.layers`` and ``expand(layers=...)``.
 
     Each entry is a 1-based position among the model's ``nn.Conv2d`` modules (module order; the seed's
     "layers 2,3,4,5"), a qualified module name, a glob pattern on qualified names (``"layer3.*"``,
-    :func:`fnmatch.fnmatchcase`), or ``"auto"``: every conv. A pattern or ``auto`` keeps the convs that
-    ``scheme`` can replace and that can save MACs (:func:`lrx.nn.layers.unsupported_reason`,
-    :func:`lrx.nn.layers.adds_macs` at rank 1) and skips the others, appending one line per skipped conv to
-    ``notes``; a conv named by index or name is taken as given (``expand`` then refuses what it cannot
-    replace). Returns (1-based index, qualified name, conv) per chosen conv: entries in the order given,
-    a pattern's matches in module order. A conv chosen twice is refused.
+    :func:`fnmatch.fnmatchcase`), or ``"auto"``: every candidate. Candidates are the convs; with
+    ``scheme="channel"`` or ``"auto"`` also the ``nn.Linear`` layers (chosen by name or pattern: indices count
+    convs only). A pattern or ``auto`` keeps the layers that ``scheme`` can replace and that can save MACs
+    (:func:`replace_reason`) and skips the others, appending one line per skipped layer to ``notes``; a layer
+    named by index or name is taken as given (``expand`` then refuses what it cannot replace). Returns
+    (1-based conv index, or None for a linear layer, qualified name, module) per chosen layer: entries in the
+    order given, a pattern's matches in module order. A layer chosen twice is refused.
     """
+    check_choice(scheme, EXPANSIONS, "scheme")
     convs = conv_layers(model)
-    by_name = {name: i for i, (name, _) in enumerate(convs)}
+    candidates = _candidates(model, scheme)
+    by_name = {name: (index, module) for index, name, module in candidates}
+    what = ("conv layer", "conv layers") if scheme in SCHEMES else ("conv or linear layer", "conv and linear layers")
     if isinstance(layers, (int, str)):
         layers = [layers]
     if not layers:
@@ -51,15 +127,16 @@ def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, sch
             raise UserError(f"layer {layer!r} must be a 1-based conv index, a module name, a glob pattern or 'auto'")
         if isinstance(layer, int):
             if not 1 <= layer <= len(convs):
+                linear = "" if scheme in SCHEMES else "; linear layers are chosen by name or pattern"
                 raise UserError(f"layer {layer} does not exist: the model has {len(convs)} conv layers "
-                                f"(indices 1..{len(convs)})")
+                                f"(indices 1..{len(convs)}){linear}")
             chosen.append((layer, *convs[layer - 1]))
         elif layer in by_name:
-            chosen.append((by_name[layer] + 1, *convs[by_name[layer]]))
+            chosen.append((by_name[layer][0], layer, by_name[layer][1]))
         elif layer_pattern(layer):
-            chosen += _matching(convs, layer, scheme, decomposed, notes)
+            chosen += _matching(candidates, layer, scheme, decomposed, notes, what)
         else:
-            raise UserError(f"no conv layer named {layer!r}; conv layers: {_shown(by_name)} "
+            raise UserError(f"no {what[0]} named {layer!r}; {what[1]}: {_shown(by_name)} "
                             "(or a glob pattern such as 'layer3.*', or 'auto')")
     names = [name for _, name, _ in chosen]
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -73,32 +150,33 @@ def _shown(names) -> str:
     return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
 
 
-def _matching(convs, pattern: str, scheme: str, decomposed: bool, notes: list[str] | None) -> list:
-    """The convs ``pattern`` (a glob or "auto") selects that ``scheme`` can replace; notes for the rest."""
-    matched = [(i + 1, name, conv) for i, (name, conv) in enumerate(convs)
+def _matching(candidates, pattern: str, scheme: str, decomposed: bool, notes: list[str] | None,
+              what: tuple[str, str]) -> list:
+    """The layers ``pattern`` (a glob or "auto") selects that ``scheme`` can replace; notes for the rest."""
+    matched = [(index, name, module) for index, name, module in candidates
                if pattern == "auto" or fnmatch.fnmatchcase(name, pattern)]
     if not matched:
-        raise UserError(f"pattern {pattern!r} matches no conv layer; conv layers: {_shown(n for n, _ in convs)}")
+        raise UserError(f"pattern {pattern!r} matches no {what[0]}; {what[1]}: {_shown(n for _, n, _ in candidates)}")
     kept, skipped = [], []
-    for index, name, conv in matched:
-        reason = unsupported_reason(conv, scheme, decomposed)
-        if reason is None and adds_macs(conv, scheme, 1, decomposed):
-            reason = f"scheme {scheme} costs more MACs than the conv even at rank 1"
+    for index, name, module in matched:
+        reason = replace_reason(module, scheme, decomposed)
         if reason is None:
-            kept.append((index, name, conv))
+            kept.append((index, name, module))
         else:
             skipped.append(f"layer {layer_label(index, name)} skipped: {reason}")
     if notes is not None:
         notes.extend(skipped)
     if not kept:
-        raise UserError(f"{pattern!r} selects no conv that scheme {scheme} can replace: "
+        noun = "conv" if scheme in SCHEMES else "layer"
+        raise UserError(f"{pattern!r} selects no {noun} that scheme {scheme} can replace: "
                         + "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
     return kept
 
 
-def layer_label(index: int, name: str) -> str:
-    """How messages name a chosen conv: its 1-based position (the seed's "layer 2") and its module name."""
-    return f"{index} ({name!r})"
+def layer_label(index: int | None, name: str) -> str:
+    """How messages name a chosen layer: its 1-based position among the convs (the seed's "layer 2") and its
+    module name; a linear layer (no index) by its quoted name alone."""
+    return repr(name) if index is None else f"{index} ({name!r})"
 
 
 def shown_name(name: str) -> str:
@@ -109,7 +187,7 @@ def shown_name(name: str) -> str:
 
 
 # How _matching words a conv it skips; summarise_notes reads it back.
-_SKIPPED = re.compile(r"layer (?P<index>\d+) \((?P<name>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\) skipped: (?P<reason>.*)",
+_SKIPPED = re.compile(r"layer (?:\d+ \()?(?P<name>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\)? skipped: (?P<reason>.*)",
                       re.S)
 
 
@@ -199,32 +277,37 @@ def per_layer_ranks(ranks, count: int, names: Sequence[str] = ()) -> list:
     return ranks
 
 
-def new_layer(conv: nn.Conv2d, scheme: str, rank: int, basis: str, decomposed: bool, order: str = "vh") -> nn.Module:
-    """An expansion layer with ``conv``'s geometry, default-initialised, on its device and dtype."""
-    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
-    if scheme == "v1":
-        return LowRankExpConvV1(conv.in_channels, conv.out_channels, conv.kernel_size, rank,
+def new_layer(module: nn.Module, scheme: str, rank: int, basis: str, decomposed: bool, order: str = "vh") -> nn.Module:
+    """An expansion layer with ``module``'s geometry, default-initialised, on its device and dtype: of the scheme
+    that replaces it in an expansion of ``scheme`` (:func:`layer_scheme`)."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        return LowRankChannel.like(module, rank)
+    geometry = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                    bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+    if own == "v1":
+        return LowRankExpConvV1(module.in_channels, module.out_channels, module.kernel_size, rank,
                                 decomposed=decomposed, basis=basis, **geometry)
-    return LowRankExpConvV2(conv.in_channels, conv.out_channels, conv.kernel_size, rank, order=order, **geometry)
+    return LowRankExpConvV2(module.in_channels, module.out_channels, module.kernel_size, rank, order=order or "vh",
+                            **geometry)
 
 
 def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
     """A copy of ``model`` with the structure ``spec`` describes and default-initialised expansion layers.
 
     ``spec`` is ``expand``'s ``report.spec``; load the saved state_dict into the result. No
-    decomposition is run.
+    decomposition is run. With scheme ``auto`` each layer's scheme follows from the layer (:func:`layer_scheme`).
     """
     missing = [key for key in SPEC_KEYS if key not in spec]
     if missing:
         raise UserError(f"expansion spec lacks {', '.join(missing)}; it needs {', '.join(SPEC_KEYS)}")
     scheme, basis, decomposed = spec["scheme"], spec["basis"], bool(spec["decomposed"])
-    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(scheme, EXPANSIONS, "scheme")
     check_choice(basis, BASES, "basis")
     ranks = per_layer_ranks(spec["ranks"], len(spec["layers"]))
     orders = spec.get("orders") or ["vh"] * len(ranks)  # specs written before orders were recorded: vh
     new = copy.deepcopy(model)
-    for (_, name, conv), rank, order in zip(select_layers(new, list(spec["layers"])), ranks, orders):
-        check_convertible(conv, scheme, decomposed, name)
-        new.set_submodule(name, new_layer(conv, scheme, rank, basis, decomposed, order))
+    for (index, name, module), rank, order in zip(select_layers(new, list(spec["layers"]), scheme), ranks, orders):
+        check_layer(module, scheme, decomposed, name)
+        new.set_submodule(name, new_layer(module, scheme, rank, basis, decomposed, order))
     return new

@@ -27,6 +27,9 @@ run directory (the run's own model files) are refused.
 PyTorch's; :func:`export_all` writes every format with reference outputs and :func:`check_without_lrx`
 loads them in a subprocess that cannot import lrx (tests/test_export.py, benchmarks/export_check.py).
 onnx, onnxscript and onnxruntime are the optional extra ``lrx[export]``, imported where used.
+
+The module is long because every format is written, loaded back and compared here, beside the plain model and
+the recipe that rebuilds it: they change together.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ from lrx.config.settings import Config, load_config
 from lrx.base.errors import UserError
 from lrx.nn.layers import factor_convs
 from lrx.pipeline.rundir import RunDir, is_run_folder, load_model
+from lrx.nn.channel import LowRankChannel
 from lrx.nn.inference import expansion_layers
 from lrx.measure.timing import interleaved
 
@@ -102,18 +106,30 @@ def plain_layer(layer: nn.Module) -> nn.Sequential:
 
 def to_plain(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every expansion layer replaced by :func:`plain_layer`: plain ``nn.Conv2d`` in
-    ``nn.Sequential``, the same outputs (the same convs run), nothing from lrx needed to build or load it."""
+    ``nn.Sequential``, the same outputs (the same convs run), nothing from lrx needed to build or load it.
+    A channel layer becomes its :meth:`lrx.nn.channel.LowRankChannel.plain` (``first``, ``second``: two plain 1x1
+    convs or linear layers, under the same state-dict keys)."""
     plain = copy.deepcopy(model)
     for name, layer in expansion_layers(plain):
         plain.set_submodule(name, plain_layer(layer))
+    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, LowRankChannel)]:
+        plain.set_submodule(name, layer.plain())
     return plain
 
 
 def _conv_code(conv: nn.Conv2d) -> str:
     padding = repr(conv.padding) if isinstance(conv.padding, str) else tuple(conv.padding)
+    mode = "" if conv.padding_mode == "zeros" else f", padding_mode={conv.padding_mode!r}"
     return (f"nn.Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)}, "
             f"stride={tuple(conv.stride)}, padding={padding}, dilation={tuple(conv.dilation)}, "
-            f"groups={conv.groups}, bias={conv.bias is not None})")
+            f"groups={conv.groups}, bias={conv.bias is not None}{mode})")
+
+
+def _module_code(module: nn.Module) -> str:
+    """The constructor call of a plain conv or linear layer (a channel layer's factor)."""
+    if isinstance(module, nn.Linear):
+        return f"nn.Linear({module.in_features}, {module.out_features}, bias={module.bias is not None})"
+    return _conv_code(module)
 
 
 def recipe(model: nn.Module, original: str = "...", state_file: str = "model.pt") -> str:
@@ -126,6 +142,13 @@ def recipe(model: nn.Module, original: str = "...", state_file: str = "model.pt"
         described = f"  # was {type(layer).__name__}: {layer.extra_repr().split(', path=')[0]}"
         convs = ",\n    ".join(_conv_code(conv) for conv in factor_convs(layer))
         lines.append(f"model.set_submodule({name!r}, nn.Sequential(\n    {convs}))" + described)
+    channels = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankChannel)]
+    if channels:
+        lines.insert(2, "from collections import OrderedDict")
+    for name, layer in channels:
+        described = f"  # was LowRankChannel: {layer.extra_repr()}"
+        parts = ",\n    ".join(f"({part!r}, {_module_code(getattr(layer, part))})" for part in ("first", "second"))
+        lines.append(f"model.set_submodule({name!r}, nn.Sequential(OrderedDict([\n    {parts}])))" + described)
     lines += [f"model.load_state_dict(torch.load({state_file!r}, weights_only=True))", "model.eval()"]
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,8 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs", data_root:
     _, report = expand_model(model, cfg, batches=batches, runs_dir=runs_dir, write_cache=True, fit="weights")
     rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
              "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
-             "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"]}
+             "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"],
+             "scheme": layer.get("scheme")}
             for layer in report.layers]
     if report.plan is not None:
         source += f"; ranks by rule: {report.plan['rule']}"
@@ -94,6 +95,10 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
     settings = cfg.decompose
     if settings.scheme == "v1":
         form = f"{settings.basis} basis, {settings.method}{', decomposed' if settings.decomposed else ''}"
+    elif settings.scheme == "channel":
+        form = "1x1 convs and linear layers as C -> R -> N"
+    elif settings.scheme == "auto":
+        form = f"v2 (order {settings.order}) for larger kernels, channel for 1x1 convs and linear layers"
     else:
         form = f"order {settings.order}"
     written = "nothing written" if plan is None or "table" not in plan else "only the latency cache written"
@@ -103,7 +108,8 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
     before = after = 0
     for row in rows:
         before, after = before + row["macs_before"], after + row["macs_after"]
-        table.add_row(shown_name(row["name"]), str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
+        scheme = f" ({row['scheme']})" if settings.scheme == "auto" and row.get("scheme") else ""
+        table.add_row(shown_name(row["name"]) + scheme, str(row["rank"]), str(row["max_rank"]), f"{row['macs_before'] / 1e6:.2f}",
                       f"{row['macs_after'] / 1e6:.2f}", f"{row['macs_before'] / max(row['macs_after'], 1):.2f}x",
                       f"{row['retained_energy']:.4f}")
     table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")

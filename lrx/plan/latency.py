@@ -62,14 +62,12 @@ from torch import nn
 
 from lrx.base.files import load_json, write_json_atomic
 from lrx.config.settings import check_target
-from lrx.factor.decomposition import expanded_macs, original_macs, retained_energy
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
-from lrx.nn.layers import LowRankExpConvV2, check_convertible
-from lrx.nn.surgery import build_expanded, conv_sizes, layer_label, select_layers
+from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
 from lrx.measure.layouts import time_rounds
 from lrx.measure.timing import interleaved, module_times, torch_threads
-from lrx.plan.macs import cheaper_ladder
+from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
 __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "CACHE_VERSION", "DENSE", "RULE", "Timing",
@@ -106,8 +104,10 @@ class Timing(Protocol):
     def key(self) -> dict:
         """The device and settings a time holds for (the cache key, with each layer's shape)."""
 
-    def layer(self, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[str, float]:
-        """Median ms of ``conv`` alone (``"dense"``) and of scheme 2 at each rank (``str(rank)``) on ``input_shape``."""
+    def layer(self, conv: nn.Module, input_shape: tuple, ranks: Sequence[int], scheme: str = "v2") -> dict[str, float]:
+        """Median ms of ``conv`` alone (``"dense"``) and of its expansion at each rank (``str(rank)``) on
+        ``input_shape``: scheme 2 for a conv, the channel scheme for a 1x1 conv or a linear layer (``scheme``,
+        the layer's own: :func:`lrx.nn.surgery.layer_scheme`)."""
 
     def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
         """The original in channels_last, timed per module: ``{"total_ms": its forward, "ms": {name: the
@@ -157,15 +157,13 @@ class DeviceTiming:
 
     def _input(self, shape) -> torch.Tensor:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device)
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
-    def layer(self, conv: nn.Conv2d, input_shape: tuple, ranks: Sequence[int]) -> dict[str, float]:
+    def layer(self, conv: nn.Module, input_shape: tuple, ranks: Sequence[int], scheme: str = "v2") -> dict[str, float]:
         x = self._input(input_shape)
-        geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None)
         modules = {DENSE: nn.Sequential(copy.deepcopy(conv))}
         for rank in ranks:  # random factors: the time does not depend on the values
-            modules[str(rank)] = nn.Sequential(LowRankExpConvV2(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                                                rank, **geometry))
+            modules[str(rank)] = nn.Sequential(new_layer(conv, scheme, rank, "shared", False))
         with torch.no_grad():
             nets = {k: self._prepare(m, True, x, False) for k, m in modules.items()}
         with torch_threads(self.threads), torch.inference_mode():
@@ -218,34 +216,39 @@ def _cpu_name() -> str:
 # ---------------------------------------------------------------- the ladder and the table
 
 
-def candidate_layers(model: nn.Module, layers) -> list[tuple[int, str, nn.Conv2d]]:
-    """(1-based index, name, conv) of the layers to plan, as :func:`lrx.nn.surgery.select_layers` reads
-    ``layers`` for scheme 2 (``"auto"`` or a glob pattern: the convs scheme 2 can replace); a conv named
-    by index or name that scheme 2 cannot replace is refused, naming it."""
-    chosen = select_layers(model, layers, "v2")
+def candidate_layers(model: nn.Module, layers, scheme: str = "v2") -> list[tuple[int | None, str, nn.Module]]:
+    """(1-based conv index or None, name, module) of the layers to plan, as :func:`lrx.nn.surgery.select_layers`
+    reads ``layers`` for ``scheme`` (scheme 2, the channel scheme or ``auto``: ``"auto"`` or a glob pattern
+    keeps the layers the scheme can replace); a layer named by index or name that it cannot replace is
+    refused, naming it."""
+    chosen = select_layers(model, layers, scheme)
     for index, name, conv in chosen:
-        check_convertible(conv, "v2", False, layer_label(index, name))
+        check_layer(conv, scheme, False, layer_label(index, name))
     return chosen
 
 
-def candidate_ranks(conv: nn.Conv2d, in_hw, out_hw, align: int = 1) -> list[int]:
+def candidate_ranks(conv: nn.Module, in_hw, out_hw, align: int = 1, scheme: str = "v2", positions: int = 1) -> list[int]:
     """The ranks worth timing for ``conv``, ascending: per fraction f of :data:`LADDER`, the smallest rank
-    of the layer's ladder (:func:`lrx.plan.macs.cheaper_ladder`, which tops out at the largest rank cheaper
-    than the dense conv) whose scheme 2 MACs reach f times the dense conv's; only ranks with fewer MACs
-    than the dense conv (a rank at or above them cannot be faster)."""
-    dense = original_macs(conv, out_hw)
-    ladder = cheaper_ladder(conv, "v2", in_hw, out_hw, align)
-    macs = {r: expanded_macs(conv, "v2", r, in_hw, out_hw) for r in ladder}
+    of the layer's ladder (:func:`lrx.plan.macs.affordable_ladder`, which tops out at the largest rank cheaper
+    than the dense layer) whose MACs reach f times the dense layer's; only ranks with fewer MACs than the
+    dense layer (a rank at or above them cannot be faster). Scheme 2 for a conv; the channel scheme (at
+    ``positions`` output positions) for a 1x1 conv or a linear layer, as ``scheme`` replaces it."""
+    dense, cost = layer_costs(conv, scheme, in_hw, out_hw, positions)
+    ladder = affordable_ladder(dense, cost, align)
     out = set()
     for fraction in LADDER:
-        reach = [r for r in ladder if macs[r] >= fraction * dense]
+        reach = [r for r in ladder if cost[r - 1] >= fraction * dense]
         rank = reach[0] if reach else ladder[-1]
-        if macs[rank] < dense:
+        if cost[rank - 1] < dense:
             out.add(rank)
     return sorted(out)
 
 
-def _cache_key(device_key: dict, conv: nn.Conv2d, input_shape) -> str:
+def _cache_key(device_key: dict, conv: nn.Module, input_shape) -> str:
+    if isinstance(conv, nn.Linear):  # the channel scheme's ranks; a conv's key is as before linear layers were timed
+        shape = {"kind": "linear", "in": conv.in_features, "out": conv.out_features, "bias": conv.bias is not None,
+                 "input_shape": list(input_shape)}
+        return json.dumps({**device_key, **shape}, sort_keys=True)
     shape = {"in": conv.in_channels, "out": conv.out_channels, "kernel": list(conv.kernel_size),
              "stride": list(conv.stride), "padding": list(conv.padding) if not isinstance(conv.padding, str)
              else conv.padding, "dilation": list(conv.dilation), "bias": conv.bias is not None,
@@ -304,12 +307,15 @@ def read_cache(path: Path | None, log: Callable[[str], None] = lambda m: None) -
 
 def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | None = None,
                 write_cache: bool = True, log: Callable[[str], None] = lambda m: None,
-                remeasure: Collection[str] = ()) -> list[dict]:
-    """Per candidate layer: ``{"index", "name", "input_shape", "ranks", "ms": {"dense": t, "<rank>": t},
+                remeasure: Collection[str] = (), scheme: str = "v2", inputs: Mapping[str, tuple] | None = None) -> list[dict]:
+    """Per candidate layer: ``{"index", "name", "scheme", "input_shape", "ranks", "ms": {"dense": t, "<rank>": t},
     "macs": {...}, "cached"}``, times from ``cache`` (:func:`read_cache`) where it holds every rank, else
     measured (and cached); the layers named in ``remeasure`` are measured whatever the cache holds, and
     their entries replaced. A cache that cannot be replaced (a directory in its place, a full disk) is
-    refused naming it (:class:`UserError`)."""
+    refused naming it (:class:`UserError`). ``sizes``: each layer's input and output (H, W)
+    (:func:`lrx.nn.surgery.conv_sizes`); ``inputs``: each linear layer's input shape without the batch
+    (needed with linear layers among ``chosen``). Each layer is planned with the scheme that replaces it in
+    an expansion of ``scheme`` (:func:`lrx.nn.surgery.layer_scheme`)."""
     if cache is not None and write_cache and Path(cache).is_dir():
         raise UserError(f"the latency cache {cache} is a directory: lrx cannot replace it with the times it "
                         "measures; move it away and run again")
@@ -317,17 +323,25 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
     device_key, rows, changed = timing.key(), [], False
     for index, name, conv in chosen:
         in_hw, out_hw = sizes[name]
-        shape = (timing.batch, conv.in_channels, *in_hw)
-        ranks = candidate_ranks(conv, in_hw, out_hw, align)
+        own = layer_scheme(conv, scheme)
+        if isinstance(conv, nn.Linear):
+            shape = (timing.batch, *inputs[name])
+            positions = math.prod(inputs[name][:-1])
+        else:
+            shape = (timing.batch, conv.in_channels, *in_hw)
+            positions = out_hw[0] * out_hw[1]
+        ranks = candidate_ranks(conv, in_hw, out_hw, align, own, positions)
         key = _cache_key(device_key, conv, shape)
         held = tables.get(key, {}) if name not in remeasure else {}
         cached = all(str(r) in held for r in ranks) and DENSE in held
         if not cached:
             log(f"timing {name} on {tuple(shape)}: dense and ranks {', '.join(map(str, ranks))}")
-            held = {**held, **timing.layer(conv, shape, ranks)}
+            times = timing.layer(conv, shape, ranks) if own == "v2" else timing.layer(conv, shape, ranks, scheme=own)
+            held = {**held, **times}
             tables[key], changed = held, True
-        macs = {DENSE: original_macs(conv, out_hw), **{str(r): expanded_macs(conv, "v2", r, in_hw, out_hw) for r in ranks}}
-        rows.append({"index": index, "name": name, "input_shape": list(shape), "ranks": ranks,
+        dense, cost = layer_costs(conv, own, in_hw, out_hw, positions)
+        macs = {DENSE: dense, **{str(r): cost[r - 1] for r in ranks}}
+        rows.append({"index": index, "name": name, "scheme": own, "input_shape": list(shape), "ranks": ranks,
                      "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached})
     if changed and write_cache and cache is not None:
         try:
@@ -404,7 +418,7 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
 def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                  proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
                  write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
-                 log: Callable[[str], None] = lambda m: None) -> dict:
+                 log: Callable[[str], None] = lambda m: None, scheme: str = "v2") -> dict:
     """Choose which layers to expand (scheme 2) and at which ranks so that the whole model runs
     ``target["latency"]`` times faster on ``timing``'s device (see the module doc for the steps).
 
@@ -424,7 +438,10 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     -------
     ``{"rule", "target", "align", "device", "batch", "input_size", "table": [per layer: times, MACs,
     choice], "baseline": {"layout", "layouts_ms"}, "rounds": [{"choice", "predicted_speedup",
-    "measured_speedup", "scale"}], "layers": [chosen 1-based indices], "names", "ranks",
+    "measured_speedup", "scale"}], "layers": [chosen 1-based conv indices, None for linear layers], "names", "ranks",
+    scheme : "v2" (convs with a kernel larger than 1x1), "channel" (1x1 convs and linear layers) or "auto"
+        (each layer by the scheme that replaces it, :func:`lrx.nn.surgery.layer_scheme`: per layer the
+        choice is dense or that scheme at a ladder of ranks, all layers in one greedy choice).
     "predicted_speedup", "measured_speedup", "target_met", "best_reachable"}``; ``layers``/``ranks`` are those
     expanded (dense ones left out). A target the measured layer times cannot meet is not an error: the
     fastest expansion they allow is planned, ``best_reachable`` holds its predicted speedup (never below
@@ -435,13 +452,14 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     if kind != "latency":
         raise UserError(f"plan_latency plans a latency target, got {kind} (use lrx.plan.macs.plan_ranks)",
                         key="decompose.target")
-    chosen = candidate_layers(model, layers)
+    chosen = candidate_layers(model, layers, scheme)
     input_size = tuple(timing.input_size)
     sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
     given = proxy
     if proxy is None:
-        proxy = {name: retained_energy(conv.weight, "v2").tolist() for _, name, conv in chosen}
-    table = layer_table(timing, chosen, sizes, align, cache, write_cache, log)
+        proxy = {name: filter_energy(conv, scheme) for _, name, conv in chosen}
+    inputs = _input_shapes(model, [name for _, name, conv in chosen if isinstance(conv, nn.Linear)], input_size)
+    table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, scheme=scheme, inputs=inputs)
 
     base = timing.whole(model, None)
     base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]
@@ -474,7 +492,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
         factored_ms = sum(row["model_ms"][c] for row, c in zip(table, choice) if c != DENSE)
         predicted_ms = dense_ms + scale * factored_ms
-        spec = _spec(table, choice)
+        spec = _spec(table, choice, scheme)
         measured = timing.whole(model, build_expanded(model, spec))
         measured_speedup = measured["original_ms"] / measured["expanded_ms"]
         predicted_speedup = base_ms / predicted_ms
@@ -498,7 +516,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             # again at most once: then it is no longer cached).
             log(f"warning: latency cache {cache}: the cached times of layers {', '.join(stale)} predicted "
                 f"{predicted_speedup:.2f}x, the model measured {measured_speedup:.2f}x; measuring those layers again")
-            table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, remeasure=stale)
+            table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, remeasure=stale, scheme=scheme,
+                                inputs=inputs)
             _place(table, inside, unit)
             scale, history = 1.0, []
             continue
@@ -542,9 +561,32 @@ def _place(table: list[dict], inside: dict, unit: float) -> None:
         row["model_ms"] = {k: dense_in_model * t / row["ms"][DENSE] for k, t in row["ms"].items()}
 
 
-def _spec(table: list[dict], choice: list[str]) -> dict:
+def _input_shapes(model: nn.Module, names: Sequence[str], input_size) -> dict[str, tuple]:
+    """Each named layer's input shape without the batch, for one input of ``input_size`` (one forward in eval
+    mode on a copy)."""
+    if not names:
+        return {}
+    probe = copy.deepcopy(model).eval()
+    shapes: dict[str, tuple] = {}
+
+    def keep(name, inputs) -> None:  # a pre-hook's return value would replace the input
+        shapes.setdefault(name, tuple(inputs[0].shape[1:]))
+
+    hooks = [probe.get_submodule(name).register_forward_pre_hook(lambda m, inputs, name=name: keep(name, inputs))
+             for name in names]
+    first = next(probe.parameters(), None)
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, *input_size, device=first.device if first is not None else None))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _spec(table: list[dict], choice: list[str], scheme: str = "v2") -> dict:
     picked = [(row["name"], int(c)) for row, c in zip(table, choice) if c != DENSE]
-    return {"layers": [n for n, _ in picked], "scheme": "v2", "ranks": [r for _, r in picked], "basis": "shared",
+    return {"layers": [n for n, _ in picked], "scheme": scheme, "ranks": [r for _, r in picked], "basis": "shared",
             "decomposed": False}
 
 

@@ -18,16 +18,18 @@ from typing import Sequence
 
 from torch import nn
 
-from lrx.factor.decomposition import BASES, SCHEMES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
+from lrx.factor.channel import channel_energy, channel_macs
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
+from lrx.factor.decomposition import BASES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
 from lrx.config.settings import check_target
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
-from lrx.nn.layers import check_convertible
-from lrx.nn.surgery import conv_sizes, layer_label, select_layers
+from lrx.nn.channel import channel_positions, channel_shape
+from lrx.nn.surgery import check_layer, conv_sizes, layer_label, layer_scheme, select_layers
 from lrx.measure.profiling import count
 
-__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "cheaper_ladder", "plan_ranks",
-           "check_reachable"]
+__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "layer_costs", "affordable_ladder",
+           "cheaper_ladder", "filter_energy", "plan_ranks", "check_reachable"]
 
 RULE = ("greedy: from each layer's largest rank cheaper than its dense conv, repeatedly lower by one the rank of "
         "the layer whose next dropped singular value removes the least share of that layer's filter energy "
@@ -67,15 +69,46 @@ def cheaper_ladder(conv: nn.Conv2d, scheme: str, in_hw, out_hw, align: int = 1, 
     ``in_hw``, ``out_hw``: the conv's input and output (H, W), as for
     :func:`lrx.factor.decomposition.expanded_macs`.
     """
-    top = max_rank(conv, scheme, basis)
-    dense = original_macs(conv, out_hw)
+    dense, cost = layer_costs(conv, scheme, in_hw, out_hw, basis=basis, decomposed=decomposed)
+    return affordable_ladder(dense, cost, align)
+
+
+def affordable_ladder(dense: int, cost: list[int], align: int = 1) -> list[int]:
+    """:func:`cheaper_ladder`'s rule on a layer's MACs: ``dense`` those of the layer itself, ``cost[r - 1]``
+    those of its expansion at rank r, r = 1..max rank."""
+    top = len(cost)
     ladder = rank_ladder(top, align)
-    kept = [r for r in ladder if expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) < dense]
+    kept = [r for r in ladder if cost[r - 1] < dense]
     if kept:
         return kept
-    cheaper = [r for r in range(1, min(top, align) + 1)
-               if expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) < dense]
+    cheaper = [r for r in range(1, min(top, align) + 1) if cost[r - 1] < dense]
     return cheaper[-1:] or ladder[:1]
+
+
+def layer_costs(module: nn.Module, scheme: str, in_hw, out_hw, positions: int = 1, basis: str = "shared",
+                decomposed: bool = False) -> tuple[int, list[int]]:
+    """(MACs of ``module`` itself on one image, [MACs of its expansion at rank r for r = 1..max rank]): the one
+    cost rule of the planners, for the scheme that replaces the layer (:func:`lrx.nn.surgery.layer_scheme`).
+    A conv: :func:`lrx.factor.decomposition.original_macs` and ``expanded_macs`` at its input and output sizes;
+    the channel scheme: :func:`lrx.factor.channel.channel_macs` at ``positions`` output positions."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        n, c = channel_shape(module)
+        return (channel_macs(c, n, None, positions),
+                [channel_macs(c, n, r, positions) for r in range(1, min(n, c) + 1)])
+    top = max_rank(module, own, basis)
+    return (original_macs(module, out_hw),
+            [expanded_macs(module, own, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)])
+
+
+def filter_energy(module: nn.Module, scheme: str, basis: str = "shared") -> list[float]:
+    """The share of the filter energy the best expansion of each rank keeps, r = 1..max rank, for the scheme
+    that replaces the layer: :func:`lrx.factor.decomposition.retained_energy` or
+    :func:`lrx.factor.channel.channel_energy`. The proxy planners rank layers by without data."""
+    own = layer_scheme(module, scheme)
+    if own == CHANNEL:
+        return channel_energy(module.weight).tolist()
+    return retained_energy(module.weight, own, basis).tolist()
 
 
 def _given_shares(retained: dict, name: str, top: int) -> list[float]:
@@ -96,7 +129,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     ----------
     model : the model to expand (not modified).
     layers : 1-based conv indices or module names, as for :func:`lrx.expansion.model.expand`.
-    scheme : "v1" or "v2".
+    scheme : "v1", "v2", "channel" or "auto" (each layer by the scheme that replaces it,
+        :func:`lrx.nn.surgery.layer_scheme`; the same greedy rule across schemes).
     target : ``{"speedup": X}``: the replaced layers' MACs fall X-fold (theoretical, before/after);
         or ``{"macs": F}``: the whole model keeps at most the fraction F of its MACs.
     input_size : (C, H, W) of one image, for the MAC counts.
@@ -119,7 +153,7 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
     before, budget = _budget(kind, value, plans, total, scheme, align)
     for p in plans:
-        p["retained"] = (retained_energy(p["conv"].weight, scheme, basis).tolist() if retained is None
+        p["retained"] = (filter_energy(p["conv"], scheme, basis) if retained is None
                          else _given_shares(retained, p["name"], p["max_rank"]))
 
     ranks = [p["ladder"][-1] for p in plans]
@@ -151,6 +185,9 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": p["max_rank"],
              "macs_before": p["macs_before"], "macs_after": p["cost"][r - 1], "retained_energy": p["retained"][r - 1]}
             for p, r in zip(plans, ranks)]
+    if scheme == AUTO:
+        for row, p in zip(rows, plans):
+            row["scheme"] = layer_scheme(p["conv"], scheme)
     return {"rule": RULE, "proxy": "filter energy" if retained is None else "given", "target": {kind: value},
             "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
             "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
@@ -168,9 +205,9 @@ def check_reachable(model: nn.Module, layers: Sequence[int | str], scheme: str, 
 
 
 def _settings(scheme: str, target: dict, basis: str, decomposed: bool, align) -> tuple:
-    check_choice(scheme, SCHEMES, "scheme")
+    check_choice(scheme, EXPANSIONS, "scheme")
     check_choice(basis, BASES, "basis")
-    if scheme == "v2":
+    if scheme != "v1":
         basis, decomposed = "shared", False
     kind, value = check_target(target)
     if kind == "latency":
@@ -183,19 +220,16 @@ def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomp
     """Per chosen layer its MACs before and at every rank, its ladder of ranks; and the model's MACs."""
     chosen = select_layers(model, layers, scheme, decomposed)
     for index, name, conv in chosen:
-        check_convertible(conv, scheme, decomposed, layer_label(index, name))
+        check_layer(conv, scheme, decomposed, layer_label(index, name))
     sizes = conv_sizes(model, [name for _, name, _ in chosen], input_size)
+    channels = [name for _, name, conv in chosen if layer_scheme(conv, scheme) == CHANNEL]
+    positions = channel_positions(model, channels, input_size) if channels else {}
     total = count(model, input_size)[0]
     plans = []
     for index, name, conv in chosen:
-        in_hw, out_hw = sizes[name]
-        top = max_rank(conv, scheme, basis)
-        plans.append({
-            "index": index, "name": name, "conv": conv, "max_rank": top,
-            "macs_before": original_macs(conv, out_hw),
-            "cost": [expanded_macs(conv, scheme, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)],
-            "ladder": cheaper_ladder(conv, scheme, in_hw, out_hw, align, basis, decomposed),
-        })
+        dense, cost = layer_costs(conv, scheme, *sizes[name], positions.get(name, 1), basis, decomposed)
+        plans.append({"index": index, "name": name, "conv": conv, "max_rank": len(cost), "macs_before": dense,
+                      "cost": cost, "ladder": affordable_ladder(dense, cost, align)})
     return plans, total
 
 
