@@ -18,7 +18,7 @@ from rich.console import Console
 
 from lrx import __version__
 from lrx.base.errors import TrainingDiverged, UserError
-from lrx.config.settings import load_config
+from lrx.config.settings import load_config, one_run, parse_seeds, seed_runs
 
 # The library behind each command is imported inside the command ("# local: start-up"): torch takes seconds to
 # import, and a config's mistake is reported before it is loaded.
@@ -112,7 +112,7 @@ def _echo(message: str) -> None:
 def _run_until(config: Path, until: str | None, runs_dir: Path, data_root, overrides, force, no_deps, quiet,
                checked: set[str] | None = None):
     """Run ``config`` up to stage ``until``; ``force`` redoes that stage (every stage when ``until`` is None)."""
-    cfg = load_config(config, overrides or ())
+    cfg = one_run(load_config(config, overrides or ()))
     from lrx.pipeline.runner import run_with_dependencies  # local: start-up
     return run_with_dependencies(cfg, runs_dir, until, data_root=data_root, quiet=quiet, force=force and until is None,
                                  redo=until if force else None, no_deps=no_deps, echo=_echo, checked=checked)
@@ -124,9 +124,13 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
                                              metavar="CONFIG...",
                                              show_default=False),
         runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
-        set_: Optional[List[str]] = Overrides, force: bool = ForceAll, no_deps: bool = NoDeps, quiet: bool = Quiet):
+        set_: Optional[List[str]] = Overrides, force: bool = ForceAll, no_deps: bool = NoDeps, quiet: bool = Quiet,
+        seeds: Optional[str] = typer.Option(None, "--seeds", metavar="S1,S2,...",
+                                            help="Run each row once per seed, into <name>-s<seed> (replaces seed:).")):
     """Run every stage of experiment rows: baseline, decompose, fine-tune, profile (skipping what is up to date)."""
-    loaded = [load_config(config, set_ or ()) for config in configs]  # every config read before torch loads
+    chosen = parse_seeds(seeds) if seeds is not None else None
+    # every config read before torch loads; a row with several seeds is one run per seed
+    loaded = [run for config in configs for run in seed_runs(load_config(config, set_ or ()), chosen)]
     from lrx.pipeline.runner import configs_to_run, run_with_dependencies  # local: start-up
     checked: set[str] = set()  # each config (a shared baseline too) is checked against its model once
     # every config is validated once, before the first one starts
@@ -141,7 +145,7 @@ def run(configs: List[Path] = typer.Argument(..., help="Experiment YAMLs, e.g. c
 def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
           set_: Optional[List[str]] = Overrides, force: bool = Force, quiet: bool = Quiet):
     """Train the baseline model of a config that has no `baseline:` (the seed's row 1) and report acc@1."""
-    cfg = load_config(config, set_ or ())
+    cfg = one_run(load_config(config, set_ or ()))
     if cfg.baseline is not None:
         raise UserError(f"this run builds on baseline {cfg.baseline!r}; train that config instead", file=str(config),
                         key="baseline")
@@ -157,7 +161,7 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
               compare_fits: bool = typer.Option(False, "--compare-fits", help="With fit: data, print per layer both fits' "
                                                 "output errors on the calibration and on held-out (test) images.")):
     """Replace the config's conv layers with low-rank expansions and print the per-layer report."""
-    cfg = load_config(config, set_ or ())
+    cfg = one_run(load_config(config, set_ or ()))
     from lrx.output.preview import fit_comparison, print_preview, save_bases_picture  # local: start-up
     from lrx.pipeline.rundir import RunDir  # local: start-up
     from lrx.pipeline.runner import configs_to_run  # local: start-up
@@ -181,7 +185,7 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
 
 def _finetune(config: Path, loss: str, runs_dir, data_root, set_, force, no_deps, quiet) -> None:
     """Run ``config`` up to its last fine-tuning stage with ``loss`` (earlier stages first)."""
-    cfg = load_config(config, set_ or ())
+    cfg = one_run(load_config(config, set_ or ()))
     from lrx.pipeline.stages import last_finetune_stage  # local: start-up
     _summary(_run_until(config, last_finetune_stage(cfg, loss), runs_dir, data_root, set_, force, no_deps, quiet), quiet)
 
@@ -221,7 +225,7 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
     if not quiet:
         print_profile(metrics)
     if onnx:
-        typer.echo(profile_onnx(load_config(config, (set_ or []) + extra), runs_dir))
+        typer.echo(profile_onnx(one_run(load_config(config, (set_ or []) + extra)), runs_dir))
 
 
 @app.command()

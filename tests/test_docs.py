@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lrx.config.reference import NOT_KEYS, render_reference, sections
-from lrx.config.settings import Config
+from lrx.config.reference import render_reference, sections
+from lrx.config.settings import NOT_KEYS, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -23,12 +23,11 @@ import typing
 from typing import Any, Literal, Union
 
 from lrx.config import settings
-from lrx.config.settings import Config
+from lrx.config.settings import NOT_KEYS, Config
 
-__all__ = ["NOT_KEYS", "field_comments", "allowed_values", "default_text", "sections", "render_reference"]
+__all__ = ["field_comments", "allowed_values", "default_text", "sections", "render_reference"]
 
 # Fields of Config that are not YAML keys: the loader fills them in and refuses them in a file.
-NOT_KEYS = ("path",)
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -15,6 +15,7 @@ and so does finding the config of a run that another names (:func:`find_config`)
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -33,7 +34,8 @@ __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "CalibrationConfig", "Dec
            "StageConfig", "ProfileConfig", "RuntimeConfig", "Config", "NAME_RE", "load_config", "MAX_SEED",
            "MAX_EPOCHS", "MAX_IMAGE_SIZE", "MAX_BATCH", "MAX_SUBSET", "MAX_CLASSES", "MAX_CHANNELS", "MAX_ROW",
            "MAX_LAYER", "MAX_RANK", "MAX_NAME", "validate", "PYTHON_MODEL_RE", "TORCHVISION_RE", "DATASETS",
-           "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config", "stage_settings"]
+           "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config", "stage_settings",
+           "MAX_SEEDS", "NOT_KEYS", "check_seeds", "parse_seeds", "seed_suffix", "with_seed", "seed_runs", "one_run"]
 
 Number = Union[int, float]
 
@@ -97,9 +99,7 @@ class CalibrationConfig:
 class DecomposeConfig:
     # 1-based conv indices, module names, glob patterns ("layer3.*") or "auto"; a single entry may stand alone
     layers: Union[list[Union[int, str]], int, str] = field(default_factory=lambda: [2, 3, 4, 5])
-    # v1, v2 (convs with a kernel larger than 1x1), channel (1x1 convs and linear layers, W as C -> R -> N) or
-    # auto (per layer: v2 for a larger kernel, channel for a 1x1 conv or a linear layer; bases: auto plans both)
-    scheme: Literal["v1", "v2", "channel", "auto"] = "v1"
+    scheme: Literal["v1", "v2"] = "v1"
     bases: Union[list[int], Literal["auto"]] = field(default_factory=lambda: [8, 8, 6, 4])
     target: Union[dict[str, float], None] = None  # with bases: auto: {speedup: 3.0}, {macs: 0.4} or {latency: 2.0}
     # Ranks are multiples of this (capped at the layer's maximum rank), for every target; auto: the
@@ -175,7 +175,9 @@ class Config:
     no: Union[int, None] = None  # row number in the table
     group: Union[int, None] = None  # rows of one group sit between separators
     remark: str = ""
-    seed: int = 0
+    # One seed, or a list of seeds: `lrx run` then runs the row once per seed, each in its own run folder
+    # <name>-s<seed> built on its baseline and parent run with the same seed (lrx.config.settings.seed_runs).
+    seed: Union[int, list[int]] = 0
     # The images that choose the kept epoch of training and fine-tuning (keep: best-acc, best-l2): validation
     # images held out of the training split (data.val_subset), or test, the images acc@1 is reported on
     # (lrx's earlier rule, optimistic; the table marks such rows).
@@ -190,11 +192,16 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     path: str = ""  # the file it was loaded from (not a YAML key)
+    seed_of: Union[str, None] = None  # a run of a seed list: the row's own name (not a YAML key; with_seed sets it)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out.pop("path")
+        for key in NOT_KEYS:
+            out.pop(key)
         return out
+
+
+NOT_KEYS = ("path", "seed_of")  # Config fields that are not YAML keys
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -227,7 +234,7 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
 def _build(cls, raw: Any, file: str, prefix: str):
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping, got {show(raw)}", file=file, key=prefix or None)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_KEYS}
     for key in raw:
         if key not in fields:
             allowed = ", ".join(fields)
@@ -328,6 +335,7 @@ MAX_ROW = 10**6  # the table's no: and group:
 MAX_LAYER = 1000  # a conv layer's 1-based position
 MAX_RANK = 100_000  # above any conv's maximum rank; the exact maximum is checked against the model
 MAX_NAME = 100  # characters of a run name (it names a folder)
+MAX_SEEDS = 100  # seeds of one row (each is a whole run)
 
 # Method options of decompose.options (the source of truth; tests check lrx.factor.decomposition's defaults
 # name the same options).
@@ -353,7 +361,7 @@ def validate(cfg: Config) -> None:
                  f"at most {MAX_NAME} characters (it names a folder under runs/)")
         if key != "name":
             need(value != cfg.name, key, f"names this run itself ({cfg.name!r}); {key}: names another run")
-    within(cfg.seed, "seed", 0, MAX_SEED, why_high=" (2**32 - 1: numpy and random take 32-bit seeds)")
+    check_seeds(cfg.seed, file, "seed")
     for key in ("no", "group"):
         value = getattr(cfg, key)
         if value is not None:
@@ -480,24 +488,90 @@ def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
         for i, rank in enumerate(settings.bases):
             need(rank <= MAX_RANK, f"decompose.bases.{i}", f"must be <= {MAX_RANK}, got {show(rank)}")
     if settings.bases == "auto" and "latency" in (settings.target or {}):
-        need(settings.scheme != "v1", "decompose.target",
-             "a latency target plans scheme v2, channel or auto; scheme 'v1' writes a "
+        need(settings.scheme == "v2", "decompose.target",
+             f"a latency target plans scheme v2 (two 1-D convs per layer); scheme {settings.scheme!r} writes a "
              "C*M-channel map and ran at about half a dense conv's MAC rate on CPU (0.37x-0.61x the original "
-             "on an H100), so its measured plans would keep nearly every layer dense: use scheme: v2 or auto")
-    need(not (settings.decomposed and settings.scheme != "v1"), "decompose.decomposed",
-         f"decomposed: true is scheme v1's separable form; scheme {settings.scheme} takes decomposed: false")
-    need(settings.basis == "shared" or settings.scheme == "v1", "decompose.basis",
-         f"basis {settings.basis!r} is scheme v1's choice; scheme {settings.scheme} takes shared (the default)")
-    need(settings.method == "svd" or settings.scheme == "v1", "decompose.method",
-         f"method {settings.method!r} is scheme v1's; scheme {settings.scheme} takes svd (the default): its "
-         "truncated SVD is already the optimum")
-    need(settings.order == "vh" or settings.scheme in ("v2", "auto"), "decompose.order",
-         f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme {settings.scheme} "
-         "takes vh (the default)")
+             "on an H100), so its measured plans would keep nearly every layer dense: use scheme: v2")
+    need(not (settings.decomposed and settings.scheme == "v2"), "decompose.decomposed",
+         "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
+    need(settings.order == "vh" or settings.scheme == "v2", "decompose.order",
+         f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
     try:
         check_method_options(settings.method, settings.options)
     except UserError as err:
         need(False, err.key, err.message)
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def check_seeds(seeds, file: str | None = None, key: str = "seed") -> list[int]:
+    """The seeds a ``seed:`` value (one integer or a list) or ``--seeds`` stands for: each an integer in
+    0..:data:`MAX_SEED`, a list non-empty, without repeats, at most :data:`MAX_SEEDS` long. The one check of
+    seeds; :class:`UserError` naming ``file`` and ``key`` otherwise."""
+    allowed = f"integers 0..{MAX_SEED}"
+    values = seeds if isinstance(seeds, list) else [seeds]
+    if not values or len(values) > MAX_SEEDS:
+        raise UserError(f"must list 1 to {MAX_SEEDS} seeds, got {len(values)}", file=file, key=key)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+            raise UserError(f"seeds are {allowed} (numpy and random take 32-bit seeds), got {show(value)}",
+                            file=file, key=key)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise UserError(f"lists seed {', '.join(map(str, repeated))} twice; each seed is one run: give distinct "
+                        f"{allowed}", file=file, key=key)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds 0,1,2`` (comma-separated integers), checked by :func:`check_seeds`."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(re.fullmatch(r"\d{1,10}", part) for part in parts):
+        raise UserError(f"{show(text)}: give distinct integers 0..{MAX_SEED} separated by commas, e.g. 0,1,2",
+                        key="--seeds")
+    return check_seeds([int(part) for part in parts], key="--seeds")
+
+
+def seed_suffix(seed: int) -> str:
+    """What a run of a seed list adds to its row's name (and to its baseline's and parent's): ``-s<seed>``."""
+    return f"-s{seed}"
+
+
+def with_seed(cfg: Config, seed: int) -> Config:
+    """The run of ``cfg`` with seed ``seed`` of a seed list: named ``<name>-s<seed>``, built on the runs of its
+    baseline and parent with the same seed (whose splits, validation images and training it shares)."""
+    assert cfg.seed_of is None, "a config is given its seed once"
+    out = copy.deepcopy(cfg)
+    suffix = seed_suffix(seed)
+    out.seed, out.seed_of, out.name = seed, cfg.name, cfg.name + suffix
+    if len(out.name) > MAX_NAME:
+        raise UserError(f"run name {out.name!r} of seed {seed} is longer than {MAX_NAME} characters; shorten name:",
+                        file=cfg.path or None, key="name")
+    for key in ("baseline", "parent"):
+        if getattr(cfg, key) is not None:
+            setattr(out, key, getattr(cfg, key) + suffix)
+    return out
+
+
+def seed_runs(cfg: Config, seeds: list[int] | None = None) -> list[Config]:
+    """The runs of one row: ``cfg`` itself when it has one seed (and ``seeds`` is None), else one run per seed
+    (:func:`with_seed`); ``seeds`` (``--seeds``, checked by :func:`parse_seeds`) replaces the config's ``seed:``."""
+    if seeds is None and isinstance(cfg.seed, int):
+        return [cfg]
+    return [with_seed(cfg, seed) for seed in (seeds if seeds is not None else cfg.seed)]
+
+
+def one_run(cfg: Config) -> Config:
+    """The one run a stage command works on: ``cfg`` with one seed, the run of seed N for ``seed: [N]``;
+    :class:`UserError` when ``seed:`` lists several (``lrx run`` makes one run per seed)."""
+    if not isinstance(cfg.seed, list):
+        return cfg
+    if len(cfg.seed) == 1:
+        return with_seed(cfg, cfg.seed[0])
+    raise UserError(f"lists {len(cfg.seed)} seeds {cfg.seed}: `lrx run` makes one run per seed; this command works "
+                    f"on one run: --set seed=[N] for the run of seed N ({cfg.name}{seed_suffix(cfg.seed[0])}, ...)",
+                    file=cfg.path or None, key="seed")
 
 
 def stage_settings(stage: StageConfig) -> dict:

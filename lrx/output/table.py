@@ -31,6 +31,7 @@ from lrx.base.errors import UserError
 from lrx.base.yamlread import finite_float
 from lrx.pipeline.rundir import RunDir, metrics_problem
 from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
+from lrx.output.seeds import SEED_FIELDS, acc1_text, merge_seeds, seed_fields, seed_notes, seed_sets
 
 __all__ = ["COLUMNS", "HEADER", "RULE", "NO_METRICS", "UNREADABLE", "collect_rows", "sort_rows", "model_of",
            "models_of", "NOISY", "ON_TEST", "cells", "record", "RECORD_FIELDS", "row_ids", "footnotes", "render"]
@@ -352,7 +353,7 @@ def cells(row: dict) -> dict[str, str]:
         "decomped": "Y" if dec and dec.get("decomposed") else "-",
         "L2 finetune": l2,
         "CE finetune": ce,
-        "acc@1(%)": _fmt(row.get("acc1"), 2) + (ON_TEST if _on_test(row) and row.get("acc1") is not None else ""),
+        "acc@1(%)": _fmt(row.get("acc1"), 2) + acc1_text(row) + (ON_TEST if _on_test(row) and row.get("acc1") is not None else ""),
         "macs(M)": _fmt(row.get("macs"), 2, 1e6),
         "params(M)": _fmt(row.get("params"), 2, 1e6),
         "CPU time(ms)": _time(row, "cpu_time", 0),
@@ -378,8 +379,9 @@ def _interval(value: Any) -> tuple[float, float] | None:
     return None
 
 
-def record(row: dict) -> dict:
-    """A flat record for csv / json: the notation columns as text, the measurements as numbers."""
+def record(row: dict, sets: dict | None = None) -> dict:
+    """A flat record for csv / json: the notation columns as text, the measurements as numbers; ``sets``: the
+    runs of rows run with several seeds (:func:`lrx.output.seeds.seed_sets`), for their spread."""
     c = cells(row)
     latency = _dict(row.get("latency"))
     ci, vs = _interval(row.get("acc1_ci")), _dict(row.get("vs_original"))
@@ -417,6 +419,7 @@ def record(row: dict) -> dict:
         "latency_target": finite_float(latency.get("target")),
         "latency_target_missed": _flag(latency.get("target_missed")),
         "remark": c["Remark"],
+        **seed_fields(row, sets or {}),
     }
 
 
@@ -429,6 +432,7 @@ RECORD_FIELDS = ["no", "name", "model", "group", "status", "layers", "bases", "d
                  "vs_original_high", "vs_original_p", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy",
                  "cuda_time_noisy", "timing_batch", "latency_speedup", "latency_noisy", "original_layout",
                  "speedup_default", "mac_ratio", "latency_target", "latency_target_missed", "remark"]
+RECORD_FIELDS += SEED_FIELDS  # a run's seed and, for a row run with several seeds, its spread (lrx.output.seeds)
 
 
 def _scaled(value: Any) -> float | None:
@@ -512,7 +516,7 @@ def footnotes(rows: list[dict]) -> list[str]:
     if against:
         notes.append("Measured speedups are each model in its fastest layout on the profile device, the original in a "
                      "plain one: " + "; ".join(against) + ".")
-    return notes + _accuracy_notes(rows, ids)
+    return notes + _accuracy_notes(rows, ids) + seed_notes(rows, ids)
 
 
 # How a footnote names the layout an expansion ran fastest in.
@@ -569,6 +573,7 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
     sequences in any value (colours, OSC titles and hyperlinks) are left out of every format.
     """
     if fmt == "markdown":
+        rows = merge_seeds(rows)  # a row run with several seeds once: their mean and spread
         columns = COLUMNS if len(models_of(rows)) <= 1 else COLUMNS[:1] + ["model"] + COLUMNS[1:]
         lines = ["|" + "|".join(columns) + "|", "|" + "|".join("---" for _ in columns) + "|"]
         previous = object()
@@ -583,7 +588,8 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
         if notes:
             lines += [""] + [f"- {_plain(note)}" for note in notes]
         return "\n".join(lines) + "\n"
-    records = [{key: _plain(value) for key, value in record(row).items()} for row in rows]
+    sets = seed_sets(rows)
+    records = [{key: _plain(value) for key, value in record(row, sets).items()} for row in rows]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=RECORD_FIELDS, lineterminator="\n")

@@ -35,10 +35,12 @@ import torch
 from lrx import __version__
 
 from lrx.base import distributed
-from lrx.config.settings import Config, find_config, load_config, stage_settings
+from lrx.config.settings import Config, find_config, load_config, one_run, seed_suffix, stage_settings, with_seed
 from lrx.data.datasets import check_data
+from lrx.factor.decomposition import check_rank
 from lrx.base.errors import UserError
-from lrx.nn.surgery import check_layer, check_layer_rank, conv_sizes, layer_label, select_layers
+from lrx.nn.layers import check_convertible
+from lrx.nn.surgery import conv_sizes, layer_label, select_layers
 from lrx.nn.models import build_model, check_start, min_image_size
 from lrx.plan.macs import check_reachable, device_align
 from lrx.pipeline.changes import config_changes, fingerprint
@@ -70,9 +72,12 @@ def device_of(cfg: Config) -> torch.device:
 def dependencies(cfg: Config) -> list[Config]:
     """The configs this one builds on (baseline, parent, recursively), dependencies first, validated.
 
-    Command-line overrides apply to the named config only, never to the runs it builds on. Refused before
-    anything runs: a config whose ``name:`` is not the name it is referred by (its run folder would not be
-    the one the referring run reads), and configs that build on each other in a loop.
+    Command-line overrides apply to the named config only, never to the runs it builds on. A run of a seed
+    list (``cfg.seed_of``) builds on the runs of its baseline and parent with its seed (their configs given
+    that seed, :func:`lrx.config.settings.with_seed`); a run of one seed builds on runs of one seed. Refused
+    before anything runs: a config whose ``name:`` is not the name it is referred by (its run folder would
+    not be the one the referring run reads), configs that build on each other in a loop, and a run of one
+    seed built on a config that lists several.
     """
     out: list[Config] = []
     seen = {cfg.name}
@@ -90,11 +95,18 @@ def dependencies(cfg: Config) -> list[Config]:
             if name in seen:
                 continue
             seen.add(name)
-            dep = load_config(find_config(name, c.path, key))
-            if dep.name != name:
-                raise UserError(f"names run {name!r}, found in {dep.path}, but that config says name: {dep.name!r} "
-                                f"(its run is runs/{dep.name}); refer to it as {dep.name!r} or give it name: {name}",
+            referred = name.removesuffix(seed_suffix(c.seed)) if c.seed_of is not None else name
+            dep = load_config(find_config(referred, c.path, key))
+            if dep.name != referred:
+                raise UserError(f"names run {referred!r}, found in {dep.path}, but that config says name: {dep.name!r} "
+                                f"(its run is runs/{dep.name}); refer to it as {dep.name!r} or give it name: {referred}",
                                 file=c.path, key=key)
+            if c.seed_of is not None:
+                dep = with_seed(dep, c.seed)
+            elif isinstance(dep.seed, list):
+                raise UserError(f"builds on run {referred!r}, whose config {dep.path} lists seeds {dep.seed}; this run "
+                                f"has one seed ({c.seed}): give it the same seeds (seed: {dep.seed}, or lrx run "
+                                f"--seeds) so that each seed's run builds on that seed's", file=c.path, key=key)
             visit(dep, chain + (dep,))
             out.append(dep)
 
@@ -143,7 +155,7 @@ def check_against_model(cfg: Config) -> None:
     for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
         try:
             for index, name, conv in select_layers(model, [layer], settings.scheme, settings.decomposed):
-                check_layer(conv, settings.scheme, settings.decomposed, layer_label(index, name))
+                check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
     try:  # and together: a layer given by index and by name, or by a pattern too
@@ -151,9 +163,8 @@ def check_against_model(cfg: Config) -> None:
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
     if settings.bases != "auto" and len(settings.bases) != len(chosen):
-        noun = "convs" if settings.scheme in ("v1", "v2") else "layers"
-        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} {noun} "
-                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per {noun[:-1]}",
+        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} convs "
+                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per conv",
                         file=cfg.path, key="decompose.bases")
     if settings.bases == "auto" and "latency" in settings.target:
         return  # measured on the device by the planner itself (lrx.plan.latency); nothing to count here
@@ -167,8 +178,8 @@ def check_against_model(cfg: Config) -> None:
         return
     for i, ((index, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
         try:
-            check_layer_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
-                             name=layer_label(index, name))
+            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
+                       name=layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
 
@@ -180,6 +191,7 @@ def configs_to_run(cfg: Config, with_deps: bool = True, checked: set[str] | None
     and added to as they pass; share one set across the configs of one command (a check builds the model
     and, for ``bases: auto``, plans its ranks: 1-2 s for AlexNet).
     """
+    one_run(cfg)  # a seed list is several runs: lrx.config.settings.seed_runs splits it first
     configs = (dependencies(cfg) if with_deps else []) + [cfg]
     checked = set() if checked is None else checked
     by_name = {c.name: c for c in configs}
@@ -497,6 +509,7 @@ class Runner:
         metrics.pop("redo_failed", None)
         metrics.update({
             "name": cfg.name, "no": cfg.no, "group": cfg.group, "remark": cfg.remark, "seed": cfg.seed,
+            "seed_of": cfg.seed_of,
             "config": cfg.path, "baseline": cfg.baseline, "parent": cfg.parent, "built_on": deps,
             "versions": {"lrx": __version__, "torch": torch.__version__},
             "device": str(self.device),
