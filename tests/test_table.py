@@ -288,6 +288,42 @@ def test_a_time_column_mixing_batch_sizes_says_so(tmp_path):
     assert "- The time columns mix batch sizes: batch 4 (row 2); batch 16 (rows 1, 3);" in notes, notes
 
 
+def sized(name, no, median, size, batch=16):
+    """A timed row whose profile stage recorded the input size it measured at (as lrx's profile stage does)."""
+    return {**timed(name, no, median, batch=batch), "stages": {"profile": {"hash": "h", "input_size": size, "batch": batch}}}
+
+
+def test_the_table_says_the_input_size_and_batch_its_time_columns_were_measured_at(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", sized("a", 1, 20.0, [3, 64, 64]))
+    write_run(root, "b", sized("b", 2, 12.0, [3, 64, 64]))
+    notes = render(collect_rows(root)).partition("\n\n")[2]
+    assert "- Measured at input 3x64x64, batch 16: macs(M) counts one 3x64x64 image" in notes, notes
+    assert "mix input sizes" not in notes, f"one size: nothing mixed: {notes}"
+    records = json.loads(render(collect_rows(root), "json"))
+    assert [r["timing_input_size"] for r in records] == ["3x64x64", "3x64x64"], records
+    header = next(csv.reader(io.StringIO(render(collect_rows(root), "csv"))))
+    assert "timing_input_size" in header, header
+
+
+def test_rows_measured_at_different_input_sizes_are_named_per_size(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", sized("a", 1, 214.0, [3, 224, 224]))
+    write_run(root, "b", sized("b", 2, 20.0, [3, 64, 64]))
+    write_run(root, "c", sized("c", 3, 110.0, [3, 224, 224]))
+    # An older run: no size in its profile record; config.yaml's resolved profile.input_size says it.
+    write_run(root, "d", timed("d", 4, 100.0), config={"name": "d", "profile": {"input_size": [3, 64, 64]}})
+    write_run(root, "e", timed("e", 5, 90.0))  # neither says: unknown, never silently one of the others
+    notes = render(collect_rows(root)).partition("\n\n")[2]
+    assert ("- The macs(M) and time columns mix input sizes: 3x64x64 (rows 2, 4); 3x224x224 (rows 1, 3); "
+            "unknown (row 5); compare them only within one size") in notes, notes
+    assert "Measured at input" not in notes, f"no single size is claimed: {notes}"
+    records = {r["name"]: r["timing_input_size"] for r in json.loads(render(collect_rows(root), "json"))}
+    assert records == {"a": "3x224x224", "b": "3x64x64", "c": "3x224x224", "d": "3x64x64", "e": None}, records
+    rows = list(csv.DictReader(io.StringIO(render(collect_rows(root), "csv"))))
+    assert [r["timing_input_size"] for r in rows] == ["3x224x224", "3x64x64", "3x224x224", "3x64x64", ""], rows
+
+
 def test_single_profiler_runs_are_named(seed_runs):
     notes = render(collect_rows(seed_runs)).partition("\n\n")[2].splitlines()
     assert "- Rows 1, 2: time from one torch.profiler run (profiled by an older lrx), not a median; " \

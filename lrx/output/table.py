@@ -8,7 +8,8 @@ Notation (the seed's): layers "2,3,4,5", #bases "8,8,6,4", decomped "Y" or "-", 
 schedules "1.0x20" (loss weight x epochs, stages joined by "+"), "0.0" (that loss not used),
 "-" (no fine-tuning at all); "-" for anything not measured. Time columns are medians of interleaved
 repeats (lrx.measure.timing); a noisy one ends in "~", and :func:`footnotes` under the table say what the
-marks, mixed batch sizes, older single-run times and the speedups' references mean. An acc@1 whose kept
+marks, the input size (and batch) the columns were measured at, mixed batch or input sizes, older single-run
+times and the speedups' references mean. An acc@1 whose kept
 epochs were chosen on the test images (``selected_on: test`` in metrics.json) ends in "†"; its 95% interval
 and an expansion's paired difference from the original are footnotes, and fields of csv / json.
 
@@ -411,6 +412,7 @@ def record(row: dict, sets: dict | None = None) -> dict:
         "cpu_time_noisy": _flag(_dict(row.get("cpu_time")).get("noisy")),
         "cuda_time_noisy": _flag(_dict(row.get("cuda_time")).get("noisy")),
         "timing_batch": _timing_batch(row),
+        "timing_input_size": _size_text(_timing_size(row)),
         "latency_speedup": finite_float(latency.get("speedup")),
         "latency_noisy": _flag(latency.get("noisy")),
         "original_layout": _scalar(latency.get("original_layout")),
@@ -430,7 +432,7 @@ def _flag(value: Any) -> bool | None:
 RECORD_FIELDS = ["no", "name", "model", "group", "status", "layers", "bases", "decomposed", "l2_finetune",
                  "ce_finetune", "acc1", "acc1_low", "acc1_high", "selected_on", "vs_original", "vs_original_low",
                  "vs_original_high", "vs_original_p", "macs_m", "params_m", "cpu_time_ms", "cuda_time_ms", "cpu_time_noisy",
-                 "cuda_time_noisy", "timing_batch", "latency_speedup", "latency_noisy", "original_layout",
+                 "cuda_time_noisy", "timing_batch", "timing_input_size", "latency_speedup", "latency_noisy", "original_layout",
                  "speedup_default", "mac_ratio", "latency_target", "latency_target_missed", "remark"]
 RECORD_FIELDS += SEED_FIELDS  # a run's seed and, for a row run with several seeds, its spread (lrx.output.seeds)
 
@@ -450,6 +452,22 @@ def _timing_batch(row: dict) -> int | None:
         if isinstance(batch, int) and not isinstance(batch, bool):
             return batch
     return None
+
+
+def _timing_size(row: dict) -> tuple[int, int, int] | None:
+    """(C, H, W) of one image the row's MACs were counted and times measured at: the profile stage's record,
+    else the resolved config's ``profile.input_size`` (metrics of an older lrx); None when neither says."""
+    config = row.get("profile")  # config.yaml's profile section (metrics.json has none of that name)
+    for source in (_dict(_dict(row.get("stages")).get("profile")), _dict(row.get("latency")), _dict(config)):
+        size = source.get("input_size")
+        if (isinstance(size, list) and len(size) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6 for v in size)):
+            return tuple(size)
+    return None
+
+
+def _size_text(size: tuple | None) -> str | None:
+    return "x".join(map(str, size)) if size is not None else None
 
 
 def _timed(row: dict) -> bool:
@@ -474,6 +492,7 @@ def footnotes(rows: list[dict]) -> list[str]:
 
     - which figures are marked noisy (:data:`NOISY`) and the rule behind the mark;
     - a time column that mixes batch sizes, naming the rows of each batch;
+    - the input size of the macs(M) and time columns, or the rows of each size when they mix sizes;
     - rows whose time comes from one torch.profiler run (metrics written before lrx timed repeats);
     - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it;
     - rows whose kept epochs were chosen on the test images (:data:`ON_TEST`), each acc@1's 95% interval and each
@@ -496,6 +515,7 @@ def footnotes(rows: list[dict]) -> list[str]:
         parts = [f"batch {batch if batch is not None else 'unknown'} ({_rows_text('row', group, ids)})"
                  for batch, group in sorted(batches.items(), key=lambda item: (item[0] is None, item[0] or 0))]
         notes.append(f"The time columns mix batch sizes: {'; '.join(parts)}; compare times only within one batch.")
+    notes += _size_notes(rows, ids, batches)
     single = [row for row in rows if _timed(row) and not row.get("cpu_time") and not row.get("cuda_time")]
     if single:
         notes.append(f"{_rows_text('Row', single, ids)}: time from one torch.profiler run (profiled by an older lrx), "
@@ -521,6 +541,29 @@ def footnotes(rows: list[dict]) -> list[str]:
 
 # How a footnote names the layout an expansion ran fastest in.
 _LAYOUT_NAMES = {"lrx": "on lrx's inference paths", "default": "in PyTorch's default layout"}
+
+
+def _size_notes(rows: list[dict], ids: dict[int, str], batches: dict) -> list[str]:
+    """The input size behind the macs(M) and time columns: one line when every timed row was measured at the
+    same known size (with the batch, when that is one too), else the rows of each size, so that rows timed at
+    224 and at 64 pixels are never compared unawares."""
+    sizes: dict[tuple | None, list[dict]] = {}
+    for row in rows:
+        if _timed(row):
+            sizes.setdefault(_timing_size(row), []).append(row)
+    if len(sizes) == 1 and None not in sizes:
+        (size,) = sizes
+        batch = next(iter(batches)) if len(batches) == 1 and None not in batches else None
+        of_batch = f", batch {batch}" if batch is not None else ""
+        return [f"Measured at input {_size_text(size)}{of_batch}: macs(M) counts one {_size_text(size)} image, the "
+                f"time columns time one forward of the batch."]
+    if len(sizes) > 1:
+        parts = [f"{_size_text(size) or 'unknown'} ({_rows_text('row', group, ids)})"
+                 for size, group in sorted(sizes.items(), key=lambda item: (item[0] is None, item[0] or ()))]
+        return [f"The macs(M) and time columns mix input sizes: {'; '.join(parts)}; compare them only within one "
+                "size (lrx profile CONFIG --input-size C,H,W profiles a finished run at another size, into a file "
+                "of its own)."]
+    return []
 
 
 def _accuracy_notes(rows: list[dict], ids: dict[int, str]) -> list[str]:
