@@ -235,6 +235,42 @@ def test_the_layer_table_is_cached_per_device_and_shape(tmp_path):
         "a damaged cache is measured again and rewritten"
 
 
+@pytest.mark.parametrize("reality", [1.0, 2.0, 6.0])  # the table holds; is off (adjusted); contradicts the cache
+def test_the_same_config_and_times_give_the_same_plan_twice_and_after_a_cache_round_trip(tmp_path, reality):
+    odd = lambda r: 0.37 * r + 0.013  # noqa: E731  times whose decimal forms are long: the cache must keep them exactly
+    make = lambda: FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): odd, (16, 24): odd}, reality=reality)  # noqa: E731
+
+    def plan(timing, **kw):
+        out = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.4}, timing, **kw)
+        return out["names"], out["ranks"], [row["choice"] for row in out["table"]], out["measured_speedup"]
+
+    without_cache = plan(make())
+    assert plan(make()) == without_cache, "the same config and times plan the same ranks twice"
+    cache = tmp_path / "latency-tables.json"
+    measuring, reading = make(), make()
+    measured = plan(measuring, cache=cache)
+    assert len(measuring.layer_calls) == 3 and cache.exists(), "the premise: the first plan measures into the cache"
+    from_cache = plan(reading, cache=cache)
+    assert reading.layer_calls == [] or reality == 6.0, "the second plan reads the cache"
+    assert measured == from_cache == without_cache, \
+        f"the plan read from the cache is the plan measured: {measured} vs {from_cache} (no cache: {without_cache})"
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-15, -1e-15])
+def test_equal_moves_go_to_the_earlier_layer_whatever_the_float_noise(noise):
+    """Two layers alike in time and proxy: one move of either meets the budget; float noise in the second's
+    proxy (an SVD's last bits) must not pick it. The rule (latency.TIE_RULE): the earlier layer."""
+    def row(name, index):
+        return {"index": index, "name": name, "ranks": [2, 4], "model_ms": {"dense": 10.0, "4": 6.0, "2": 4.0}}
+
+    retained = [0.5, 0.8, 0.9, 0.95]  # at ranks 1..4
+    proxy = {"a": retained, "b": [retained[0], retained[1], retained[2], retained[3] + noise]}
+    assert noise == 0 or retained[3] + noise != retained[3], "the premise: the noise changes the float"
+    choice = latency.choose([row("a", 1), row("b", 2)], proxy, rest_ms=0.0, budget_ms=16.5)
+    assert choice == ["4", "dense"], f"a tie goes to the earlier layer, at its less lossy option: {choice}"
+    assert "earlier layer" in latency.RULE, "the plan's rule says how ties break"
+
+
 def test_mac_targets_take_the_alignment_too():
     model = small_model()
     plan = plan_ranks(model, [2, 3], "v2", {"speedup": 2.0}, input_size=INPUT, align=8)

@@ -70,7 +70,7 @@ from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
-__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "CACHE_VERSION", "DENSE", "RULE", "Timing",
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "TIE", "TIE_RULE", "CACHE_VERSION", "DENSE", "RULE", "Timing",
            "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
@@ -87,12 +87,18 @@ ADJUST_ROUNDS = 3  # re-plans after the first check, at most
 # inverse). A first check that needs more than this from cached times contradicts the cache: those layers
 # are measured again instead.
 SCALE_LIMIT = 4.0
+# Two moves of the greedy choice whose figures (proxy lost per ms saved, or proxy won back) differ by less
+# than this share of them are a tie: float noise in a proxy or a time (an SVD's last bits, a sum taken in
+# another order) must not decide a plan. A tie goes to the earlier layer in the model, then to the less
+# lossy option of it (TIE_RULE).
+TIE = 1e-9
+TIE_RULE = "ties (within 1e-9 of each other) go to the earlier layer in the model, then to its less lossy option"
 CACHE_VERSION = 1  # the schema of latency-tables.json: {"version": 1, "tables": {key: {"dense" or rank: ms}}}
 DENSE = "dense"
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
         "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
         "predicted whole-model time meets the target; then time the whole model and re-plan if the "
-        "prediction is off by more than 10%")
+        "prediction is off by more than 10%; " + TIE_RULE)
 
 
 class Timing(Protocol):
@@ -368,12 +374,18 @@ def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[s
     return kept
 
 
+def _beyond_tie(larger: float, smaller: float) -> bool:
+    """Whether ``larger`` exceeds ``smaller`` by more than :data:`TIE` of their size (not a tie)."""
+    return larger - smaller > TIE * max(abs(larger), abs(smaller))
+
+
 def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: float, budget_ms: float,
            scale: float = 1.0) -> list[str]:
     """Each layer's option (``"dense"`` or a rank as a string) so that ``rest_ms`` + the layers' times (the
     ranks' times times ``scale``) <= ``budget_ms``, by the greedy rule of the module doc; then, where a step
-    overshot, layers move back to less lossy options that still fit. Raises ``ValueError`` with the best
-    reachable time when even every layer's fastest option misses the budget."""
+    overshot, layers move back to less lossy options that still fit. Equal moves are chosen by
+    :data:`TIE_RULE`, so the same table gives the same choice whatever the float noise in it. Raises
+    ``ValueError`` with the best reachable time when even every layer's fastest option misses the budget."""
     options = [_options(row, retained[row["name"]], scale) for row in table]
     at = [0] * len(table)
     total = rest_ms + sum(o[0][1] for o in options)
@@ -388,7 +400,7 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
                 _, t, loss = layer[j]
                 if t < t_now:
                     cost = (loss - loss_now) / (t_now - t)
-                    if best is None or cost < best[0]:
+                    if best is None or _beyond_tie(best[0], cost):  # scanned in TIE_RULE's order: a tie keeps the first
                         best = (cost, i, j)
         if best is None:  # cannot happen while fastest <= budget
             raise ValueError(fastest)
@@ -403,7 +415,7 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
             _, t_now, loss_now = layer[at[i]]
             for j in range(at[i]):
                 _, t, loss = layer[j]
-                if total + t - t_now <= budget_ms and (best is None or loss_now - loss > best[0]):
+                if total + t - t_now <= budget_ms and (best is None or _beyond_tie(loss_now - loss, best[0])):
                     best = (loss_now - loss, i, j)
         if best is None or best[0] <= 0:
             return [layer[a][0] for layer, a in zip(options, at)]
