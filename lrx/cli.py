@@ -18,7 +18,7 @@ from rich.console import Console
 
 from lrx import __version__
 from lrx.base.errors import TrainingDiverged, UserError
-from lrx.config.settings import load_config, one_run, parse_seeds, seed_runs
+from lrx.config.settings import load_config, one_run, parse_input_size, parse_seeds, seed_runs, size_text
 
 # The library behind each command is imported inside the command ("# local: start-up"): torch takes seconds to
 # import, and a config's mistake is reported before it is loaded.
@@ -214,10 +214,16 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
             batch: Optional[int] = typer.Option(None, help="Batch size for timing (profile.batch)."),
             device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (profile.device)."),
             onnx: bool = typer.Option(False, "--onnx", help="Also time the original and this run's final model in "
-                                                            "ONNX Runtime on the CPU (needs lrx[export]).")):
+                                                            "ONNX Runtime on the CPU (needs lrx[export])."),
+            input_size: Optional[str] = typer.Option(None, "--input-size", metavar="C,H,W",
+                                                     help="Profile the finished run at this size instead, into "
+                                                          "profile-CxHxW.json in its folder; its results stay as they are.")):
     """MACs, params, CPU/CUDA time (medians of interleaved repeats), speedup over the original's fastest layout,
     per-layer times and where the time goes."""
     extra = [f"profile.{k}={v}" for k, v in (("threads", threads), ("batch", batch), ("device", device)) if v is not None]
+    if input_size is not None:
+        _profile_at_size(config, runs_dir, set_ or [], extra, input_size, force, quiet, onnx)
+        return
     metrics = _run_until(config, "profile", runs_dir, data_root, (set_ or []) + extra, force, no_deps, quiet)
     from lrx.output.export import profile_onnx  # local: start-up
     from lrx.output.profiles import print_profile  # local: start-up
@@ -226,6 +232,27 @@ def profile(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optio
         print_profile(metrics)
     if onnx:
         typer.echo(profile_onnx(one_run(load_config(config, (set_ or []) + extra)), runs_dir))
+
+
+def _profile_at_size(config: Path, runs_dir: Path, set_: list, extra: list, input_size: str, force: bool,
+                     quiet: bool, onnx: bool) -> None:
+    """``lrx profile --input-size``: the finished run profiled at that size into a file of its own."""
+    size = parse_input_size(input_size)
+    if force:
+        raise UserError("--force redoes the run's profile stage; --input-size profiles the finished run at another "
+                        "size and changes none of its results: give one of them")
+    cfg = one_run(load_config(config, set_))  # the run as made: its stages' settings
+    sized = one_run(load_config(config, set_ + extra + [f"profile.input_size=[{','.join(map(str, size))}]"]))
+    from lrx.output.export import profile_onnx  # local: start-up
+    from lrx.output.profiles import print_profile  # local: start-up
+    from lrx.pipeline.reprofile import profile_at_size  # local: start-up
+    record, path = profile_at_size(cfg, sized.profile, runs_dir, say=(lambda message: None) if quiet else _echo)
+    _echo(f"wrote {path} (metrics.json and the table's row unchanged)")
+    if not quiet:
+        _summary({"name": cfg.name, "status": f"profiled at {size_text(size)}", **record}, quiet)
+        print_profile(record)
+    if onnx:
+        typer.echo(profile_onnx(sized, runs_dir))
 
 
 @app.command()
@@ -295,14 +322,7 @@ def export(run: Path = typer.Argument(..., help="A run folder (runs/exp11) or th
     """Write a run's final model in a form that loads without lrx: ONNX, torch.export (.pt2), TorchScript, or a
     state dict of plain nn.Conv2d/nn.Sequential modules with the recipe that builds them."""
     from lrx.output.export import export_run  # local: start-up
-    size = None
-    if input_size is not None:
-        try:
-            size = tuple(int(v) for v in input_size.split(","))
-        except ValueError:
-            size = ()
-        if len(size) != 3 or min(size) < 1:
-            raise UserError(f"--input-size {input_size!r}: give C,H,W as three positive integers, e.g. 3,224,224")
+    size = parse_input_size(input_size) if input_size is not None else None
     typer.echo(export_run(run, output, format, runs_dir, size, check))
 
 

@@ -7,7 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lrx.cli import app
-from lrx.config.settings import apply_override, load_config
+from lrx.config.settings import (Config, DataConfig, ProfileConfig, apply_override, load_config, parse_input_size,
+                                 profile_input_size, size_text)
+from lrx.pipeline.runner import stage_hashes
 from lrx.base.errors import UserError
 
 from conftest import TINY_BASE, write_yaml
@@ -36,8 +38,54 @@ def test_seed_configs_load_with_seed_settings():
     assert rows[4].parent == "exp03" and [(s.ce, s.epochs) for s in rows[4].finetune] == [(1.0, 10)]
     assert rows[9].parent == "exp06" and rows[9].finetune[0].epochs == 20, "row 9's CE is 20 epochs"
     for i in range(1, 10):
+        assert rows[i].profile.input_size == [3, 224, 224], "the seed's rows time at 224, as trained, set explicitly"
         quick = load_config(root / "quick" / f"exp0{i}.yaml")
-        assert quick.data.name == "fashion-mnist" and quick.profile.input_size == [3, 224, 224]
+        assert quick.data.name == "fashion-mnist" and quick.profile.input_size is None, "quick rows: the data's size"
+
+
+def test_the_profile_size_defaults_to_the_size_the_model_is_trained_at():
+    """profile.input_size null (the default) is the data's images: 3 x data.image_size x data.image_size, the one
+    size the MACs, the times and a latency target's plan use; quick rows time at 64 px, the seed's at 224."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in [f"exp{i:02d}" for i in range(1, 22)]:
+        quick = load_config(root / "quick" / f"{name}.yaml")
+        assert profile_input_size(quick) == (3, 64, 64), f"quick/{name} times at its training size"
+        assert quick.to_dict()["profile"]["input_size"] == [3, 64, 64], "config.yaml records the size as resolved"
+    for name in [f"exp{i:02d}" for i in range(1, 14)]:
+        assert profile_input_size(load_config(root / f"{name}.yaml")) == (3, 224, 224), f"{name} keeps the seed's 224"
+    assert profile_input_size(Config()) == (3, 224, 224), "the default data.image_size is 224"
+    assert profile_input_size(Config(data=DataConfig(image_size=32))) == (3, 32, 32), "it follows data.image_size"
+    given = Config(data=DataConfig(image_size=32), profile=ProfileConfig(input_size=[1, 40, 48]))
+    assert profile_input_size(given) == (1, 40, 48), "a size given explicitly wins"
+
+
+def test_the_profile_size_counts_in_the_hashes_as_resolved(tiny_configs):
+    """A null size and the same size written out hash alike (no spurious redo); another size redoes the
+    profile, and a latency target's plan (made at the profile's size) too."""
+    explicit = load_config(tiny_configs / "t02.yaml")
+    implicit = load_config(tiny_configs / "t02.yaml", ["profile.input_size=null"])
+    assert explicit.profile.input_size == [3, 16, 16] and profile_input_size(implicit) == (3, 16, 16)
+    assert stage_hashes(explicit, {"t01": "h"}) == stage_hashes(implicit, {"t01": "h"}), "same resolved size, same hashes"
+    bigger = stage_hashes(load_config(tiny_configs / "t02.yaml", ["data.image_size=24", "profile.input_size=null"]),
+                          {"t01": "h"})
+    assert bigger["profile"] != stage_hashes(implicit, {"t01": "h"})["profile"], "a new size redoes the profile"
+    target = ["decompose.scheme=v2", "decompose.bases=auto", "decompose.target={latency: 1.5}"]
+    at_16 = stage_hashes(load_config(tiny_configs / "t02.yaml", target), {"t01": "h"})
+    at_32 = stage_hashes(load_config(tiny_configs / "t02.yaml", target + ["profile.input_size=[3, 32, 32]"]), {"t01": "h"})
+    assert at_16["decompose"] != at_32["decompose"], "a latency plan is made again at another profile size"
+    weights_16 = stage_hashes(explicit, {"t01": "h"})
+    weights_32 = stage_hashes(load_config(tiny_configs / "t02.yaml", ["profile.input_size=[3, 32, 32]"]), {"t01": "h"})
+    assert weights_16["decompose"] == weights_32["decompose"], "explicit ranks do not depend on the profile size"
+
+
+@pytest.mark.parametrize("text", ["3,abc", "3,224", "3,224,224,1", "0,16,16", "3,-1,16", "3,5000,16", "2000,16,16",
+                                  "3,16,", "3, 16,1e3", ""])
+def test_a_bad_input_size_option_names_the_option_and_the_allowed_values(text):
+    with pytest.raises(UserError) as info:
+        parse_input_size(text)
+    assert "--input-size" in str(info.value) and "1 <= C <= 1024" in str(info.value) and "4096" in str(info.value), \
+        str(info.value)
+    assert parse_input_size("3, 224,224") == (3, 224, 224) and size_text((3, 224, 224)) == "3x224x224"
 
 
 def test_override_sets_nested_and_list_keys(tiny_configs):

@@ -35,7 +35,8 @@ __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "CalibrationConfig", "Dec
            "MAX_EPOCHS", "MAX_IMAGE_SIZE", "MAX_BATCH", "MAX_SUBSET", "MAX_CLASSES", "MAX_CHANNELS", "MAX_ROW",
            "MAX_LAYER", "MAX_RANK", "MAX_NAME", "validate", "PYTHON_MODEL_RE", "TORCHVISION_RE", "DATASETS",
            "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config", "stage_settings",
-           "MAX_SEEDS", "NOT_KEYS", "check_seeds", "parse_seeds", "seed_suffix", "with_seed", "seed_runs", "one_run"]
+           "MAX_SEEDS", "NOT_KEYS", "check_seeds", "parse_seeds", "seed_suffix", "with_seed", "seed_runs", "one_run",
+           "IMAGE_CHANNELS", "profile_input_size", "parse_input_size", "size_text"]
 
 Number = Union[int, float]
 
@@ -144,7 +145,9 @@ class StageConfig:
 @dataclass
 class ProfileConfig:
     enabled: bool = True
-    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])  # C, H, W of ptflops and timing
+    # C, H, W of one image for the MACs count, the times and a latency target's plan; null: the data's images
+    # as the run trains and evaluates on them, 3 x data.image_size x data.image_size (profile_input_size).
+    input_size: Union[list[int], None] = None
     batch: int = 64  # torch.profiler / latency batch, as the seed
     threads: Union[int, None] = None  # torch threads; None: torch's default
     warmup: int = 2
@@ -195,10 +198,48 @@ class Config:
     seed_of: Union[str, None] = None  # a run of a seed list: the row's own name (not a YAML key; with_seed sets it)
 
     def to_dict(self) -> dict:
+        """The settings as plain data (a run's config.yaml), ``profile.input_size`` resolved
+        (:func:`profile_input_size`): the file says at what size the run was counted and timed."""
         out = dataclasses.asdict(self)
         for key in NOT_KEYS:
             out.pop(key)
+        out["profile"]["input_size"] = list(profile_input_size(self))
         return out
+
+
+# Every dataset lrx reads gives RGB images: grayscale ones are repeated to 3 channels (lrx.data.datasets).
+IMAGE_CHANNELS = 3
+
+
+def profile_input_size(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of one image at which a run's MACs are counted, its models timed and a latency target planned:
+    ``profile.input_size`` when given, else the data's images as the model is trained and evaluated on them,
+    ``(IMAGE_CHANNELS, data.image_size, data.image_size)``. The one rule every consumer of the size uses (the
+    profile stage, the latency planner, the dry run, the config checks, config.yaml and the stage hashes)."""
+    given = cfg.profile.input_size
+    if given is not None:
+        return tuple(int(v) for v in given)
+    return (IMAGE_CHANNELS, cfg.data.image_size, cfg.data.image_size)
+
+
+def size_text(size) -> str:
+    """``(3, 64, 64)`` -> ``"3x64x64"``: how lrx writes an input size in file names, tables and messages."""
+    return "x".join(str(int(v)) for v in size)
+
+
+def parse_input_size(text: str, option: str = "--input-size") -> tuple[int, int, int]:
+    """``"3,224,224"`` -> ``(3, 224, 224)``: an input size given on the command line, within the bounds of
+    ``profile.input_size`` (C <= MAX_CHANNELS, H and W <= MAX_IMAGE_SIZE); :class:`UserError` naming
+    ``option`` and the allowed values otherwise."""
+    allowed = (f"give C,H,W as three integers, 1 <= C <= {MAX_CHANNELS} and 1 <= H, W <= {MAX_IMAGE_SIZE}, "
+               "e.g. 3,224,224")
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isascii() and p.strip().isdigit() and len(p.strip()) <= 6 for p in parts):
+        raise UserError(f"{option} {show(text)}: {allowed}")
+    size = tuple(int(p) for p in parts)
+    if not (1 <= size[0] <= MAX_CHANNELS and all(1 <= v <= MAX_IMAGE_SIZE for v in size[1:])):
+        raise UserError(f"{option} {show(text)}: {allowed}")
+    return size
 
 
 NOT_KEYS = ("path", "seed_of")  # Config fields that are not YAML keys
@@ -404,10 +445,12 @@ def validate(cfg: Config) -> None:
     need(not cfg.finetune or cfg.decompose is not None or cfg.parent is not None, "finetune",
          "fine-tuning needs an expanded model: add decompose: or parent:")
     p = cfg.profile
-    need(len(p.input_size) == 3, "profile.input_size",
-         f"must be [channels, height, width] of positive integers, got {show(p.input_size)}")
-    for i, (size, top) in enumerate(zip(p.input_size, (MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_IMAGE_SIZE))):
-        within(size, f"profile.input_size.{i}", 1, top)
+    if p.input_size is not None:  # null: the data's images (profile_input_size), checked with data.image_size
+        need(len(p.input_size) == 3, "profile.input_size",
+             f"must be [channels, height, width] of positive integers, or null (the data's images: "
+             f"{IMAGE_CHANNELS} x data.image_size x data.image_size), got {show(p.input_size)}")
+        for i, (size, top) in enumerate(zip(p.input_size, (MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_IMAGE_SIZE))):
+            within(size, f"profile.input_size.{i}", 1, top)
     within(p.batch, "profile.batch", 1, MAX_BATCH)
     if p.threads is not None:
         within(p.threads, "profile.threads", 1, 1024, why_low=" or null")

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from lrx.base.files import load_checkpoint, os_reason, write_atomic, write_named_atomic
-from lrx.config.settings import Config, load_config
+from lrx.config.settings import IMAGE_CHANNELS, Config, load_config, profile_input_size, size_text
 from lrx.base.errors import UserError
 from lrx.nn.layers import factor_convs
 from lrx.pipeline.rundir import RunDir, is_run_folder, load_model
@@ -308,9 +308,9 @@ def check_export(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 22
 
 
 def run_input_size(run: RunDir) -> tuple[int, int, int]:
-    """(C, H, W) a run's model was trained and evaluated at: profile.input_size's channels, data.image_size."""
+    """(C, H, W) a run's model was trained and evaluated at: profile.input_size's channels (or 3), data.image_size."""
     config = run.read_config()
-    channels = ((config.get("profile") or {}).get("input_size") or [3])[0]
+    channels = ((config.get("profile") or {}).get("input_size") or [IMAGE_CHANNELS])[0]
     size = (config.get("data") or {}).get("image_size") or 224
     return int(channels), int(size), int(size)
 
@@ -459,15 +459,15 @@ def profile_onnx(cfg: Config, runs_dir: str | Path = "runs") -> str:
     """``lrx profile --onnx``: the original (the baseline run's final model) and this run's final model, exported
     and timed in ONNX Runtime on the CPU at ``profile``'s batch, input size, threads, warm-up and repeats.
     Printed, not recorded in metrics.json."""
-    p = cfg.profile
+    p, size = cfg.profile, profile_input_size(cfg)
     models = {"original": final_model(RunDir(runs_dir, cfg.baseline or cfg.name))[0]}
     if cfg.baseline is not None:
         models[cfg.name] = final_model(RunDir(runs_dir, cfg.name))[0]
     threads = p.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as folder:
-        stats = onnx_latency(models, folder, p.batch, tuple(p.input_size), threads, p.warmup, p.repeats)
+        stats = onnx_latency(models, folder, p.batch, size, threads, p.warmup, p.repeats)
     parts = [f"{name} {s['median_ms']:.1f} ms{' (noisy)' if s['noisy'] else ''}" for name, s in stats.items()]
     if cfg.baseline is not None:
         parts.append(f"speedup {stats[cfg.name]['speedup']:.2f}x")
-    return (f"ONNX Runtime (CPU, {threads} threads, batch {p.batch} at {'x'.join(map(str, p.input_size))}, "
+    return (f"ONNX Runtime (CPU, {threads} threads, batch {p.batch} at {size_text(size)}, "
             f"medians of {p.repeats} interleaved runs): " + ", ".join(parts))

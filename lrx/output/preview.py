@@ -10,7 +10,7 @@ from torch import nn
 
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
-from lrx.config.settings import Config
+from lrx.config.settings import Config, profile_input_size, size_text
 from lrx.data.datasets import load_data
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.nn.models import build_model, initial_model
@@ -114,7 +114,7 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
                       f"{row['retained_energy']:.4f}")
     table.add_row("replaced layers", "", "", f"{before / 1e6:.2f}", f"{after / 1e6:.2f}", f"{before / max(after, 1):.2f}x", "")
     console.print(table)
-    console.print(f"weights: {source}; MACs at input {cfg.profile.input_size}")
+    console.print(f"weights: {source}; MACs at input {size_text(profile_input_size(cfg))}")
     if plan is not None and "table" in plan:
         console.print(latency_table(plan))
         for i, step in enumerate(plan["rounds"]):
@@ -122,7 +122,8 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
                           f"{step['predicted_speedup']:.2f}x, measured {step['measured_speedup']:.2f}x "
                           f"(against the original {step['original_layout']})")
         console.print(f"chosen: predicted {plan['predicted_speedup']:.2f}x, measured {plan['measured_speedup']:.2f}x "
-                      f"for target {plan['target']['latency']:g}x on {plan['device']}, batch {plan['batch']}")
+                      f"for target {plan['target']['latency']:g}x on {plan['device']}, batch {plan['batch']} at "
+                      f"{size_text(plan['input_size'])}")
         if plan.get("target_met") is False:
             best = plan.get("best_reachable")
             console.print(f"target {plan['target']['latency']:g}x missed: "

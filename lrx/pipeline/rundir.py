@@ -45,13 +45,13 @@ from lrx import __version__
 from lrx.base import distributed
 from lrx.base.files import (TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpoint, load_json, os_reason,
                             save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
-from lrx.config.settings import Config
+from lrx.config.settings import Config, size_text
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded
 from lrx.nn.models import build_model
 
 __all__ = ["LOCK_PATIENCE_S", "MODEL_FILES", "LATENCY_TABLES", "LOCK_INFO_LIMIT", "STALE_TEMP_S", "MOVE_AWAY",
-           "model_file", "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file",
+           "model_file", "sized_profile_file", "is_run_folder", "latency_cache_path", "checkpoint_file", "RunDir", "stage_of_file",
            "clean_runs", "finished_needs", "format_size", "metrics_problem", "save_model", "load_model", "REDO_MARK"]
 
 # The advice for a model file that is not what it should be: it belongs to run {run}, which --force on
@@ -81,6 +81,11 @@ def model_file(stage: str) -> str:
     if stage.startswith("finetune."):
         return f"stage{stage.split('.')[1]}.pt"
     return MODEL_FILES[stage]
+
+
+def sized_profile_file(input_size) -> str:
+    """The name of a finished run's profile at another input size (:meth:`RunDir.sized_profile_path`)."""
+    return f"profile-{size_text(input_size)}.json"
 
 
 def is_run_folder(folder: str | Path) -> bool:
@@ -126,6 +131,11 @@ class RunDir:
 
     def model_path(self, stage: str) -> Path:
         return self.file(model_file(stage))
+
+    def sized_profile_path(self, input_size) -> Path:
+        """Where ``lrx profile CONFIG --input-size C,H,W`` writes its profile of the finished run at that size
+        (``profile-3x224x224.json``), beside the run's own and never in place of it."""
+        return self.file(sized_profile_file(input_size))
 
     def checkpoint_path(self, stage: str) -> Path | None:
         name = checkpoint_file(stage)

@@ -35,7 +35,8 @@ import torch
 from lrx import __version__
 
 from lrx.base import distributed
-from lrx.config.settings import Config, find_config, load_config, one_run, seed_suffix, stage_settings, with_seed
+from lrx.config.settings import (IMAGE_CHANNELS, Config, find_config, load_config, one_run, profile_input_size,
+                                 seed_suffix, stage_settings, with_seed)
 from lrx.data.datasets import check_data
 from lrx.factor.decomposition import check_rank
 from lrx.base.errors import UserError
@@ -48,7 +49,7 @@ from lrx.pipeline.rundir import RunDir, model_file
 from lrx.pipeline.stages import Context, run_selection, stage, stage_names, summarise
 
 __all__ = ["device_of", "dependencies", "check_against_model", "configs_to_run", "config_key", "SHARED",
-           "check_shared_settings", "stage_hashes", "final_hash", "Runner", "run_with_dependencies"]
+           "check_shared_settings", "stage_hashes", "planned_at", "final_hash", "Runner", "run_with_dependencies"]
 
 Echo = Callable[[str], None]
 
@@ -135,15 +136,15 @@ def check_against_model(cfg: Config) -> None:
     if cfg.data.image_size < smallest:
         raise UserError(f"{cfg.model.name} needs images of at least {smallest}x{smallest}, got {cfg.data.image_size}",
                         file=cfg.path, key="data.image_size")
-    if cfg.profile.input_size[1] < smallest or cfg.profile.input_size[2] < smallest:
-        raise UserError(f"{cfg.model.name} needs an input of at least {smallest}x{smallest}, got {cfg.profile.input_size}",
-                        file=cfg.path, key="profile.input_size")
-    input_size = tuple(cfg.profile.input_size)
+    input_size = profile_input_size(cfg)
+    if input_size[1] < smallest or input_size[2] < smallest:
+        raise UserError(f"{cfg.model.name} needs an input of at least {smallest}x{smallest}, got "
+                        f"{list(input_size)}", file=cfg.path, key="profile.input_size")
     try:  # one forward at the profile's input: a wrong channel count or size shows here, not after training
         conv_sizes(model, [], input_size)
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="profile.input_size") from None
-    images = (3, cfg.data.image_size, cfg.data.image_size)
+    images = (IMAGE_CHANNELS, cfg.data.image_size, cfg.data.image_size)
     if images != input_size:  # and one at the training images' size: a user's model has no known minimum
         try:
             conv_sizes(model, [], images)
@@ -254,12 +255,23 @@ def stage_hashes(cfg: Config, dep_hashes: dict[str, str]) -> dict[str, str]:
             own = asdict(cfg.decompose)
             if own["fit"] == "weights":  # calibration is unused; runs made before fit: existed keep their hash
                 del own["fit"], own["calibration"]
+            if "latency" in (cfg.decompose.target or {}):  # the plan is measured: at this size, batch and dtype
+                own["timed_at"] = planned_at(cfg)
         elif name.startswith("finetune."):
             own = stage_settings(cfg.finetune[int(name.split(".")[1])])
-        else:
-            own = asdict(cfg.profile)
+        else:  # the size as resolved: a row whose data.image_size is the size it set before hashes alike
+            own = {**asdict(cfg.profile), "input_size": list(profile_input_size(cfg))}
         previous = out[name] = _hash(name, own, previous)
     return out
+
+
+def planned_at(cfg: Config) -> dict:
+    """What a latency target's plan is measured at (:meth:`lrx.plan.latency.DeviceTiming.from_config`): the
+    profile's input size as resolved, batch, threads, dtype and compile; part of the decompose stage's hash,
+    so that a plan made at another size is made again rather than profiled at this one."""
+    p = cfg.profile
+    return {"input_size": list(profile_input_size(cfg)), "batch": p.batch, "threads": p.threads, "dtype": p.dtype,
+            "compile": p.compile}
 
 
 def final_hash(metrics: dict) -> str | None:

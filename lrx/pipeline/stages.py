@@ -14,6 +14,7 @@ same model on the same images twice) are read together; the table's derivation c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lrx.base import distributed
-from lrx.config.settings import Config
+from lrx.config.settings import Config, ProfileConfig, profile_input_size
 from lrx.data.datasets import load_splits
 from lrx.base.errors import UserError
 from lrx.train.finetune import measure, run_stage
@@ -40,7 +41,7 @@ from lrx.train.loop import correct_per_image
 
 __all__ = ["stage_names", "last_finetune_stage", "Context", "check_expansion", "ModelStage", "Train", "Decompose",
            "expand_model", "report_text", "Finetune", "Profile", "STAGES", "stage", "stage_selection", "run_selection",
-           "summarise", "latency_target"]
+           "summarise", "latency_target", "profile_settings"]
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -267,7 +268,7 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
                           iterations=settings.calibration.iterations, held_out=held_out, basis=settings.basis,
                           method=settings.method, decomposed=settings.decomposed, order=settings.order,
                           align=device_align(settings.align, cfg.runtime.device),
-                          input_size=tuple(input_size or cfg.profile.input_size),
+                          input_size=tuple(input_size or profile_input_size(cfg)),
                           timing=DeviceTiming.from_config(cfg) if "latency" in (settings.target or {}) else None,
                           cache=latency_cache_path(runs_dir) if runs_dir is not None else None,
                           write_cache=write_cache, log=log, notes_in=notes_in, **settings.options)
@@ -333,12 +334,19 @@ class Profile:
         expanded, names = None, []
         if cfg.baseline is not None:
             expanded, names, _ = ctx.previous_model(name)
-        result = profile_pair(original, expanded, names, cfg.profile)  # cfg.profile.device, "auto" resolved there
+        result = profile_pair(original, expanded, names, profile_settings(cfg))  # "auto" device resolved there
         machine = result["latency"]["machine"]
         if machine["busy"]:
             ctx.say(f"warning: timed on a busy machine ({'; '.join(machine['reasons'])}): its times may be far off")
         distributed.barrier()
         return result
+
+
+def profile_settings(cfg: Config, input_size=None) -> ProfileConfig:
+    """``cfg.profile`` with its input size resolved (:func:`lrx.config.settings.profile_input_size`), or set to
+    ``input_size``: what :func:`lrx.measure.profiling.profile_pair` counts and times at."""
+    size = input_size if input_size is not None else profile_input_size(cfg)
+    return dataclasses.replace(cfg.profile, input_size=[int(v) for v in size])
 
 
 STAGES = {"train": Train, "decompose": Decompose, "finetune": Finetune, "profile": Profile}

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from lrx.base.files import load_json, write_json_atomic
-from lrx.config.settings import check_target
+from lrx.config.settings import check_target, profile_input_size
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
@@ -143,11 +143,12 @@ class DeviceTiming:
 
     @classmethod
     def from_config(cls, cfg) -> "DeviceTiming":
-        """The timing a config asks for: ``runtime.device``, and the profile's batch, input size, threads,
+        """The timing a config asks for: ``runtime.device``, and the profile's batch, input size (as resolved:
+        :func:`lrx.config.settings.profile_input_size`), threads,
         dtype, compile, warm-up, repeats and rounds."""
         p = cfg.profile
-        return cls(resolve_device(cfg.runtime.device), p.batch, tuple(p.input_size), p.threads, p.dtype, p.compile,
-                   p.warmup, p.repeats, p.rounds)
+        return cls(resolve_device(cfg.runtime.device), p.batch, profile_input_size(cfg), p.threads, p.dtype,
+                   p.compile, p.warmup, p.repeats, p.rounds)
 
     def key(self) -> dict:
         if self.device.type == "cuda":
