@@ -6,7 +6,7 @@ Scheme 2 at ranks 23, 213, 160, 228 and scheme 1 (shared bases) at 8, 8, 6, 4, s
 at most 20 ALS sweeps (fewer once one gains under lrx.factor.datafit.TOL). Prints per scheme the seconds of
 lrx.expand with fit="data" (split: statistics / the rest, mostly the fits) and per layer the sweeps run
 and the relative output error of the filter fit and of the data fit on the calibration images.
-Target (issue 12): each scheme <= 60 s on the 2-core development machine, nothing else running. Random weights (no
+Target: each scheme <= 60 s on the 2-core development machine, nothing else running. Random weights (no
 checkpoint here): the errors show that the fit works, not what a trained network would reach.
 """
 from __future__ import annotations

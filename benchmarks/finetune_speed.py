@@ -8,7 +8,7 @@ Prints images/s of
   - a CE epoch (student only, every parameter trains),
   - a plain forward + backward + AdamW step of the student on random tensors already in memory,
 and the share of each epoch spent preparing batches (indexing, uint8 -> float, resize, normalise).
-Targets (issue 4): an L2 epoch costs at most 1.5x a CE epoch; data preparation is under 10% of an epoch.
+Targets: an L2 epoch costs at most 1.5x a CE epoch; data preparation is under 10% of an epoch.
 The models are randomly initialised: speed does not depend on the weights.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The latency planner on a GPU (issue 11): one command, results under --out.
+"""The latency planner on a GPU: one command, results under --out.
 
     PYTHONPATH=. python3 benchmarks/gpu_latency.py --out "$OUT"          # on one H100/H200: about 5 minutes
     PYTHONPATH=. .venv/bin/python benchmarks/gpu_latency.py --out /tmp/o --cpu   # dry run: CPU, tiny sizes
@@ -15,7 +15,7 @@ What it measures (random weights, seed 0: time does not depend on the values, th
 4. Where the time goes: per-module times (lrx.measure.timing.module_times) of AlexNet and its 1.5x bf16 plan.
 5. ``tests/test_cuda.py``.
 
-Issue 11's bars, checked and printed: AlexNet >= 1.3x bf16 batch 256 eager, >= 1.5x both compiled,
+The bars lrx set for a GPU, checked and printed: AlexNet >= 1.3x bf16 batch 256 eager, >= 1.5x both compiled,
 VGG16 >= 1.5x. Files: ``latency-gpu.json`` (everything), ``latency-gpu.md`` (the summary),
 ``latency-tables.json`` (the planner's layer tables), ``breakdown.json``, ``cuda-tests.txt``, ``device.txt``.
 """
@@ -41,7 +41,7 @@ from lrx.nn.inference import optimise
 from lrx.measure.timing import interleaved, module_times
 
 
-# Issue 11's hand-picked scheme-2 plan for AlexNet conv1-5 (1.34x bf16 batch 256 on an H200, 1.47x compiled).
+# A hand-picked scheme-2 plan for AlexNet conv1-5 (1.34x bf16 batch 256 on an H200, 1.47x compiled).
 HAND_PLAN = {"names": ["features.0", "features.3", "features.6", "features.8", "features.10"],
              "ranks": [16, 64, 96, 96, 96]}
 
@@ -131,7 +131,7 @@ def main() -> int:
     planned = [r for r in results["alexnet"] if r["dtype"] == "bfloat16" and r["batch"] == batches[-1]
                and "error" not in r]  # the 1.5x plan, else the 1.3x one
     best = max(planned, key=lambda r: r["target"], default=None)
-    if best is None:  # no plan to compile (e.g. the dry run's tiny sizes): issue 11's hand-picked plan instead
+    if best is None:  # no plan to compile (e.g. the dry run's tiny sizes): the hand-picked plan instead
         best = {"target": "hand-picked", "plan": HAND_PLAN}
     if best is not None:
         backend = "eager" if cpu else True  # the dry run checks the wiring, not inductor's C++ build
@@ -184,7 +184,7 @@ def summary(results: dict, batches: list[int]) -> str:
     bars.append(("AlexNet >= 1.3x, bf16, batch %d, eager" % batches[-1], max((r["measured"] for r in eager), default=0), 1.3))
     bars.append(("AlexNet >= 1.5x, both compiled", compiled["speedup"] if compiled else 0, 1.5))
     bars.append(("VGG16 >= 1.5x", max((r["measured"] for r in results["vgg16"] if "error" not in r), default=0), 1.5))
-    lines += ["", "|issue 11's bar|measured|met|", "|---|---|---|"]
+    lines += ["", "|bar|measured|met|", "|---|---|---|"]
     lines += [f"|{name}|{got:.2f}x|{'yes' if got >= bar else 'no'}|" for name, got, bar in bars]
     if results.get("breakdown"):
         lines += ["", "Where the time goes (bf16, the plan compiled above; ms, share of the hooked forward):", ""]

@@ -35,8 +35,8 @@ __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "CalibrationConfig", "Dec
            "MAX_EPOCHS", "MAX_IMAGE_SIZE", "MAX_BATCH", "MAX_SUBSET", "MAX_CLASSES", "MAX_CHANNELS", "MAX_ROW",
            "MAX_LAYER", "MAX_RANK", "MAX_NAME", "validate", "PYTHON_MODEL_RE", "TORCHVISION_RE", "DATASETS",
            "MAX_WORKERS", "TARGETS", "check_target", "config_candidates", "find_config", "stage_settings",
-           "MAX_SEEDS", "NOT_KEYS", "check_seeds", "parse_seeds", "seed_suffix", "with_seed", "seed_runs", "one_run",
-           "IMAGE_CHANNELS", "profile_input_size", "parse_input_size", "size_text"]
+           "IMAGE_CHANNELS", "profile_input_size", "parse_input_size", "size_text", "MAX_SEEDS", "NOT_KEYS",
+           "check_seeds", "parse_seeds", "seed_suffix", "with_seed", "seed_runs", "one_run"]
 
 Number = Union[int, float]
 
@@ -100,7 +100,9 @@ class CalibrationConfig:
 class DecomposeConfig:
     # 1-based conv indices, module names, glob patterns ("layer3.*") or "auto"; a single entry may stand alone
     layers: Union[list[Union[int, str]], int, str] = field(default_factory=lambda: [2, 3, 4, 5])
-    scheme: Literal["v1", "v2"] = "v1"
+    # v1, v2 (convs with a kernel larger than 1x1), channel (1x1 convs and linear layers, W as C -> R -> N) or
+    # auto (per layer: v2 for a larger kernel, channel for a 1x1 conv or a linear layer; bases: auto plans both)
+    scheme: Literal["v1", "v2", "channel", "auto"] = "v1"
     bases: Union[list[int], Literal["auto"]] = field(default_factory=lambda: [8, 8, 6, 4])
     target: Union[dict[str, float], None] = None  # with bases: auto: {speedup: 3.0}, {macs: 0.4} or {latency: 2.0}
     # Ranks are multiples of this (capped at the layer's maximum rank), for every target; auto: the
@@ -207,6 +209,9 @@ class Config:
         return out
 
 
+NOT_KEYS = ("path", "seed_of")  # Config fields that are not YAML keys
+
+
 # Every dataset lrx reads gives RGB images: grayscale ones are repeated to 3 channels (lrx.data.datasets).
 IMAGE_CHANNELS = 3
 
@@ -240,9 +245,6 @@ def parse_input_size(text: str, option: str = "--input-size") -> tuple[int, int,
     if not (1 <= size[0] <= MAX_CHANNELS and all(1 <= v <= MAX_IMAGE_SIZE for v in size[1:])):
         raise UserError(f"{option} {show(text)}: {allowed}")
     return size
-
-
-NOT_KEYS = ("path", "seed_of")  # Config fields that are not YAML keys
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -531,14 +533,20 @@ def _validate_decompose(settings: DecomposeConfig, need, within) -> None:
         for i, rank in enumerate(settings.bases):
             need(rank <= MAX_RANK, f"decompose.bases.{i}", f"must be <= {MAX_RANK}, got {show(rank)}")
     if settings.bases == "auto" and "latency" in (settings.target or {}):
-        need(settings.scheme == "v2", "decompose.target",
-             f"a latency target plans scheme v2 (two 1-D convs per layer); scheme {settings.scheme!r} writes a "
+        need(settings.scheme != "v1", "decompose.target",
+             "a latency target plans scheme v2, channel or auto; scheme 'v1' writes a "
              "C*M-channel map and ran at about half a dense conv's MAC rate on CPU (0.37x-0.61x the original "
-             "on an H100), so its measured plans would keep nearly every layer dense: use scheme: v2")
-    need(not (settings.decomposed and settings.scheme == "v2"), "decompose.decomposed",
-         "decomposed: true is scheme v1's separable form; scheme v2 is separable already")
-    need(settings.order == "vh" or settings.scheme == "v2", "decompose.order",
-         f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme v1 takes vh (the default)")
+             "on an H100), so its measured plans would keep nearly every layer dense: use scheme: v2 or auto")
+    need(not (settings.decomposed and settings.scheme != "v1"), "decompose.decomposed",
+         f"decomposed: true is scheme v1's separable form; scheme {settings.scheme} takes decomposed: false")
+    need(settings.basis == "shared" or settings.scheme == "v1", "decompose.basis",
+         f"basis {settings.basis!r} is scheme v1's choice; scheme {settings.scheme} takes shared (the default)")
+    need(settings.method == "svd" or settings.scheme == "v1", "decompose.method",
+         f"method {settings.method!r} is scheme v1's; scheme {settings.scheme} takes svd (the default): its "
+         "truncated SVD is already the optimum")
+    need(settings.order == "vh" or settings.scheme in ("v2", "auto"), "decompose.order",
+         f"order {settings.order!r} is scheme v2's choice of which 1-D conv runs first; scheme {settings.scheme} "
+         "takes vh (the default)")
     try:
         check_method_options(settings.method, settings.options)
     except UserError as err:

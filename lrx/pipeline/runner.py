@@ -38,10 +38,8 @@ from lrx.base import distributed
 from lrx.config.settings import (IMAGE_CHANNELS, Config, find_config, load_config, one_run, profile_input_size,
                                  seed_suffix, stage_settings, with_seed)
 from lrx.data.datasets import check_data
-from lrx.factor.decomposition import check_rank
 from lrx.base.errors import UserError
-from lrx.nn.layers import check_convertible
-from lrx.nn.surgery import conv_sizes, layer_label, select_layers
+from lrx.nn.surgery import check_layer, check_layer_rank, conv_sizes, layer_label, select_layers
 from lrx.nn.models import build_model, check_start, min_image_size
 from lrx.plan.macs import check_reachable, device_align
 from lrx.pipeline.changes import config_changes, fingerprint
@@ -156,7 +154,7 @@ def check_against_model(cfg: Config) -> None:
     for i, layer in enumerate(settings.layers):  # one at a time, so that the message names the key
         try:
             for index, name, conv in select_layers(model, [layer], settings.scheme, settings.decomposed):
-                check_convertible(conv, settings.scheme, settings.decomposed, layer_label(index, name))
+                check_layer(conv, settings.scheme, settings.decomposed, layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.layers.{i}") from None
     try:  # and together: a layer given by index and by name, or by a pattern too
@@ -164,8 +162,9 @@ def check_against_model(cfg: Config) -> None:
     except UserError as err:
         raise UserError(err.message, file=cfg.path, key="decompose.layers") from None
     if settings.bases != "auto" and len(settings.bases) != len(chosen):
-        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} convs "
-                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per conv",
+        noun = "convs" if settings.scheme in ("v1", "v2") else "layers"
+        raise UserError(f"has {len(settings.bases)} entries but decompose.layers selects {len(chosen)} {noun} "
+                        f"({', '.join(name for _, name, _ in chosen)}): give one rank per {noun[:-1]}",
                         file=cfg.path, key="decompose.bases")
     if settings.bases == "auto" and "latency" in settings.target:
         return  # measured on the device by the planner itself (lrx.plan.latency); nothing to count here
@@ -179,8 +178,8 @@ def check_against_model(cfg: Config) -> None:
         return
     for i, ((index, name, conv), rank) in enumerate(zip(chosen, settings.bases)):
         try:
-            check_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
-                       name=layer_label(index, name))
+            check_layer_rank(rank, conv, settings.scheme, basis=settings.basis, order=settings.order,
+                             name=layer_label(index, name))
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=f"decompose.bases.{i}") from None
 

@@ -1,6 +1,6 @@
 """Ranks from a latency target (``decompose.target: {latency: X}``): planned from time measured on the device.
 
-MACs are not time (issue 11: lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
+MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
 :func:`plan_latency` plans by what a user pays for:
 
 1. **Candidates.** The layers given, or with ``layers: auto`` every conv scheme 2 can replace
@@ -70,7 +70,8 @@ from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
-__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "TIE", "TIE_RULE", "CACHE_VERSION", "DENSE", "RULE", "Timing",
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "TIE", "TIE_RULE", "CACHE_VERSION", "DENSE",
+           "RULE", "Timing",
            "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
@@ -144,8 +145,7 @@ class DeviceTiming:
     @classmethod
     def from_config(cls, cfg) -> "DeviceTiming":
         """The timing a config asks for: ``runtime.device``, and the profile's batch, input size (as resolved:
-        :func:`lrx.config.settings.profile_input_size`), threads,
-        dtype, compile, warm-up, repeats and rounds."""
+        :func:`lrx.config.settings.profile_input_size`), threads, dtype, compile, warm-up, repeats and rounds."""
         p = cfg.profile
         return cls(resolve_device(cfg.runtime.device), p.batch, profile_input_size(cfg), p.threads, p.dtype,
                    p.compile, p.warmup, p.repeats, p.rounds)
@@ -439,6 +439,9 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     ----------
     model : the original model (not modified).
     layers : 1-based conv indices or names, or ``"auto"``: the layers the planner may replace.
+    scheme : "v2" (convs with a kernel larger than 1x1), "channel" (1x1 convs and linear layers) or "auto"
+        (each layer by the scheme that replaces it, :func:`lrx.nn.surgery.layer_scheme`: per layer the
+        choice is dense or that scheme at a ladder of ranks, all layers in one greedy choice).
     target : ``{"latency": X}``, X > 1.
     timing : a :class:`DeviceTiming` (or a fake with the same methods).
     proxy : ``{layer name: retained[r - 1] for r = 1..max rank}``, the accuracy proxy per rank (higher is
@@ -452,9 +455,6 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     ``{"rule", "target", "align", "device", "batch", "input_size", "table": [per layer: times, MACs,
     choice], "baseline": {"layout", "layouts_ms"}, "rounds": [{"choice", "predicted_speedup",
     "measured_speedup", "scale"}], "layers": [chosen 1-based conv indices, None for linear layers], "names", "ranks",
-    scheme : "v2" (convs with a kernel larger than 1x1), "channel" (1x1 convs and linear layers) or "auto"
-        (each layer by the scheme that replaces it, :func:`lrx.nn.surgery.layer_scheme`: per layer the
-        choice is dense or that scheme at a ladder of ranks, all layers in one greedy choice).
     "predicted_speedup", "measured_speedup", "target_met", "best_reachable"}``; ``layers``/``ranks`` are those
     expanded (dense ones left out). A target the measured layer times cannot meet is not an error: the
     fastest expansion they allow is planned, ``best_reachable`` holds its predicted speedup (never below

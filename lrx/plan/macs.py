@@ -35,8 +35,8 @@ RULE = ("greedy: from each layer's largest rank cheaper than its dense conv, rep
         "the layer whose next dropped singular value removes the least share of that layer's filter energy "
         "(sigma_r^2 / ||W||_F^2) per MAC saved, until the target is met")
 ALIGNS = (1, 8, 16, 32)
-# decompose.align: auto. On CUDA, ranks off the tensor-core tiles cost time: issue 11 measured (H200, bf16,
-# batch 64) lrx's 3x plan for AlexNet conv2-5 at 0.88x the original, 1.01x with its ranks rounded up to
+# decompose.align: auto. On CUDA, ranks off the tensor-core tiles cost time: on an H200 (bf16, batch 64)
+# lrx's 3x plan for AlexNet conv2-5 ran at 0.88x the original, 1.01x with its ranks rounded up to
 # multiples of 32. On CPU padding a rank to a multiple of 8 gained nothing beyond noise (lrx.nn.inference's notes).
 DEVICE_ALIGN = {"cuda": 32, "cpu": 1}
 
