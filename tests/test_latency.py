@@ -167,20 +167,37 @@ def test_an_adjusted_plan_out_of_reach_keeps_the_best_plan_measured():
     assert plan["ranks"] == plan["rounds"][0]["ranks"], "the plan measured is kept (and reported), not an error"
 
 
-def test_an_unreachable_target_plans_the_fastest_expansion_and_says_so():
+def test_an_unreachable_target_plans_the_least_lossy_expansion_near_the_fastest_and_says_so():
     lines = []
     plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 50.0}, fake(), proxy=LINEAR_PROXY,
                                 log=lines.append)
-    smallest = min(plan["table"][1]["ranks"])
-    assert plan["names"] == ["2"] and plan["ranks"] == [smallest], \
-        f"the fastest option of every layer: conv 2 at its smallest rank, the slow ones dense: {plan['ranks']}"
+    ranks = plan["table"][1]["ranks"]
+    smallest = min(ranks)
+    fastest = 16.0 + 0.2 * smallest  # rest 5 + conv1 1 + conv3 10 dense, conv 2 at its smallest rank
+    near = max(r for r in ranks if 16.0 + 0.2 * r <= fastest * (1 + latency.REACH_SLACK))
+    assert near > smallest, f"the premise: a larger rank lands within {latency.REACH_SLACK:.0%} of the fastest: {ranks}"
+    assert plan["names"] == ["2"] and plan["ranks"] == [near], \
+        f"conv 2 at the largest rank within {latency.REACH_SLACK:.0%} of the fastest time, the slow ones dense: {plan['ranks']}"
     assert plan["target_met"] is False and plan["measured_speedup"] < 50.0, plan["measured_speedup"]
-    best = 26.0 / (16.0 + 0.2 * smallest)  # rest 5 + conv1 1 + conv3 10 dense, conv 2 at its smallest rank
+    best = 26.0 / fastest
     assert plan["best_reachable"] == pytest.approx(best), "the best reachable speedup by the measured table"
     said = [line for line in lines if "cannot be met" in line]
     assert len(said) == 1 and f"the best reachable is {best:.2f}x" in said[0], lines
     with pytest.raises(UserError, match="plan_ranks"):
         latency.plan_latency(small_model(), [2], {"speedup": 2.0}, fake())
+
+
+def test_an_unreachable_target_plans_alike_when_the_times_move_by_their_noise():
+    """Times 1% apart (two measurements of one machine) choose the same plan for an unreachable target: the
+    planner does not pay accuracy for a difference smaller than REACH_SLACK, so near-equal options do not
+    decide it."""
+    plans = []
+    for wobble in (0.99, 1.01):
+        timing = FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): lambda r, w=wobble: 0.2 * r * (w if r % 2 else 2 - w),
+                                    (16, 24): SLOW})
+        plans.append(latency.plan_latency(small_model(), [1, 2, 3], {"latency": 50.0}, timing, proxy=LINEAR_PROXY))
+    assert plans[0]["ranks"] == plans[1]["ranks"] and plans[0]["names"] == plans[1]["names"], \
+        [(p["names"], p["ranks"]) for p in plans]
 
 
 def test_a_target_reachable_only_without_the_margin_is_planned_at_the_target():

@@ -1,6 +1,7 @@
 """Profiling: ptflops counts against the seed's numbers, interleaved latency, profiler times."""
 import contextlib
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from lrx.measure import timing
 from lrx.base.errors import UserError
-from lrx.config.settings import ProfileConfig
+from lrx.config.settings import ProfileConfig, load_config
 from lrx.expansion.model import expand
 from lrx.nn.models import alexnet_cifar10, build_model, conv_layers
 from lrx.measure.profiling import count, layer_latency, profile_pair, profiler_times
@@ -289,7 +290,8 @@ def test_time_rounds_builds_fresh_models_each_round(fake_clock):
 def test_profile_pair_records_rounds_and_flags_a_slow_round(fake_clock):
     """Three rounds; the expansion's fresh copy in round two runs 2x slow: the figure is the other rounds',
     and the profile says its rounds disagree."""
-    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=3, rounds=3, device="cpu", optimise=False)
+    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=3, rounds=3, min_time_s=0.0, device="cpu",
+                        optimise=False)
     copies = []
 
     class Slow(Costly):
@@ -319,7 +321,7 @@ def test_original_layouts_on_cpu():
 
 
 def test_profile_pair_time_columns_are_the_interleaved_medians(fake_clock):
-    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=5, rounds=1, device="cpu")
+    cfg = ProfileConfig(input_size=[3, 2, 2], batch=1, warmup=0, repeats=5, rounds=1, min_time_s=0.0, device="cpu")
     # The expansion's five repeats: 5, 5, 9, 5, 9 ms -> median 5, quartiles 5 and 9: noisy.
     out = profile_pair(LayoutCost(), Costly("expanded", [5, 5, 9, 5, 9]), [], cfg, "cpu", per_layer=False,
                        breakdown=False)
@@ -425,3 +427,27 @@ def test_a_wrapped_profile_keeps_the_models_layer_names(one_thread):
     assert [entry["layer"] for entry in lat["layers"]] == names and all(e["macs_expanded"] > 0 for e in lat["layers"])
     assert {m["name"] for m in lat["modules"]["expanded"]["modules"]} >= set(names), lat["modules"]["expanded"]
     assert lat["modules"]["original"]["replaced_share"] > 0, lat["modules"]["original"]
+
+
+def test_interleaved_adds_repeats_until_each_call_has_run_its_least_time(fake_clock):
+    """Calls of 10 and 40 ms, 3 repeats asked, 0.1 s each at least: the faster one needs 10 runs, and both get them."""
+    fast, slow = FakeCost("fast", [10]), FakeCost("slow", [40])
+    calls = {"fast": lambda: fast(None), "slow": lambda: slow(None)}
+    stats = timing.interleaved(calls, torch.device("cpu"), warmup=0, repeats=3, min_time_s=0.1)
+    assert stats["fast"]["repeats"] == 10 and stats["slow"]["repeats"] == 10, \
+        {name: s["repeats"] for name, s in stats.items()}
+    assert timing.interleaved(calls, torch.device("cpu"), warmup=0, repeats=3)["fast"]["repeats"] == 3, \
+        "without a least time, repeats is the count"
+    zero = FakeCost("free", [0])
+    free = {"free": lambda: zero(None)}
+    assert timing.interleaved(free, torch.device("cpu"), warmup=0, repeats=3, min_time_s=1.0)["free"]["repeats"] \
+        == timing.MAX_REPEATS, "a call that takes no time stops at MAX_REPEATS"
+
+
+@pytest.mark.parametrize("override, key", [("profile.rounds=0", "profile.rounds"),
+                                           ("profile.min_time_s=-1", "profile.min_time_s"),
+                                           ("profile.min_time_s=100", "profile.min_time_s")])
+def test_profile_rounds_and_least_time_are_checked(override, key):
+    with pytest.raises(UserError) as err:
+        load_config(Path(__file__).parents[1] / "configs" / "quick" / "exp11.yaml", [override])
+    assert err.value.key == key, f"{override}: {err.value}"

@@ -157,6 +157,9 @@ class ProfileConfig:
     # Rounds of a profile: each with fresh copies of both models and its own warm-up; a time is the median of
     # the rounds' medians, and rounds whose speedups disagree by more than 10% mark the profile noisy.
     rounds: int = 3
+    # Seconds each model runs at least per round: repeats are added beyond `repeats` until it has (a median of
+    # five forwards of a few ms is one hiccup away from another figure; of half a second's worth it is not).
+    min_time_s: float = 0.5
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # On CPU, time both models in their fastest layout: the original in channels_last, the expansion
     # with lrx.nn.inference.optimise's per-layer paths (MACs and params are counted before, on the plain models).
@@ -459,6 +462,8 @@ def validate(cfg: Config) -> None:
     within(p.repeats, "profile.repeats", 5, 10_000, why_low=" (a median needs several runs)")
     within(p.warmup, "profile.warmup", 0, 1000)
     within(p.rounds, "profile.rounds", 1, 100)
+    need(is_finite_number(p.min_time_s) and 0 <= p.min_time_s <= 60, "profile.min_time_s",
+         f"must be a number of seconds in [0, 60], got {show(p.min_time_s)}")
 
 
 def _validate_validation(cfg: Config, need, within) -> None:

@@ -107,12 +107,13 @@ def expansion_layouts(expanded: nn.Module, device: torch.device, plain: nn.Modul
 
 def time_pair(original: nn.Module, expanded: nn.Module | None, input_size: Sequence[int], batch: int,
               device: torch.device, warmup: int, repeats: int, plain_only: bool = False,
-              expanded_plain: nn.Module | None = None) -> dict:
+              expanded_plain: nn.Module | None = None, min_time_s: float = 0.0) -> dict:
     """Whole-model times on ``device``: every layout of the original and of the expansion, interleaved.
 
     ``original`` and ``expanded`` must be on ``device`` in eval mode (the expansion as it is to run,
     e.g. after lrx.nn.inference.optimise; ``expanded_plain`` the same expansion without paths, for its
-    plain layouts: :func:`expansion_layouts`).
+    plain layouts: :func:`expansion_layouts`). Each runs ``repeats`` times at least, more until it has run
+    ``min_time_s`` seconds (:func:`lrx.measure.timing.interleaved`).
 
     Returns
     -------
@@ -129,7 +130,7 @@ def time_pair(original: nn.Module, expanded: nn.Module | None, input_size: Seque
     calls = {(group, name): forward_with_flags(net, flags, x)
              for group, layouts in groups.items() for name, (net, flags) in layouts.items()}
     with torch.inference_mode():
-        stats = interleaved(calls, device, warmup, repeats)
+        stats = interleaved(calls, device, warmup, repeats, min_time_s)
     for s in stats.values():
         s.pop("speedup", None)  # relative to whichever call came first: meaningless here
     return _pair({group: {name: stats[(group, name)] for name in layouts} for group, layouts in groups.items()})
@@ -189,7 +190,7 @@ def combine_rounds(rounds: list[dict]) -> dict:
 
 
 def time_rounds(make: Callable[[], tuple], input_size: Sequence[int], batch: int, device: torch.device, warmup: int,
-                repeats: int, rounds: int = 1, plain_only: bool = False) -> dict:
+                repeats: int, rounds: int = 1, plain_only: bool = False, min_time_s: float = 0.0) -> dict:
     """:func:`time_pair` in ``rounds`` rounds, each on fresh models, combined (:func:`combine_rounds`).
 
     ``make()`` returns ``(original, expanded or None, expanded_plain or None)`` as :func:`time_pair` takes
@@ -200,6 +201,7 @@ def time_rounds(make: Callable[[], tuple], input_size: Sequence[int], batch: int
     answers = []
     for _ in range(rounds):
         original, expanded, plain = make()
-        answers.append(time_pair(original, expanded, input_size, batch, device, warmup, repeats, plain_only, plain))
+        answers.append(time_pair(original, expanded, input_size, batch, device, warmup, repeats, plain_only, plain,
+                                 min_time_s))
         del original, expanded, plain
     return combine_rounds(answers)

@@ -198,19 +198,11 @@ def _self_device_us(event) -> float:
 # ---------------------------------------------------------------- one layer at a time
 
 
-def layer_latency(
-    original: nn.Module,
-    expanded: nn.Module,
-    layer_names: Sequence[str],
-    batch: int = 64,
-    input_size: Sequence[int] = (3, 224, 224),
-    device: str | torch.device = "cpu",
-    threads: int | None = None,
-    warmup: int = 2,
-    repeats: int = 5,
-    counted: tuple[nn.Module, nn.Module] | None = None,
-    original_flags: Callable = contextlib.nullcontext,
-) -> list[dict]:
+def layer_latency(original: nn.Module, expanded: nn.Module, layer_names: Sequence[str], batch: int = 64,
+                  input_size: Sequence[int] = (3, 224, 224), device: str | torch.device = "cpu",
+                  threads: int | None = None, warmup: int = 2, repeats: int = 5,
+                  counted: tuple[nn.Module, nn.Module] | None = None, original_flags: Callable = contextlib.nullcontext,
+                  min_time_s: float = 0.0) -> list[dict]:
     """Time each replaced layer alone, original conv against its replacement, interleaved.
 
     The input of each layer is captured with a forward pre-hook on the original model for a
@@ -245,7 +237,8 @@ def layer_latency(
             a, b, x = orig_modules[name], new_modules[name], inputs[name]
             with torch.inference_mode():
                 stats = interleaved({"original": forward_with_flags(a, original_flags, x),
-                                      "expanded": forward_with_flags(b, contextlib.nullcontext, x)}, device, warmup, repeats)
+                                      "expanded": forward_with_flags(b, contextlib.nullcontext, x)}, device, warmup, repeats,
+                                     min_time_s)
             macs_a, _ = count(count_orig[name], tuple(x.shape[1:]))
             macs_b, _ = count(count_new[name], tuple(x.shape[1:]))
             mac_ratio = macs_a / macs_b if macs_b else None
@@ -375,7 +368,8 @@ def profile_pair(
         return lambda: (*_models_on(on, original, expanded, cfg, input_size)[:2], _plain_expansion(expanded, on, cfg))
 
     def rounds(on: torch.device) -> dict:  # cfg.rounds rounds of the whole models, each round on fresh copies
-        return time_rounds(fresh(on), input_size, cfg.batch, on, cfg.warmup, cfg.repeats, cfg.rounds, plain_only)
+        return time_rounds(fresh(on), input_size, cfg.batch, on, cfg.warmup, cfg.repeats, cfg.rounds, plain_only,
+                           cfg.min_time_s)
 
     with torch_threads(cfg.threads) as threads, watch:
         timed = cpu_timed = rounds(device)
@@ -387,7 +381,7 @@ def profile_pair(
         if per_layer and new is not None and replaced_layer_names:
             layers = layer_latency(unwrapped(best_net), unwrapped(new), replaced_layer_names, cfg.batch, input_size, device, None,
                                    cfg.warmup, cfg.repeats, counted=(plain_original, plain_expanded),
-                                   original_flags=best_flags)
+                                   original_flags=best_flags, min_time_s=cfg.min_time_s)
         modules = None
         if breakdown and not cfg.compile:  # a compiled forward does not run the modules' hooks
             pair = {"original": (best_net, best_flags)}
@@ -395,7 +389,7 @@ def profile_pair(
                 pair["expanded"] = (new, cudnn_autotuned if device.type == "cuda" and not plain_only
                                     else contextlib.nullcontext)
             modules = module_times(pair, replaced_layer_names, random_input(cfg.batch, input_size, device), device,
-                                   cfg.warmup, cfg.repeats)
+                                   cfg.warmup, cfg.repeats, cfg.min_time_s)
 
     def spread(stats: dict) -> dict:
         return {k: stats[k] for k in (*SUMMARY_KEYS, "runs_ms", "round_medians_ms")}
@@ -436,6 +430,7 @@ def profile_pair(
             "speedup": speedup,
             "speedup_default": timed["speedup_default"],
             "rounds": timed["rounds"],
+            "min_time_s": cfg.min_time_s,
             "round_speedups": timed["round_speedups"],
             "rounds_disagree": timed["rounds_disagree"],
             "noisy": orig_stats["noisy"] or bool(new_stats and new_stats["noisy"]) or timed["rounds_disagree"],

@@ -24,7 +24,7 @@ from lrx.base.errors import UserError
 from lrx.nn.inference import InferenceModel, Optimisable
 
 __all__ = ["torch_threads", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
-           "SUMMARY_KEYS", "summarise", "interleaved", "latency", "layer_inputs", "unwrapped", "timed_units", "module_times"]
+           "SUMMARY_KEYS", "summarise", "MAX_REPEATS", "interleaved", "latency", "layer_inputs", "unwrapped", "timed_units", "module_times"]
 
 # The clock behind every CPU latency figure; a module attribute so that tests can replace it.
 _clock: Callable[[], float] = time.perf_counter
@@ -109,11 +109,19 @@ def _time_ms(call: Callable[[], object], device: torch.device) -> float:
     return (_clock() - start_s) * 1000.0
 
 
-def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict:
+# The most repeats :func:`interleaved` adds to reach its ``min_time_s``.
+MAX_REPEATS = 1000
+
+
+def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                min_time_s: float = 0.0) -> dict:
     """Time each callable once per repeat, in an order that rotates by one each repeat.
 
-    Every wall-clock figure of lrx comes from here. Returns ``{name: stats}`` (see :func:`summarise`); the
-    first name gets no ``speedup``, each other one ``speedup = median(first) / median(name)``.
+    Every wall-clock figure of lrx comes from here. ``repeats`` repeats at least, then more (up to
+    :data:`MAX_REPEATS`) until every callable has run ``min_time_s`` seconds in all: a median of five
+    forwards of a few milliseconds each is at the mercy of one hiccup of the machine, one of a second's
+    worth of them is not. Returns ``{name: stats}`` (see :func:`summarise`); the first name gets no
+    ``speedup``, each other one ``speedup = median(first) / median(name)``.
     """
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}", key="profile.repeats")
@@ -123,11 +131,13 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, wa
             calls[name]()
     synchronize(device)
     runs: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    r = 0
+    while r < repeats or (r < MAX_REPEATS and min(sum(times) for times in runs.values()) < 1000.0 * min_time_s):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
             runs[name].append(_time_ms(calls[name], device))
+        r += 1
     out = {name: summarise(runs[name]) for name in names}
     reference = out[names[0]]["median_ms"]
     for name in names[1:]:
@@ -275,13 +285,14 @@ class _UnitClock:
 
 
 def module_times(models: dict[str, tuple], replaced: Sequence[str], x: torch.Tensor, device: torch.device,
-                 warmup: int, repeats: int) -> dict:
+                 warmup: int, repeats: int, min_time_s: float = 0.0) -> dict:
     """Where the time goes: per-unit forward times (:func:`timed_units`) of each model, interleaved.
 
     ``models`` maps a name to ``(model, flags)`` as :func:`original_layouts` gives them, each on
     ``device`` in eval mode; ``replaced`` names the replaced layers (the original's convs, the
     expansion's layers at the same names). Hooks cost a little time per unit, so the totals here run
-    above the whole-model medians of :func:`time_pair`; shares are of this total.
+    above the whole-model medians of :func:`lrx.measure.layouts.time_pair`; shares are of this total.
+    ``repeats`` and ``min_time_s`` as :func:`interleaved` takes them.
 
     Returns
     -------
@@ -303,7 +314,7 @@ def module_times(models: dict[str, tuple], replaced: Sequence[str], x: torch.Ten
     try:
         with torch.inference_mode():
             stats = interleaved({name: hooked(name, net, flags) for name, (net, flags) in models.items()},
-                                 device, warmup, repeats)
+                                 device, warmup, repeats, min_time_s)
     finally:
         for clock in clocks.values():
             clock.remove()

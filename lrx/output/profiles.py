@@ -39,8 +39,10 @@ def whole_model_table(latency: dict) -> Table:
     expansion's (fastest layout's) speedup against each original layout."""
     spread = latency.get("spread") or {}
     layouts = spread.get("layouts") or {}
-    table = Table(title=f"whole model (ms, batch {latency.get('batch', '?')}, {latency.get('repeats', '?')} "
-                        f"interleaved repeats a round; median of the rounds' medians; {NOISY} = noisy)")
+    least = latency.get("min_time_s")
+    at_least = f" and {least:g} s of each model" if isinstance(least, (int, float)) and least > 0 else ""
+    table = Table(title=f"whole model (ms, batch {latency.get('batch', '?')}, at least {latency.get('repeats', '?')} "
+                        f"interleaved repeats{at_least} a round; median of the rounds' medians; {NOISY} = noisy)")
     for column in ("model", "median", "p25-p75", "expansion's speedup"):
         table.add_column(column, justify="left" if column == "model" else "right")
     expanded_ms = latency.get("expanded_ms")

@@ -22,8 +22,9 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
    meets the target (aiming :data:`MARGIN` above it, or at the target itself where only that is reachable);
    where a step overshot, layers then move back to less lossy options that still fit. A target the table
-   cannot meet is planned as the fastest expansion it allows, and the plan says so (``best_reachable``,
-   ``target_met``): a run is never refused for a machine that is slower than hoped.
+   cannot meet is planned as the least lossy expansion within :data:`REACH_SLACK` of the fastest it allows,
+   and the plan says so (``best_reachable``, ``target_met``): a run is never refused for a machine that is
+   slower than hoped.
    Options slower than a less lossy one are never taken. The proxy is the retained
    filter energy per rank (or any per-rank proxy the caller gives, e.g. a data-aware one).
 5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
@@ -70,9 +71,8 @@ from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
-__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "TIE", "TIE_RULE", "CACHE_VERSION", "DENSE",
-           "RULE", "Timing",
-           "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REACH_SLACK", "TIE", "TIE_RULE",
+           "CACHE_VERSION", "DENSE", "RULE", "Timing", "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
 # Fractions of a dense conv's MACs the ladder's ranks reach (a layer's time is roughly linear in its
@@ -88,6 +88,10 @@ ADJUST_ROUNDS = 3  # re-plans after the first check, at most
 # inverse). A first check that needs more than this from cached times contradicts the cache: those layers
 # are measured again instead.
 SCALE_LIMIT = 4.0
+# Where a target is out of reach, the plan is the least lossy one predicted within this share of the fastest
+# time the table allows: options that close in time differ by less than the noise of a measurement, and
+# choosing among them by which ran a hair faster would make the plan a coin toss and cost accuracy for nothing.
+REACH_SLACK = 0.03
 # Two moves of the greedy choice whose figures (proxy lost per ms saved, or proxy won back) differ by less
 # than this share of them are a tie: float noise in a proxy or a time (an SVD's last bits, a sum taken in
 # another order) must not decide a plan. A tie goes to the earlier layer in the model, then to the less
@@ -141,14 +145,16 @@ class DeviceTiming:
     warmup: int = 2
     repeats: int = 5
     rounds: int = 1  # of the whole-model check, as a profile's (profile.rounds)
+    min_time_s: float = 0.0  # least seconds each timed thing runs per table or round (profile.min_time_s)
 
     @classmethod
     def from_config(cls, cfg) -> "DeviceTiming":
         """The timing a config asks for: ``runtime.device``, and the profile's batch, input size (as resolved:
-        :func:`lrx.config.settings.profile_input_size`), threads, dtype, compile, warm-up, repeats and rounds."""
+        :func:`lrx.config.settings.profile_input_size`), threads, dtype, compile, warm-up, repeats, rounds and
+        least time per round."""
         p = cfg.profile
         return cls(resolve_device(cfg.runtime.device), p.batch, profile_input_size(cfg), p.threads, p.dtype,
-                   p.compile, p.warmup, p.repeats, p.rounds)
+                   p.compile, p.warmup, p.repeats, p.rounds, p.min_time_s)
 
     def key(self) -> dict:
         if self.device.type == "cuda":
@@ -175,7 +181,7 @@ class DeviceTiming:
             nets = {k: self._prepare(m, True, x, False) for k, m in modules.items()}
         with torch_threads(self.threads), torch.inference_mode():
             stats = interleaved({k: (lambda net=net: net(x)) for k, net in nets.items()}, self.device,
-                                 self.warmup, self.repeats)
+                                 self.warmup, self.repeats, self.min_time_s)
         return {k: s["median_ms"] for k, s in stats.items()}
 
     def in_model(self, original: nn.Module, names: Sequence[str]) -> dict:
@@ -184,7 +190,7 @@ class DeviceTiming:
             net = self._prepare(original, True, x, False)
         with torch_threads(self.threads):
             part = module_times({"original": (net, contextlib.nullcontext)}, names, x, self.device, self.warmup,
-                                self.repeats)["original"]
+                                self.repeats, self.min_time_s)["original"]
         return {"total_ms": part["total_ms"], "ms": {m["name"]: m["ms"] for m in part["modules"] if m["name"] in names}}
 
     def whole(self, original: nn.Module, expanded: nn.Module | None) -> dict:
@@ -201,7 +207,8 @@ class DeviceTiming:
             return base, new, plain
 
         with torch_threads(self.threads):
-            timed = time_rounds(make, self.input_size, self.batch, self.device, self.warmup, self.repeats, self.rounds)
+            timed = time_rounds(make, self.input_size, self.batch, self.device, self.warmup, self.repeats, self.rounds,
+                                min_time_s=self.min_time_s)
         return {"original_ms": timed["original"]["median_ms"], "layout": timed["original_layout"],
                 "layouts": {k: v["median_ms"] for k, v in timed["layouts"].items()},
                 "expanded_ms": timed["expanded"]["median_ms"] if expanded is not None else None,
@@ -498,8 +505,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             best_reachable = max(1.0, base_ms / fastest)
             log(f"target latency {value:g}x cannot be met on {timing.key()['device']} by layers "
                 f"{', '.join(r['name'] for r in table)}: the best reachable is {best_reachable:.2f}x by the measured "
-                f"layer times; planning the fastest expansion instead")
-            choice = choose(table, proxy, rest_ms, fastest * (1 + 1e-9), scale)
+                f"layer times; planning the least lossy expansion within {REACH_SLACK:.0%} of the fastest instead")
+            choice = choose(table, proxy, rest_ms, fastest * (1 + REACH_SLACK), scale)
         if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
             break  # nothing to expand, or the adjusted plan is one already measured
         dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
