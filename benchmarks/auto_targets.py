@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from lrx.nn.channel import LowRankChannel  # noqa: E402
 from lrx.nn.layers import LowRankExpConvV2  # noqa: E402
 from lrx.nn.inference import optimise  # noqa: E402
 from lrx.plan.latency import DeviceTiming  # noqa: E402
+from lrx.measure.machine import cpu_name  # noqa: E402
 
 # Run in a python -I process: ONNX Runtime alone, no lrx on the path.
 ORT_CHECK = """
@@ -48,16 +48,6 @@ session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 got = session.run(None, {session.get_inputs()[0].name: x})[0]
 print(json.dumps({"max_abs_diff": float(np.abs(got - want).max()), "scale": float(np.abs(want).max())}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def onnx_check(model: torch.nn.Module, input_size, folder: Path) -> dict:

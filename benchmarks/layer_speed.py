@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,20 +39,11 @@ from lrx.nn.surgery import conv_sizes
 from lrx.nn.models import build_model  # noqa: E402
 from lrx.measure.timing import interleaved, layer_inputs  # noqa: E402
 from lrx.plan.macs import plan_ranks  # noqa: E402
+from lrx.measure.machine import cpu_name  # noqa: E402
 
 LAYERS = [2, 3, 4, 5]
 SEED_BASES = [8, 8, 6, 4]
 CPU = torch.device("cpu")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load() -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,18 +46,9 @@ from lrx.nn.inference import optimise  # noqa: E402
 from lrx.pipeline.rundir import RunDir, load_model  # noqa: E402
 from lrx.train.finetune import run_stage  # noqa: E402
 from lrx.train.loop import correct_per_image  # noqa: E402
+from lrx.measure.machine import cpu_name  # noqa: E402
 
 BISECTIONS = 8  # steps of the pruning ratio's bisection: 1/256 of the range
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def prune(model: nn.Module, ratio: float, input_size) -> nn.Module:

@@ -14,7 +14,6 @@ changes what it measures.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -27,16 +26,7 @@ from lrx.config.settings import load_config  # noqa: E402
 from lrx.nn.models import build_model  # noqa: E402
 from lrx.pipeline.rundir import RunDir, load_model  # noqa: E402
 from lrx.plan.latency import DeviceTiming, plan_latency  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from lrx.measure.machine import cpu_name  # noqa: E402
 
 
 def baseline(cfg, runs_dir: Path | None) -> tuple[torch.nn.Module, str]:

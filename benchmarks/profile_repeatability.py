@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,19 +33,10 @@ from lrx.config.settings import ProfileConfig  # noqa: E402
 from lrx.expansion.model import expand  # noqa: E402
 from lrx.measure.profiling import profile_pair  # noqa: E402
 from lrx.nn.models import build_model  # noqa: E402
+from lrx.measure.machine import cpu_name  # noqa: E402
 
 RANKS = [23, 213, 160, 228]  # row 11: scheme 2, the 3x MAC plan
 TOLERANCE = 0.10  # an unflagged trial's speedup must be within this share of the median
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def busy_loop() -> subprocess.Popen:

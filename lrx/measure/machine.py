@@ -12,11 +12,12 @@ so that metrics.json keeps them and the profile is flagged ``busy`` when they sa
 from __future__ import annotations
 
 import os
+import platform
 import resource
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["CpuTimes", "read_cpu_times", "read_load", "own_cpu_seconds", "MachineWatch", "OTHER_SHARE_LIMIT",
+__all__ = ["cpu_name", "CpuTimes", "read_cpu_times", "read_load", "own_cpu_seconds", "MachineWatch", "OTHER_SHARE_LIMIT",
            "STEAL_SHARE_LIMIT", "LOAD_PER_CPU_LIMIT"]
 
 # A timing is flagged busy when, while it ran, other processes used more than this share of all the CPUs ...
@@ -105,3 +106,15 @@ class MachineWatch:
             reasons.append(f"load average {load:.2f} on {self.cpus} CPUs")
         self.record = {"busy": bool(reasons), "reasons": reasons, "other_share": other, "steal_share": steal,
                        "load_1m": load, "cpus": self.cpus}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -52,7 +52,6 @@ import contextlib
 import copy
 import json
 import math
-import platform
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,7 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
 from lrx.measure.layouts import time_rounds
+from lrx.measure.machine import cpu_name
 from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
@@ -160,7 +160,7 @@ class DeviceTiming:
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
         else:
-            name = f"{_cpu_name()}, {torch.get_num_threads() if self.threads is None else self.threads} threads"
+            name = f"{cpu_name()}, {torch.get_num_threads() if self.threads is None else self.threads} threads"
         return {"host": socket.gethostname(), "device": f"{self.device.type}: {name}", "torch": torch.__version__,
                 "threads": self.threads, "dtype": self.dtype}
 
@@ -213,18 +213,6 @@ class DeviceTiming:
                 "layouts": {k: v["median_ms"] for k, v in timed["layouts"].items()},
                 "expanded_ms": timed["expanded"]["median_ms"] if expanded is not None else None,
                 "expanded_layout": timed["expanded_layout"]}
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's machine type."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- the ladder and the table
