@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrx import decomposition as dec  # noqa: E402
-from lrx import speed  # noqa: E402
+from lrx.factor import decomposition as dec  # noqa: E402
+from lrx.nn import inference as speed  # noqa: E402
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2  # noqa: E402
 from lrx.expansion.model import expand  # noqa: E402
-from lrx.nn.surgery import conv_sizes
+from lrx.nn.surgery import conv_sizes  # noqa: E402
 from lrx.nn.models import build_model  # noqa: E402
 from lrx.measure.timing import interleaved, layer_inputs  # noqa: E402
 from lrx.plan.macs import plan_ranks  # noqa: E402
