@@ -14,7 +14,7 @@ TINY_BASE = {
     "data": {"name": "synthetic", "image_size": 16, "batch_size": 32, "test_batch_size": 128,
              "train_subset": 256, "test_subset": 128, "synthetic_size": 16},
     "train": {"epochs": 2, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0},
-    "profile": {"input_size": [3, 16, 16], "batch": 4, "warmup": 1, "repeats": 5},
+    "profile": {"input_size": [3, 16, 16], "batch": 4, "warmup": 1, "repeats": 5, "min_time_s": 0.0},
     "runtime": {"device": "cpu"},
 }
 

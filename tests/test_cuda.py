@@ -62,7 +62,7 @@ def test_profile_on_the_gpu_times_the_cpu_column_on_the_cpu(monkeypatch):
     original = build_model("tiny_cnn").cuda()
     expanded, report = expand(build_model("tiny_cnn"), [2, 3], "v1", [4, 4])
     names = [layer["name"] for layer in report.layers]
-    cfg = ProfileConfig(input_size=[3, 16, 16], batch=4, warmup=1, repeats=5, device="cuda")
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=4, warmup=1, repeats=5, min_time_s=0.0, device="cuda")
     out = profiling.profile_pair(original, expanded.cuda(), names, cfg, per_layer=False)
     assert [c[:3] for c in calls] == [("cuda", "cuda", "cuda"), ("cpu", "cpu", "cpu")], [c[:3] for c in calls]
     gpu, cpu = calls[0][3], calls[1][3]

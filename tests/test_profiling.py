@@ -168,7 +168,7 @@ def test_layer_latency_times_layers_on_their_real_input():
 
 def test_profile_pair_fields(one_thread):
     original, expanded = tiny_pair()
-    cfg = ProfileConfig(input_size=[3, 12, 12], batch=2, warmup=0, repeats=5, device="cpu")
+    cfg = ProfileConfig(input_size=[3, 12, 12], batch=2, warmup=0, repeats=5, min_time_s=0.0, device="cpu")
     out = profile_pair(original, expanded, ["2"], cfg, "cpu")
     assert (out["macs"], out["params"]) == count(expanded, (3, 12, 12)), "counts are of the expanded model"
     lat = out["latency"]
@@ -353,7 +353,7 @@ def tiny_expansion(scheme="v2"):
 @pytest.mark.parametrize("scheme", ["v1", "v2"])
 def test_optimised_profile_fills_per_layer_macs(one_thread, scheme):
     original, expanded, names = tiny_expansion(scheme)
-    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu", optimise=True)
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, min_time_s=0.0, device="cpu", optimise=True)
     out = profile_pair(original, expanded, names, cfg, "cpu", breakdown=False)
     assert out["paths"] and all(p != "default" for p in out["paths"].values()), f"optimised paths: {out['paths']}"
     layers = out["latency"]["layers"]
@@ -384,7 +384,7 @@ def test_breakdown_times_expansion_layers_whole(one_thread):
     units = dict(timed_units(expanded))
     assert all(type(units[n]).__name__ == "LowRankExpConvV2" for n in names), f"expansion layers are units: {units}"
     assert not any(u.startswith(f"{n}.") for u in units for n in names), "their children are not timed apart"
-    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu")
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, min_time_s=0.0, device="cpu")
     modules = profile_pair(original, expanded, names, cfg, "cpu", per_layer=False)["latency"]["modules"]
     for which in ("original", "expanded"):
         part = modules[which]
@@ -420,7 +420,8 @@ def test_lrx_profile_prints_per_layer_figures_and_the_breakdown(tiny_configs, tm
 def test_a_wrapped_profile_keeps_the_models_layer_names(one_thread):
     """profile.dtype bfloat16 runs both models in lrx.nn.inference's InferenceModel; names stay the model's own."""
     original, expanded, names = tiny_expansion()
-    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, device="cpu", dtype="bfloat16")
+    cfg = ProfileConfig(input_size=[3, 16, 16], batch=2, warmup=0, repeats=3, min_time_s=0.0, device="cpu",
+                        dtype="bfloat16")
     out = profile_pair(original, expanded, names, cfg, "cpu")
     lat = out["latency"]
     assert sorted(out["paths"]) == sorted(names), f"paths by the model's layer names: {out['paths']}"
