@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lrx.base.errors import UserError
-from lrx.measure.timing import interleaved, random_input, summarise
+from lrx.measure.timing import eval_copy, interleaved, random_input, summarise
 
-__all__ = ["cudnn_autotuned", "original_layouts", "expansion_layouts", "forward_with_flags", "time_pair",
+__all__ = ["cudnn_autotuned", "original_layouts", "plain_expansion", "expansion_layouts", "forward_with_flags", "time_pair",
            "ROUNDS_DISAGREE", "combine_rounds", "time_rounds"]
 
 
@@ -83,6 +83,16 @@ def forward_with_flags(net: nn.Module, flags: Callable, x: torch.Tensor) -> Call
         with flags():
             return net(x)
     return call
+
+
+def plain_expansion(expanded: nn.Module | None, device: torch.device, dtype: str = "float32",
+                    compile: bool = False) -> nn.Module | None:
+    """A copy of the expansion in eval mode on ``device``, without inference paths: the ``plain`` that
+    :func:`expansion_layouts` times in the original's plain layouts. None without an expansion, or where both
+    models run wrapped (a dtype other than float32, or compiled): plain layouts are float32 eager ones."""
+    if expanded is None or dtype != "float32" or compile:
+        return None
+    return eval_copy(expanded, device)
 
 
 def expansion_layouts(expanded: nn.Module, device: torch.device, plain: nn.Module | None = None,

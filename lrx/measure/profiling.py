@@ -29,7 +29,7 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import describe, optimise
 from lrx.measure.machine import MachineWatch
-from lrx.measure.layouts import cudnn_autotuned, forward_with_flags, original_layouts, time_rounds
+from lrx.measure.layouts import cudnn_autotuned, forward_with_flags, original_layouts, plain_expansion, time_rounds
 from lrx.measure.timing import (SUMMARY_KEYS, eval_copy, random_input, synchronize, interleaved,
                                 layer_inputs, module_times, torch_threads, unwrapped)
 
@@ -287,15 +287,6 @@ def _models_on(device: torch.device, original: nn.Module, expanded: nn.Module | 
     return orig, new, describe(unwrapped(new))
 
 
-def _plain_expansion(expanded: nn.Module | None, device: torch.device, cfg: ProfileConfig) -> nn.Module | None:
-    """A copy of the expansion without inference paths, for the plain layouts it is timed in too
-    (:func:`lrx.measure.layouts.expansion_layouts`); None where the expansion runs plain anyway
-    (``profile.optimise: false``) or both models run wrapped (another dtype, or compiled)."""
-    if expanded is None or not cfg.optimise or cfg.dtype != "float32" or cfg.compile:
-        return None
-    return eval_copy(expanded, device)
-
-
 def _column(timed: dict, baseline: bool, batch: int, threads: int) -> dict:
     """The stats behind a time column: the expansion's median, or for a baseline the fastest original layout's."""
     stats = timed["original"] if baseline else timed["expanded"]
@@ -365,7 +356,9 @@ def profile_pair(
     watch = MachineWatch(threads=cfg.threads or torch.get_num_threads())
 
     def fresh(on: torch.device) -> Callable[[], tuple]:
-        return lambda: (*_models_on(on, original, expanded, cfg, input_size)[:2], _plain_expansion(expanded, on, cfg))
+        # plain_only: the expansion itself runs plain (profile.optimise: false), in the default layout alone
+        plain = (lambda: None) if plain_only else (lambda: plain_expansion(expanded, on, cfg.dtype, cfg.compile))
+        return lambda: (*_models_on(on, original, expanded, cfg, input_size)[:2], plain())
 
     def rounds(on: torch.device) -> dict:  # cfg.rounds rounds of the whole models, each round on fresh copies
         return time_rounds(fresh(on), input_size, cfg.batch, on, cfg.warmup, cfg.repeats, cfg.rounds, plain_only,

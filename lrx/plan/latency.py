@@ -65,7 +65,7 @@ from lrx.config.settings import check_target, profile_input_size
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
-from lrx.measure.layouts import time_rounds
+from lrx.measure.layouts import plain_expansion, time_rounds
 from lrx.measure.machine import cpu_name
 from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
@@ -201,10 +201,7 @@ class DeviceTiming:
                 # The original as PyTorch runs it (NCHW); lrx.measure.timing tries its other plain layouts itself.
                 base = self._prepare(original, False, x, self.compile)
                 new = self._prepare(expanded, True, x, self.compile) if expanded is not None else None
-            plain = None
-            if expanded is not None and self.dtype == "float32" and not self.compile:
-                plain = copy.deepcopy(expanded).to(self.device).eval()
-            return base, new, plain
+            return base, new, plain_expansion(expanded, self.device, self.dtype, self.compile)
 
         with torch_threads(self.threads):
             timed = time_rounds(make, self.input_size, self.batch, self.device, self.warmup, self.repeats, self.rounds,
