@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lrx.base.files import is_temp_file
 from lrx.cli import app
 from conftest import TINY_BASE, write_yaml
 
@@ -81,11 +82,15 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, marker):
     runs = tmp_path / "runs"
     killed = run_and_kill(configs / "t02.yaml", runs, marker)
     for path in runs.rglob("*"):
-        assert not path.name.endswith(".tmp"), f"no torn temp file left visible as a result: {path}"
-        if path.suffix == ".json":
+        if path.name.endswith(".tmp"):  # SIGKILL during a write leaves its temp file: hidden, never a result
+            assert is_temp_file(path.name), f"a killed write's temp file is hidden and named as one: {path}"
+        elif path.suffix == ".json":
             json.loads(path.read_text())  # never torn
+    (runs / "t02").mkdir(parents=True, exist_ok=True)
+    (runs / "t02" / ".expanded.pt.Ab3_x9Zq.tmp").write_bytes(b"torn")  # as a kill during a write leaves it
     lrx_run(configs / "t02.yaml", runs)
     assert final_metrics(runs) == expected, f"killed at {marker!r} (killed={killed}): re-run must equal an uninterrupted run"
+    assert not list(runs.rglob("*.tmp")), "the rerun removes the temp files a killed write left"
 
 
 def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
