@@ -87,18 +87,18 @@ def fake(**kw) -> FakeTiming:
 
 def test_the_choice_keeps_slow_layers_dense_and_takes_the_largest_rank_that_meets_the_budget():
     model, timing = small_model(), fake()
-    plan = latency.plan_latency(model, [1, 2, 3], {"latency": 1.4}, timing, proxy=LINEAR_PROXY)
+    plan = latency.plan_latency(model, [1, 2, 3], {"latency": 1.5}, timing, proxy=LINEAR_PROXY)
     by_name = {row["name"]: row for row in plan["table"]}
     assert by_name["0"]["choice"] == "dense" and by_name["4"]["choice"] == "dense", \
         "a layer whose every rank is slower than its dense conv stays dense"
     assert plan["layers"] == [2] and plan["names"] == ["2"], f"only conv 2 is expanded: {plan['layers']}"
-    budget = 26.0 / (1.4 * (1 + latency.MARGIN))  # the original: 5 rest + 1 + 10 + 10 ms; plans aim 5% above
+    budget = 26.0 / (1.5 * (1 + latency.MARGIN))  # the original: 5 rest + 1 + 10 + 10 ms; plans aim 5% above
     fits = [r for r in by_name["2"]["ranks"] if 16.0 + 0.2 * r <= budget]
     assert plan["ranks"] == [max(fits)], f"with a linear proxy the least loss is the largest rank that fits: {plan['ranks']}"
     assert plan["predicted_speedup"] == pytest.approx(26.0 / (16.0 + 0.2 * max(fits))), "prediction = rest + table"
     assert plan["measured_speedup"] == pytest.approx(plan["predicted_speedup"]), "the fake measures what the table says"
     assert len(plan["rounds"]) == 1, "a prediction within 10% needs no adjustment"
-    assert plan["measured_speedup"] >= 1.4
+    assert plan["measured_speedup"] >= 1.5
 
 
 def test_only_the_tables_ratios_count_the_dense_time_comes_from_the_model():
@@ -167,60 +167,44 @@ def test_an_adjusted_plan_out_of_reach_keeps_the_best_plan_measured():
     assert plan["ranks"] == plan["rounds"][0]["ranks"], "the plan measured is kept (and reported), not an error"
 
 
-def test_an_unreachable_target_plans_the_fastest_candidates_and_says_so():
+def test_an_unreachable_target_plans_the_least_lossy_expansion_near_the_fastest_and_says_so():
     lines = []
     plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 50.0}, fake(), proxy=LINEAR_PROXY,
                                 log=lines.append)
-    assert plan["table"][1]["ranks"] == [1, 2, 3, 4, 6, 8, 12], "the premise: conv 2's ladder"
-    margin = latency.RESOLUTION * 26.0  # of the original: 5 rest + 1 + 10 + 10 ms
-    assert 0.2 < margin < 0.4, "the premise: one rank of conv 2 (0.2 ms) is within the resolution, two are not"
-    # Ranks 1, 2 and 3 each save 0.2 ms against the next larger rank: not candidates. Rank 4 saves 0.4 ms
-    # against rank 6, so it is conv 2's fastest candidate.
-    assert plan["names"] == ["2"] and plan["ranks"] == [4], \
-        f"conv 2 at its fastest candidate rank, the slow layers dense: {plan['names']} {plan['ranks']}"
+    ranks = plan["table"][1]["ranks"]
+    smallest = min(ranks)
+    fastest = 16.0 + 0.2 * smallest  # rest 5 + conv1 1 + conv3 10 dense, conv 2 at its smallest rank
+    near = max(r for r in ranks if 16.0 + 0.2 * r <= fastest * (1 + latency.REACH_SLACK))
+    assert near > smallest, f"the premise: a larger rank lands within {latency.REACH_SLACK:.0%} of the fastest: {ranks}"
+    assert plan["names"] == ["2"] and plan["ranks"] == [near], \
+        f"conv 2 at the largest rank within {latency.REACH_SLACK:.0%} of the fastest time, the slow ones dense: {plan['ranks']}"
     assert plan["target_met"] is False and plan["measured_speedup"] < 50.0, plan["measured_speedup"]
-    best = 26.0 / (16.0 + 0.2 * 4)
-    assert plan["best_reachable"] == pytest.approx(best), "the best reachable speedup by the candidates' times"
+    best = 26.0 / fastest
+    assert plan["best_reachable"] == pytest.approx(best), "the best reachable speedup by the measured table"
     said = [line for line in lines if "cannot be met" in line]
     assert len(said) == 1 and f"the best reachable is {best:.2f}x" in said[0], lines
     with pytest.raises(UserError, match="plan_ranks"):
         latency.plan_latency(small_model(), [2], {"speedup": 2.0}, fake())
 
 
-def noisy_fake(seed: int, noise: float = 0.03) -> FakeTiming:
-    """:func:`fake` with conv 2's ranks at 0.3 ms per rank, each time off by up to ``noise`` (uniform, seeded),
-    as two measurements of one machine differ."""
-    wobble = torch.empty(100).uniform_(1 - noise, 1 + noise, generator=torch.Generator().manual_seed(seed))
-    return FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): lambda r: 0.3 * r * float(wobble[r]), (16, 24): SLOW})
-
-
-def noisy_plans(target: float) -> set[tuple]:
-    return {tuple(latency.plan_latency(small_model(), [1, 2, 3], {"latency": target}, noisy_fake(seed),
-                                       proxy=LINEAR_PROXY)["ranks"]) for seed in range(10)}
-
-
-# Aimed at 16.6 ms (with the margin), rank 2's time (16.0 + 0.6): without the resolution its noise decides
-# between ranks 1 and 2; with it, ranks 1-3 are not candidates (each within 0.39 ms of the next larger), no
-# candidate meets the aim and rank 4 meets the target itself.
-NEAR_RANK_2 = 26.0 / (16.6 * (1 + latency.MARGIN))
-
-
-@pytest.mark.parametrize("target", [NEAR_RANK_2, 50.0], ids=["reachable", "out of reach"])
-def test_times_that_move_by_their_noise_choose_the_same_plan(monkeypatch, target):
-    """Ten tables whose rank times differ by up to 3% give one plan: options closer than RESOLUTION of the
-    model's time are not candidates, so a difference smaller than a measurement's noise decides nothing."""
-    plans = noisy_plans(target)
-    assert plans == {(4,)}, f"one plan for ten noisy tables: {plans}"
-    if target == NEAR_RANK_2:
-        monkeypatch.setattr(latency, "RESOLUTION", 0.0)
-        assert len(noisy_plans(target)) > 1, "the premise: without the resolution the noise changes the plan"
+def test_an_unreachable_target_plans_alike_when_the_times_move_by_their_noise():
+    """Times 1% apart (two measurements of one machine) choose the same plan for an unreachable target: the
+    planner does not pay accuracy for a difference smaller than REACH_SLACK, so near-equal options do not
+    decide it."""
+    plans = []
+    for wobble in (0.99, 1.01):
+        timing = FakeTiming(DENSE, {(3, 8): SLOW, (8, 16): lambda r, w=wobble: 0.2 * r * (w if r % 2 else 2 - w),
+                                    (16, 24): SLOW})
+        plans.append(latency.plan_latency(small_model(), [1, 2, 3], {"latency": 50.0}, timing, proxy=LINEAR_PROXY))
+    assert plans[0]["ranks"] == plans[1]["ranks"] and plans[0]["names"] == plans[1]["names"], \
+        [(p["names"], p["ranks"]) for p in plans]
 
 
 def test_a_target_reachable_only_without_the_margin_is_planned_at_the_target():
     """The planner aims 5% above the target; a target the table meets only without that margin is met, not
     called unreachable (it said 'cannot be met ... the best reachable is 2.59x' of a 2.5x target)."""
-    fastest = 4  # conv 2's fastest candidate rank (test_an_unreachable_target_plans_the_fastest_candidates_and_says_so)
-    reachable = 26.0 / (16.0 + 0.2 * fastest)
+    smallest = min(latency.candidate_ranks(small_model()[2], (12, 12), (12, 12)))
+    reachable = 26.0 / (16.0 + 0.2 * smallest)
     target = reachable / (1 + latency.MARGIN / 2)  # under the best reachable, but not by the margin
     plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": target}, fake(), proxy=LINEAR_PROXY)
     assert plan["target_met"] is True and plan["best_reachable"] is None, plan

@@ -22,12 +22,10 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
    meets the target (aiming :data:`MARGIN` above it, or at the target itself where only that is reachable);
    where a step overshot, layers then move back to less lossy options that still fit. A target the table
-   cannot meet is planned as the fastest expansion it allows, and the plan says so (``best_reachable``,
-   ``target_met``): a run is never refused for a machine that is slower than hoped.
-   An option is a candidate only if it runs faster than every less lossy option of its layer (dense
-   included) by :data:`RESOLUTION` of the whole model's time: closer options differ by less than a
-   measurement's noise, and choosing among them by which ran a hair faster made two runs of one config
-   plan differently and cost accuracy for nothing. The proxy is the retained
+   cannot meet is planned as the least lossy expansion within :data:`REACH_SLACK` of the fastest it allows,
+   and the plan says so (``best_reachable``, ``target_met``): a run is never refused for a machine that is
+   slower than hoped.
+   Options slower than a less lossy one are never taken. The proxy is the retained
    filter energy per rank (or any per-rank proxy the caller gives, e.g. a data-aware one).
 5. **A check.** The whole expanded model is timed against the original in its fastest plain layout
    (:func:`lrx.measure.layouts.time_rounds`: PyTorch's default, channels_last, NNPACK or cudnn.benchmark, whichever
@@ -73,7 +71,7 @@ from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
-__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "RESOLUTION", "TIE", "TIE_RULE",
+__all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REACH_SLACK", "TIE", "TIE_RULE",
            "CACHE_VERSION", "DENSE", "RULE", "Timing", "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
@@ -90,12 +88,10 @@ ADJUST_ROUNDS = 3  # re-plans after the first check, at most
 # inverse). A first check that needs more than this from cached times contradicts the cache: those layers
 # are measured again instead.
 SCALE_LIMIT = 4.0
-# The least time, as a share of the whole model's, by which an option must beat every less lossy option of its
-# layer to be a candidate. Layer times measured twice on an idle 2-core CPU differ by 1-11% (3x64x64, batch 16);
-# at 64 px AlexNet's convs are 4-6% of the model each, so their ranks differ by fractions of a percent of it.
-# Each option is compared with all less lossy ones as measured (not only with the candidates kept), so one
-# noisy entry cannot change which other options are candidates.
-RESOLUTION = 0.015
+# Where a target is out of reach, the plan is the least lossy one predicted within this share of the fastest
+# time the table allows: options that close in time differ by less than the noise of a measurement, and
+# choosing among them by which ran a hair faster would make the plan a coin toss and cost accuracy for nothing.
+REACH_SLACK = 0.03
 # Two moves of the greedy choice whose figures (proxy lost per ms saved, or proxy won back) differ by less
 # than this share of them are a tie: float noise in a proxy or a time (an SVD's last bits, a sum taken in
 # another order) must not decide a plan. A tie goes to the earlier layer in the model, then to the less
@@ -357,15 +353,18 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
 # ---------------------------------------------------------------- the choice
 
 
-def _options(row: dict, retained: Sequence[float], scale: float, margin_ms: float = 0.0) -> list[tuple[str, float, float]]:
-    """(option, ms, proxy loss) of one layer, dense first, the ranks' times multiplied by ``scale``: only the
-    options faster than every less lossy one by more than ``margin_ms``."""
+def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[str, float, float]]:
+    """(option, ms, proxy loss) of one layer, dense first, without options slower than a less lossy one;
+    the ranks' times multiplied by ``scale``."""
     options = [(DENSE, row["model_ms"][DENSE], 0.0)]
     options += [(str(r), scale * row["model_ms"][str(r)], 1.0 - float(retained[r - 1]))
                 for r in sorted(row["ranks"], reverse=True)]
     options.sort(key=lambda o: (o[2], o[1]))
-    return [option for i, option in enumerate(options)
-            if i == 0 or option[1] < min(o[1] for o in options[:i]) - margin_ms]
+    kept = []
+    for option in options:
+        if not kept or option[1] < min(k[1] for k in kept):
+            kept.append(option)
+    return kept
 
 
 def _beyond_tie(larger: float, smaller: float) -> bool:
@@ -378,11 +377,9 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
     """Each layer's option (``"dense"`` or a rank as a string) so that ``rest_ms`` + the layers' times (the
     ranks' times times ``scale``) <= ``budget_ms``, by the greedy rule of the module doc; then, where a step
     overshot, layers move back to less lossy options that still fit. Equal moves are chosen by
-    :data:`TIE_RULE`, so the same table gives the same choice whatever the float noise in it. Options are
-    the candidates of :data:`RESOLUTION`. Raises ``ValueError`` with the best reachable time when even
-    every layer's fastest option misses the budget."""
-    margin_ms = RESOLUTION * (rest_ms + sum(row["model_ms"][DENSE] for row in table))
-    options = [_options(row, retained[row["name"]], scale, margin_ms) for row in table]
+    :data:`TIE_RULE`, so the same table gives the same choice whatever the float noise in it. Raises
+    ``ValueError`` with the best reachable time when even every layer's fastest option misses the budget."""
+    options = [_options(row, retained[row["name"]], scale) for row in table]
     at = [0] * len(table)
     total = rest_ms + sum(o[0][1] for o in options)
     fastest = rest_ms + sum(min(t for _, t, _ in o) for o in options)
@@ -493,8 +490,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             best_reachable = max(1.0, base_ms / fastest)
             log(f"target latency {value:g}x cannot be met on {timing.key()['device']} by layers "
                 f"{', '.join(r['name'] for r in table)}: the best reachable is {best_reachable:.2f}x by the measured "
-                f"layer times; planning that fastest expansion instead")
-            choice = choose(table, proxy, rest_ms, fastest * (1 + 1e-9), scale)
+                f"layer times; planning the least lossy expansion within {REACH_SLACK:.0%} of the fastest instead")
+            choice = choose(table, proxy, rest_ms, fastest * (1 + REACH_SLACK), scale)
         if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
             break  # nothing to expand, or the adjusted plan is one already measured
         dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
