@@ -30,6 +30,11 @@ def test_own_model_configs_check_against_resnet18_and_its_checkpoint(folder, tmp
     assert original.train.epochs == 0 and original.model.checkpoint == "my_resnet18.pt", "row 1 is the checkpoint"
     assert fast.decompose.scheme == "v2" and fast.decompose.bases == "auto" and fast.decompose.layers == ["auto"]
     assert fast.profile.threads == original.profile.threads == 2, "both rows timed alike"
+    auto = load_config(folder / "fast_auto.yaml")
+    assert [c.path for c in configs_to_run(auto)] == [str(folder / "original.yaml"), str(folder / "fast_auto.yaml")]
+    assert auto.decompose.scheme == "auto" and auto.decompose.target == fast.decompose.target, \
+        "row 3 asks row 2's target with scheme auto"
+    assert auto.finetune == fast.finetune and auto.profile == fast.profile, "rows 2 and 3 differ only in the scheme"
 
 
 def test_own_model_configs_refuse_a_missing_checkpoint(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compress your own model, end to end (README, "Compress your own model"):
 #   an image folder -> your trained resnet18 -> lrx run (row 1: it as it is; row 2: scheme 2 at a 1.5x latency
-#   target, fine-tuned) -> the table -> an ONNX file -> its speed in ONNX Runtime.
+#   target, fine-tuned; row 3: the same target with scheme auto) -> the table -> an ONNX file -> its speed in
+#   ONNX Runtime.
 #
 #   examples/own_model/run.sh            # full size: 2,000 + 500 images at 64 px, in examples/own_model/work/
 #   TINY=1 examples/own_model/run.sh     # every command at toy size (200 + 100 images at 32 px, tiny/ configs),
@@ -25,8 +26,8 @@ set -x
 [ -d images ] || python ../make_data.py --out images --train "$TRAIN" --val "$VAL" --size "$size"
 [ -f my_resnet18.pt ] || python ../train_own.py --data images --size "$size" --epochs "$EPOCHS" --out my_resnet18.pt
 
-# 2. Compress: row 1 evaluates and profiles the checkpoint, row 2 plans, expands, fine-tunes and profiles.
-lrx run "$configs/original.yaml" "$configs/fast.yaml" --runs-dir runs
+# 2. Compress: row 1 evaluates and profiles the checkpoint, rows 2 and 3 plan, expand, fine-tune and profile.
+lrx run "$configs/original.yaml" "$configs/fast.yaml" "$configs/fast_auto.yaml" --runs-dir runs
 lrx table runs
 
 # 3. Deploy: the final model as ONNX (checked against PyTorch), timed in ONNX Runtime against the original.
