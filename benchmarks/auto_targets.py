@@ -112,14 +112,16 @@ def main() -> None:
         macs_before, macs_after = count(model, input_size)[0], count(expanded, input_size)[0]
         with tempfile.TemporaryDirectory() as tmp:
             check = onnx_check(lrx.to_plain(expanded), input_size, Path(tmp))
-        onnx = (f"loads, max abs diff {check['max_abs_diff']:.1e} (outputs up to {check['scale']:.1f})"
+        onnx = (f"loads, max abs diff {check['max_abs_diff']:.1e} (outputs up to {check['scale']:.1e})"
                 if "error" not in check else f"FAILED: {check['error']}")
         planned = report.plan.get("predicted_speedup") if isinstance(report.plan, dict) else None
+        reachable = report.plan.get("best_reachable") if isinstance(report.plan, dict) else None
+        out_of_reach = f" (out of reach: best {reachable:.2f}x by the layer times)" if reachable else ""
         rounds = timed["round_speedups"]
         machine = watch.record
         lines.append(f"| {name} | {v2 + channel} ({v2} / {channel}) | "
                      f"{macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} | "
-                     f"{planned:.2f}x | {timed['speedup']:.2f}x [{min(rounds):.2f}-{max(rounds):.2f}] | "
+                     f"{planned:.2f}x{out_of_reach} | {timed['speedup']:.2f}x [{min(rounds):.2f}-{max(rounds):.2f}] | "
                      f"{timed['original_layout']} / {timed['expanded_layout']} | {onnx} | {plan_s / 60:.1f} min | "
                      f"other processes {(machine['other_share'] or 0):.0%}{', BUSY' if machine['busy'] else ''} |")
         print(lines[-1], flush=True)

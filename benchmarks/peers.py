@@ -158,7 +158,7 @@ def main() -> None:
              "",
              f"`.venv/bin/python benchmarks/peers.py --config {args.config} --runs-dir {args.runs_dir} --epochs "
              f"{args.epochs} --lr {args.lr}` at commit {commit}, on {cpu_name()} ({os.cpu_count()} CPUs), torch "
-             f"{torch.__version__}, {cfg.profile.threads} threads; while timing: other processes "
+             f"{torch.__version__}, {cfg.profile.threads or torch.get_num_threads()} threads; while timing: other processes "
              f"{(machine['other_share'] or 0):.0%} of the CPUs, load average {machine['load_1m']}"
              f"{' (BUSY: ' + '; '.join(machine['reasons']) + ')' if machine['busy'] else ''}.",
              "",
