@@ -54,10 +54,12 @@ def run_table(run: Path) -> tuple[list[dict], dict, float, float]:
 def first_choice(table: list[dict], proxy: dict, clock_ms: float, base_ms: float, target: float) -> tuple[str, ...]:
     rest = max(clock_ms - sum(row["model_ms"][latency.DENSE] for row in table), 0.0)
     budgets = (base_ms / (target * (1 + latency.MARGIN)), base_ms / target)
-    try:
-        return tuple(latency._choose_within(table, proxy, rest, budgets, 1.0))
-    except ValueError as err:
-        return tuple(latency.choose(table, proxy, rest, float(err.args[0]) * (1 + latency.REACH_SLACK), 1.0))
+    for budget in budgets:  # the margin above the target, then the target itself
+        try:
+            return tuple(latency.choose(table, proxy, rest, budget, 1.0))
+        except ValueError as err:
+            fastest = float(err.args[0])
+    return tuple(latency.choose(table, proxy, rest, fastest * (1 + latency.REACH_SLACK), 1.0))
 
 
 def predicted(table: list[dict], choice, clock_ms: float, base_ms: float) -> float:
