@@ -186,7 +186,9 @@ def _over_rounds(stats: list[dict]) -> dict:
 
 def combine_rounds(rounds: list[dict]) -> dict:
     """:func:`time_pair`'s answers of several rounds as one: each layout's stats over the rounds
-    (:func:`_over_rounds`), the fastest layouts and speedups from those medians, plus ``"rounds"`` (the
+    (:func:`_over_rounds`), the fastest layouts from those medians, the speedups as the median of the rounds'
+    own (each measured interleaved within its round: when the machine's speed drifts between rounds, a ratio
+    of medians from different rounds can fall outside every round's), plus ``"rounds"`` (the
     count), ``"round_speedups"`` (each round's own speedup, None for a baseline) and ``"rounds_disagree"``
     (they span more than :data:`ROUNDS_DISAGREE` of their median)."""
     groups = {"original": {name: _over_rounds([r["layouts"][name] for r in rounds]) for name in rounds[0]["layouts"]}}
@@ -195,6 +197,9 @@ def combine_rounds(rounds: list[dict]) -> dict:
                               for name in rounds[0]["expanded_layouts"]}
     out = _pair(groups)
     speedups = [r["speedup"] for r in rounds if r["speedup"] is not None]
+    if speedups:  # each round's ratio is interleaved; a ratio of medians taken from different rounds is not
+        out["speedup"] = statistics.median(speedups)
+        out["speedup_default"] = statistics.median(r["speedup_default"] for r in rounds)
     out.update(rounds=len(rounds), round_speedups=speedups or None, rounds_disagree=_disagree(speedups))
     return out
 
