@@ -500,3 +500,17 @@ def test_a_run_whose_latency_target_is_out_of_reach_finishes_and_says_so_everywh
     table = CliRunner().invoke(app, ["table", str(runs)])
     row = next(line for line in table.output.splitlines() if line.startswith("|2|"))
     assert "latency target 50x missed" in row, row
+
+
+def test_the_whole_model_check_takes_the_rounds_speedup_where_the_timing_gives_it():
+    class RoundsTiming(FakeTiming):  # as DeviceTiming: the median of the rounds' own speedups beside the times
+        def whole(self, original, expanded):
+            out = super().whole(original, expanded)
+            if expanded is not None:
+                out["speedup"] = 1.01 * out["original_ms"] / out["expanded_ms"]
+            return out
+
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.4}, RoundsTiming(DENSE, {(3, 8): SLOW, (8, 16): LINEAR,
+                                (16, 24): SLOW}), proxy=LINEAR_PROXY)
+    first = plan["rounds"][0]
+    assert first["measured_speedup"] == pytest.approx(1.01 * first["original_ms"] / first["expanded_ms"]), first

@@ -209,7 +209,7 @@ class DeviceTiming:
         return {"original_ms": timed["original"]["median_ms"], "layout": timed["original_layout"],
                 "layouts": {k: v["median_ms"] for k, v in timed["layouts"].items()},
                 "expanded_ms": timed["expanded"]["median_ms"] if expanded is not None else None,
-                "expanded_layout": timed["expanded_layout"]}
+                "expanded_layout": timed["expanded_layout"], "speedup": timed["speedup"]}
 
 
 # ---------------------------------------------------------------- the ladder and the table
@@ -499,7 +499,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         predicted_ms = dense_ms + scale * factored_ms
         spec = _spec(table, choice, scheme)
         measured = timing.whole(model, build_expanded(model, spec))
-        measured_speedup = measured["original_ms"] / measured["expanded_ms"]
+        # the median of the rounds' own speedups where the timing gives it (a profile's figure), else the ratio
+        measured_speedup = measured.get("speedup") or measured["original_ms"] / measured["expanded_ms"]
         predicted_speedup = base_ms / predicted_ms
         history.append({"choice": choice, "ranks": spec["ranks"], "names": spec["layers"], "scale": scale,
                          "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
