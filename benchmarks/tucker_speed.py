@@ -1,7 +1,7 @@
 """Tucker-2 against scheme 2, layer by layer, at equal weight error: which one runs faster?
 
     .venv/bin/python benchmarks/tucker_speed.py [--model alexnet_cifar10 --weights runs/quick/exp01/model.pt
-        --size 64] [--errors 0.1 0.2 0.3] [--batch 16] [--threads 2] [--out results/cpu/tucker-speed.md]
+        --size 64] [--errors 0.3 0.5 0.7] [--batch 16] [--threads 2] [--out results/cpu/tucker-speed.md]
 
 For each KxK conv of the model (groups 1) and each relative weight error e (||W - W_hat||_F / ||W||_F): scheme 2
 at the smallest rank whose optimal error is at most e (lrx.factor.decomposition.retained_energy), and Tucker-2
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--model", default="alexnet_cifar10")
     parser.add_argument("--weights", type=Path, default=Path("runs/quick/exp01/model.pt"))
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--errors", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--errors", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=10)
