@@ -126,6 +126,14 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
         load_user_weights(model, tmp_path / "absent.pt")
 
 
+@pytest.mark.parametrize("blob", [{1: torch.zeros(2)}, {"state_dict": {(1, 2): torch.zeros(2)}}, {"0.weight": 1}])
+def test_a_checkpoint_that_is_no_state_dict_is_one_line_naming_it(tmp_path, blob):
+    torch.save(blob, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="is not a state_dict") as err:
+        load_user_weights(build_model("tiny_cnn", 10), tmp_path / "odd.pt")
+    assert str(tmp_path / "odd.pt") in str(err.value) and err.value.key == "model.checkpoint", str(err.value)
+
+
 def test_checkpoint_formats_load_the_same_weights(tmp_path):
     source = build_model("tiny_cnn", 10)
     state = source.state_dict()

@@ -292,7 +292,8 @@ def _state_dict_of(blob, path: Path) -> dict:
         if isinstance(blob, dict) and isinstance(blob.get(name), dict):
             blob = blob[name]
             break
-    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+    if (not isinstance(blob, dict) or not blob
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items())):
         raise UserError(f"{path} is not a state_dict (a mapping of names to tensors, or one under 'state_dict' "
                         "or 'model')", key="model.checkpoint")
     if all(k.startswith("module.") for k in blob):
