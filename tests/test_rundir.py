@@ -328,7 +328,8 @@ def test_temp_file_names_are_the_ones_atomic_writes_make(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("content", ["[]", "null", "3", '"done"', '{"stages": []}', '{"stages": {"train": []}}',
                                      '{"stages": {"train": {"acc1": 1}}}', '{"running": []}', '{"replaced": {}}',
-                                     '{"status": 1}', '{"finetune": {}}', "[" * 100_000, "\udcff"])
+                                     '{"status": 1}', '{"finetune": {}}', "[" * 100_000, "\udcff",
+                                     '{"stages": {"bogus": {"hash": "x"}}}', '{"stages": {"finetune./x": {"hash": "x"}}}'])
 def test_damaged_metrics_is_a_user_error_saying_what_to_do(tmp_path, content):
     run = RunDir(tmp_path, "r")
     run.path.mkdir()

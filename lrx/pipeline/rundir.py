@@ -47,6 +47,7 @@ from lrx.base.files import (TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpo
                             save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
 from lrx.config.settings import Config, size_text
 from lrx.base.errors import UserError
+from lrx.base.yamlread import show
 from lrx.nn.surgery import build_expanded
 from lrx.nn.models import build_model
 
@@ -561,10 +562,16 @@ def _lock_file_problem(fd: int) -> str | None:
     return None
 
 
+# A fine-tune stage's index as stage names and file names hold it: finetune.K, stageK.pt, stageK.ckpt.
+_INDEX = r"(0|[1-9][0-9]{0,5})"
+# The stage names lrx writes into metrics.json (lrx.pipeline.stages.stage_names).
+_STAGE_NAME = re.compile(rf"train|decompose|profile|finetune\.{_INDEX}")
+
+
 def stage_of_file(name: str) -> tuple[str, str] | None:
     """``(stage, "model" | "checkpoint")`` of a file name :func:`model_file` or :func:`checkpoint_file`
     gives (``stage1.ckpt`` -> ``("finetune.1", "checkpoint")``), None for any other name."""
-    match = re.fullmatch(r"stage(0|[1-9][0-9]{0,5})\.(pt|ckpt)", name)
+    match = re.fullmatch(rf"stage{_INDEX}\.(pt|ckpt)", name)
     stage = f"finetune.{match[1]}" if match else {"model.pt": "train", "expanded.pt": "decompose",
                                                   "train.ckpt": "train"}.get(name)
     if stage is None:
@@ -723,8 +730,9 @@ def _folder_trouble(err: OSError, *folders: Path) -> str:
 def metrics_problem(metrics) -> str | None:
     """What makes ``metrics`` (parsed metrics.json) unlike what lrx writes, or None.
 
-    Checked are the keys the runner reads: ``stages`` (name -> record with a string ``hash``),
-    ``running``, ``replaced``, ``status``, ``decompose`` and ``finetune``.
+    Checked are the keys the runner reads: ``stages`` (a stage name lrx writes -> record with a string
+    ``hash``), ``running``, ``replaced``, ``status``, ``decompose`` and ``finetune``. A stage's name gives its
+    model file's name (:func:`model_file`), so one lrx never writes is refused here, not met later.
     """
     if not isinstance(metrics, dict):
         return f"it holds {_json_type(metrics)}, not an object"
@@ -732,6 +740,8 @@ def metrics_problem(metrics) -> str | None:
     if not isinstance(stages, dict):
         return f"'stages' is {_json_type(stages)}, not an object"
     for name, record in stages.items():
+        if not _STAGE_NAME.fullmatch(name):
+            return f"stage {show(name)} is not one lrx writes (train, decompose, finetune.K, profile)"
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
             return f"stage {name!r} is not a record with a hash"
     for key, kind, types in (("running", "an object", dict), ("replaced", "a list", list),
