@@ -342,6 +342,22 @@ def test_damaged_metrics_is_a_user_error_saying_what_to_do(tmp_path, content):
             f"{content[:20]!r}: {call.__name__} names the file and what to do: {text}"
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_log_that_is_not_a_file_of_the_run_is_refused_not_written_through(tmp_path, kind):
+    run = RunDir(tmp_path / "runs", "r")
+    run.path.mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("kept\n")
+    if kind == "symlink":
+        run.log_path().symlink_to(outside)
+    else:
+        os.mkfifo(run.log_path())  # no reader: a blocking open would hang the run
+    with pytest.raises(UserError) as err:
+        run.log("a line")
+    assert str(run.log_path()) in one_line(err), f"{kind}: names log.txt: {err.value}"
+    assert outside.read_text() == "kept\n", f"{kind}: the file a symlinked log points to is not written"
+
+
 def test_huge_metrics_is_refused_unread(tmp_path):
     run = RunDir(tmp_path, "r")
     run.path.mkdir()

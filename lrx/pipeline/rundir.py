@@ -43,8 +43,8 @@ from torch import nn
 from lrx import __version__
 
 from lrx.base import distributed
-from lrx.base.files import (TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpoint, load_json, os_reason,
-                            save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
+from lrx.base.files import (NEW_FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpoint, load_json,
+                            os_reason, save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
 from lrx.config.settings import Config, size_text
 from lrx.base.errors import UserError
 from lrx.base.yamlread import show
@@ -195,11 +195,24 @@ class RunDir:
         if not distributed.is_main():
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        path = self.file(LOG)
+        # Appended in place, so never through a symlink (it would write into the file it points to, outside the
+        # run) nor into a FIFO or device (O_NONBLOCK: a FIFO without a reader must not hang the run).
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
         try:
-            with open(self.file(LOG), "a", encoding="utf-8") as fh:
-                fh.write(f"{stamp} {message}\n")
+            fd = os.open(path, flags, NEW_FILE_MODE)
         except OSError as err:
-            raise UserError(f"cannot write ({os_reason(err)})", file=str(self.file(LOG))) from None
+            why = "it is a symlink, and the run's log is a file of its own" if os.path.islink(path) else os_reason(err)
+            raise UserError(f"cannot write ({why}); remove it and run again", file=str(path)) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise UserError(f"cannot write: {_file_kind(mode)}; remove it and run again", file=str(path))
+            os.write(fd, f"{stamp} {message}\n".encode("utf-8", "replace"))
+        except OSError as err:
+            raise UserError(f"cannot write ({os_reason(err)})", file=str(path)) from None
+        finally:
+            os.close(fd)
 
     def write_config(self, cfg: Config) -> None:
         if not distributed.is_main():
