@@ -358,6 +358,25 @@ def test_a_log_that_is_not_a_file_of_the_run_is_refused_not_written_through(tmp_
     assert outside.read_text() == "kept\n", f"{kind}: the file a symlinked log points to is not written"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "huge", "deep", "alias-bomb", "not-utf8", "long-integer"])
+def test_a_damaged_config_yaml_is_refused_naming_it(tmp_path, kind):
+    run = RunDir(tmp_path, "r")
+    run.path.mkdir()
+    path = run.config_path()
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: a blocking read would hang
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(64 * 2**20)
+    else:
+        path.write_bytes({"deep": b"[" * 100_000, "not-utf8": b"model: \xff\n", "long-integer": b"a: " + b"9" * 5000,
+                          "alias-bomb": b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+                                        b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c]\n"}[kind])
+    with pytest.raises(UserError) as err:
+        run.read_config()
+    assert str(path) in one_line(err) and "move it away" in str(err.value), f"{kind}: names the file: {err.value}"
+
+
 def test_huge_metrics_is_refused_unread(tmp_path):
     run = RunDir(tmp_path, "r")
     run.path.mkdir()

@@ -44,7 +44,8 @@ from lrx import __version__
 
 from lrx.base import distributed
 from lrx.base.files import (NEW_FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, is_temp_file, load_checkpoint, load_json,
-                            os_reason, save_atomic, unlink_quietly, write_json_atomic, write_text_atomic)
+                            os_reason, read_text_limited, save_atomic, unlink_quietly, write_json_atomic,
+                            write_text_atomic)
 from lrx.config.settings import Config, size_text
 from lrx.base.errors import UserError
 from lrx.base.yamlread import show
@@ -130,6 +131,10 @@ class RunDir:
         """The run's log.txt (what :meth:`log` appends to)."""
         return self.file(LOG)
 
+    def config_path(self) -> Path:
+        """The run's config.yaml (what :meth:`write_config` writes and :meth:`read_config` reads)."""
+        return self.file(CONFIG)
+
     def model_path(self, stage: str) -> Path:
         return self.file(model_file(stage))
 
@@ -154,13 +159,21 @@ class RunDir:
         return self.model_path(stages[-1])
 
     def read_config(self) -> dict:
-        """The resolved config the run wrote (config.yaml) as plain data; ``{}`` when there is none."""
+        """The resolved config the run wrote (config.yaml) as plain data; ``{}`` when there is none.
+
+        Read as metrics.json is (:func:`lrx.base.files.read_text_limited`: a regular file of at most 16 MiB,
+        so a FIFO cannot hang it), with the safe loader it was written for, without anchors and aliases (lrx
+        writes none; an alias bomb would make every walk over it take forever). :class:`UserError` naming
+        the file otherwise."""
+        path = self.config_path()
         try:
-            data = yaml.safe_load(self.file(CONFIG).read_text(encoding="utf-8"))
+            data = yaml.load(read_text_limited(path), Loader=_ConfigLoader)
         except FileNotFoundError:
             return {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read it ({type(err).__name__}); {MOVE_AWAY}", file=str(self.file(CONFIG))) from None
+        except UserError as err:
+            raise UserError(f"{err.message}; {MOVE_AWAY}", file=err.file) from None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an integer too long to convert
+            raise UserError(f"cannot read it ({type(err).__name__}); {MOVE_AWAY}", file=str(path)) from None
         return data if isinstance(data, dict) else {}
 
     # ------------------------------------------------------------ metrics, log, config
@@ -532,6 +545,15 @@ class RunDir:
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
             raise UserError(f"cannot open the lock file ({os_reason(err)})", file=str(path)) from None
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader config.yaml is written for (``yaml.safe_dump``), refusing anchors and aliases."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("an alias (*name), which lrx never writes")
+        return super().compose_node(parent, index)
 
 
 # The RunDirs of this process that hold their lock; a forked child closes their descriptors.
