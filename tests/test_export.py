@@ -131,6 +131,47 @@ def test_lrx_export_refuses_bad_input_in_one_line(tmp_path, args, words):
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.out").exists(), result.output
 
 
+PLANTED = "open('planted-ran', 'w').write('x')\ndef build(num_classes=10):\n    raise SystemExit(0)\n"
+
+
+@pytest.mark.parametrize("config, arch", [
+    ("model: {name: tiny_cnn, num_classes: 10}\n", "python:lrx_planted:build"),  # not the run's model
+    ("data: {image_size: 16}\n", "python:lrx_planted:build"),  # config.yaml names no model: code is never built
+    ("model: {name: tiny_cnn, num_classes: 10}\n", 5),
+    ("data: {image_size: 16}\n", ["tiny_cnn"]),
+    ("model: {name: tiny_cnn, num_classes: 10}\n", "alexnet_cifar10"),
+])
+def test_a_model_file_is_built_only_as_its_run_names_it(tmp_path, monkeypatch, config, arch):
+    from lrx.nn.models import tiny_cnn
+
+    (tmp_path / "lrx_planted.py").write_text(PLANTED)  # what importing the module would do: leave a file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run, _ = saved_run(tmp_path, tiny_cnn())
+    run.config_path().write_text(config)
+    path = run.model_path("decompose")
+    blob = torch.load(path, weights_only=True)
+    torch.save({**blob, "arch": arch}, path)
+    result = CliRunner().invoke(app, ["export", str(run.path), "--format", "state-dict", "-o", "x.pt"])
+    assert result.exit_code == 2 and str(path) in result.output, f"{arch!r}: refused naming the file: {result.output}"
+    assert len(result.output.strip().splitlines()) == 1, f"one line: {result.output}"
+    assert not (tmp_path / "planted-ran").exists(), f"{arch!r}: the module a model file names was not imported"
+    assert not (tmp_path / "x.pt").exists(), "nothing written"
+
+
+@pytest.mark.parametrize("config", ["data: {image_size: big}\n", "data: {image_size: [16]}\n",
+                                    "profile: {input_size: [x, 16, 16]}\n", "data: {image_size: 0}\n"])
+def test_a_config_yaml_without_sizes_is_refused_naming_it(tmp_path, config):
+    from lrx.nn.models import tiny_cnn
+
+    run, _ = saved_run(tmp_path, tiny_cnn())
+    run.config_path().write_text(config)
+    result = CliRunner().invoke(app, ["export", str(run.path), "--format", "state-dict", "-o", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and str(run.config_path()) in result.output and "--input-size" in result.output, \
+        f"{config!r}: refused naming config.yaml and the way out: {result.output}"
+    assert not (tmp_path / "x.pt").exists(), "nothing written"
+
+
 def test_a_folder_that_is_no_run_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no finished model"):
@@ -200,6 +241,7 @@ def test_every_recipe_builds_its_architecture_and_loads_the_state_dict(tmp_path,
     run = RunDir(tmp_path / "runs", "r1")
     run.path.mkdir(parents=True)
     run.save_model("decompose", expanded, arch, 5, report.spec, report.spec["layers"])
+    run.config_path().write_text(f"model: {{name: '{arch}', num_classes: 5}}\n")  # a python: model is built as the run names it
     run.write_metrics({"name": "r1", "status": "done", "stages": {"decompose": {"hash": "h"}}})
     result = CliRunner().invoke(app, ["export", str(run.path), "--format", "state-dict", "-o", "plain.pt", "--no-check"])
     assert result.exit_code == 0, result.output

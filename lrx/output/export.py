@@ -49,15 +49,18 @@ import torch
 from torch import nn
 
 from lrx.base.files import load_checkpoint, os_reason, write_atomic, write_named_atomic
-from lrx.config.settings import IMAGE_CHANNELS, Config, load_config, profile_input_size, size_text
+from lrx.base.yamlread import show
+from lrx.config.settings import (IMAGE_CHANNELS, MAX_CHANNELS, MAX_IMAGE_SIZE, Config, load_config,
+                                 profile_input_size, size_text)
 from lrx.base.errors import UserError
 from lrx.nn.layers import factor_convs
+from lrx.nn.models import PYTHON
 from lrx.pipeline.rundir import RunDir, is_run_folder, load_model
 from lrx.nn.channel import LowRankChannel
 from lrx.nn.inference import expansion_layers
 from lrx.measure.timing import interleaved
 
-__all__ = ["FORMATS", "EXTRA", "run_dir", "load_run", "final_model", "plain_layer", "to_plain", "recipe",
+__all__ = ["FORMATS", "EXTRA", "run_dir", "load_run", "final_model", "recorded_model", "plain_layer", "to_plain", "recipe",
            "original_code", "check_output", "WRITERS", "export_model", "check_export", "run_input_size", "export_run",
            "SUFFIX", "NO_LRX", "export_all", "check_without_lrx", "ort_session", "onnx_latency", "profile_onnx"]
 
@@ -89,11 +92,31 @@ def load_run(run: str | Path, runs_dir: str | Path = "runs") -> nn.Module:
 
 
 def final_model(run: RunDir) -> tuple[nn.Module, Path, dict]:
-    """(the run's final model in eval mode, its file, the file's arch and num_classes)."""
+    """(the run's final model in eval mode, its file, its arch and num_classes: :func:`recorded_model`)."""
     path = run.final_model_path()
+    arch, num_classes = recorded_model(run, path)
+    model, _, _ = load_model(path, arch, num_classes)
+    return model.eval(), path, {"arch": arch, "num_classes": num_classes}
+
+
+def recorded_model(run: RunDir, path: Path) -> tuple[str, int]:
+    """(architecture, classes) the model file ``path`` of ``run`` must hold: ``model.name`` and
+    ``model.num_classes`` of the run's config.yaml, else (a folder without them) the file's own when they
+    name no code (a registry or ``torchvision:`` name). A file's ``python:<module>:<factory>`` is never
+    built unless config.yaml names it too: loading a model file must not import and call code no config
+    named. :class:`UserError` naming the file otherwise."""
+    model = run.read_config().get("model")
+    name, classes = (model.get("name"), model.get("num_classes")) if isinstance(model, dict) else (None, None)
+    if isinstance(name, str) and isinstance(classes, int) and not isinstance(classes, bool):
+        return name, classes
     blob = load_checkpoint(path)
-    model, _, _ = load_model(path, blob.get("arch"), blob.get("num_classes"))
-    return model.eval(), path, {"arch": blob.get("arch"), "num_classes": blob.get("num_classes")}
+    name, classes = blob.get("arch"), blob.get("num_classes")
+    if (not isinstance(name, str) or name.startswith(PYTHON) or isinstance(classes, bool)
+            or not isinstance(classes, int)):
+        raise UserError(f"its architecture {show(name)} with {show(classes)} classes is not one lrx builds from a "
+                        f"model file alone, and {run.config_path()} does not name the run's model (model.name, "
+                        "model.num_classes)", file=str(path))
+    return name, classes
 
 
 # ---------------------------------------------------------------- plain modules
@@ -308,11 +331,19 @@ def check_export(model: nn.Module, path: str | Path, fmt: str, input_size=(3, 22
 
 
 def run_input_size(run: RunDir) -> tuple[int, int, int]:
-    """(C, H, W) a run's model was trained and evaluated at: profile.input_size's channels (or 3), data.image_size."""
+    """(C, H, W) a run's model was trained and evaluated at: profile.input_size's channels (or 3), data.image_size
+    (or 224), from its config.yaml; :class:`UserError` naming config.yaml when they are not sizes."""
     config = run.read_config()
-    channels = ((config.get("profile") or {}).get("input_size") or [IMAGE_CHANNELS])[0]
-    size = (config.get("data") or {}).get("image_size") or 224
-    return int(channels), int(size), int(size)
+    profile, data = config.get("profile"), config.get("data")
+    given = profile.get("input_size") if isinstance(profile, dict) else None
+    channels = given[0] if isinstance(given, list) and given else IMAGE_CHANNELS
+    size = data.get("image_size") if isinstance(data, dict) else None
+    size = 224 if size is None else size
+    for value, top in ((channels, MAX_CHANNELS), (size, MAX_IMAGE_SIZE)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise UserError(f"profile.input_size or data.image_size is {show(value)}, not a size; give the size "
+                            "with --input-size C,H,W", file=str(run.config_path()))
+    return channels, size, size
 
 
 def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: str | Path = "runs",
