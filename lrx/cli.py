@@ -171,6 +171,9 @@ def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Opt
         involved = configs_to_run(cfg)  # the checks a real run makes first: a dry run passes only what would start
         print_preview(cfg, runs_dir, data_root, involved)
         return
+    if show_bases is not None:
+        from lrx.output.plot import check_picture  # local: start-up
+        check_picture(show_bases)  # before the stage runs: a picture that cannot be written stops it now
     if compare_fits and cfg.decompose.fit != "data":
         raise UserError(f"--compare-fits compares the data fit with the weights fit: needs fit: data, got "
                         f"{cfg.decompose.fit!r}", file=str(config), key="decompose.fit")

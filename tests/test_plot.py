@@ -215,3 +215,44 @@ def test_runs_fitted_to_data_are_marked(tmp_path):
     assert len(set(markers.values())) == 3, "dots, diamonds for the data fits, a star for the original"
     (legend,) = fig.legends
     assert any("fitted to data" in t.get_text() for t in legend.get_texts()), "the legend says what a diamond is"
+
+
+@pytest.mark.parametrize("where", ["suffix", "directory", "fifo", "dev-full", "run-folder"])
+def test_a_plot_output_no_picture_can_go_to_is_one_line_from_lrx_plot(tmp_path, where):
+    import os
+
+    from typer.testing import CliRunner
+
+    from lrx.cli import app
+
+    runs = tmp_path / "runs"
+    write_metrics(runs, "exp01", no=1, acc1=83.1, macs=698_886_090, cpu_time_ms=1265.0)
+    out = {"suffix": tmp_path / "p.xyz", "directory": runs, "fifo": tmp_path / "p.png", "dev-full": "/dev/full",
+           "run-folder": runs / "exp01" / "p.png"}[where]
+    if where == "fifo":
+        os.mkfifo(out)  # no reader: opening it to write would hang
+    before = (runs / "exp01" / "metrics.json").read_bytes()
+    result = CliRunner().invoke(app, ["plot", str(runs), "-o", str(out)])
+    assert result.exit_code == 2 and str(out) in result.output, f"{where}: refused naming it: {result.output}"
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+    assert (runs / "exp01" / "metrics.json").read_bytes() == before and not (runs / "exp01" / "p.png").exists(), \
+        f"{where}: the run folder is as it was"
+
+
+def test_a_plot_that_fails_half_way_keeps_the_previous_picture(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    runs = tmp_path / "runs"
+    write_metrics(runs, "exp01", no=1, acc1=83.1, macs=698_886_090, cpu_time_ms=1265.0)
+    out = tmp_path / "p.png"
+    out.write_bytes(b"previous")
+
+    def torn(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(PNG_SIGNATURE)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", torn)
+    with pytest.raises(UserError, match="No space left on device"):
+        plot_pareto(collect_rows(runs), out)
+    assert out.read_bytes() == b"previous", "the previous picture is kept whole"
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == [], "no temporary file is left"

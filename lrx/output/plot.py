@@ -8,7 +8,10 @@ to data (``fit: data``) are diamonds, their labels say "data". The legend sits o
 different models are never compared on one front.
 
 Drawn with matplotlib's Agg canvas on a ``Figure`` of its own, so pyplot's global state (and a
-notebook's backend) is never touched.
+notebook's backend) is never touched. Every picture lrx writes (this one, ``--show-bases``) goes through
+:func:`save_figure`: atomically, never into a run folder, a directory or a device.
+
+It is long because placing labels where they overlap nothing takes most of it, beside the figure it places them in.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from lrx.base.errors import UserError
+from lrx.base.files import os_reason, write_named_atomic
 from lrx.base.yamlread import finite_float
+from lrx.output.export import check_output
 
 __all__ = ["skipped", "pareto_front", "row_label", "describe", "fitted_to_data", "model_groups", "Point", "PANELS", "FONT_SIZE",
            "MARKER_AREA", "plot_pareto", "pareto_figure", "DISTANCES", "DIRECTIONS", "LEADER_FROM", "place_labels",
@@ -189,11 +194,37 @@ MARKER_AREA = {False: 30, True: 160}  # scatter sizes (points**2) of an expanded
 def plot_pareto(rows: list[dict], out_path: str | Path) -> Path:
     """Write :func:`pareto_figure` of ``rows`` as a PNG (or any format matplotlib knows from the suffix);
     missing parent folders are created. Returns the path."""
-    fig = pareto_figure(rows)
+    return save_figure(pareto_figure(rows), out_path)
+
+
+def save_figure(fig, out_path: str | Path, **options) -> Path:
+    """Write the matplotlib ``fig`` to ``out_path`` in the format its suffix names, as every file lrx writes:
+    to a temporary file renamed over the target (:func:`lrx.base.files.write_named_atomic`), never into a
+    directory, a device or FIFO, or a run's folder (:func:`lrx.output.export.check_output`); missing parent
+    folders are created. ``options`` go to ``savefig``. :class:`UserError` naming the file otherwise."""
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    kind = check_picture(out)
+    write_named_atomic(check_output(out), lambda tmp: fig.savefig(tmp, format=kind, **options))
     return out
+
+
+def check_picture(out_path: str | Path) -> str:
+    """The format of the picture file ``out_path`` (its suffix, one matplotlib writes), its missing parent
+    folders created; :class:`UserError` naming it when no picture can go there (:func:`save_figure`'s checks:
+    made before the work that draws it)."""
+    from matplotlib.backend_bases import FigureCanvasBase  # local: heavy to import, only pictures need it
+
+    out = Path(out_path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    kind = out.suffix[1:].lower()
+    if kind not in formats:
+        raise UserError(f"a picture's suffix names its format; allowed: {', '.join(sorted(formats))}", file=str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create its folder ({os_reason(err)})", file=str(out)) from None
+    check_output(out)
+    return kind
 
 
 def pareto_figure(rows: list[dict]):

@@ -15,6 +15,7 @@ from lrx.data.datasets import load_data
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.nn.models import build_model, initial_model
 from lrx.nn.surgery import shown_name
+from lrx.output.plot import save_figure
 from lrx.pipeline.rundir import RunDir, load_model
 from lrx.pipeline.runner import dependencies
 from lrx.pipeline.stages import expand_model
@@ -172,9 +173,10 @@ def save_bases_picture(model_path: Path, cfg: Config, out: Path) -> None:
         axes[row][0].set_title(name, fontsize=7, loc="left")
     fig.suptitle(f"{cfg.name}: basis filters (first {width} per layer)")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, out, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def fit_comparison(rows: Sequence[dict]) -> str:
