@@ -234,7 +234,11 @@ def cache_cases() -> list[Case]:
     """runs/latency-tables.json, hostile: ignored with a warning naming it (measured again), or refused."""
     plan = ["decompose", "cfg/t04.yaml", "--runs-dir", "runs"]
 
+    # At toy sizes the plan itself depends on the machine's noise: a run that finds no layer faster expanded
+    # refuses its target (2). Either way the hostile cache must be named in a warning and replaced by a valid one.
     def valid_cache(ws, result):
+        if "latency-tables.json" not in result.stderr or "warning" not in result.stderr:
+            return f"no warning naming the cache: {tail(result.stderr)}"
         path = ws.runs / "latency-tables.json"
         try:
             data = json.loads(path.read_text())
@@ -252,8 +256,8 @@ def cache_cases() -> list[Case]:
         "cache-not-utf8": b"\xff\xfe\x00",
         "cache-deep": "[" * 100_000 + "]" * 100_000,
     }
-    out = [finished("cache", name, plan, setup=write("latency-tables.json", data), rc=0, unchanged=None,
-                    says=["latency-tables.json", "warning"], check=valid_cache)
+    out = [finished("cache", name, plan, setup=write("latency-tables.json", data), rc=None, unchanged=None,
+                    check=valid_cache)
            for name, data in hostile.items()]
 
     # entries of the right key with hostile times: first a real run to learn the keys, then spoil them
@@ -279,8 +283,8 @@ def cache_cases() -> list[Case]:
         "cache-bool-times": lambda e: {k: True for k in e},
         "cache-huge-int-times": lambda e: {k: 10**400 for k in e},
     }.items():
-        out.append(finished("cache", name, plan, setup=spoiled(value), rc=0, unchanged=None,
-                            says=["latency-tables.json", "warning"], check=valid_cache, timeout=600))
+        out.append(finished("cache", name, plan, setup=spoiled(value), rc=None, unchanged=None, check=valid_cache,
+                            timeout=600))
 
     def folder(ws):
         (ws.runs / "latency-tables.json").mkdir()
@@ -288,8 +292,7 @@ def cache_cases() -> list[Case]:
         os.mkfifo(ws.runs / "latency-tables.json")
     out += [
         finished("cache", "cache-folder", plan, setup=folder, says=["latency-tables.json"]),
-        finished("cache", "cache-fifo", plan, setup=fifo, rc=0, unchanged=None, says=["latency-tables.json"],
-                 timeout=120),
+        finished("cache", "cache-fifo", plan, setup=fifo, rc=None, unchanged=None, check=valid_cache, timeout=120),
     ]
     return out
 
