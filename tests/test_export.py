@@ -172,6 +172,17 @@ def test_a_config_yaml_without_sizes_is_refused_naming_it(tmp_path, config):
     assert not (tmp_path / "x.pt").exists(), "nothing written"
 
 
+@pytest.mark.parametrize("size", ["1,16,16", "3,2,2"])
+def test_an_input_size_the_model_does_not_take_is_one_line(tmp_path, size):
+    from lrx.nn.models import tiny_cnn
+
+    run, _ = saved_run(tmp_path, tiny_cnn())
+    out = tmp_path / "x.pt2"
+    result = CliRunner().invoke(app, ["export", str(run.path), "--format", "pt2", "-o", str(out), "--input-size", size])
+    assert result.exit_code == 2 and f"--input-size {size}" in result.output, f"{size}: one line: {result.output}"
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists(), f"{size}: nothing written: {result.output}"
+
+
 def test_a_folder_that_is_no_run_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no finished model"):

@@ -360,6 +360,12 @@ def export_run(run_or_config: str | Path, path: str | Path, fmt: str, runs_dir: 
     run = run_dir(run_or_config, runs_dir)
     model, model_path, arch = final_model(run)
     size = tuple(input_size) if input_size else run_input_size(run)
+    try:  # a size the model does not take is the user's to change: one line, before anything is written
+        with torch.no_grad():
+            model(torch.zeros(1, *size))
+    except RuntimeError as err:
+        raise UserError(f"--input-size {','.join(map(str, size))}: the run's model does not run on images of that size "
+                        f"({str(err).splitlines()[0][:160]}); give the C,H,W it takes") from None
     text = export_model(model, path, fmt, size, original_code(arch["arch"], arch["num_classes"]))
     status = run.read_metrics().get("status")
     unfinished = f" (the run is {status}: this is its last finished stage's model)" if status != "done" else ""
