@@ -330,7 +330,7 @@ def export_cases() -> list[Case]:
         export("missing-folder", "-o", "nosuch/x.pt", says=["nosuch"]),
         export("name-too-long", "-o", "x" * 300 + ".pt", says=["xxxx"]),
         export("input-size-zero", "-o", "x.pt", "--input-size", "3,0,0", says=["--input-size"]),
-        export("input-size-other-channels", "-o", "x.pt", "--input-size", "1,16,16", fmt="pt2"),
+        export("input-size-other-channels", "-o", "x.pt", "--input-size", "1,16,16", fmt="pt2", says=["--input-size"]),
         export("run-missing", "-o", "x.pt", run="runs/nosuch", says=["nosuch"]),
         export("folder-without-metrics", "-o", "x.pt", run="cfg", says=["cfg"]),
         export("config-without-run", "-o", "x.pt", run="cfg/t04.yaml", says=["t04"]),
@@ -356,7 +356,7 @@ def export_cases() -> list[Case]:
         finished("export", "show-bases-unknown-suffix", ["decompose", "cfg/t02.yaml", "--runs-dir", "runs",
                                                          "--show-bases", "b.xyz"], says=["b.xyz"]),
         finished("export", "show-bases-good", ["decompose", "cfg/t02.yaml", "--runs-dir", "runs", "--show-bases",
-                                               "b.png"], rc=0, check=lambda ws, r: None if (ws.path / "b.png").is_file()
+                                               "b.png"], rc=0, unchanged=None, check=lambda ws, r: None if (ws.path / "b.png").is_file()
                  else "no picture written"),
         finished("export", "config-yaml-sizes-garbage", ["export", "runs/t03", "--format", "state-dict", "-o", "x.pt"],
                  setup=write("t03/config.yaml", "model: {name: tiny_cnn, num_classes: 10}\ndata: {image_size: big}\n"),
