@@ -2,6 +2,7 @@
 import contextlib
 import copy
 import statistics
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrx.measure import timing
+from lrx.measure.machine import cpu_name
 from lrx.base.errors import UserError
 from lrx.config.settings import ProfileConfig, load_config
 from lrx.expansion.model import expand
@@ -179,6 +181,8 @@ def test_profile_pair_fields(one_thread):
     assert lat["realised"] == pytest.approx(lat["speedup"] / lat["mac_ratio"]), f"realised = speedup / MAC ratio: {lat}"
     assert [layer["layer"] for layer in lat["layers"]] == ["2"], f"one entry per replaced layer: {lat['layers']}"
     assert out["cuda_time_ms"] is None and out["device"] == "cpu", f"CPU run: {out}"
+    assert out["device_name"] == f"{cpu_name()}, {os.cpu_count()} CPUs, {lat['threads']} threads" \
+        and out["torch"] == torch.__version__, f"what the times were taken on: {out['device_name']}, {out['torch']}"
 
     base = profile_pair(original, None, [], cfg, "cpu")
     assert base["params"] == count(original, (3, 12, 12))[1], "a baseline counts the original"

@@ -324,6 +324,26 @@ def test_rows_measured_at_different_input_sizes_are_named_per_size(tmp_path):
     assert [r["timing_input_size"] for r in rows] == ["3x224x224", "3x64x64", "3x224x224", "3x64x64", ""], rows
 
 
+def on_device(name, no, median, device, torch_version="2.14.1"):
+    """A timed row whose profile stage recorded the device it was timed on (as lrx's profile stage does)."""
+    return {**timed(name, no, median), "stages": {"profile": {"hash": "h", "input_size": [3, 64, 64], "batch": 16,
+                                                              "device_name": device, "torch": torch_version}}}
+
+
+def test_the_table_names_the_device_its_times_were_taken_on(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "a", on_device("a", 1, 20.0, "AMD EPYC, 2 CPUs, 2 threads"))
+    write_run(root, "b", on_device("b", 2, 12.0, "AMD EPYC, 2 CPUs, 2 threads"))
+    write_run(root, "c", timed("c", 3, 11.0))  # profiled by an lrx that did not record its device: not counted
+    notes = render(collect_rows(root)).partition("\n\n")[2].splitlines()
+    assert "- Timed on AMD EPYC, 2 CPUs, 2 threads, torch 2.14.1." in notes, notes
+    write_run(root, "d", on_device("d", 4, 1.0, "NVIDIA H100 80GB HBM3\x1b]0;title\x07", "2.11.0"))
+    notes = render(collect_rows(root)).partition("\n\n")[2]
+    assert ("- The time columns come from several devices: AMD EPYC, 2 CPUs, 2 threads, torch 2.14.1 (rows 1, 2); "
+            "NVIDIA H100 80GB HBM3, torch 2.11.0 (row 4); compare times only within one device.") in notes, notes
+    assert "Timed on" not in notes, f"no single device is claimed: {notes}"
+
+
 def test_single_profiler_runs_are_named(seed_runs):
     notes = render(collect_rows(seed_runs)).partition("\n\n")[2].splitlines()
     assert "- Rows 1, 2: time from one torch.profiler run (profiled by an older lrx), not a median; " \

@@ -17,7 +17,9 @@ import resource
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["cpu_name", "CpuTimes", "read_cpu_times", "read_load", "own_cpu_seconds", "MachineWatch", "OTHER_SHARE_LIMIT",
+import torch
+
+__all__ = ["cpu_name", "device_name", "CpuTimes", "read_cpu_times", "read_load", "own_cpu_seconds", "MachineWatch", "OTHER_SHARE_LIMIT",
            "STEAL_SHARE_LIMIT", "LOAD_PER_CPU_LIMIT"]
 
 # A timing is flagged busy when, while it ran, other processes used more than this share of all the CPUs ...
@@ -118,3 +120,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device, threads: int | None = None) -> str:
+    """What a time was taken on, as a table names it: a GPU's name, or the CPU's with its CPU count and the
+    threads used (``"AMD EPYC, 2 CPUs, 2 threads"``). ``device``: a ``torch.device`` or its string."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cuda":
+        return torch.cuda.get_device_name(device)
+    used = f", {threads} threads" if threads is not None else ""
+    return f"{cpu_name()}, {os.cpu_count()} CPUs{used}"

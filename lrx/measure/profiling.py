@@ -28,7 +28,7 @@ from lrx.config.settings import ProfileConfig
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import describe, optimise
-from lrx.measure.machine import MachineWatch
+from lrx.measure.machine import MachineWatch, device_name
 from lrx.measure.layouts import cudnn_autotuned, forward_with_flags, original_layouts, plain_expansion, time_rounds
 from lrx.measure.timing import (SUMMARY_KEYS, eval_copy, random_input, synchronize, interleaved,
                                 layer_inputs, module_times, torch_threads, unwrapped)
@@ -330,8 +330,9 @@ def profile_pair(
     Returns
     -------
     ``{"macs", "params", "cpu_time_ms", "cpu_time", "cuda_time_ms", "cuda_time", "input_size",
-    "batch", "optimised", "paths", "device", "latency": {...}}``. ``macs``/``params``/times are of
-    the expanded model (the original for a baseline, in its fastest layout). ``cpu_time`` /
+    "batch", "optimised", "paths", "device", "device_name", "torch", "latency": {...}}``
+    (``device_name``: :func:`lrx.measure.machine.device_name`, what the times were taken on).
+    ``macs``/``params``/times are of the expanded model (the original for a baseline, in its fastest layout). ``cpu_time`` /
     ``cuda_time`` hold the column's stats (median, p25, p75, min, max, IQR, repeats, noisy, batch,
     threads). ``latency`` (on the profile device): ``threads``, ``repeats``, ``warmup``, ``batch``,
     ``original_ms`` (the fastest layout's median), ``original_layout``, ``original_default_ms``,
@@ -407,6 +408,8 @@ def profile_pair(
         "optimised": cfg.optimise,
         "paths": paths,
         "device": str(device),
+        "device_name": device_name(device, threads),
+        "torch": torch.__version__,
         "latency": {
             "threads": threads,
             "repeats": cfg.repeats,

@@ -493,6 +493,7 @@ def footnotes(rows: list[dict]) -> list[str]:
     - which figures are marked noisy (:data:`NOISY`) and the rule behind the mark;
     - a time column that mixes batch sizes, naming the rows of each batch;
     - the input size of the macs(M) and time columns, or the rows of each size when they mix sizes;
+    - the device the times were taken on (with torch's version), or the rows of each when they differ;
     - rows whose time comes from one torch.profiler run (metrics written before lrx timed repeats);
     - what each speedup is measured against: the original's fastest plain layout, with PyTorch's default beside it;
     - rows whose kept epochs were chosen on the test images (:data:`ON_TEST`), each acc@1's 95% interval and each
@@ -516,6 +517,7 @@ def footnotes(rows: list[dict]) -> list[str]:
                  for batch, group in sorted(batches.items(), key=lambda item: (item[0] is None, item[0] or 0))]
         notes.append(f"The time columns mix batch sizes: {'; '.join(parts)}; compare times only within one batch.")
     notes += _size_notes(rows, ids, batches)
+    notes += _device_notes(rows, ids)
     single = [row for row in rows if _timed(row) and not row.get("cpu_time") and not row.get("cuda_time")]
     if single:
         notes.append(f"{_rows_text('Row', single, ids)}: time from one torch.profiler run (profiled by an older lrx), "
@@ -563,6 +565,24 @@ def _size_notes(rows: list[dict], ids: dict[int, str], batches: dict) -> list[st
         return [f"The macs(M) and time columns mix input sizes: {'; '.join(parts)}; compare them only within one "
                 "size (lrx profile CONFIG --input-size C,H,W profiles a finished run at another size, into a file "
                 "of its own)."]
+    return []
+
+
+def _device_notes(rows: list[dict], ids: dict[int, str]) -> list[str]:
+    """The device (and torch) behind the time columns, from each timed row's profile record: one line when all
+    name the same one, else the rows of each (rows profiled by an lrx that did not record it are left out)."""
+    devices: dict[str, list[dict]] = {}
+    for row in rows:
+        profile = _dict(_dict(row.get("stages")).get("profile"))
+        name, version = _scalar(profile.get("device_name")), _scalar(profile.get("torch"))
+        if _timed(row) and isinstance(name, str):
+            devices.setdefault(f"{name}, torch {version}" if isinstance(version, str) else name, []).append(row)
+    if len(devices) == 1:
+        return [f"Timed on {next(iter(devices))}."]
+    if devices:
+        return ["The time columns come from several devices: "
+                + "; ".join(f"{name} ({_rows_text('row', group, ids)})" for name, group in devices.items())
+                + "; compare times only within one device."]
     return []
 
 
