@@ -1,4 +1,31 @@
-"""``python -m lrx`` runs the CLI (where the ``lrx`` script is not on PATH, e.g. a source checkout)."""
-from lrx.cli import app
+"""The ``lrx`` script and ``python -m lrx``: the CLI, with Ctrl-C and SIGTERM caught from its first line.
 
-app(prog_name="lrx")
+torch, typer and rich take seconds to import on a busy machine; a SIGTERM (``timeout``, a scheduler) that
+lands while they load must end lrx as one during a run does (one line, exit code 130), not kill it with the
+signal's default action. So the handler is installed here, before the CLI is imported.
+"""
+import signal
+import sys
+
+__all__ = ["EXIT_INTERRUPTED", "main"]
+
+EXIT_INTERRUPTED = 130  # as lrx.cli's, for an interruption before the CLI has loaded
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops lrx the way Ctrl-C does
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from lrx.cli import app  # local: the CLI's imports take seconds; the handler above must come first
+
+        app(prog_name="lrx")
+    except KeyboardInterrupt:  # before a command began (a running command catches its own, after recording it)
+        sys.stderr.write("lrx: error: interrupted before the command began; nothing was changed\n")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from lrx.config.settings import load_config, one_run, parse_input_size, parse_se
 # import, and a config's mistake is reported before it is loaded.
 
 __all__ = ["fail", "user_errors", "run", "train", "decompose", "finetune_l2", "finetune_ce", "profile", "table",
-           "plot", "clean", "export", "main"]
+           "plot", "clean", "export"]
 
 app = typer.Typer(
     help="lrx: speed up CNNs with low-rank expansions (Jaderberg et al. 2014) and measure what it buys.",
@@ -348,10 +348,6 @@ def _summary(metrics: dict, quiet: bool) -> None:
             parts.append(f"latency target {plan['target']['latency']:g}x out of reach: planned "
                          f"{plan['measured_speedup']:.2f}x")
     _echo(", ".join(parts))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

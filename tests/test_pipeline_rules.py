@@ -163,6 +163,37 @@ def test_a_parent_model_of_other_ranks_is_refused(expansion_run):
     assert "redo run 't04'" in result.output, f"the advice names the run to redo (--force on t05 would not): {result.output}"
 
 
+class _LoadingCli:
+    """Stands in for lrx.cli while it loads: the SIGTERM of `timeout` lands during the import."""
+
+    def __getattr__(self, name):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the CLI's import")
+
+
+def test_sigterm_while_the_cli_loads_exits_130_in_one_line(monkeypatch, capsys):
+    """The lrx script installs its SIGTERM handler before importing the CLI (torch, typer, rich take seconds
+    on a busy machine): a SIGTERM then is one line and exit code 130, not death by the signal."""
+    import signal
+    import sys
+
+    import lrx.__main__ as entry
+
+    monkeypatch.setitem(sys.modules, "lrx.cli", _LoadingCli())
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert exited.value.code == EXIT_INTERRUPTED == entry.EXIT_INTERRUPTED, exited.value.code
+    assert err.count("\n") == 1 and err.startswith("lrx: error: interrupted"), err
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_configs, tmp_path):
     import os
     import signal
