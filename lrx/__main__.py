@@ -22,8 +22,8 @@ def main() -> None:
         from lrx.cli import app  # local: the CLI's imports take seconds; the handler above must come first
 
         app(prog_name="lrx")
-    except KeyboardInterrupt:  # before a command began (a running command catches its own, after recording it)
-        sys.stderr.write("lrx: error: interrupted before the command began; nothing was changed\n")
+    except KeyboardInterrupt:  # while lrx loads or exits: a command catches its own, after recording it in its run
+        sys.stderr.write("lrx: error: interrupted while lrx was loading or exiting, outside any command's work\n")
         sys.exit(EXIT_INTERRUPTED)
 
 
