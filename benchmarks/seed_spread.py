@@ -1,7 +1,7 @@
 """How far a quick row's acc@1 moves with the seed, on the whole Fashion-MNIST test set.
 
     .venv/bin/python benchmarks/seed_spread.py [--runs-dir /tmp/study-runs] [--seeds 0,1,2]
-        [--rows exp01 exp02 exp17 exp11] [--out results/cpu/seed-spread.md]
+        [--rows exp01 exp02 exp06 exp11 exp17 exp20] [--out results/cpu/seed-spread.md]
 
 Runs each row of ``configs/quick/`` once per seed (``lrx run CONFIG --seeds ...``, the profile stage off:
 accuracy only), the baseline (exp01) first, so that every expansion row's seed ``s`` builds on the baseline
@@ -70,11 +70,13 @@ def read(runs_dir: Path, name: str) -> dict | None:
     return metrics if metrics.get("status") == "done" else None
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], sign: str = "") -> str:
+    """Mean (min to max, sample std) of ``values``; ``sign="+"`` for differences."""
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f}, std {std:.2f})"
+    mean, low, high = (format(v, f"{sign}.2f") for v in (statistics.mean(values), min(values), max(values)))
+    return f"{mean} ({low} to {high}, std {std:.2f})"
 
 
 def report(rows: list[str], seeds: list[int], runs_dir: Path, command: str, wall: float | None) -> str:
@@ -108,9 +110,9 @@ def report(rows: list[str], seeds: list[int], runs_dir: Path, command: str, wall
             lines.append(f"| {row} | {seed} | {cell}{' †' if m.get('selected_on') == 'test' else ''} | {diff} |")
         summary.append((row, accs, diffs))
     lines += ["", "† a kept epoch behind the figure was chosen on the test images (the seed's rule, rows 2-9).", "",
-              "| row | seeds | acc@1: mean (min-max, std) | minus its baseline's: mean (min-max, std) |", "|---|---|---|---|"]
+              "| row | seeds | acc@1: mean (min to max, std) | minus its baseline's: mean (min to max, std) |", "|---|---|---|---|"]
     for row, accs, diffs in summary:
-        lines.append(f"| {row} | {len(accs)} | {_spread(accs)} | {_spread(diffs)} |")
+        lines.append(f"| {row} | {len(accs)} | {_spread(accs)} | {_spread(diffs, '+')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/study-runs"))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rows", nargs="+", default=["exp01", "exp02", "exp17", "exp11"])
+    parser.add_argument("--rows", nargs="+", default=["exp01", "exp02", "exp06", "exp11", "exp17", "exp20"])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "cpu" / "seed-spread.md")
     parser.add_argument("--report-only", action="store_true", help="Write the report from the runs there are.")
     args = parser.parse_args()
