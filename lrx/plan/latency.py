@@ -22,7 +22,8 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
    meets the target (aiming :data:`MARGIN` above it, or at the target itself where only that is reachable);
    where a step overshot, layers then move back to less lossy options that still fit. A target the table
-   cannot meet is planned as the least lossy expansion within :data:`REACH_SLACK` of the fastest it allows,
+   cannot meet is planned as the least lossy expansion within :data:`REACH_SLACK` of the fastest it allows
+   (the fastest itself where that would keep every layer dense though one is faster expanded),
    and the plan says so (``best_reachable``, ``target_met``): a run is never refused for a machine that is
    slower than hoped.
    Options slower than a less lossy one are never taken. The proxy is the retained
@@ -474,7 +475,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     inside = timing.in_model(model, [row["name"] for row in table])
     unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
     _place(table, inside, unit)
-    rest_ms = max(cl_ms - sum(row["model_ms"][DENSE] for row in table), 0.0)
+    rest_ms = max(cl_ms - _dense_ms(table, 0.0), 0.0)
     # Aim a margin above the target; where only the target itself is reachable, aim at it; where not even
     # that is, plan the fastest the table allows and say so (the original, every layer dense, is 1.0x).
     budgets = (base_ms / (value * (1 + MARGIN)), base_ms / value)
@@ -492,6 +493,11 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                 f"{', '.join(r['name'] for r in table)}: the best reachable is {best_reachable:.2f}x by the measured "
                 f"layer times; planning the least lossy expansion within {REACH_SLACK:.0%} of the fastest instead")
             choice = choose(table, proxy, rest_ms, fastest * (1 + REACH_SLACK), scale)
+            if all(c == DENSE for c in choice) and fastest < _dense_ms(table, rest_ms):
+                # every layer gains less than the slack (a busy machine, a model too small to gain): the
+                # fastest plan, not a refusal, so that a demo on a slower machine still finishes its table
+                log(f"no expansion gains {REACH_SLACK:.0%} by the measured layer times; planning the fastest one")
+                choice = choose(table, proxy, rest_ms, fastest, scale)
         if all(c == DENSE for c in choice) or any(h["choice"] == choice for h in history):
             break  # nothing to expand, or the adjusted plan is one already measured
         dense_ms = rest_ms + sum(row["model_ms"][c] for row, c in zip(table, choice) if c == DENSE)
@@ -557,6 +563,11 @@ def _choose_within(table: list[dict], proxy, rest_ms: float, budgets: Sequence[f
         except ValueError:
             continue
     return choose(table, proxy, rest_ms, budgets[-1], scale)
+
+
+def _dense_ms(table: list[dict], rest_ms: float) -> float:
+    """The predicted time of the original: every candidate layer dense."""
+    return rest_ms + sum(row["model_ms"][DENSE] for row in table)
 
 
 def _place(table: list[dict], inside: dict, unit: float) -> None:
