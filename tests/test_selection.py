@@ -240,13 +240,14 @@ def test_a_row_built_on_a_baseline_chosen_on_test_says_so(tmp_path):
 
 def test_select_on_test_keeps_the_hashes_of_runs_made_before_it_existed():
     """Hashes computed by lrx before select_on existed (the quick rows' results were made with them), of the
-    quick rows as they were then: 1,000 test images, every choice on them, timed at 3x224x224. The profile
+    quick rows as they were then: 1,000 test images, every choice on them, timed at 3x224x224, L2 then CE. The profile
     stage's changed with profile.rounds and profile.min_time_s: such a profile is re-timed."""
     deps = {"exp01": "a", "exp02": "b", "exp03": "c"}
     then = ["data.test_subset=1000", "select_on=test", "data.val_subset=null", "profile.input_size=[3, 224, 224]"]
+    recipe = "finetune=[{l2: 1.0, epochs: 1}, {ce: 1.0, epochs: 1}]"  # rows 10-22 fine-tuned so then
     assert stage_hashes(load_config(CONFIGS / "quick" / "exp01.yaml", then), deps) == {
         "train": "e2787b1a662ab9a6", "profile": "4549bbd569b56061"}
-    assert stage_hashes(load_config(CONFIGS / "quick" / "exp11.yaml", then), deps) == {
+    assert stage_hashes(load_config(CONFIGS / "quick" / "exp11.yaml", [*then, recipe]), deps) == {
         "decompose": "221b92c90d45250e", "finetune.0": "bae3a97818bf6593", "finetune.1": "838735eaea90f1c7",
         "profile": "1fb99921a64a3efb"}
 
