@@ -245,6 +245,20 @@ def test_a_gain_smaller_than_the_slack_plans_the_fastest_expansion_not_a_refusal
         latency.plan_latency(small_model(), [1, 2, 3], {"latency": 2.0}, none, proxy=LINEAR_PROXY)
 
 
+def test_a_budget_of_exactly_the_fastest_time_is_met_whatever_the_rounding_of_its_sums():
+    """The fastest plan meets a budget of its own time: the greedy's running total once drifted a few ulps
+    above it (a sum of differences) and choose raised 'unreachable' for a plan it could make."""
+    times = [(8.599796663725433, 7.559025204693724, 6.108313370706132, 5.413214034538746),
+             (5.601472492317477, 3.9348499622231383, 4.995949364156503, 3.6502351920092075),
+             (5.289372587371203, 4.1875487774146745, 5.046359994280991, 3.9794247038691344)]
+    table = [{"name": str(i), "ranks": [1, 2, 3], "model_ms": dict(zip(["dense", "1", "2", "3"], t))}
+             for i, t in enumerate(times)]
+    proxy = {str(i): [0.5, 0.8, 0.9] for i in range(3)}
+    rest = 6.354919043594373
+    fastest = rest + sum(min(t) for t in times)
+    assert latency.choose(table, proxy, rest, fastest) == ["3", "3", "3"], "every layer at its fastest option"
+
+
 def test_layers_auto_means_every_conv_scheme_2_can_replace():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 5))
     assert [i for i, _, _ in latency.candidate_layers(model, "auto")] == [1, 4], "1x1 and grouped convs are left out"

@@ -382,7 +382,11 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
     ``ValueError`` with the best reachable time when even every layer's fastest option misses the budget."""
     options = [_options(row, retained[row["name"]], scale) for row in table]
     at = [0] * len(table)
-    total = rest_ms + sum(o[0][1] for o in options)
+
+    def time_at() -> float:  # summed afresh in one order, so that every layer at its fastest is exactly ``fastest``
+        return rest_ms + sum(layer[a][1] for layer, a in zip(options, at))
+
+    total = time_at()
     fastest = rest_ms + sum(min(t for _, t, _ in o) for o in options)
     if fastest > budget_ms:
         raise ValueError(fastest)
@@ -399,8 +403,8 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
         if best is None:  # cannot happen while fastest <= budget
             raise ValueError(fastest)
         _, i, j = best
-        total -= options[i][at[i]][1] - options[i][j][1]
         at[i] = j
+        total = time_at()
     # A big step may overshoot the budget: give back, as long as it still fits, the move to a less lossy
     # option that wins back the most proxy.
     while True:
@@ -414,8 +418,8 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
         if best is None or best[0] <= 0:
             return [layer[a][0] for layer, a in zip(options, at)]
         _, i, j = best
-        total += options[i][j][1] - options[i][at[i]][1]
         at[i] = j
+        total = time_at()
 
 
 # ---------------------------------------------------------------- the planner
