@@ -259,6 +259,32 @@ def test_a_budget_of_exactly_the_fastest_time_is_met_whatever_the_rounding_of_it
     assert latency.choose(table, proxy, rest, fastest) == ["3", "3", "3"], "every layer at its fastest option"
 
 
+def test_a_plan_timed_on_a_busy_machine_says_so_and_keeps_the_readings(tmp_path):
+    from lrx.measure.machine import CpuTimes, MachineWatch
+
+    class Watched(FakeTiming):
+        def __init__(self, *args, load, **kw):
+            super().__init__(*args, **kw)
+            self.load = load
+
+        def watch(self):  # injected readings: no other process, a load average of ``load``
+            return MachineWatch(cpu_times=lambda: CpuTimes(100.0, 50.0, 0.0), load=lambda: self.load,
+                                own=lambda: 0.0, cpus=2, threads=2)
+
+    for load, busy in ((8.0, True), (0.5, False)):
+        lines = []
+        plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5},
+                                    Watched(DENSE, {(3, 8): SLOW, (8, 16): LINEAR, (16, 24): SLOW}, load=load),
+                                    cache=tmp_path / "cache.json", log=lines.append)
+        assert plan["machine"]["busy"] is busy and plan["machine"]["load_1m"] == load, plan["machine"]
+        warned = [line for line in lines if "busy machine" in line]
+        assert len(warned) == busy, lines
+        if busy:
+            assert "load average 8.00" in warned[0] and str(tmp_path / "cache.json") in warned[0], warned
+    assert "machine" not in latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake()), \
+        "a timing without a watch: no readings"
+
+
 def test_layers_auto_means_every_conv_scheme_2_can_replace():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 5))
     assert [i for i, _, _ in latency.candidate_layers(model, "auto")] == [1, 4], "1x1 and grouped convs are left out"

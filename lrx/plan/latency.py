@@ -67,7 +67,7 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
 from lrx.measure.layouts import plain_expansion, time_rounds
-from lrx.measure.machine import cpu_name
+from lrx.measure.machine import MachineWatch, cpu_name
 from lrx.measure.timing import interleaved, module_times, torch_threads
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
@@ -156,6 +156,10 @@ class DeviceTiming:
         p = cfg.profile
         return cls(resolve_device(cfg.runtime.device), p.batch, profile_input_size(cfg), p.threads, p.dtype,
                    p.compile, p.warmup, p.repeats, p.rounds, p.min_time_s)
+
+    def watch(self) -> MachineWatch:
+        """Readings of the machine's load around a planning (the threads lrx itself runs are its own)."""
+        return MachineWatch(threads=self.threads or torch.get_num_threads())
 
     def key(self) -> dict:
         if self.device.type == "cuda":
@@ -457,7 +461,30 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     fastest expansion they allow is planned, ``best_reachable`` holds its predicted speedup (never below
     1.0: every layer kept dense is the original), and ``target_met`` says whether the kept plan measured
     at the target. Raises :class:`UserError` only when no layer is faster expanded than dense.
+
+    Where ``timing`` has a ``watch()`` (a :class:`lrx.measure.machine.MachineWatch`, as :class:`DeviceTiming`
+    has), the plan also holds ``"machine"``, its readings of the machine's load over the whole planning, and
+    a busy machine is warned of: the times it measures, and so the choice, are not a quiet machine's.
     """
+    args = (model, layers, target, timing, proxy, align, cache, write_cache, rounds, tolerance, log, scheme)
+    watch = timing.watch() if callable(getattr(timing, "watch", None)) else None
+    if watch is None:
+        return _plan_latency(*args)
+    with watch:
+        plan = _plan_latency(*args)
+    plan["machine"] = watch.record
+    if watch.record["busy"]:
+        cached = f" (and delete the layer times cached in {cache})" if cache is not None and write_cache else ""
+        log(f"warning: the plan was timed on a busy machine ({'; '.join(watch.record['reasons'])}): its layer times, "
+            f"and so its choice, may be far from a quiet machine's; plan again on a quiet machine{cached}")
+    return plan
+
+
+def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
+                  proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
+                  write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
+                  log: Callable[[str], None] = lambda m: None, scheme: str = "v2") -> dict:
+    """:func:`plan_latency`'s steps, without the watch on the machine."""
     kind, value = check_target(target)
     if kind != "latency":
         raise UserError(f"plan_latency plans a latency target, got {kind} (use lrx.plan.macs.plan_ranks)",
