@@ -1,8 +1,10 @@
 """Whether two runs of the same rows agree: acc@1, the per-image correctness on the test images, ranks, MACs
 and params, row by row.
 
-    .venv/bin/python benchmarks/compare_runs.py runs/quick /tmp/study-runs --suffix -s0 \
+    .venv/bin/python benchmarks/compare_runs.py runs/quick /tmp/study-runs --suffix=-s0 \
         --rows exp01 exp02 exp06 exp11 exp17 exp20 [--out results/cpu/demo-reproduction.md]
+
+    .venv/bin/python benchmarks/compare_runs.py OLD_TABLE.md NEW_TABLE.md   # two `lrx table` outputs
 
 Each row ``NAME`` is read from ``FIRST/NAME/metrics.json`` and ``SECOND/NAME<suffix>/metrics.json`` (a seed
 study names its runs ``<name>-s<seed>``). "identical" means every test image is classified alike (the kept
@@ -48,15 +50,52 @@ def compare(first: dict, second: dict) -> list[str]:
     return [acc, images, ranks, *same]
 
 
+TABLE_COLUMNS = ("#bases", "acc@1(%)", "macs(M)", "params(M)")
+
+
+def table_rows(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of an ``lrx table`` markdown file: No. -> {column: cell}."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.startswith("|")]
+    header = lines[0].strip("|").split("|")
+    rows = {}
+    for line in lines[2:]:
+        cells = line.strip("|").split("|")
+        if len(cells) == len(header):
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def compare_tables(old: Path, new: Path) -> str:
+    """Per row of two tables: "same" where ranks, acc@1, MACs and params all agree, else what changed."""
+    a, b = table_rows(old), table_rows(new)
+    lines = [f"Command: `python benchmarks/compare_runs.py {old} {new}`.", "",
+             f"| row | {' / '.join(TABLE_COLUMNS)} |", "|---|---|"]
+    for no in a:
+        if no not in b:
+            lines.append(f"| {no} | not in {new} |")
+            continue
+        changed = [f"{c} {a[no][c]} -> {b[no][c]}" for c in TABLE_COLUMNS if a[no][c] != b[no][c]]
+        lines.append(f"| {no} | {'; '.join(changed) or 'same'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path)
-    parser.add_argument("--rows", nargs="+", required=True)
+    parser.add_argument("--rows", nargs="+", help="the runs to compare (two runs folders)")
     parser.add_argument("--suffix", default="", help="appended to each row's name in SECOND (e.g. -s0)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    suffix = f" --suffix {args.suffix}" if args.suffix else ""
+    if args.first.is_file() and args.second.is_file():
+        text = compare_tables(args.first, args.second)
+        if args.out:
+            args.out.write_text(text)
+        print(text, end="")
+        return
+    if not args.rows:
+        parser.error("--rows is needed to compare two runs folders")
+    suffix = f" --suffix={args.suffix}" if args.suffix else ""
     lines = [f"Machine: {cpu_model()}; commit {commit()}.",
              f"Command: `python benchmarks/compare_runs.py {args.first} {args.second}{suffix} --rows {' '.join(args.rows)}`.",
              "",
