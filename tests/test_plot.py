@@ -193,6 +193,9 @@ def test_each_model_has_its_own_pareto_front(tmp_path):
     ({"no": 7, "decompose": None}, "7: original"),
     ({"name": "mine", "decompose": {**V1, "scheme": "v2", "plan": {"target": {"macs": 0.4}}},
       "history": [{"l2": 1.0, "ce": 0.5}]}, "mine: s2 macs 0.4 L2&CE"),
+    ({"no": 11, "decompose": {**V1, "scheme": "v2", "plan": {"target": {"speedup": 3.0}}},
+      "finetune": [{"l2": 1.0, "ce": 0.0}, {"l2": None, "ce": 0.0, "kd": 1.0}, {"kd": 1.0, "ce": 1.0}]},
+     "11: s2 3x L2+KD+KD&CE"),
     ({"no": True, "name": "odd", "decompose": {"scheme": ["x"]}, "history": "nonsense"}, "odd: ['x']"),
 ])
 def test_row_label(row, text):

@@ -115,7 +115,7 @@ def row_label(row: dict) -> str:
 def describe(row: dict) -> str:
     """A few words on how the run's model was made: "original", or the scheme ("s1", "s2"), "dec"
     (scheme 1 decomposed), "per-ch" (per-channel basis), "data" (fitted to data), a rank target ("3x"), and the fine-tune
-    stages in order ("L2+CE"; "L2&CE" for one stage with both losses)."""
+    stages in order ("L2+CE", "L2+KD"; "L2&CE" for one stage with both losses)."""
     dec = row.get("decompose") if isinstance(row.get("decompose"), dict) else None
     if not dec:
         return "original"
@@ -150,8 +150,8 @@ def fitted_to_data(row: dict) -> bool:
 
 
 def _tune(stage: dict) -> str:
-    l2, ce = finite_float(stage.get("l2")) or 0.0, finite_float(stage.get("ce")) or 0.0
-    return "L2&CE" if l2 > 0 and ce > 0 else "L2" if l2 > 0 else "CE" if ce > 0 else ""
+    """A fine-tune stage's losses: "L2", "CE", "KD", or those it combines joined by "&" ("KD&CE")."""
+    return "&".join(name for name in ("L2", "KD", "CE") if (finite_float(stage.get(name.lower())) or 0.0) > 0)
 
 
 def _section_name(row: dict, section: str) -> str | None:
