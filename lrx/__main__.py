@@ -25,6 +25,12 @@ def main() -> None:
     except KeyboardInterrupt:  # while lrx loads or exits: a command catches its own, after recording it in its run
         sys.stderr.write("lrx: error: interrupted while lrx was loading or exiting, outside any command's work\n")
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        # The command is over, its files written or refused. Python then puts its signal handlers back to the
+        # default actions while it (and torch) shut down, which takes a while on a busy machine: a SIGTERM or
+        # Ctrl-C then killed a finished lrx with the signal (exit -15 or -2). Ignored, lrx exits as it was to.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -183,15 +183,45 @@ def test_sigterm_while_the_cli_loads_exits_130_in_one_line(monkeypatch, capsys):
     import lrx.__main__ as entry
 
     monkeypatch.setitem(sys.modules, "lrx.cli", _LoadingCli())
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as exited:
             entry.main()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     err = capsys.readouterr().err
     assert exited.value.code == EXIT_INTERRUPTED == entry.EXIT_INTERRUPTED, exited.value.code
     assert err.count("\n") == 1 and err.startswith("lrx: error: interrupted"), err
+
+
+class _FinishedCli:
+    """Stands in for lrx.cli: a command that finishes (click then exits with the command's code)."""
+
+    @staticmethod
+    def app(prog_name):
+        raise SystemExit(0)
+
+
+def test_a_signal_after_the_command_finished_does_not_kill_lrx_while_python_shuts_down(monkeypatch):
+    """After the command, Python restores the signals' default actions while it and torch shut down; a
+    SIGTERM then killed a finished run's lrx with the signal (exit -15, the attack on a busy machine)."""
+    import signal
+    import sys
+
+    import lrx.__main__ as entry
+
+    monkeypatch.setitem(sys.modules, "lrx.cli", _FinishedCli())
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+        after = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert exited.value.code == 0, "the command's own exit code"
+    assert after == (signal.SIG_IGN, signal.SIG_IGN), f"ignored from the command's end: {after}"
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tiny_configs, tmp_path):
