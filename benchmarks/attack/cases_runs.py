@@ -101,6 +101,12 @@ def export_signal(sig: int, delay: float, fmt: str = "onnx") -> Case:
         if data != b"previous" and len(data) < 1000:
             return f"the output is torn ({len(data)} bytes)", command
         if alive and sig != signal.SIGKILL:
+            if proc.returncode == 0 and "Traceback" not in err:  # the signal came as the export ended: it is whole
+                if data == b"previous":
+                    return "exit 0 but the previous file is still there", command
+                if temp_files(ws.path):
+                    return f"temporary files left: {temp_files(ws.path)}", command
+                return None, command
             if proc.returncode != 130 or "Traceback" in err:
                 return f"exit {proc.returncode}, expected 130: {tail(err)}", command
             if data != b"previous":
