@@ -7,17 +7,13 @@ signal's default action. So the handler is installed here, before the CLI is imp
 import signal
 import sys
 
+from lrx.base.errors import EXIT_INTERRUPTED, interrupt
+
 __all__ = ["EXIT_INTERRUPTED", "main"]
-
-EXIT_INTERRUPTED = 130  # as lrx.cli's, for an interruption before the CLI has loaded
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops lrx the way Ctrl-C does
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         from lrx.cli import app  # local: the CLI's imports take seconds; the handler above must come first
 

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from lrx import __version__
-from lrx.base.errors import TrainingDiverged, UserError
+from lrx.base.errors import EXIT_INTERRUPTED, TrainingDiverged, UserError, interrupt
 from lrx.config.settings import load_config, one_run, parse_input_size, parse_seeds, seed_runs, size_text
 
 # The library behind each command is imported inside the command ("# local: start-up"): torch takes seconds to
@@ -73,11 +73,7 @@ def fail(message: str, code: int = 2) -> None:
 
 # Exit codes: 0 done, 1 training diverged (or an unexpected failure, with its traceback),
 # 2 a user's mistake or the filesystem's refusal (one line), 130 interrupted (Ctrl-C or SIGTERM).
-EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (schedulers, `timeout`) stops a run the way Ctrl-C does
+EXIT_DIVERGED, EXIT_USER_ERROR = 1, 2
 
 
 def user_errors(command):
@@ -87,7 +83,7 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
         try:
             return command(*args, **kwargs)
         except TrainingDiverged as err:  # a UserError too: caught first, it has its own code

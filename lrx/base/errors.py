@@ -2,7 +2,14 @@
 subclass ``TrainingDiverged`` (a NaN loss; lower the learning rate). The CLI prints either on one line."""
 from __future__ import annotations
 
-__all__ = ["UserError", "TrainingDiverged"]
+__all__ = ["UserError", "TrainingDiverged", "EXIT_INTERRUPTED", "interrupt"]
+
+EXIT_INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C or SIGTERM
+
+
+def interrupt(signum, frame):
+    """A SIGTERM handler: raise KeyboardInterrupt, so that SIGTERM (schedulers, `timeout`) stops lrx as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 class UserError(ValueError):
