@@ -56,7 +56,7 @@ def the_plan(cfg, runs_dir: Path) -> tuple[dict, torch.nn.Module, str]:
     timing = DeviceTiming.from_config(cfg)
     timing.device = torch.device("cpu")
     plan = plan_latency(original, cfg.decompose.layers, cfg.decompose.target, timing,
-                        cache=latency_cache_path(runs_dir), log=print)
+                        cache=latency_cache_path(), log=print)
     return plan, original, f"planned now on {source}"
 
 

@@ -49,3 +49,11 @@ def make_tiny_configs(folder: Path) -> Path:
 @pytest.fixture
 def tiny_configs(tmp_path: Path) -> Path:
     return make_tiny_configs(tmp_path / "configs")
+
+
+@pytest.fixture(autouse=True)
+def own_latency_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Each test's own machine cache of latency times (LRX_CACHE_DIR): never the user's ~/.cache/lrx."""
+    folder = tmp_path / "lrx-cache"
+    monkeypatch.setenv("LRX_CACHE_DIR", str(folder))
+    return folder

@@ -212,7 +212,8 @@ def fake_times() -> NamedTiming:
     return NamedTiming(dense, {"0": slow, "2": fast(16), "6": slow, "10": fast(32), "12": lambda r: 0.6})
 
 
-def test_a_latency_target_with_scheme_auto_plans_channel_layers_beside_dense_ones(configs, tmp_path, monkeypatch):
+def test_a_latency_target_with_scheme_auto_plans_channel_layers_beside_dense_ones(configs, tmp_path, monkeypatch,
+                                                                                 own_latency_cache):
     from lrx.plan import latency
 
     made = []
@@ -244,7 +245,7 @@ def test_a_latency_target_with_scheme_auto_plans_channel_layers_beside_dense_one
     assert shapes[(16, 16, 16)] == "channel" and shapes[(3, 16, 16)] == "v2", f"the 1x1 conv as channel: {shapes}"
     model = load_run(runs / "c06")
     assert all(isinstance(model.get_submodule(n), LowRankChannel) for n in plan["names"]), "rebuilt from the spec"
-    cache = json.loads((runs / "latency-tables.json").read_text())["tables"]
+    cache = json.loads((own_latency_cache / "latency-tables.json").read_text())["tables"]
     assert sum('"kind": "linear"' in key for key in cache) == 2, "linear layers' tables cached under their own keys"
     again = runner.invoke(app, ["decompose", str(configs / "c06.yaml"), "--runs-dir", str(runs), "--quiet", "--force"])
     assert again.exit_code == 0 and made[-1].calls == [], "a later plan reuses the cached layer tables"

@@ -230,10 +230,10 @@ def test_terminal_escape_sequences_are_left_out_of_the_table(tmp_path):
         assert "red, a link, end" in shown, f"{fmt}: the text between the sequences stays: {shown!r}"
 
 
-def test_clean_removes_a_stale_temporary_file_of_the_latency_cache(tmp_path):
+def test_clean_removes_a_stale_temporary_file_of_an_atomic_write(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    stale, fresh = runs / ".latency-tables.json.abcd1234.tmp", runs / ".latency-tables.json.efgh5678.tmp"
+    stale, fresh = runs / ".table.json.abcd1234.tmp", runs / ".table.json.efgh5678.tmp"
     stale.write_text("{half")
     fresh.write_text("{half")
     old = time.time() - STALE_TEMP_S - 60

@@ -4,6 +4,8 @@ made up, so the expectations are exact."""
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 import torch
@@ -386,7 +388,7 @@ def tiny_cnn_timing(monkeypatch) -> "FakeTiming":
 
 
 def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_only_the_cache(tiny_configs, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, own_latency_cache):
     timing = tiny_cnn_timing(monkeypatch)
     runs = tmp_path / "runs"
     latency_row = ["--runs-dir", str(runs), "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
@@ -396,13 +398,15 @@ def test_dry_run_prints_the_table_the_choice_and_both_speedups_and_writes_only_t
     out = result.output
     assert "layer times" in out and "dense" in out and "*" in out, "the measured table, the choice marked"
     assert "predicted" in out and "measured" in out and "round 1" in out, out
-    assert sorted(p.name for p in runs.iterdir()) == ["latency-tables.json"], "--dry-run writes only the cache"
+    assert not runs.exists(), "--dry-run writes nothing into the runs folder"
+    assert sorted(p.name for p in own_latency_cache.iterdir()) == ["latency-tables.json"], "only the machine's cache"
     assert out.count("(cached)") < 4, "the first dry run measured the layers (a layer of a shape measured before reuses it)"
     again = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--dry-run", *latency_row])
     assert again.exit_code == 0 and again.output.count("(cached)") == 4, f"a second dry run reuses the cached tables: {again.output}"
 
 
-def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_table(tiny_configs, tmp_path, monkeypatch):
+def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_table(tiny_configs, tmp_path, monkeypatch,
+                                                                                   own_latency_cache):
     dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
     made = []
 
@@ -428,7 +432,8 @@ def test_decompose_expands_the_chosen_layers_records_the_plan_and_caches_the_tab
     assert stage["bases"] == plan["ranks"] and plan["measured_speedup"] >= 1.3, (stage["bases"], plan)
     assert [row["choice"] for row in plan["table"]] == ["dense", str(plan["ranks"][0]), "dense", "dense"], \
         "the table records each layer's choice"
-    assert (runs / "latency-tables.json").exists() and made[0].layer_calls, "the measured table is cached"
+    assert (own_latency_cache / "latency-tables.json").exists() and made[0].layer_calls, "the measured table is cached"
+    assert not (runs / "latency-tables.json").exists(), "in the machine's cache, not the runs folder"
     again = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), *latency_row, "--force"])
     assert again.exit_code == 0, again.output
     assert made[-1].layer_calls == [], "a later run on the same machine reuses the cached table"
@@ -572,3 +577,93 @@ def test_the_whole_model_check_takes_the_rounds_speedup_where_the_timing_gives_i
                                 (16, 24): SLOW}), proxy=LINEAR_PROXY)
     first = plan["rounds"][0]
     assert first["measured_speedup"] == pytest.approx(1.01 * first["original_ms"] / first["expanded_ms"]), first
+
+
+class NoisyTiming(FakeTiming):
+    """FakeTiming whose every measurement is off by its own random factor (a machine's noise between two
+    measurements): each timing instance draws its own."""
+
+    def __init__(self, seed, spread=0.15):
+        super().__init__(DENSE, {(3, 8): lambda r: 0.3 + 0.04 * r, (8, 16): lambda r: 0.2 * r,
+                                 (16, 24): lambda r: 0.15 * r})
+        self.rng, self.spread = random.Random(seed), spread
+
+    def _noise(self) -> float:
+        return math.exp(self.rng.gauss(0.0, self.spread))
+
+    def layer(self, conv, input_shape, ranks):
+        return {k: t * self._noise() for k, t in super().layer(conv, input_shape, ranks).items()}
+
+    def in_model(self, original, names):
+        part = super().in_model(original, names)
+        return {"total_ms": part["total_ms"], "ms": {n: t * self._noise() for n, t in part["ms"].items()}}
+
+    def whole(self, original, expanded):
+        out = super().whole(original, expanded)
+        out["expanded_ms"] = out["expanded_ms"] * self._noise() if out["expanded_ms"] is not None else None
+        return out
+
+
+def test_noisy_timings_plan_the_same_twice_through_the_machine_cache(tmp_path):
+    def plan(seed, **kw):
+        timing = NoisyTiming(seed)
+        out = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.6}, timing, **kw)
+        return (tuple(out["names"]), tuple(out["ranks"])), timing, out
+
+    fresh = {plan(seed)[0] for seed in range(8)}
+    assert len(fresh) > 1, f"the premise: fresh noisy timings choose different plans ({fresh})"
+    cache = tmp_path / "cache" / "latency-tables.json"
+    first, measuring, _ = plan(0, cache=cache)
+    assert measuring.layer_calls and measuring.whole_calls, "the first plan measures"
+    for seed in range(1, 8):
+        again, timing, out = plan(seed, cache=cache)
+        assert again == first, f"seed {seed}: the same plan from the machine's cache ({again} vs {first})"
+        assert timing.layer_calls == [] and timing.whole_calls == 0, "nothing measured again"
+        assert out["cache"]["reused"][:2] == ["original", "in model: 0, 2, 4"], out["cache"]
+        assert out["cache"]["reused"][2].startswith("expansion: "), "the whole-model check too"
+
+
+def test_a_cached_model_time_that_is_not_a_time_is_measured_again(tmp_path):
+    cache = tmp_path / "latency-tables.json"
+    latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, fake(), cache=cache)
+    data = json.loads(cache.read_text())
+    assert len(data["models"]) >= 3, "the original, its per-module times and a check are cached"
+    for entry in data["models"].values():
+        entry["original_ms" if "original_ms" in entry else "total_ms"] = -1.0
+    cache.write_text(json.dumps(data))
+    timing = fake()
+    plan = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.5}, timing, cache=cache)
+    assert timing.whole_calls >= 2 and plan["cache"]["reused"] == [], "every bad entry measured again"
+    assert all(v.get("original_ms", v.get("total_ms")) > 0 for v in json.loads(cache.read_text())["models"].values())
+    assert latency.read_models(cache) and latency.read_cache(cache), "and written over"
+
+
+def test_two_runs_folders_plan_a_latency_row_the_same_on_one_machine(tiny_configs, tmp_path, monkeypatch,
+                                                                       own_latency_cache):
+    """`lrx decompose` of one latency row into two empty runs folders, each timing with its own noise: the
+    second reuses the machine's cache, measures nothing and expands the same layers at the same ranks."""
+    dense = {(3, 16): 1.0, (16, 32): 10.0, (32, 32): 2.0}
+    made = []
+
+    def timing_for(cls, cfg):
+        timing = NoisyTiming(len(made))
+        timing.dense, timing.input_size = dense, tuple(cfg.profile.input_size)
+        timing.rank_ms = {(3, 16): SLOW, (16, 32): LINEAR, (32, 32): SLOW}
+        made.append(timing)
+        return timing
+
+    monkeypatch.setattr(FakeTiming, "layer", lambda self, conv, shape, ranks: (self.layer_calls.append(shape), {
+        "dense": self.dense[(conv.in_channels, conv.out_channels)],
+        **{str(r): self.rank_ms[(conv.in_channels, conv.out_channels)](r) for r in ranks}})[1])
+    monkeypatch.setattr(latency.DeviceTiming, "from_config", classmethod(timing_for))
+    plans = []
+    for runs in (tmp_path / "first", tmp_path / "second"):
+        result = CliRunner().invoke(app, ["decompose", str(tiny_configs / "t02.yaml"), "--runs-dir", str(runs), "--quiet",
+                                          "--set", "decompose.scheme=v2", "--set", "decompose.bases=auto",
+                                          "--set", "decompose.layers=auto", "--set", "decompose.target={latency: 1.3}"])
+        assert result.exit_code == 0, result.output
+        plan = json.loads((runs / "t02" / "metrics.json").read_text())["stages"]["decompose"]["plan"]
+        plans.append((plan["names"], plan["ranks"]))
+        assert not (runs / "latency-tables.json").exists(), "the times are not in the runs folder"
+    assert made[0].layer_calls and made[-1].layer_calls == [] and made[-1].whole_calls == 0, "the second measured nothing"
+    assert plans[0] == plans[1] and plans[0][0], f"the same plan: {plans}"

@@ -51,7 +51,10 @@ def write_yaml(path: Path, data) -> Path:
 
 
 def env() -> dict:
-    out = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="200")
+    """lrx's environment in a case: one thread, and the machine's latency cache in the case's ``runs/`` (relative to
+    the case's folder, where lrx runs), where the cache cases attack it and no case reads another's."""
+    out = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="200",
+               LRX_CACHE_DIR="runs")
     out.pop("LRX_DATA", None)
     return out
 

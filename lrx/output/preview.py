@@ -34,7 +34,8 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs", data_root:
     trained) the plan is made on freshly initialised weights and ``caveat`` says so.
 
     Returns (rows, where the weights came from, the rank plan of ``bases: auto`` or None, caveat or None).
-    Writes nothing but, for a latency target, the layer times it measured into the runs folder's cache.
+    Writes nothing but, for a latency target, the times it measured into the machine's cache
+    (:func:`lrx.pipeline.rundir.latency_cache_path`).
     """
     model, source, caveat = _planning_weights(cfg, runs_dir, involved)
     settings = cfg.decompose
@@ -44,9 +45,9 @@ def preview_decomposition(cfg: Config, runs_dir: str | Path = "runs", data_root:
         batches, _ = load_data(cfg, device, data_root)
         batches.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order, as the run takes them
         model.to(device)
-    # A latency target's measured layer times are kept in the runs folder's cache (the one file a dry run
-    # writes), so that the run does not measure every layer again.
-    _, report = expand_model(model, cfg, batches=batches, runs_dir=runs_dir, write_cache=True, fit="weights")
+    # A latency target's measured times are kept in the machine's cache (the one file a dry run writes), so
+    # that the run does not measure them again, and plans what the dry run showed.
+    _, report = expand_model(model, cfg, batches=batches, write_cache=True, fit="weights")
     rows = [{"name": layer["name"], "rank": layer["rank"], "max_rank": layer["max_rank"],
              "macs_before": layer["macs_before"], "macs_after": layer["macs_after"],
              "retained_energy": 1.0 - layer["rel_error"] ** 2, "rel_error": layer["rel_error"],

@@ -64,8 +64,8 @@ CONFIG, METRICS, LOG, LOCK = "config.yaml", "metrics.json", "log.txt", ".lock"
 MODEL_FILES = {"train": "model.pt", "decompose": "expanded.pt"}
 LATENCY_TABLES = "latency-tables.json"
 LOCK_INFO_LIMIT = 4096  # bytes of a lock file read for the "in use by" message
-# A temporary file in a folder of runs (a write of latency-tables.json takes milliseconds) older than this is
-# what a killed write left; `lrx clean` removes it.
+# A temporary file in a folder of runs (a write of metrics.json takes milliseconds) older than this is what a
+# killed write left; `lrx clean` removes it.
 STALE_TEMP_S = 3600
 
 # The second name a file gets while a redo may replace it (``.expanded.pt.redo_old.tmp``): a temporary file's
@@ -99,9 +99,13 @@ def is_run_folder(folder: str | Path) -> bool:
         return False
 
 
-def latency_cache_path(runs_dir: str | Path) -> Path:
-    """The runs folder's cache of measured layer times (:func:`lrx.plan.latency.layer_table`), shared by its runs."""
-    return Path(runs_dir) / LATENCY_TABLES
+def latency_cache_path() -> Path:
+    """The machine's cache of the latency planner's measured times (:mod:`lrx.plan.latency`), shared by every
+    run of every runs folder: ``$LRX_CACHE_DIR/latency-tables.json``, by default in ``$XDG_CACHE_HOME/lrx``
+    (``~/.cache/lrx``). It is not in a runs folder, so that a config planned again from an empty runs folder
+    reuses the times it was planned on, and chooses the same plan."""
+    folder = os.environ.get("LRX_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lrx"
+    return Path(folder) / LATENCY_TABLES
 
 
 def checkpoint_file(stage: str) -> str | None:

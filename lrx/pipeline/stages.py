@@ -221,7 +221,7 @@ class Decompose(ModelStage):
             start.to(ctx.device)
             train.set_epoch(0)  # the calibration images: the first of epoch 0's (seeded) order
         _, test = ctx.data()
-        expanded, report = expand_model(start, cfg, batches=train, runs_dir=ctx.run.runs_dir, log=ctx.say,
+        expanded, report = expand_model(start, cfg, batches=train, log=ctx.say,
                                         held_out=test, notes_in=str(ctx.run.log_path()))
         if summarise_notes(report.notes) != report.notes:  # the said lines group skipped convs: each in the log
             for note in report.notes:
@@ -247,13 +247,12 @@ class Decompose(ModelStage):
         return result
 
 
-def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, runs_dir=None,
-                 write_cache: bool = True, log=lambda message: None, held_out=None,
+def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, write_cache: bool = True, log=lambda message: None, held_out=None,
                  fit: str | None = None, notes_in: str = "report.notes") -> tuple[nn.Module, ExpansionReport]:
     """Expand ``model`` as ``cfg.decompose`` says, through :func:`lrx.expansion.model.expand`: ``bases: auto`` plans
-    ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its layer
-    tables cached in ``runs_dir`` unless ``write_cache`` is off); ``fit: data`` fits to the calibration
-    ``batches`` (``held_out``: batches on which both fits are compared too). ``fit`` overrides the config's
+    ranks from the target (a latency target timed on ``runtime.device`` at the profile's settings, its times
+    kept in the machine's cache, :func:`lrx.pipeline.rundir.latency_cache_path`, unless ``write_cache`` is
+    off); ``fit: data`` fits to the calibration ``batches`` (``held_out``: batches on which both fits are compared too). ``fit`` overrides the config's
     (a dry run plans with the calibration batches but fits to the weights only); without batches the weights
     fit is made and an auto plan ranks layers by filter energy."""
     settings = cfg.decompose
@@ -270,7 +269,7 @@ def expand_model(model: nn.Module, cfg: Config, input_size=None, batches=None, r
                           align=device_align(settings.align, cfg.runtime.device),
                           input_size=tuple(input_size or profile_input_size(cfg)),
                           timing=DeviceTiming.from_config(cfg) if "latency" in (settings.target or {}) else None,
-                          cache=latency_cache_path(runs_dir) if runs_dir is not None else None,
+                          cache=latency_cache_path(),
                           write_cache=write_cache, log=log, notes_in=notes_in, **settings.options)
         except UserError as err:
             raise UserError(err.message, file=cfg.path, key=err.key or "decompose") from None

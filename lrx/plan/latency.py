@@ -11,9 +11,12 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
 3. **A table of times.** Each candidate layer runs alone on its real input shape (batch, channels, H, W
    at the profile's batch and input size), dense and at each ladder rank, in the layout and dtype the
    model will run in (:class:`DeviceTiming`, through :func:`lrx.nn.inference.optimise`), interleaved. The
-   table is cached per device and layer shape in one JSON file in the runs folder
-   (:func:`lrx.pipeline.rundir.latency_cache_path`), so later runs on the same machine reuse it. The
-   cache is only a cache: a file of another schema version, or an entry that is not a mapping of
+   table is cached per device and layer shape in the machine's cache, one JSON file outside any runs
+   folder (:func:`lrx.pipeline.rundir.latency_cache_path`), and so are the whole-model times below (per
+   device, model structure, batch and input size): a later plan on the same machine, from any runs folder,
+   reuses them and makes the same choice. Two fresh measurements of a table differ by a few %, and where
+   many plans are within that of each other (results/cpu/plan-noise.txt) they would choose differently.
+   The cache is only a cache: a file of another schema version, or an entry that is not a mapping of
    positive, finite times, is ignored with a warning naming the file, and those layers are measured again.
 4. **A choice.** Each option's time in the model = the dense conv's time inside the original (channels_last,
    the expansion's layout, timed per module) times the option's time relative to dense in the table.
@@ -37,7 +40,7 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    the whole original's time) and the choice is made again (at most :data:`ADJUST_ROUNDS` times). Where
    the first check contradicts cached times (the expanded layers ran more than :data:`SCALE_LIMIT` times
    slower or faster than the cache says), those layers' cached entries are dropped and measured again, with
-   a warning naming the cache, and the plan starts over from the fresh times.
+   the whole-model times and a warning naming the cache, and the plan starts over from the fresh times.
 
 The measuring is a :class:`DeviceTiming` or anything with its ``key``, ``layer`` and ``whole`` methods,
 so tests give a fake table. Times of layers are taken eagerly even when ``profile.compile`` is on
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import socket
@@ -99,7 +103,9 @@ REACH_SLACK = 0.03
 # lossy option of it (TIE_RULE).
 TIE = 1e-9
 TIE_RULE = "ties (within 1e-9 of each other) go to the earlier layer in the model, then to its less lossy option"
-CACHE_VERSION = 1  # the schema of latency-tables.json: {"version": 1, "tables": {key: {"dense" or rank: ms}}}
+# The schema of latency-tables.json: {"version": 1, "tables": {layer key: {"dense" or rank: ms}},
+# "models": {model key: a whole-model measurement}} ("models" is optional: files written before it are read).
+CACHE_VERSION = 1
 DENSE = "dense"
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
         "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
@@ -276,14 +282,9 @@ def _valid_entry(entry: Any) -> bool:
             and all((k == DENSE or (k.isascii() and k.isdigit())) and _is_time(v) for k, v in entry.items()))
 
 
-def read_cache(path: Path | None, log: Callable[[str], None] = lambda m: None) -> dict:
-    """The valid cached tables of ``path`` (``{key: {rank or "dense": ms}}``); empty when there is none.
-
-    The cache is only a cache: a file that cannot be read, is not JSON, is of another schema version
-    (:data:`CACHE_VERSION`) or does not hold a ``tables`` object is ignored, and so is each entry that is
-    not a mapping of ``"dense"`` and ranks to positive, finite times; each with one ``log`` line naming the
-    file. What is ignored is measured again (and written over it).
-    """
+def _read_file(path: Path | None, log: Callable[[str], None]) -> dict:
+    """The cache file's object when it is one of this schema (else ``{}``, with one ``log`` line naming the file
+    when there is a file lrx cannot use)."""
     if path is None:
         return {}
     path = Path(path)
@@ -301,12 +302,86 @@ def read_cache(path: Path | None, log: Callable[[str], None] = lambda m: None) -
                else "its 'tables' is not an object")
         log(f"warning: latency cache {path}: ignored ({why}); measuring the layers again")
         return {}
+    return data
+
+
+def read_cache(path: Path | None, log: Callable[[str], None] = lambda m: None) -> dict:
+    """The valid cached layer tables of ``path`` (``{key: {rank or "dense": ms}}``); empty when there is none.
+
+    The cache is only a cache: a file that cannot be read, is not JSON, is of another schema version
+    (:data:`CACHE_VERSION`) or does not hold a ``tables`` object is ignored, and so is each entry that is
+    not a mapping of ``"dense"`` and ranks to positive, finite times; each with one ``log`` line naming the
+    file. What is ignored is measured again (and written over it).
+    """
+    data = _read_file(path, log)
+    if not data:
+        return {}
     tables = {k: {t: float(ms) for t, ms in v.items()} for k, v in data["tables"].items() if _valid_entry(v)}
     bad = len(data["tables"]) - len(tables)
     if bad:
         log(f"warning: latency cache {path}: {bad} of {len(data['tables'])} entries ignored (not a mapping of "
             "'dense' and ranks to positive, finite times in ms); measuring those layers again")
     return tables
+
+
+def read_models(path: Path | None) -> dict:
+    """The cached whole-model measurements of ``path`` (``{key: what the timing returned}``): those whose
+    numbers are all positive and finite (:func:`_valid_measure`); the others, and a file :func:`read_cache`
+    ignores, are measured again without a word (read_cache says what is wrong with the file)."""
+    models = _read_file(path, lambda m: None).get("models")
+    return {k: v for k, v in models.items() if _valid_measure(v)} if isinstance(models, dict) else {}
+
+
+def _valid_measure(entry: Any) -> bool:
+    """A whole-model measurement a cache may hold: a mapping whose numbers (nested mappings' too) are positive
+    and finite, among them the time it is for (``total_ms`` per module, else ``original_ms``)."""
+    def fine(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and fine(v) for k, v in value.items())
+        return value is None or isinstance(value, str) or _is_time(value)
+
+    return isinstance(entry, dict) and fine(entry) and (_is_time(entry.get("total_ms")) or _is_time(entry.get("original_ms")))
+
+
+def _save(path: Path, tables: dict | None = None, models: dict | None = None) -> None:
+    """Write ``tables`` and ``models`` (replacing those sections; a section not given keeps what the file holds)
+    into the cache ``path``, atomically; a cache that cannot be replaced is refused naming it."""
+    held = _read_file(path, lambda m: None)
+    data = {"version": CACHE_VERSION, "tables": tables if tables is not None else held.get("tables", {}),
+            "models": models if models is not None else read_models(path)}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(data, path)
+    except (UserError, OSError) as err:  # the file's name goes into the message: a caller may put its own file first
+        why = err.message if isinstance(err, UserError) else err.strerror or str(err)
+        raise UserError(f"cannot replace the latency cache {path}: {why}") from None
+
+
+class _Remembered:
+    """Whole-model measurements through the cache: each is read from it when it holds one for the same device,
+    model structure, batch and input size (times do not depend on the weights), else measured and written.
+    With ``fresh`` set, everything is measured again (and replaces what the cache held)."""
+
+    def __init__(self, cache: Path | None, write: bool, timing: Timing, model: nn.Module,
+                 log: Callable[[str], None] = lambda m: None) -> None:
+        self.cache, self.write, self.timing, self.log, self.fresh, self.reused = cache, write, timing, log, False, []
+        shapes = [(name, list(p.shape)) for name, p in model.state_dict().items()]
+        self.model = hashlib.sha256(json.dumps([repr(model), shapes]).encode()).hexdigest()[:16]
+
+    def __call__(self, what: str, measure: Callable[[], dict]) -> dict:
+        key = json.dumps({**self.timing.key(), "model": self.model, "batch": self.timing.batch,
+                          "input_size": list(self.timing.input_size), "compile": bool(getattr(self.timing, "compile", False)),
+                          "measure": what}, sort_keys=True)
+        held = None if self.fresh else read_models(self.cache).get(key)
+        if held is not None:
+            if not self.reused:
+                self.log(f"reusing the model's times cached in {self.cache} (delete the file to measure again)")
+            self.reused.append(what)
+            return held
+        value = measure()
+        if self.write and self.cache is not None:
+            _save(self.cache, models={**read_models(self.cache), key: value})
+        return value
 
 
 def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | None = None,
@@ -348,10 +423,7 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
         rows.append({"index": index, "name": name, "scheme": own, "input_shape": list(shape), "ranks": ranks,
                      "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached})
     if changed and write_cache and cache is not None:
-        try:
-            write_json_atomic({"version": CACHE_VERSION, "tables": tables}, cache)
-        except UserError as err:  # the file's name goes into the message: a caller may put its own file first
-            raise UserError(f"cannot replace the latency cache {cache}: {err.message}") from None
+        _save(cache, tables=tables)
     return rows
 
 
@@ -498,14 +570,9 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     inputs = _input_shapes(model, [name for _, name, conv in chosen if isinstance(conv, nn.Linear)], input_size)
     table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, scheme=scheme, inputs=inputs)
 
-    base = timing.whole(model, None)
+    remembered = _Remembered(cache, write_cache, timing, model, log)
+    base = _place_in_model(table, model, timing, remembered)
     base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]
-    # A layer alone runs slower or faster than inside the model (caches, a shared machine's drift between
-    # measurements): take from the table only each option's time relative to the dense conv, and the
-    # dense conv's time from the whole original, timed per module.
-    inside = timing.in_model(model, [row["name"] for row in table])
-    unit = cl_ms / inside["total_ms"]  # per-module times (with their hooks) to the whole-model clock
-    _place(table, inside, unit)
     rest_ms = max(cl_ms - _dense_ms(table, 0.0), 0.0)
     # Aim a margin above the target; where only the target itself is reachable, aim at it; where not even
     # that is, plan the fastest the table allows and say so (the original, every layer dense, is 1.0x).
@@ -535,7 +602,8 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         factored_ms = sum(row["model_ms"][c] for row, c in zip(table, choice) if c != DENSE)
         predicted_ms = dense_ms + scale * factored_ms
         spec = _spec(table, choice, scheme)
-        measured = timing.whole(model, build_expanded(model, spec))
+        measured = remembered(f"expansion: {json.dumps(spec, sort_keys=True)}",
+                              lambda: timing.whole(model, build_expanded(model, spec)))
         # the median of the rounds' own speedups where the timing gives it (a profile's figure), else the ratio
         measured_speedup = measured.get("speedup") or measured["original_ms"] / measured["expanded_ms"]
         predicted_speedup = base_ms / predicted_ms
@@ -552,7 +620,7 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         # difference on them and choose again.
         needed = (base_ms / measured_speedup - dense_ms) / factored_ms
         stale = [row["name"] for row, c in zip(table, choice) if c != DENSE and row["cached"]]
-        if stale and not 1 / SCALE_LIMIT <= needed <= SCALE_LIMIT:
+        if stale and len(history) == 1 and not 1 / SCALE_LIMIT <= needed <= SCALE_LIMIT:
             # Far more than a layer's time inside a model differs from its time alone: the cached times are
             # not this machine's (another load, a changed machine, or a file edited by hand). Measure
             # those layers again and plan from the start, as without the cache (each layer is measured
@@ -561,7 +629,11 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                 f"{predicted_speedup:.2f}x, the model measured {measured_speedup:.2f}x; measuring those layers again")
             table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, remeasure=stale, scheme=scheme,
                                 inputs=inputs)
-            _place(table, inside, unit)
+            remembered.fresh = True  # and the whole-model times: they were taken on the same machine
+            base = _place_in_model(table, model, timing, remembered)
+            base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]
+            rest_ms = max(cl_ms - _dense_ms(table, 0.0), 0.0)
+            budgets = (base_ms / (value * (1 + MARGIN)), base_ms / value)
             scale, history = 1.0, []
             continue
         scale = min(max(needed, 1 / SCALE_LIMIT), SCALE_LIMIT)
@@ -582,7 +654,8 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             "baseline": {"layout": base["layout"], "layouts_ms": base["layouts"]},
             "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],
             "ranks": final["ranks"], "predicted_speedup": final["predicted_speedup"],
-            "measured_speedup": final["measured_speedup"]}
+            "measured_speedup": final["measured_speedup"],
+            "cache": {"file": None if cache is None else str(cache), "reused": remembered.reused}}
 
 
 def _choose_within(table: list[dict], proxy, rest_ms: float, budgets: Sequence[float], scale: float) -> list[str]:
@@ -599,6 +672,20 @@ def _choose_within(table: list[dict], proxy, rest_ms: float, budgets: Sequence[f
 def _dense_ms(table: list[dict], rest_ms: float) -> float:
     """The predicted time of the original: every candidate layer dense."""
     return rest_ms + sum(row["model_ms"][DENSE] for row in table)
+
+
+def _place_in_model(table: list[dict], model: nn.Module, timing: Timing, remembered: _Remembered) -> dict:
+    """Time the original whole (its plain layouts) and per module, each through ``remembered``, and place the
+    table's options in it (:func:`_place`); returns the whole-model times (:meth:`Timing.whole`)."""
+    base = remembered("original", lambda: timing.whole(model, None))
+    # A layer alone runs slower or faster than inside the model (caches, a shared machine's drift between
+    # measurements): take from the table only each option's time relative to the dense conv, and the
+    # dense conv's time from the whole original, timed per module.
+    names = [row["name"] for row in table]
+    inside = remembered(f"in model: {', '.join(names)}", lambda: timing.in_model(model, names))
+    unit = base["layouts"]["channels_last"] / inside["total_ms"]  # per-module times (with hooks) to the whole-model clock
+    _place(table, inside, unit)
+    return base
 
 
 def _place(table: list[dict], inside: dict, unit: float) -> None:
