@@ -257,7 +257,10 @@ def _profile_at_size(config: Path, runs_dir: Path, set_: list, extra: list, inpu
 @app.command()
 @user_errors
 def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, e.g. runs/."),
-          format: str = typer.Option("markdown", "--format", help="markdown, csv or json.")):
+          format: str = typer.Option("markdown", "--format", help="markdown, csv or json."),
+          versus: Optional[str] = typer.Option(None, "--versus", metavar="RUN",
+                                               help="Add a footnote: every other row's acc@1 minus this run's, paired "
+                                                    "on the same test images (markdown).")):
     """Print the seed's results table for the runs under RUNS_DIR (e.g. `lrx table runs/ > RESULTS.md`)."""
     from lrx.output.table import collect_rows, render  # local: start-up
     if format not in ("markdown", "csv", "json"):
@@ -267,7 +270,7 @@ def table(runs_dir: Path = typer.Argument(..., help="Folder of run directories, 
     rows = collect_rows(runs_dir)
     if not rows:
         typer.echo(f"lrx: note: no runs under {runs_dir}", err=True)
-    typer.echo(render(rows, format), nl=False)
+    typer.echo(render(rows, format, versus), nl=False)
 
 
 @app.command()

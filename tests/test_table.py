@@ -5,8 +5,10 @@ import json
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from lrx.base.errors import UserError
+from lrx.cli import app
 from lrx.output.table import HEADER, collect_rows, render
 
 SEED_HEADER = "|No.|layers|#bases|decomped|L2 finetune|CE finetune|acc@1(%)|macs(M)|params(M)|CPU time(ms)|CUDA time(ms)|Remark|"
@@ -396,3 +398,25 @@ def test_rows_chosen_on_the_test_images_are_marked_and_intervals_are_carried(tmp
     assert records["c"]["acc1_low"] is None and records["c"]["vs_original"] is None, "a damaged field is left out"
     csv_rows = list(csv.DictReader(io.StringIO(render(collect_rows(root), "csv"))))
     assert csv_rows[0]["acc1_low"] == "83.6" and csv_rows[1]["vs_original_high"] == "-1.2"
+
+
+def test_versus_prints_each_rows_paired_difference_from_the_run_named(tmp_path):
+    from lrx.measure.accuracy import pack
+    runs = tmp_path / "runs"
+    a = [True] * 80 + [False] * 20                     # 80 of 100
+    b = [True] * 70 + [False] * 10 + [True] * 5 + [False] * 15  # 75: 10 only a, 5 only b
+    write_run(runs, "a", done("a", 2, 1, acc1=80.0, test_correct=pack(a)))
+    write_run(runs, "b", done("b", 3, 1, acc1=75.0, test_correct=pack(b)))
+    write_run(runs, "c", done("c", 4, 1, acc1=50.0, test_correct=pack([True] * 10)))  # other images: left out
+    result = CliRunner().invoke(app, ["table", str(runs), "--versus", "a"])
+    assert result.exit_code == 0, result.output
+    note = [line for line in result.output.splitlines() if "minus row 2's (a)" in line]
+    assert len(note) == 1 and "row 3 -5.00 (" in note[0] and "p 0.3" in note[0], result.output
+    assert "row 4" not in note[0], "a row tested on other images has no paired figure"
+    missing = CliRunner().invoke(app, ["table", str(runs), "--versus", "zz"])
+    assert missing.exit_code == 2 and "'zz'" in missing.output and "a, b, c" in missing.output, missing.output
+    csv = CliRunner().invoke(app, ["table", str(runs), "--versus", "a", "--format", "csv"])
+    assert csv.exit_code == 2 and "--versus" in csv.output, csv.output
+    write_run(runs, "d", done("d", 5, 1, acc1=50.0))
+    bare = CliRunner().invoke(app, ["table", str(runs), "--versus", "d"])
+    assert bare.exit_code == 2 and "per-image correctness" in bare.output, bare.output

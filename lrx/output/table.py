@@ -30,6 +30,7 @@ import yaml
 from lrx.base.files import load_json, read_text_limited
 from lrx.base.errors import UserError
 from lrx.base.yamlread import finite_float
+from lrx.measure.accuracy import paired_difference, unpack
 from lrx.pipeline.rundir import RunDir, metrics_problem
 from lrx.measure.timing import NOISY_MIN_REPEATS, NOISY_SPREAD
 from lrx.output.seeds import SEED_FIELDS, acc1_text, merge_seeds, seed_fields, seed_notes, seed_sets
@@ -626,16 +627,49 @@ def _plain(value: Any) -> Any:
     return _CONTROL.sub("", value) if isinstance(value, str) else value
 
 
-def render(rows: list[dict], fmt: str = "markdown") -> str:
+def versus_note(rows: list[dict], name: str) -> str:
+    """The footnote of ``lrx table --versus NAME``: each other row's acc@1 minus run ``name``'s, paired on the same
+    test images (exact 95% interval and McNemar's exact p, as the differences from the original). Rows without
+    per-image correctness over the same images are left out; a ``name`` no row has, or whose run holds no
+    per-image correctness, is refused naming the runs there are."""
+    ids = row_ids(rows)
+    named = [row for row in rows if row.get("name") == name]
+    if not named:
+        there = ", ".join(sorted(str(row.get("name")) for row in rows)) or "none"
+        raise UserError(f"--versus {name!r}: no run of that name; runs: {there}", key="--versus")
+    try:
+        reference = unpack(named[0].get("test_correct"))
+    except ValueError:
+        raise UserError(f"--versus {name!r}: its metrics.json holds no per-image correctness on the test images "
+                        "(a run that is not finished, or made before lrx kept it)", key="--versus") from None
+    diffs = []
+    for row in rows:
+        try:
+            bits = unpack(row.get("test_correct")) if row is not named[0] else None
+        except ValueError:
+            continue
+        if bits is not None and len(bits) == len(reference):
+            d = paired_difference(reference, bits)
+            diffs.append(f"row {ids[id(row)]} {100 * d.diff:+.2f} ({100 * d.low:+.2f} to {100 * d.high:+.2f}, "
+                         f"p {d.p:.2g})")
+    return (f"acc@1 minus row {ids[id(named[0])]}'s ({name}) on the same test images, points (exact 95% interval, "
+            f"McNemar's exact p): {'; '.join(diffs) if diffs else 'no other row was tested on the same images'}.")
+
+
+def render(rows: list[dict], fmt: str = "markdown", versus: str | None = None) -> str:
     """The table as text, ending with a newline.
 
     ``markdown``: the seed's header, a ``|---|`` rule, one line per row and a blank ``|`` line
     wherever ``group`` changes between consecutive rows; a ``|`` inside a cell is escaped as ``\\|``;
     then, after an empty line, the :func:`footnotes` as a list (nothing when there are none).
     ``csv`` / ``json``: one record per row (see :func:`record`), numbers unformatted. Terminal control
-    sequences in any value (colours, OSC titles and hyperlinks) are left out of every format.
+    sequences in any value (colours, OSC titles and hyperlinks) are left out of every format. ``versus``: a run's
+    name; the markdown table then ends with :func:`versus_note`, every other row's paired difference from it.
     """
+    if versus is not None and fmt != "markdown":
+        raise UserError(f"--versus is a footnote of the markdown table; --format {fmt} has none", key="--versus")
     if fmt == "markdown":
+        extra = [versus_note(rows, versus)] if versus is not None else []
         rows = merge_seeds(rows)  # a row run with several seeds once: their mean and spread
         columns = COLUMNS if len(models_of(rows)) <= 1 else COLUMNS[:1] + ["model"] + COLUMNS[1:]
         lines = ["|" + "|".join(columns) + "|", "|" + "|".join("---" for _ in columns) + "|"]
@@ -647,7 +681,7 @@ def render(rows: list[dict], fmt: str = "markdown") -> str:
             previous = group
             c = cells(row)
             lines.append("|" + "|".join(_plain(c[col]).replace("|", "\\|") for col in columns) + "|")
-        notes = footnotes(rows)
+        notes = footnotes(rows) + extra
         if notes:
             lines += [""] + [f"- {_plain(note)}" for note in notes]
         return "\n".join(lines) + "\n"
