@@ -28,7 +28,7 @@ set -x
 
 # 2. Compress: row 1 evaluates and profiles the checkpoint, rows 2 and 3 plan, expand, fine-tune and profile.
 lrx run "$configs/original.yaml" "$configs/fast.yaml" "$configs/fast_auto.yaml" --runs-dir runs
-lrx table runs
+lrx table runs --versus fast
 
 # 3. Deploy: the final model as ONNX (checked against PyTorch), timed in ONNX Runtime against the original.
 lrx export runs/fast --format onnx -o fast.onnx --input-size 3,224,224
