@@ -1,12 +1,25 @@
 """Tucker-2 (lrx.factor.tucker, lrx.nn.tucker): exact at full ranks, the HOSVD's error bound, the layer computes
-what its dense weight computes, bad ranks refused."""
+what its dense weight computes, bad ranks refused; the scheme tucker2 (one rank per layer): its energy and MACs,
+the data fit, a MAC plan, a run fitted to data and exported, bad configs."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
+from typer.testing import CliRunner
 
-from lrx.factor.tucker import tucker2_hosvd, tucker2_weight
+import lrx
+from lrx.base.errors import UserError
+from lrx.cli import app
+from lrx.factor.datafit import collect_stats, fit_tucker2, output_error
+from lrx.factor.tucker import (tucker2_energy, tucker2_hosvd, tucker2_macs, tucker2_max_rank, tucker2_ranks,
+                               tucker2_weight)
+from lrx.measure.profiling import count
+from lrx.nn.models import build_model
+from lrx.nn.surgery import build_expanded
 from lrx.nn.tucker import LowRankTucker2
 
 
@@ -64,3 +77,91 @@ def test_bad_ranks_are_refused_naming_the_range(ranks, message):
 def test_grouped_convs_are_refused():
     with pytest.raises(ValueError, match="groups=1"):
         LowRankTucker2.from_conv(nn.Conv2d(4, 4, 3, groups=2), (2, 2))
+
+
+# ------------------------------------------------------------------ one rank per layer: the scheme tucker2
+
+
+def test_rank_r_keeps_its_share_of_both_sides_and_the_energy_is_the_hosvds():
+    layer = conv(c=6, n=16, padding=1, stride=2)
+    assert tucker2_max_rank(layer.weight.shape) == 16
+    assert [tucker2_ranks(r, layer.weight.shape) for r in (1, 8, 16)] == [(1, 1), (3, 8), (6, 16)]
+    energy = tucker2_energy(layer.weight)
+    for r in range(1, 17):
+        approx = tucker2_weight(tucker2_hosvd(layer.weight, tucker2_ranks(r, layer.weight.shape)))
+        kept = 1 - float((approx - layer.weight).norm() / layer.weight.norm()) ** 2
+        assert abs(kept - float(energy[r - 1])) < 1e-9, f"rank {r}: {kept} vs {float(energy[r - 1])}"
+    assert float(energy[-1]) == pytest.approx(1.0) and all(torch.diff(energy) >= -1e-12), "exact at the top, monotone"
+    for r in (1, 5, 16):
+        tucker = LowRankTucker2.from_conv(layer.float(), tucker2_ranks(r, layer.weight.shape))
+        assert count(nn.Sequential(tucker), (6, 9, 9))[0] == tucker2_macs(layer.weight.shape, r, (9, 9), (5, 5), True), \
+            "the planners' MACs are ptflops'"
+
+
+def test_the_data_fit_lowers_the_output_error_below_the_hosvds_and_is_exact_at_full_rank():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).eval()
+    batches = [(torch.randn(8, 3, 10, 10), torch.zeros(8)) for _ in range(3)]
+    stats = collect_stats(model, ["2"], batches, images=24)["2"]
+    weight = model[2].weight.detach()
+    for rank in (3, 6):
+        start = tucker2_weight(tucker2_hosvd(weight, tucker2_ranks(rank, weight.shape)))
+        history = []
+        fitted = tucker2_weight(fit_tucker2(weight, rank, stats, iterations=30, tol=0.0, history=history))
+        assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in zip(history, history[1:])), f"monotone: {history}"
+        assert output_error(weight, fitted, stats) < output_error(weight, start, stats), f"rank {rank}: better than HOSVD"
+    full = tucker2_weight(fit_tucker2(weight, 12, stats))
+    assert output_error(weight, full, stats) < 1e-4, "full rank reproduces the outputs"
+    with pytest.raises(UserError, match="1..12"):
+        fit_tucker2(weight, 13, stats)
+
+
+def test_scheme_tucker2_is_exact_at_full_rank_plans_a_mac_target_and_rebuilds_from_its_spec():
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", num_classes=10).eval()
+    x = torch.randn(4, 3, 16, 16)
+    exact, report = lrx.expand(model, "auto", "tucker2", [16, 32, 32, 32], input_size=(3, 16, 16))
+    with torch.no_grad():
+        assert torch.allclose(exact(x), model(x), atol=1e-5), "full ranks: the same model"
+    assert [row["tucker_ranks"] for row in report.layers] == [[3, 16], [16, 32], [32, 32], [32, 32]]
+    planned, plan = lrx.expand(model, "auto", "tucker2", "auto", target={"speedup": 2.0}, input_size=(3, 16, 16))
+    assert plan.plan["predicted_speedup"] >= 2.0 and all(isinstance(m, LowRankTucker2) for m in
+                                                           (planned.get_submodule(n) for n in plan.spec["layers"]))
+    again = build_expanded(model, plan.spec)
+    again.load_state_dict(planned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), planned(x)), "the spec rebuilds the structure"
+    assert count(planned, (3, 16, 16))[0] == plan.plan["predicted_macs"], "the plan's MACs are ptflops'"
+
+
+def test_a_tucker2_row_runs_fits_to_data_and_exports_as_plain_convs(tiny_configs, tmp_path):
+    runs = tmp_path / "runs"
+    row = ["--runs-dir", str(runs), "--set", "decompose.scheme=tucker2", "--set", "decompose.bases=[8, 12, 12]",
+           "--set", "decompose.fit=data", "--quiet"]
+    result = CliRunner().invoke(app, ["run", str(tiny_configs / "t02.yaml"), *row])
+    assert result.exit_code == 0, result.output
+    stage = json.loads((runs / "t02" / "metrics.json").read_text())["stages"]["decompose"]
+    assert [layer["tucker_ranks"] for layer in stage["report"]] == [[4, 8], [12, 12], [12, 12]], stage["report"]
+    assert all(layer["output_error"] < layer["output_error_weights"] for layer in stage["report"]), \
+        "the data fit lowers each layer's output error"
+    out = tmp_path / "t02.ts"
+    result = CliRunner().invoke(app, ["export", str(runs / "t02"), "--format", "torchscript", "-o", str(out)])
+    assert result.exit_code == 0 and out.exists(), result.output
+    loaded = torch.jit.load(str(out))
+    assert not any("Tucker" in str(m.original_name) for m in loaded.modules()), "plain convs, no lrx class"
+
+
+@pytest.mark.parametrize("decompose, key, words", [
+    ({"scheme": "tucker2", "layers": [2, 3, 4], "bases": [8, 33, 4]}, "decompose.bases.1", "1..32"),
+    ({"scheme": "tucker2", "layers": "auto", "bases": [4, 4]}, "decompose.bases", "selects 4 layers"),
+    ({"scheme": "tucker2", "order": "hv"}, "decompose.order", "scheme tucker2"),
+])
+def test_what_tucker2_cannot_do_is_one_line_exit_2_and_nothing_written(tiny_configs, tmp_path, decompose, key, words):
+    runs = tmp_path / "runs"
+    path = tiny_configs / "bad.yaml"
+    path.write_text(yaml.safe_dump({"extends": "base.yaml", "no": 9, "baseline": "t01", "decompose": decompose}))
+    result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(runs)])
+    line = result.output.strip()
+    assert result.exit_code == 2 and "\n" not in line, result.output
+    assert "bad.yaml" in line and key in line and words in line, line
+    assert not runs.exists(), "nothing written"

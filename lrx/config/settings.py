@@ -100,9 +100,11 @@ class CalibrationConfig:
 class DecomposeConfig:
     # 1-based conv indices, module names, glob patterns ("layer3.*") or "auto"; a single entry may stand alone
     layers: Union[list[Union[int, str]], int, str] = field(default_factory=lambda: [2, 3, 4, 5])
-    # v1, v2 (convs with a kernel larger than 1x1), channel (1x1 convs and linear layers, W as C -> R -> N) or
-    # auto (per layer: v2 for a larger kernel, channel for a 1x1 conv or a linear layer; bases: auto plans both)
-    scheme: Literal["v1", "v2", "channel", "auto"] = "v1"
+    # v1, v2 (convs with a kernel larger than 1x1), channel (1x1 convs and linear layers, W as C -> R -> N),
+    # tucker2 (convs with a kernel larger than 1x1: 1x1 C -> R1, KxK R1 -> R2, 1x1 R2 -> N) or auto (per layer: v2
+    # for a larger kernel, channel for a 1x1 conv or a linear layer; bases: auto plans both, and a latency
+    # target also weighs tucker2 for each larger kernel)
+    scheme: Literal["v1", "v2", "channel", "tucker2", "auto"] = "v1"
     bases: Union[list[int], Literal["auto"]] = field(default_factory=lambda: [8, 8, 6, 4])
     target: Union[dict[str, float], None] = None  # with bases: auto: {speedup: 3.0}, {macs: 0.4} or {latency: 2.0}
     # Ranks are multiples of this (capped at the layer's maximum rank), for every target; auto: the

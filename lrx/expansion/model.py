@@ -28,12 +28,14 @@ from lrx.base.errors import UserError
 from lrx.config.settings import check_target
 from lrx.expansion.channels import channel_layer, channel_proxy, channel_refit
 from lrx.factor.channel import channel_stats_error, collect_channel_stats
-from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
-from lrx.factor.datafit import (TOL, collect_stats, fit_scheme1, fit_scheme2, output_error, refit_coefficients,
-                                retained_output_energy)
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS, TUCKER
+from lrx.factor.datafit import (TOL, collect_stats, fit_scheme1, fit_scheme2, fit_tucker2, output_error,
+                                refit_coefficients, retained_output_energy)
 from lrx.factor.decomposition import (BASES, METHODS, ORDERS, Scheme1Factors, check_choice, check_method_options,
                                       energy_first_sv, expanded_macs, max_rank, original_macs, scheme1)
+from lrx.factor.tucker import tucker2_energy, tucker2_macs, tucker2_max_rank, tucker2_ranks
 from lrx.nn.channel import channel_positions
+from lrx.nn.tucker import LowRankTucker2
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.nn.surgery import (check_layer, check_layer_rank, conv_sizes, layer_label, layer_scheme, per_layer_ranks,
                             select_layers, summarise_notes)
@@ -202,10 +204,18 @@ def _output_energy(model, layers, scheme, batches, basis, images) -> tuple[dict,
     """(the chosen layers' input statistics on the original model, their output energy kept per rank)."""
     chosen = select_layers(model, layers, scheme)
     stats = _statistics(model, [(name, layer_scheme(module, scheme)) for _, name, module in chosen], batches, images)
-    return stats, {name: (channel_proxy(module, stats[name]) if layer_scheme(module, scheme) == CHANNEL
-                          else retained_output_energy(module.weight, stats[name], layer_scheme(module, scheme),
-                                                      basis).tolist())
+    return stats, {name: _data_proxy(module, layer_scheme(module, scheme), stats[name], basis)
                    for _, name, module in chosen}
+
+
+def _data_proxy(module: nn.Module, own: str, stats, basis: str) -> list[float]:
+    """A layer's share of output energy kept per rank (the plan's proxy with calibration data); a Tucker-2 layer's
+    is its filter energy (:func:`lrx.factor.tucker.tucker2_energy`): its output-energy proxy is not derived."""
+    if own == CHANNEL:
+        return channel_proxy(module, stats)
+    if own == TUCKER:
+        return tucker2_energy(module.weight).tolist()
+    return retained_output_energy(module.weight, stats, own, basis).tolist()
 
 
 def _statistics(model, layers: Sequence[tuple[str, str]], batches, images, reference=None) -> dict:
@@ -229,7 +239,7 @@ def _check_form(scheme: str, basis: str, method: str, decomposed: bool, order: s
                         f"(got method {method!r}, basis {basis!r}, decomposed {decomposed}): its SVD is exact and "
                         "its factors are already separable")
     check_choice(order, ORDERS, "order")
-    if scheme in ("v1", CHANNEL) and order != "vh":
+    if scheme in ("v1", CHANNEL, TUCKER) and order != "vh":
         raise UserError(f"order {order!r} is scheme v2's choice of which 1-D conv runs first; scheme {scheme} "
                         "takes none")
 
@@ -256,6 +266,9 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
         own = layer_scheme(conv, scheme)
         if own == CHANNEL:
             layer, row = channel_layer(conv, rank, positions[name])
+            row = {"index": index, "name": name, **row}
+        elif own == TUCKER:
+            layer, row = _tucker_layer(conv, rank, sizes[name])
             row = {"index": index, "name": name, **row}
         else:
             layer, row = _conv_layer(conv, own, rank, basis, method, decomposed, order, sizes[name], method_options)
@@ -293,6 +306,20 @@ def _conv_layer(conv, scheme, rank, basis, method, decomposed, order, size, meth
                    "rel_error": _relative_error(weight, layer.dense_weight()),
                    "macs_before": before, "macs_after": after, "mac_ratio": before / after,
                    "energy_first_sv": energy, "order": layer_order}
+
+
+def _tucker_layer(conv, rank, size) -> tuple[nn.Module, dict]:
+    """A conv replaced by Tucker-2 at ``rank`` (the truncated HOSVD of its filters), and its report row."""
+    weight = conv.weight.detach()
+    ranks = tucker2_ranks(rank, weight.shape)
+    layer = LowRankTucker2.from_conv(conv, ranks)
+    in_hw, out_hw = size
+    before = original_macs(conv, out_hw)
+    after = tucker2_macs(weight.shape, rank, in_hw, out_hw, conv.bias is not None)
+    return layer, {"shape": list(weight.shape), "rank": rank, "max_rank": tucker2_max_rank(weight.shape),
+                   "tucker_ranks": list(ranks), "rel_error": _relative_error(weight, layer.dense_weight()),
+                   "macs_before": before, "macs_after": after, "mac_ratio": before / after,
+                   "energy_first_sv": None, "order": None}
 
 
 def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
@@ -333,7 +360,10 @@ def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, ba
             continue
         row["output_error_weights"] = output_error(weight, filter_fits[name], layer_stats)
         history = []
-        if own == "v2":
+        if own == TUCKER:
+            factors = fit_tucker2(weight, row["rank"], layer_stats, iterations, tol=tol, history=history)
+            layer = LowRankTucker2.from_factors(conv, factors)
+        elif own == "v2":
             factors = fit_scheme2(weight, row["rank"], layer_stats, row["order"], iterations, tol=tol, history=history)
             layer = LowRankExpConvV2.from_factors(conv, factors, order=row["order"])
         else:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from lrx.base.errors import UserError
 from lrx.base.yamlread import is_finite_number, is_number, key_text, show
 
-__all__ = ["SCHEMES", "CHANNEL", "AUTO", "EXPANSIONS", "BASES", "METHODS", "ORDERS", "ALTERNATING_DEFAULTS", "METHOD_OPTIONS", "MAX_ITERATIONS",
+__all__ = ["SCHEMES", "CHANNEL", "TUCKER", "AUTO", "EXPANSIONS", "BASES", "METHODS", "ORDERS", "ALTERNATING_DEFAULTS", "METHOD_OPTIONS", "MAX_ITERATIONS",
            "check_method_options", "check_choice"]
 
 SCHEMES = ("v1", "v2")  # the paper's two schemes, for convs with a kernel larger than 1x1
 CHANNEL = "channel"  # 1x1 convs and linear layers: W (N x C) as C -> R -> N (lrx.nn.channel)
-# Per layer: scheme v2 for a conv with a larger kernel, the channel scheme for a 1x1 conv or a linear layer.
+TUCKER = "tucker2"  # KxK convs: 1x1 C -> R1, KxK R1 -> R2, 1x1 R2 -> N (lrx.nn.tucker)
+# Per layer: scheme v2 for a conv with a larger kernel, the channel scheme for a 1x1 conv or a linear layer; a
+# latency plan also weighs Tucker-2 for a conv with a larger kernel.
 AUTO = "auto"
-EXPANSIONS = SCHEMES + (CHANNEL, AUTO)  # what decompose.scheme and lrx.expand(scheme=...) take
+EXPANSIONS = SCHEMES + (CHANNEL, TUCKER, AUTO)  # what decompose.scheme and lrx.expand(scheme=...) take
 BASES = ("shared", "per-channel")
 METHODS = ("svd", "alternating")
 # Scheme 2's order: the vertical (dh x 1) conv first, the horizontal (1 x dw) first, or per layer the cheaper.

@@ -17,6 +17,8 @@ Fits (Zhang et al. 2015's asymmetric objective; Tai et al. 2016's closed form, w
   uncorrelated across kernel columns, then alternating least squares on the exact objective;
 - scheme 1 (:func:`fit_scheme1`): the filter SVD, then alternating least squares over coefficients
   and bases; :func:`refit_coefficients` refits the coefficients after the rank-1 split (decomposed);
+- Tucker-2 (:func:`fit_tucker2`): the HOSVD, then the core and the output factor by exact least squares
+  in turn (the input factor kept);
 - :func:`expand_to_data`: :func:`lrx.nn.surgery.expand` for the structure, then every replaced layer refitted;
 - rank plans (:func:`retained_output_energy`): the share of a layer's output energy kept at each rank.
 
@@ -36,9 +38,11 @@ from torch import Tensor, nn
 from lrx.factor.decomposition import (BASES, ORDERS, SCHEMES, Scheme1Factors, Scheme2Factors, check_choice, check_rank,
                             scheme1_svd, scheme2_svd, separable_rank1)
 from lrx.base.errors import UserError
+from lrx.factor.tucker import Tucker2Factors, check_tucker2_rank, tucker2_hosvd, tucker2_ranks
 
 __all__ = ["RIDGE", "DAMP", "DENSE_LIMIT", "TOL", "PatchStats", "collect_stats", "output_error", "fit_scheme2",
-           "fit_scheme1", "split_bases", "refit_coefficients", "retained_output_energy", "calibration_images"]
+           "fit_scheme1", "fit_tucker2", "split_bases", "refit_coefficients", "retained_output_energy",
+           "calibration_images"]
 
 # Ridge of the whitening covariance in the closed form, relative to its mean eigenvalue (trace / size).
 RIDGE = 1e-6
@@ -728,3 +732,42 @@ def retained_output_energy(weight: Tensor, stats: PatchStats, scheme: str, basis
         z = torch.linalg.solve_triangular(_whitener(sigma), y.transpose(1, 2), upper=False).transpose(1, 2)
         s2 = torch.linalg.svdvals(z).square().sum(0)
     return (s2.cumsum(0) / s2.sum().clamp_min(1e-300)).clamp(max=1.0)
+
+
+# --------------------------------------------------------------------------------------- Tucker-2
+
+
+@torch.no_grad()
+def fit_tucker2(weight: Tensor, rank: int, stats, iterations: int = 20, tol: float = 1e-4,
+                history: list | None = None) -> Tucker2Factors:
+    """Tucker-2 factors of ``weight`` at ``rank`` fitted to the conv's outputs: from the HOSVD, the input factor
+    kept, the core and the output factor refitted in turn, each the exact least-squares minimiser of the damped
+    output error (this module's damped objective, from the conv's :class:`PatchStats`)
+    given the other, for at most ``iterations`` sweeps, until a sweep improves the error by less than ``tol``
+    (relative). The error never rises above the HOSVD's. ``history`` receives the error before and after each
+    sweep."""
+    check_tucker2_rank(rank, weight.shape)
+    start = tucker2_hosvd(weight.double(), tucker2_ranks(rank, weight.shape))
+    m = _moments(weight, stats, DAMP)
+    device = m.svv.device
+    n, c, kh, kw = weight.shape
+    first = start.first.to(device)[:, :, 0, 0]                                   # (R1, C)
+    spread = torch.kron(first, torch.eye(kh * kw, dtype=torch.float64, device=device))  # (R1 k^2, C k^2)
+    core = start.core.to(device).reshape(start.core.shape[0], -1)                # (R2, R1 k^2)
+    last = start.last.to(device)[:, :, 0, 0]                                     # (N, R2)
+    a_s_a = spread @ m.svv @ spread.T
+    t_a = m.target @ spread.T                                                    # (N, R1 k^2)
+    errors = history if history is not None else []
+    _improved(errors, m.error(last @ core @ spread), tol)
+    for _ in range(iterations):
+        # the core, given the output factor: (L^T L) G (A S A^T) = L^T T A^T
+        core = _psd_solve(a_s_a, _psd_solve(last.T @ last, last.T @ t_a).T).T
+        # the output factor, given the core: L (M S M^T) = T M^T, M = G A
+        mixed = core @ spread
+        last = _psd_solve(mixed @ m.svv @ mixed.T, mixed @ m.target.T).T
+        if not _improved(errors, m.error(last @ core @ spread), tol):
+            break
+    dtype = weight.dtype
+    return Tucker2Factors(start.first.to(weight.device, dtype),
+                         core.reshape(-1, first.shape[0], kh, kw).to(weight.device, dtype).contiguous(),
+                         last[..., None, None].to(weight.device, dtype).contiguous())

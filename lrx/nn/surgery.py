@@ -18,11 +18,13 @@ from torch import nn
 from lrx.base.errors import UserError
 from lrx.config.settings import layer_pattern
 from lrx.factor.channel import channel_max_rank, check_channel_rank
-from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS, TUCKER
 from lrx.factor.decomposition import BASES, SCHEMES, check_choice, check_rank, max_rank
+from lrx.factor.tucker import check_tucker2_rank, tucker2_max_rank
 from lrx.nn.channel import LowRankChannel, channel_shape, channel_unsupported_reason, check_channel_layer
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2, adds_macs, check_convertible, unsupported_reason
 from lrx.nn.models import conv_layers
+from lrx.nn.tucker import LowRankTucker2, check_tucker2_layer, tucker2_unsupported_reason
 
 __all__ = ["layer_scheme", "replace_reason", "check_layer", "layer_max_rank", "check_layer_rank", "select_layers",
            "layer_label", "shown_name", "summarise_notes", "conv_sizes", "per_layer_ranks", "new_layer", "build_expanded", "SPEC_KEYS"]
@@ -50,6 +52,8 @@ def replace_reason(module: nn.Module, scheme: str, decomposed: bool = False) -> 
         if reason is None and channel_max_rank(channel_shape(module)) == 1:
             reason = "one input or output channel: the channel scheme costs more MACs at every rank"
         return reason
+    if own == TUCKER:
+        return tucker2_unsupported_reason(module)
     reason = unsupported_reason(module, own, decomposed)
     if reason is None and adds_macs(module, own, 1, decomposed):
         reason = f"scheme {own} costs more MACs than the conv even at rank 1"
@@ -62,16 +66,21 @@ def check_layer(module: nn.Module, scheme: str, decomposed: bool = False, name: 
     own = layer_scheme(module, scheme)
     if own == CHANNEL:
         check_channel_layer(module, name)
+    elif own == TUCKER:
+        check_tucker2_layer(module, name)
     else:
         check_convertible(module, own, decomposed, name)
 
 
 def layer_max_rank(module: nn.Module, scheme: str, basis: str = "shared", order: str = "vh") -> int:
     """The largest useful rank of ``module`` in an expansion of ``scheme`` (where it is exact):
-    :func:`lrx.factor.decomposition.max_rank` for a conv scheme, min(C, N) for the channel scheme."""
+    :func:`lrx.factor.decomposition.max_rank` for a conv scheme, min(C, N) for the channel scheme, max(C, N)
+    for Tucker-2."""
     own = layer_scheme(module, scheme)
     if own == CHANNEL:
         return channel_max_rank(channel_shape(module))
+    if own == TUCKER:
+        return tucker2_max_rank(module.weight.shape)
     return max_rank(module, own, basis, order)
 
 
@@ -81,6 +90,8 @@ def check_layer_rank(rank, module: nn.Module, scheme: str, basis: str = "shared"
     own = layer_scheme(module, scheme)
     if own == CHANNEL:
         check_channel_rank(rank, channel_shape(module), name=name)
+    elif own == TUCKER:
+        check_tucker2_rank(rank, module.weight.shape, name)
     else:
         check_rank(rank, module, own, basis, order, name)
 
@@ -92,10 +103,17 @@ def _candidates(model: nn.Module, scheme: str) -> list[tuple[int | None, str, nn
     an expansion layer are left out."""
     inner = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, LowRankChannel)
              for part in ("first", "second")}
+    inner |= {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, LowRankTucker2)
+              for part in ("first", "core", "last")}
     index = {name: i + 1 for i, (name, _) in enumerate(conv_layers(model))}
-    kinds = (nn.Conv2d,) if scheme in SCHEMES else (nn.Conv2d, nn.Linear)
+    kinds = (nn.Conv2d,) if _convs_only(scheme) else (nn.Conv2d, nn.Linear)
     return [(index.get(name), name, m) for name, m in model.named_modules()
             if isinstance(m, kinds) and name not in inner]
+
+
+def _convs_only(scheme: str) -> bool:
+    """Whether ``scheme`` replaces convs only (schemes v1, v2 and Tucker-2), not linear layers."""
+    return scheme in SCHEMES or scheme == TUCKER
 
 
 def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, scheme: str = "v1",
@@ -116,7 +134,7 @@ def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, sch
     convs = conv_layers(model)
     candidates = _candidates(model, scheme)
     by_name = {name: (index, module) for index, name, module in candidates}
-    what = ("conv layer", "conv layers") if scheme in SCHEMES else ("conv or linear layer", "conv and linear layers")
+    what = ("conv layer", "conv layers") if _convs_only(scheme) else ("conv or linear layer", "conv and linear layers")
     if isinstance(layers, (int, str)):
         layers = [layers]
     if not layers:
@@ -127,7 +145,7 @@ def select_layers(model: nn.Module, layers: Sequence[int | str] | int | str, sch
             raise UserError(f"layer {layer!r} must be a 1-based conv index, a module name, a glob pattern or 'auto'")
         if isinstance(layer, int):
             if not 1 <= layer <= len(convs):
-                linear = "" if scheme in SCHEMES else "; linear layers are chosen by name or pattern"
+                linear = "" if _convs_only(scheme) else "; linear layers are chosen by name or pattern"
                 raise UserError(f"layer {layer} does not exist: the model has {len(convs)} conv layers "
                                 f"(indices 1..{len(convs)}){linear}")
             chosen.append((layer, *convs[layer - 1]))
@@ -167,7 +185,7 @@ def _matching(candidates, pattern: str, scheme: str, decomposed: bool, notes: li
     if notes is not None:
         notes.extend(skipped)
     if not kept:
-        noun = "conv" if scheme in SCHEMES else "layer"
+        noun = "conv" if _convs_only(scheme) else "layer"
         raise UserError(f"{pattern!r} selects no {noun} that scheme {scheme} can replace: "
                         + "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""))
     return kept
@@ -283,6 +301,8 @@ def new_layer(module: nn.Module, scheme: str, rank: int, basis: str, decomposed:
     own = layer_scheme(module, scheme)
     if own == CHANNEL:
         return LowRankChannel.like(module, rank)
+    if own == TUCKER:
+        return LowRankTucker2.like(module, rank)
     geometry = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
                     bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
     if own == "v1":
@@ -296,7 +316,8 @@ def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
     """A copy of ``model`` with the structure ``spec`` describes and default-initialised expansion layers.
 
     ``spec`` is ``expand``'s ``report.spec``; load the saved state_dict into the result. No
-    decomposition is run. With scheme ``auto`` each layer's scheme follows from the layer (:func:`layer_scheme`).
+    decomposition is run. With scheme ``auto`` each layer's scheme follows from the layer (:func:`layer_scheme`),
+    or from ``spec["schemes"]`` (one per layer) where a plan chose among schemes (Tucker-2 for a conv).
     """
     missing = [key for key in SPEC_KEYS if key not in spec]
     if missing:
@@ -306,8 +327,12 @@ def build_expanded(model: nn.Module, spec: dict) -> nn.Module:
     check_choice(basis, BASES, "basis")
     ranks = per_layer_ranks(spec["ranks"], len(spec["layers"]))
     orders = spec.get("orders") or ["vh"] * len(ranks)  # specs written before orders were recorded: vh
+    schemes = spec.get("schemes") or [scheme] * len(ranks)
+    if len(schemes) != len(ranks) or any(own not in (scheme, TUCKER) for own in schemes):
+        raise UserError(f"expansion spec's schemes {schemes!r} must list {len(ranks)} of {scheme!r} or {TUCKER!r}")
     new = copy.deepcopy(model)
-    for (index, name, module), rank, order in zip(select_layers(new, list(spec["layers"]), scheme), ranks, orders):
-        check_layer(module, scheme, decomposed, name)
-        new.set_submodule(name, new_layer(module, scheme, rank, basis, decomposed, order))
+    chosen = select_layers(new, list(spec["layers"]), scheme)
+    for (index, name, module), rank, order, own in zip(chosen, ranks, orders, schemes):
+        check_layer(module, own, decomposed, name)
+        new.set_submodule(name, new_layer(module, own, rank, basis, decomposed, order))
     return new

@@ -57,6 +57,7 @@ from lrx.nn.layers import factor_convs
 from lrx.nn.models import PYTHON
 from lrx.pipeline.rundir import RunDir, is_run_folder, load_model
 from lrx.nn.channel import LowRankChannel
+from lrx.nn.tucker import LowRankTucker2
 from lrx.nn.inference import expansion_layers
 from lrx.measure.timing import interleaved
 
@@ -127,15 +128,20 @@ def plain_layer(layer: nn.Module) -> nn.Sequential:
     return nn.Sequential(*(copy.deepcopy(conv) for conv in factor_convs(layer)))
 
 
+# Expansion layers made of plain modules already, and the parts their plain() keeps (under the same keys).
+PLAIN_PARTS = {LowRankChannel: ("first", "second"), LowRankTucker2: ("first", "core", "last")}
+
+
 def to_plain(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every expansion layer replaced by :func:`plain_layer`: plain ``nn.Conv2d`` in
     ``nn.Sequential``, the same outputs (the same convs run), nothing from lrx needed to build or load it.
     A channel layer becomes its :meth:`lrx.nn.channel.LowRankChannel.plain` (``first``, ``second``: two plain 1x1
-    convs or linear layers, under the same state-dict keys)."""
+    convs or linear layers, under the same state-dict keys), a Tucker-2 layer its
+    :meth:`lrx.nn.tucker.LowRankTucker2.plain` (``first``, ``core``, ``last``)."""
     plain = copy.deepcopy(model)
     for name, layer in expansion_layers(plain):
         plain.set_submodule(name, plain_layer(layer))
-    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, LowRankChannel)]:
+    for name, layer in [(n, m) for n, m in plain.named_modules() if isinstance(m, tuple(PLAIN_PARTS))]:
         plain.set_submodule(name, layer.plain())
     return plain
 
@@ -165,12 +171,12 @@ def recipe(model: nn.Module, original: str = "...", state_file: str = "model.pt"
         described = f"  # was {type(layer).__name__}: {layer.extra_repr().split(', path=')[0]}"
         convs = ",\n    ".join(_conv_code(conv) for conv in factor_convs(layer))
         lines.append(f"model.set_submodule({name!r}, nn.Sequential(\n    {convs}))" + described)
-    channels = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankChannel)]
-    if channels:
+    layered = [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(PLAIN_PARTS))]
+    if layered:
         lines.insert(2, "from collections import OrderedDict")
-    for name, layer in channels:
-        described = f"  # was LowRankChannel: {layer.extra_repr()}"
-        parts = ",\n    ".join(f"({part!r}, {_module_code(getattr(layer, part))})" for part in ("first", "second"))
+    for name, layer in layered:
+        described = f"  # was {type(layer).__name__}: {layer.extra_repr() or 'ranks ' + str(layer.ranks)}"
+        parts = ",\n    ".join(f"({part!r}, {_module_code(getattr(layer, part))})" for part in PLAIN_PARTS[type(layer)])
         lines.append(f"model.set_submodule({name!r}, nn.Sequential(OrderedDict([\n    {parts}])))" + described)
     lines += [f"model.load_state_dict(torch.load({state_file!r}, weights_only=True))", "model.eval()"]
     return "\n".join(lines) + "\n"

@@ -19,8 +19,9 @@ from typing import Sequence
 from torch import nn
 
 from lrx.factor.channel import channel_energy, channel_macs
-from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS
+from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS, TUCKER
 from lrx.factor.decomposition import BASES, check_choice, expanded_macs, max_rank, original_macs, retained_energy
+from lrx.factor.tucker import tucker2_energy, tucker2_macs, tucker2_max_rank
 from lrx.config.settings import check_target
 from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
@@ -96,6 +97,10 @@ def layer_costs(module: nn.Module, scheme: str, in_hw, out_hw, positions: int = 
         n, c = channel_shape(module)
         return (channel_macs(c, n, None, positions),
                 [channel_macs(c, n, r, positions) for r in range(1, min(n, c) + 1)])
+    if own == TUCKER:
+        shape, bias = module.weight.shape, module.bias is not None
+        return (original_macs(module, out_hw),
+                [tucker2_macs(shape, r, in_hw, out_hw, bias) for r in range(1, tucker2_max_rank(shape) + 1)])
     top = max_rank(module, own, basis)
     return (original_macs(module, out_hw),
             [expanded_macs(module, own, r, in_hw, out_hw, decomposed) for r in range(1, top + 1)])
@@ -108,6 +113,8 @@ def filter_energy(module: nn.Module, scheme: str, basis: str = "shared") -> list
     own = layer_scheme(module, scheme)
     if own == CHANNEL:
         return channel_energy(module.weight).tolist()
+    if own == TUCKER:
+        return tucker2_energy(module.weight).tolist()
     return retained_energy(module.weight, own, basis).tolist()
 
 
