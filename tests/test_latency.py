@@ -21,7 +21,10 @@ from lrx.cli import app
 from lrx.config.settings import load_config
 from lrx.factor.decomposition import max_rank
 from lrx.base.errors import UserError
+from lrx.factor.tucker import tucker2_max_rank
 from lrx.nn.layers import LowRankExpConvV2
+from lrx.nn.surgery import build_expanded
+from lrx.nn.tucker import LowRankTucker2
 from lrx.nn.models import build_model
 from lrx.plan.macs import device_align, plan_ranks, rank_ladder
 
@@ -667,3 +670,68 @@ def test_two_runs_folders_plan_a_latency_row_the_same_on_one_machine(tiny_config
         assert not (runs / "latency-tables.json").exists(), "the times are not in the runs folder"
     assert made[0].layer_calls and made[-1].layer_calls == [] and made[-1].whole_calls == 0, "the second measured nothing"
     assert plans[0] == plans[1] and plans[0][0], f"the same plan: {plans}"
+
+
+class StructureTiming(FakeTiming):
+    """FakeTiming whose convs may also be replaced by Tucker-2: ``tucker_ms[g](rank)`` ms (None: as scheme 2)."""
+
+    def __init__(self, tucker_ms, **kw):
+        super().__init__(DENSE, {(3, 8): SLOW, (8, 16): SLOW, (16, 24): LINEAR}, **kw)
+        self.tucker_ms, self.schemes = tucker_ms, []
+
+    def layer(self, conv, input_shape, ranks, scheme="v2"):
+        self.schemes.append(scheme)
+        if scheme != "tucker2":
+            return super().layer(conv, input_shape, ranks)
+        g = (conv.in_channels, conv.out_channels)
+        return {"dense": self.dense[g], **{str(r): self.tucker_ms[g](r) for r in ranks}}
+
+    def _ms(self, model):
+        tucker = [m for m in model.modules() if isinstance(m, LowRankTucker2)]
+        inside = {id(c) for t in tucker for c in t.children()}
+        total = self.rest + sum(self.tucker_ms[(t.first.in_channels, t.last.out_channels)](
+            tucker2_max_rank((t.last.out_channels, t.first.in_channels)) * t.last.in_channels // t.last.out_channels)
+            for t in tucker)
+        for m in model.modules():
+            if isinstance(m, LowRankExpConvV2):
+                total += self.rank_ms[(m.in_channels, m.out_channels)](m.rank)
+            elif isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and id(m) not in inside:
+                total += self.dense[(m.in_channels, m.out_channels)]
+        return total
+
+
+def test_scheme_auto_weighs_tucker2_per_conv_on_measured_time_and_keeps_it_where_it_wins(tmp_path):
+    """conv2 (8 -> 16) is faster as Tucker-2 than at any scheme-2 rank, conv3 (16 -> 24) as scheme 2: a plan of
+    scheme auto takes each where it wins, records the per-layer schemes, and the spec rebuilds the model."""
+    fast = lambda r: 0.05 * r  # noqa: E731
+    timing = StructureTiming({(3, 8): SLOW, (8, 16): fast, (16, 24): SLOW})
+    cache = tmp_path / "latency-tables.json"
+    model = small_model()
+    expanded, report = expansion.expand(model, [1, 2, 3], "auto", "auto", target={"latency": 1.4}, timing=timing,
+                                        input_size=INPUT, cache=cache)
+    plan = report.plan
+    assert "tucker2" in timing.schemes, "the convs were timed as Tucker-2 too"
+    by_name = {row["name"]: row for row in plan["table"]}
+    assert by_name["2"]["choice"].startswith("t") and not by_name["4"]["choice"].startswith("t"), \
+        [row["choice"] for row in plan["table"]]
+    assert plan["schemes"] == ["tucker2" if n == "2" else "auto" for n in plan["names"]], plan["schemes"]
+    assert isinstance(expanded.get_submodule("2"), LowRankTucker2), "the conv Tucker-2 won is one"
+    assert report.spec["schemes"] == [row["scheme"] for row in report.layers], report.spec
+    again = build_expanded(model, report.spec)
+    again.load_state_dict(expanded.state_dict())
+    x = torch.randn(2, *INPUT)
+    with torch.no_grad():
+        assert torch.equal(again(x), expanded(x)), "the recorded spec rebuilds the plan's structure"
+    cached = StructureTiming({(3, 8): SLOW, (8, 16): fast, (16, 24): SLOW})
+    second = expansion.expand(model, [1, 2, 3], "auto", "auto", target={"latency": 1.4}, timing=cached,
+                              input_size=INPUT, cache=cache)[1].plan
+    assert cached.schemes == [] and (second["names"], second["ranks"], second["schemes"]) == \
+        (plan["names"], plan["ranks"], plan["schemes"]), "the Tucker-2 tables are cached too"
+
+
+def test_where_tucker2_loses_everywhere_scheme_auto_plans_as_before(tmp_path):
+    slow = lambda r: 50.0 + r  # noqa: E731
+    timing = StructureTiming({(3, 8): slow, (8, 16): slow, (16, 24): slow})
+    plan = expansion.expand(small_model(), [1, 2, 3], "auto", "auto", target={"latency": 1.4}, timing=timing,
+                            input_size=INPUT)[1].plan
+    assert plan["schemes"] is None and not any(row["choice"].startswith("t") for row in plan["table"])

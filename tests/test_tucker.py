@@ -144,6 +144,8 @@ def test_a_tucker2_row_runs_fits_to_data_and_exports_as_plain_convs(tiny_configs
     assert [layer["tucker_ranks"] for layer in stage["report"]] == [[4, 8], [12, 12], [12, 12]], stage["report"]
     assert all(layer["output_error"] < layer["output_error_weights"] for layer in stage["report"]), \
         "the data fit lowers each layer's output error"
+    table = CliRunner().invoke(app, ["table", str(runs)])
+    assert "|t8,t12,t12|" in table.output, f"the table marks Tucker-2 ranks: {table.output}"
     out = tmp_path / "t02.ts"
     result = CliRunner().invoke(app, ["export", str(runs / "t02"), "--format", "torchscript", "-o", str(out)])
     assert result.exit_code == 0 and out.exists(), result.output

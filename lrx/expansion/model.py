@@ -177,7 +177,7 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
         ranks = plan["ranks"]
 
     expanded, report = _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_size, order,
-                                    method_options)
+                                    method_options, plan.get("schemes") if plan is not None else None)
     if fit == "data":
         report.fit_data = _fit_data(model, expanded, report, calibration, images=images, sequential=sequential,
                                     basis=basis, decomposed=decomposed, iterations=iterations, held_out=held_out,
@@ -245,14 +245,16 @@ def _check_form(scheme: str, basis: str, method: str, decomposed: bool, order: s
 
 
 def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_size, order,
-                 method_options) -> tuple[nn.Module, ExpansionReport]:
-    """The expansion fitted to the filters (the seed's filter reconstruction), every check before any work."""
+                 method_options, schemes=None) -> tuple[nn.Module, ExpansionReport]:
+    """The expansion fitted to the filters (the seed's filter reconstruction), every check before any work.
+    ``schemes``: each layer's own scheme where a latency plan chose among them (Tucker-2 for a conv)."""
     notes: list[str] = []
     chosen = select_layers(model, layers, scheme, decomposed, notes)
     ranks = per_layer_ranks(ranks, len(chosen), [name for _, name, _ in chosen])
-    for (index, name, module), rank in zip(chosen, ranks):
-        check_layer(module, scheme, decomposed, layer_label(index, name))
-        check_layer_rank(rank, module, scheme, basis, order, layer_label(index, name))
+    owns = list(schemes) if schemes else [layer_scheme(module, scheme) for _, _, module in chosen]
+    for (index, name, module), rank, own in zip(chosen, ranks, owns):
+        check_layer(module, own, decomposed, layer_label(index, name))
+        check_layer_rank(rank, module, own, basis, order, layer_label(index, name))
     check_method_options(method, method_options)
 
     names = [name for _, name, _ in chosen]
@@ -261,9 +263,8 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
     positions = channel_positions(model, channels, input_size) if channels else {}
     new = copy.deepcopy(model)
     rows = []
-    for (index, name, _), rank in zip(chosen, ranks):
+    for (index, name, _), rank, own in zip(chosen, ranks, owns):
         conv = new.get_submodule(name)
-        own = layer_scheme(conv, scheme)
         if own == CHANNEL:
             layer, row = channel_layer(conv, rank, positions[name])
             row = {"index": index, "name": name, **row}
@@ -273,8 +274,8 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
         else:
             layer, row = _conv_layer(conv, own, rank, basis, method, decomposed, order, sizes[name], method_options)
             row = {"index": index, "name": name, **row}
-            if scheme == AUTO:
-                row["scheme"] = own
+        if scheme == AUTO:
+            row["scheme"] = own
         if row["macs_after"] > row["macs_before"]:
             notes.append(f"layer {layer_label(index, name)}: rank {rank} costs {row['macs_after'] / row['macs_before']:.2f}x "
                          f"the {'conv' if row.get('scheme', 'v1') != CHANNEL else 'layer'}'s MACs (MAC ratio {row['mac_ratio']:.2f}); a lower rank saves MACs")
@@ -284,6 +285,8 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
             "method": method, "method_options": dict(method_options)}
     if scheme in ("v2", AUTO):
         spec["orders"] = [row["order"] for row in rows]
+    if schemes:
+        spec["schemes"] = owns
     return new, ExpansionReport(spec=spec, layers=rows, notes=notes, ranks=list(ranks))
 
 
@@ -338,7 +341,7 @@ def _fit_data(model: nn.Module, expanded: nn.Module, report: ExpansionReport, ba
     scheme = report.spec["scheme"]
     position = {name: i for i, (name, _) in enumerate(model.named_modules())}
     rows = sorted(report.layers, key=lambda row: position[row["name"]])
-    kinds = [(row["name"], layer_scheme(model.get_submodule(row["name"]), scheme)) for row in rows]
+    kinds = [(row["name"], row.get("scheme") or layer_scheme(model.get_submodule(row["name"]), scheme)) for row in rows]
     clock = time.perf_counter()
     if sequential:
         stats = None

@@ -16,6 +16,7 @@ from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
 from lrx.nn.models import build_model, initial_model
 from lrx.nn.surgery import shown_name
 from lrx.output.plot import save_figure
+from lrx.plan.latency import tucker_option
 from lrx.pipeline.rundir import RunDir, load_model
 from lrx.pipeline.runner import dependencies
 from lrx.pipeline.stages import expand_model
@@ -134,15 +135,18 @@ def print_preview(cfg: Config, runs_dir: str | Path = "runs", data_root: str | N
 
 
 def latency_table(plan: dict) -> Table:
-    """A latency plan's measured layer table: ms dense and per rank, the choice marked with '*'."""
-    table = Table(title=f"layer times in the model (ms, batch {plan['batch']}, {plan['device']}; * = chosen)")
+    """A latency plan's measured layer table: ms dense and per rank, the choice marked with '*'; a conv's Tucker-2
+    options (scheme auto) as ``t<rank>``."""
+    table = Table(title=f"layer times in the model (ms, batch {plan['batch']}, {plan['device']}; * = chosen; "
+                        "t<rank> = Tucker-2)")
     table.add_column("layer")
     table.add_column("dense", justify="right")
     table.add_column("rank: ms", justify="left")
     for row in plan["table"]:
         ms = row["model_ms"]  # the table's times relative to dense, on the dense conv's time in the model
         mark = {k: "*" if row.get("choice") == k else "" for k in ms}
-        ranks = "  ".join(f"{r}: {ms[str(r)]:.2f}{mark[str(r)]}" for r in row["ranks"])
+        options = [str(r) for r in row["ranks"]] + [tucker_option(r) for r in row.get("tucker_ranks", ())]
+        ranks = "  ".join(f"{k}: {ms[k]:.2f}{mark[k]}" for k in options)
         table.add_row(shown_name(row["name"]) + (" (cached)" if row["cached"] else ""), f"{ms['dense']:.2f}{mark['dense']}", ranks)
     return table
 

@@ -262,6 +262,19 @@ def _fmt(value: Any, digits: int, scale: float = 1.0) -> str:
     return "-" if number is None else f"{number / scale:.{digits}f}"
 
 
+def _bases(dec: dict) -> Any:
+    """The #bases of a decompose record, a Tucker-2 layer's rank as ``t<rank>`` (a plan of scheme auto records each
+    layer's scheme in ``schemes``; a row of scheme tucker2 is Tucker-2 throughout)."""
+    bases, schemes = dec.get("bases"), dec.get("schemes")
+    if not isinstance(bases, list):
+        return bases
+    if dec.get("scheme") == "tucker2":
+        schemes = ["tucker2"] * len(bases)
+    if not isinstance(schemes, list) or len(schemes) != len(bases):
+        return bases
+    return [f"t{b}" if own == "tucker2" and _scalar(b) is not None else b for b, own in zip(bases, schemes)]
+
+
 def _join(values: Any) -> str:
     if isinstance(values, (list, tuple)) and values:
         plain = [_scalar(v) for v in values]
@@ -351,7 +364,7 @@ def cells(row: dict) -> dict[str, str]:
         "No.": str(no) if no is not None else str(row.get("name", "")),
         "model": model_of(row) or "-",
         "layers": _join(dec.get("layers")) if dec else "-",
-        "#bases": _join(dec.get("bases")) if dec else "-",
+        "#bases": _join(_bases(dec)) if dec else "-",
         "decomped": "Y" if dec and dec.get("decomposed") else "-",
         "L2 finetune": l2,
         "CE finetune": ce,

@@ -237,6 +237,7 @@ class Decompose(ModelStage):
                   "original_test_correct": pack(original_correct.numpy()), "test_correct": pack(correct.numpy()),
                   "l2": l2, "report": report.layers,
                   "layers": report.chosen_layers or settings.layers, "names": names, "bases": report.ranks, "scheme": settings.scheme,
+                  "schemes": report.spec.get("schemes"),
                   "basis": settings.basis, "method": settings.method, "decomposed": settings.decomposed,
                   "fit": settings.fit}
         for key in ("plan", "fit_data"):
@@ -404,8 +405,8 @@ def summarise(metrics: dict, inherited: dict | None = None) -> dict:
         out["acc1"] = stages["train"].get("acc1")
     if "decompose" in stages:
         d = stages["decompose"]
-        out["decompose"] = {k: d.get(k) for k in ("layers", "names", "bases", "scheme", "basis", "method", "decomposed",
-                                                  "fit", "plan")}
+        out["decompose"] = {k: d.get(k) for k in ("layers", "names", "bases", "scheme", "schemes", "basis", "method",
+                                                  "decomposed", "fit", "plan")}
         out["acc1_before"], out["acc1"], out["l2_after"] = d.get("acc1_original"), d.get("acc1"), d.get("l2")
     tunes = [stages[k] for k in sorted((k for k in stages if k.startswith("finetune.")), key=lambda k: int(k.split(".")[1]))]
     if tunes:

@@ -7,7 +7,11 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    (:func:`candidate_layers`; conv1 included).
 2. **A ladder of ranks per layer** (:func:`candidate_ranks`): for each fraction in :data:`LADDER` of the
    dense conv's MACs, the smallest aligned rank of the layer's ladder (:func:`lrx.plan.macs.cheaper_ladder`:
-   ranks cheaper than the dense conv) that reaches it; and "keep the layer dense" as one more option.
+   ranks cheaper than the dense conv) that reaches it; and "keep the layer dense" as one more option. With
+   ``scheme: auto`` a conv with a larger kernel has a second ladder, Tucker-2 at its ranks (options
+   ``t<rank>``, :func:`tucker_option`; their proxy is the HOSVD's retained filter energy): the choice below
+   weighs the two structures per layer on the same footing, and keeps Tucker-2 where it buys more time
+   for less proxy.
 3. **A table of times.** Each candidate layer runs alone on its real input shape (batch, channels, H, W
    at the profile's batch and input size), dense and at each ladder rank, in the layout and dtype the
    model will run in (:class:`DeviceTiming`, through :func:`lrx.nn.inference.optimise`), interleaved. The
@@ -73,11 +77,13 @@ from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label,
 from lrx.measure.layouts import plain_expansion, time_rounds
 from lrx.measure.machine import MachineWatch, cpu_name
 from lrx.measure.timing import interleaved, module_times, torch_threads
+from lrx.factor.choices import AUTO, TUCKER
+from lrx.factor.tucker import tucker2_energy
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
 from lrx.nn.inference import optimise
 
 __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REACH_SLACK", "TIE", "TIE_RULE",
-           "CACHE_VERSION", "DENSE", "RULE", "Timing", "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
+           "CACHE_VERSION", "DENSE", "TUCKER_MARK", "tucker_option", "RULE", "Timing", "DeviceTiming", "candidate_layers", "candidate_ranks", "read_cache", "layer_table", "choose",
            "plan_latency"]
 
 # Fractions of a dense conv's MACs the ladder's ranks reach (a layer's time is roughly linear in its
@@ -107,6 +113,7 @@ TIE_RULE = "ties (within 1e-9 of each other) go to the earlier layer in the mode
 # "models": {model key: a whole-model measurement}} ("models" is optional: files written before it are read).
 CACHE_VERSION = 1
 DENSE = "dense"
+TUCKER_MARK = "t"  # a layer table's Tucker-2 options: "t<rank>" (tucker_option)
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
         "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
         "predicted whole-model time meets the target; then time the whole model and re-plan if the "
@@ -420,8 +427,23 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
             tables[key], changed = held, True
         dense, cost = layer_costs(conv, own, in_hw, out_hw, positions)
         macs = {DENSE: dense, **{str(r): cost[r - 1] for r in ranks}}
-        rows.append({"index": index, "name": name, "scheme": own, "input_shape": list(shape), "ranks": ranks,
-                     "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached})
+        row = {"index": index, "name": name, "scheme": own, "input_shape": list(shape), "ranks": ranks,
+               "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached}
+        if scheme == AUTO and own == "v2":  # the other structure for a KxK conv: Tucker-2, timed as its own table
+            tranks = candidate_ranks(conv, in_hw, out_hw, align, TUCKER)
+            tkey = _cache_key({**device_key, "scheme": TUCKER}, conv, shape)
+            theld = tables.get(tkey, {}) if name not in remeasure else {}
+            if not (all(str(r) in theld for r in tranks) and DENSE in theld):
+                log(f"timing {name} on {tuple(shape)}: Tucker-2 at ranks {', '.join(map(str, tranks))}")
+                theld = {**theld, **timing.layer(conv, shape, tranks, scheme=TUCKER)}
+                tables[tkey], changed, row["cached"] = theld, True, False
+            tcost, energy = layer_costs(conv, TUCKER, in_hw, out_hw)[1], tucker2_energy(conv.weight)
+            row["tucker_ranks"] = tranks
+            row["tucker_loss"] = {tucker_option(r): 1.0 - float(energy[r - 1]) for r in tranks}  # filter energy
+            # relative to this table's own dense time: each table is one interleaved measurement
+            row["ms"].update({tucker_option(r): row["ms"][DENSE] * theld[str(r)] / theld[DENSE] for r in tranks})
+            row["macs"].update({tucker_option(r): tcost[r - 1] for r in tranks})
+        rows.append(row)
     if changed and write_cache and cache is not None:
         _save(cache, tables=tables)
     return rows
@@ -430,12 +452,21 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
 # ---------------------------------------------------------------- the choice
 
 
+def tucker_option(rank: int) -> str:
+    """How a layer table names the option "Tucker-2 at rank ``rank``" (its other options: "dense" and scheme
+    ranks as plain numbers)."""
+    return f"{TUCKER_MARK}{rank}"
+
+
 def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[str, float, float]]:
     """(option, ms, proxy loss) of one layer, dense first, without options slower than a less lossy one;
-    the ranks' times multiplied by ``scale``."""
+    the ranks' times multiplied by ``scale``. A KxK conv planned with scheme auto has Tucker-2 options too, with
+    their own proxy (``row["tucker_loss"]``)."""
     options = [(DENSE, row["model_ms"][DENSE], 0.0)]
     options += [(str(r), scale * row["model_ms"][str(r)], 1.0 - float(retained[r - 1]))
                 for r in sorted(row["ranks"], reverse=True)]
+    options += [(tucker_option(r), scale * row["model_ms"][tucker_option(r)], row["tucker_loss"][tucker_option(r)])
+                for r in sorted(row.get("tucker_ranks", ()), reverse=True)]
     options.sort(key=lambda o: (o[2], o[1]))
     kept = []
     for option in options:
@@ -512,9 +543,10 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     ----------
     model : the original model (not modified).
     layers : 1-based conv indices or names, or ``"auto"``: the layers the planner may replace.
-    scheme : "v2" (convs with a kernel larger than 1x1), "channel" (1x1 convs and linear layers) or "auto"
-        (each layer by the scheme that replaces it, :func:`lrx.nn.surgery.layer_scheme`: per layer the
-        choice is dense or that scheme at a ladder of ranks, all layers in one greedy choice).
+    scheme : "v2" (convs with a kernel larger than 1x1), "channel" (1x1 convs and linear layers), "tucker2" or
+        "auto" (each layer by the scheme that replaces it, :func:`lrx.nn.surgery.layer_scheme`: per layer the
+        choice is dense or that scheme at a ladder of ranks, and for a conv with a larger kernel Tucker-2 at a
+        ladder of ranks too, all layers in one greedy choice).
     target : ``{"latency": X}``, X > 1.
     timing : a :class:`DeviceTiming` (or a fake with the same methods).
     proxy : ``{layer name: retained[r - 1] for r = 1..max rank}``, the accuracy proxy per rank (higher is
@@ -528,6 +560,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     ``{"rule", "target", "align", "device", "batch", "input_size", "table": [per layer: times, MACs,
     choice], "baseline": {"layout", "layouts_ms"}, "rounds": [{"choice", "predicted_speedup",
     "measured_speedup", "scale"}], "layers": [chosen 1-based conv indices, None for linear layers], "names", "ranks",
+    "schemes" (per chosen layer, where the plan holds a Tucker-2 layer of scheme auto; else None),
     "predicted_speedup", "measured_speedup", "target_met", "best_reachable"}``; ``layers``/``ranks`` are those
     expanded (dense ones left out). A target the measured layer times cannot meet is not an error: the
     fastest expansion they allow is planned, ``best_reachable`` holds its predicted speedup (never below
@@ -607,7 +640,8 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         # the median of the rounds' own speedups where the timing gives it (a profile's figure), else the ratio
         measured_speedup = measured.get("speedup") or measured["original_ms"] / measured["expanded_ms"]
         predicted_speedup = base_ms / predicted_ms
-        history.append({"choice": choice, "ranks": spec["ranks"], "names": spec["layers"], "scale": scale,
+        history.append({"choice": choice, "ranks": spec["ranks"], "names": spec["layers"], "schemes": spec.get("schemes"),
+                        "scale": scale,
                          "predicted_speedup": predicted_speedup, "measured_speedup": measured_speedup,
                          "original_ms": measured["original_ms"], "original_layout": measured["layout"],
                          "expanded_ms": measured["expanded_ms"]})
@@ -653,6 +687,7 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             "batch": timing.batch, "input_size": list(input_size), "table": table,
             "baseline": {"layout": base["layout"], "layouts_ms": base["layouts"]},
             "rounds": history, "layers": [indices[n] for n in final["names"]], "names": final["names"],
+            "schemes": final["schemes"],
             "ranks": final["ranks"], "predicted_speedup": final["predicted_speedup"],
             "measured_speedup": final["measured_speedup"],
             "cache": {"file": None if cache is None else str(cache), "reused": remembered.reused}}
@@ -720,9 +755,13 @@ def _input_shapes(model: nn.Module, names: Sequence[str], input_size) -> dict[st
 
 
 def _spec(table: list[dict], choice: list[str], scheme: str = "v2") -> dict:
-    picked = [(row["name"], int(c)) for row, c in zip(table, choice) if c != DENSE]
-    return {"layers": [n for n, _ in picked], "scheme": scheme, "ranks": [r for _, r in picked], "basis": "shared",
-            "decomposed": False}
+    """The expansion a choice stands for; ``schemes`` (per layer) where it holds a Tucker-2 option."""
+    picked = [(row["name"], c) for row, c in zip(table, choice) if c != DENSE]
+    spec = {"layers": [n for n, _ in picked], "scheme": scheme,
+            "ranks": [int(c.removeprefix(TUCKER_MARK)) for _, c in picked], "basis": "shared", "decomposed": False}
+    if any(c.startswith(TUCKER_MARK) for _, c in picked):
+        spec["schemes"] = [TUCKER if c.startswith(TUCKER_MARK) else scheme for _, c in picked]
+    return spec
 
 
 def _final(history: list[dict], target: float) -> dict:
