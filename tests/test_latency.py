@@ -735,3 +735,17 @@ def test_where_tucker2_loses_everywhere_scheme_auto_plans_as_before(tmp_path):
     plan = expansion.expand(small_model(), [1, 2, 3], "auto", "auto", target={"latency": 1.4}, timing=timing,
                             input_size=INPUT)[1].plan
     assert plan["schemes"] is None and not any(row["choice"].startswith("t") for row in plan["table"])
+
+
+def test_a_layer_sharing_a_shape_measured_in_the_same_plan_is_fresh_not_cached(tmp_path):
+    """Two convs of one shape share one measured table; a check far off that table (6x) is then the planner's
+    adjustment to make, not a contradicted cache to measure again: nothing was read from the file."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    timing, lines = FakeTiming({(3, 8): 1.0, (8, 8): 10.0}, {(3, 8): SLOW, (8, 8): LINEAR}, reality=6.0), []
+    plan = latency.plan_latency(model, [1, 2, 3], {"latency": 1.2}, timing, cache=tmp_path / "t.json", log=lines.append)
+    assert timing.layer_calls == [(3, 8), (8, 8)], "one table per shape"
+    assert not any(row["cached"] for row in plan["table"]), [row["cached"] for row in plan["table"]]
+    assert not [line for line in lines if "measuring those layers again" in line], lines

@@ -406,6 +406,9 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
         raise UserError(f"the latency cache {cache} is a directory: lrx cannot replace it with the times it "
                         "measures; move it away and run again")
     tables = read_cache(cache, log)
+    # "cached" is what the file held: a layer of the shape of one measured a moment ago reuses that table, and
+    # is as fresh as it (the check that contradicts cached times must not measure it again)
+    on_file = set(tables)
     device_key, rows, changed = timing.key(), [], False
     for index, name, conv in chosen:
         in_hw, out_hw = sizes[name]
@@ -419,8 +422,9 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
         ranks = candidate_ranks(conv, in_hw, out_hw, align, own, positions)
         key = _cache_key(device_key, conv, shape)
         held = tables.get(key, {}) if name not in remeasure else {}
-        cached = all(str(r) in held for r in ranks) and DENSE in held
-        if not cached:
+        complete = all(str(r) in held for r in ranks) and DENSE in held
+        cached = complete and key in on_file
+        if not complete:
             log(f"timing {name} on {tuple(shape)}: dense and ranks {', '.join(map(str, ranks))}")
             times = timing.layer(conv, shape, ranks) if own == "v2" else timing.layer(conv, shape, ranks, scheme=own)
             held = {**held, **times}
@@ -436,7 +440,8 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
             if not (all(str(r) in theld for r in tranks) and DENSE in theld):
                 log(f"timing {name} on {tuple(shape)}: Tucker-2 at ranks {', '.join(map(str, tranks))}")
                 theld = {**theld, **timing.layer(conv, shape, tranks, scheme=TUCKER)}
-                tables[tkey], changed, row["cached"] = theld, True, False
+                tables[tkey], changed = theld, True
+            row["cached"] = row["cached"] and tkey in on_file
             tcost, energy = layer_costs(conv, TUCKER, in_hw, out_hw)[1], tucker2_energy(conv.weight)
             row["tucker_ranks"] = tranks
             row["tucker_loss"] = {tucker_option(r): 1.0 - float(energy[r - 1]) for r in tranks}  # filter energy
