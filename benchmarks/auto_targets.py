@@ -4,8 +4,8 @@
         [--size 224] [--threads 2] [--out results/cpu/auto-targets.md]
 
 For each model (random weights, seed 0: time does not depend on the values): ``lrx.expand`` with
-``layers="auto"``, ``scheme="auto"`` (scheme 2 for KxK convs, the channel scheme for 1x1 convs and linear
-layers, or the layer kept dense) and ``target={"latency": X}``, planned on measured layer times at the batch
+``layers="auto"``, ``scheme="auto"`` (scheme 2 or Tucker-2 for KxK convs, the channel scheme for 1x1 convs
+and linear layers, or the layer kept dense) and ``target={"latency": X}``, planned on measured layer times at the batch
 and size given (the planner's whole-model checks of one round each, to keep a resnet50 plan within minutes).
 The expansion is then timed again, independently of the planner, against the original, each in its fastest
 layout, 3 rounds (:func:`lrx.measure.layouts.time_rounds`); exported to ONNX (``lrx.export_model``) and run
@@ -34,6 +34,7 @@ from lrx.measure.profiling import count  # noqa: E402
 from lrx.measure.timing import eval_copy, torch_threads  # noqa: E402
 from lrx.nn.channel import LowRankChannel  # noqa: E402
 from lrx.nn.layers import LowRankExpConvV2  # noqa: E402
+from lrx.nn.tucker import LowRankTucker2  # noqa: E402
 from lrx.nn.inference import optimise  # noqa: E402
 from lrx.plan.latency import DeviceTiming  # noqa: E402
 from lrx.measure.machine import cpu_name  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
              f"({os.cpu_count()} CPUs), torch {torch.__version__}. Random weights (timing only); the speedup is "
              "measured after planning, each model in its fastest layout, median of 3 rounds (range of the "
              "rounds' own speedups in brackets).", "",
-             "| model | layers replaced (v2 / channel) | MACs(G) original -> expansion | planned | measured | "
+             "| model | layers replaced (v2 / channel / Tucker-2) | MACs(G) original -> expansion | planned | measured | "
              "layouts (original / expansion) | ONNX Runtime without lrx | plan time | machine while timing |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
@@ -108,7 +109,7 @@ def main() -> None:
         with MachineWatch(threads=args.threads) as watch, torch_threads(args.threads):
             timed = time_rounds(make, input_size, args.batch, cpu, 2, 5, 3)
         kinds = [type(m) for m in expanded.modules()]
-        v2, channel = kinds.count(LowRankExpConvV2), kinds.count(LowRankChannel)
+        v2, channel, tucker = kinds.count(LowRankExpConvV2), kinds.count(LowRankChannel), kinds.count(LowRankTucker2)
         macs_before, macs_after = count(model, input_size)[0], count(expanded, input_size)[0]
         with tempfile.TemporaryDirectory() as tmp:
             check = onnx_check(lrx.to_plain(expanded), input_size, Path(tmp))
@@ -119,7 +120,7 @@ def main() -> None:
         out_of_reach = f" (out of reach: best {reachable:.2f}x by the layer times)" if reachable else ""
         rounds = timed["round_speedups"]
         machine = watch.record
-        lines.append(f"| {name} | {v2 + channel} ({v2} / {channel}) | "
+        lines.append(f"| {name} | {v2 + channel + tucker} ({v2} / {channel} / {tucker}) | "
                      f"{macs_before / 1e9:.2f} -> {macs_after / 1e9:.2f} | "
                      f"{planned:.2f}x{out_of_reach} | {timed['speedup']:.2f}x [{min(rounds):.2f}-{max(rounds):.2f}] | "
                      f"{timed['original_layout']} / {timed['expanded_layout']} | {onnx} | {plan_s / 60:.1f} min | "
