@@ -31,7 +31,7 @@ app = typer.Typer(
     epilog="Examples:\n\n\b\n"  # \b: click keeps the lines below as they are
            "  lrx run configs/exp04.yaml                   # runs the baseline and expansion it builds on first\n"
            "  lrx run configs/quick/exp1*.yaml --runs-dir runs/quick\n"
-           "  lrx decompose configs/exp11.yaml --dry-run   # ranks, MACs, retained energy; writes nothing\n"
+           "  lrx decompose configs/exp11.yaml --dry-run   # ranks, MACs, retained energy; writes no run\n"
            "  lrx profile configs/exp11.yaml --force       # redo the profile stage only\n"
            "  lrx table runs/ > RESULTS.md",
     no_args_is_help=True,
@@ -152,7 +152,7 @@ def train(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optiona
 @user_errors
 def decompose(config: Path = ConfigArg, runs_dir: Path = RunsDir, data_root: Optional[str] = DataRoot,
               set_: Optional[List[str]] = Overrides, force: bool = Force, no_deps: bool = NoDeps, quiet: bool = Quiet,
-              dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer ranks, MACs and retained energy; write nothing."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-layer ranks, MACs and retained energy; write nothing to the runs folder (a latency target's measured times go to the machine's cache)."),
               show_bases: Optional[Path] = typer.Option(None, "--show-bases", help="Save a PNG of each layer's basis filters."),
               compare_fits: bool = typer.Option(False, "--compare-fits", help="With fit: data, print per layer both fits' "
                                                 "output errors on the calibration and on held-out (test) images.")):
