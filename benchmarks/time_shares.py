@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import lrx  # noqa: E402
 from lrx.measure.machine import MachineWatch, cpu_name  # noqa: E402
 from lrx.measure.timing import module_times, torch_threads  # noqa: E402
 from lrx.plan.latency import DeviceTiming  # noqa: E402
+from seed_spread import commit  # noqa: E402
 
 GROUPS = ("KxK convs (scheme 2)", "1x1 convs and linear (channel scheme)", "depthwise and grouped convs (none)",
           "batch norm", "the rest (activations, pooling, adds, outside modules)")
@@ -74,10 +74,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/cpu/time-shares.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Where the CPU time goes, by what lrx can replace", "",
              f"`.venv/bin/python benchmarks/time_shares.py --models {' '.join(args.models)} --batch {args.batch} "
-             f"--size {args.size} --threads {args.threads}` at commit {commit}, on {cpu_name()} ({os.cpu_count()} "
+             f"--size {args.size} --threads {args.threads}` at commit {commit()}, on {cpu_name()} ({os.cpu_count()} "
              f"CPUs), torch {torch.__version__}. Random weights; the original in channels_last, timed per module "
              "(hooks add a little time per module: shares are of the hooked total). The ceiling is the speedup "
              "if every replaceable layer took no time; the second one with batch norm folded away as well.", "",

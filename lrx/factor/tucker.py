@@ -17,9 +17,8 @@ to a layer's outputs on calibration images (alternating exact least-squares step
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

@@ -52,7 +52,11 @@ class LowRankTucker2(nn.Sequential):
     def like(cls, conv: nn.Conv2d, rank: int) -> "LowRankTucker2":
         """A default-initialised layer of ``conv``'s geometry at rank ``rank`` (:func:`tucker2_ranks`), on its
         device and dtype; its values are to be loaded or fitted."""
-        r1, r2 = tucker2_ranks(rank, conv.weight.shape)
+        return cls._shaped(conv, *tucker2_ranks(rank, conv.weight.shape))
+
+    @classmethod
+    def _shaped(cls, conv: nn.Conv2d, r1: int, r2: int) -> "LowRankTucker2":
+        """The three default-initialised convs of ranks (``r1``, ``r2``) in ``conv``'s geometry, device and dtype."""
         kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
         return cls(OrderedDict(
             first=nn.Conv2d(conv.in_channels, r1, 1, bias=False, **kw),
@@ -70,18 +74,13 @@ class LowRankTucker2(nn.Sequential):
     @classmethod
     def from_factors(cls, conv: nn.Conv2d, factors: Tucker2Factors) -> "LowRankTucker2":
         first_w, core_w, last_w = factors
-        r1, r2 = first_w.shape[0], core_w.shape[0]
-        kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
-        first = nn.Conv2d(conv.in_channels, r1, 1, bias=False, **kw)
-        core = nn.Conv2d(r1, r2, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
-                         padding_mode=conv.padding_mode, **kw)
-        last = nn.Conv2d(r2, conv.out_channels, 1, bias=conv.bias is not None, **kw)
-        first.weight.data.copy_(first_w)
-        core.weight.data.copy_(core_w)
-        last.weight.data.copy_(last_w)
+        layer = cls._shaped(conv, first_w.shape[0], core_w.shape[0])
+        layer.first.weight.data.copy_(first_w)
+        layer.core.weight.data.copy_(core_w)
+        layer.last.weight.data.copy_(last_w)
         if conv.bias is not None:
-            last.bias.data.copy_(conv.bias.detach())
-        return cls(OrderedDict(first=first, core=core, last=last))
+            layer.last.bias.data.copy_(conv.bias.detach())
+        return layer
 
     def plain(self) -> nn.Sequential:
         """``nn.Sequential(first, core, last)`` (copies): the same function and state-dict keys, the class an

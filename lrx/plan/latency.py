@@ -410,6 +410,20 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
     # is as fresh as it (the check that contradicts cached times must not measure it again)
     on_file = set(tables)
     device_key, rows, changed = timing.key(), [], False
+
+    def table_of(name: str, shape: tuple, key: str, ranks: Sequence[int], what: str,
+                 measure: Callable[[], dict]) -> tuple[dict, bool]:
+        """The times under ``key``: as held where they cover dense and ``ranks``, else measured now (on ``shape``)
+        and kept; and whether the file held them."""
+        nonlocal changed
+        held = tables.get(key, {}) if name not in remeasure else {}
+        complete = all(str(r) in held for r in ranks) and DENSE in held
+        if not complete:
+            log(f"timing {name} on {tuple(shape)}: {what} {', '.join(map(str, ranks))}")
+            held = {**held, **measure()}
+            tables[key], changed = held, True
+        return held, complete and key in on_file
+
     for index, name, conv in chosen:
         in_hw, out_hw = sizes[name]
         own = layer_scheme(conv, scheme)
@@ -420,28 +434,18 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
             shape = (timing.batch, conv.in_channels, *in_hw)
             positions = out_hw[0] * out_hw[1]
         ranks = candidate_ranks(conv, in_hw, out_hw, align, own, positions)
-        key = _cache_key(device_key, conv, shape)
-        held = tables.get(key, {}) if name not in remeasure else {}
-        complete = all(str(r) in held for r in ranks) and DENSE in held
-        cached = complete and key in on_file
-        if not complete:
-            log(f"timing {name} on {tuple(shape)}: dense and ranks {', '.join(map(str, ranks))}")
-            times = timing.layer(conv, shape, ranks) if own == "v2" else timing.layer(conv, shape, ranks, scheme=own)
-            held = {**held, **times}
-            tables[key], changed = held, True
+        held, cached = table_of(name, shape, _cache_key(device_key, conv, shape), ranks, "dense and ranks",
+                                lambda: timing.layer(conv, shape, ranks) if own == "v2"
+                                else timing.layer(conv, shape, ranks, scheme=own))
         dense, cost = layer_costs(conv, own, in_hw, out_hw, positions)
         macs = {DENSE: dense, **{str(r): cost[r - 1] for r in ranks}}
         row = {"index": index, "name": name, "scheme": own, "input_shape": list(shape), "ranks": ranks,
                "ms": {k: float(held[k]) for k in [DENSE, *map(str, ranks)]}, "macs": macs, "cached": cached}
         if scheme == AUTO and own == "v2":  # the other structure for a KxK conv: Tucker-2, timed as its own table
             tranks = candidate_ranks(conv, in_hw, out_hw, align, TUCKER)
-            tkey = _cache_key({**device_key, "scheme": TUCKER}, conv, shape)
-            theld = tables.get(tkey, {}) if name not in remeasure else {}
-            if not (all(str(r) in theld for r in tranks) and DENSE in theld):
-                log(f"timing {name} on {tuple(shape)}: Tucker-2 at ranks {', '.join(map(str, tranks))}")
-                theld = {**theld, **timing.layer(conv, shape, tranks, scheme=TUCKER)}
-                tables[tkey], changed = theld, True
-            row["cached"] = row["cached"] and tkey in on_file
+            theld, tcached = table_of(name, shape, _cache_key({**device_key, "scheme": TUCKER}, conv, shape), tranks,
+                                      "Tucker-2 at ranks", lambda: timing.layer(conv, shape, tranks, scheme=TUCKER))
+            row["cached"] = cached and tcached
             tcost, energy = layer_costs(conv, TUCKER, in_hw, out_hw)[1], tucker2_energy(conv.weight)
             row["tucker_ranks"] = tranks
             row["tucker_loss"] = {tucker_option(r): 1.0 - float(energy[r - 1]) for r in tranks}  # filter energy
