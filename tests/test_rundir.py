@@ -271,6 +271,29 @@ def test_disk_full_during_a_checkpoint_save_reports_the_os_reason(tmp_path, monk
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the temporary file is removed"
 
 
+class _InterruptedFile(_FullDisk):
+    """A file whose third write is interrupted, as by Ctrl-C or SIGTERM's handler in the middle of torch.save."""
+
+    def write(self, data):
+        self.writes = getattr(self, "writes", 0) + 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return self.f.write(data)
+
+
+def test_an_interrupt_during_a_checkpoint_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """torch's zip writer masked the interrupt with "unexpected pos" on closing: a SIGTERM mid-save exited 1."""
+    path = tmp_path / "a.ckpt"
+    save_atomic({"epoch": 1}, path)
+    real = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, *a, **k: _InterruptedFile(real(fd, *a, **k), 0))
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"w": torch.randn(100_000), "epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1, "the previous checkpoint is kept"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the temporary file is removed"
+
+
 def test_a_real_full_disk_during_a_checkpoint_save(tmp_path):
     """On a 256 KiB tmpfs (needs root; skipped elsewhere): the real ENOSPC, not torch's "unexpected pos"."""
     mount = tmp_path / "small"

@@ -88,6 +88,9 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], by_name
     except OSError as err:
         raise UserError(f"cannot write ({os_reason(err)}); the previous file, if any, is kept", file=str(path)) from err
     except RuntimeError as err:  # torch.save's report of a failed write; find the OS's reason
+        interrupted = _in_chain(err, KeyboardInterrupt)
+        if interrupted is not None:  # Ctrl-C or SIGTERM mid-write, masked by torch's "unexpected pos" on closing
+            raise interrupted from None
         cause = _os_cause(err, recorder, path.parent)
         if cause is None:
             raise
@@ -129,6 +132,16 @@ def os_reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 
 
+def _in_chain(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` that ``err`` was raised from or while handling, if any."""
+    seen: BaseException | None = err
+    for _ in range(10):  # a chain is short; the bound guards against a cycle
+        seen = (seen.__cause__ or seen.__context__) if seen is not None else None
+        if isinstance(seen, kind):
+            return seen
+    return None
+
+
 def _os_cause(err: BaseException, recorder: _ErrorRecorder | None, folder: Path) -> OSError | None:
     """The OSError behind ``err``: the one a write raised, one in its exception chain, or a full disk.
 
@@ -136,11 +149,9 @@ def _os_cause(err: BaseException, recorder: _ErrorRecorder | None, folder: Path)
     """
     if recorder is not None and recorder.error is not None:
         return recorder.error
-    seen: BaseException | None = err
-    for _ in range(10):  # a chain is short; the bound guards against a cycle
-        seen = (seen.__cause__ or seen.__context__) if seen is not None else None
-        if isinstance(seen, OSError):
-            return seen
+    cause = _in_chain(err, OSError)
+    if cause is not None:
+        return cause
     try:
         stats = os.statvfs(folder)
     except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
