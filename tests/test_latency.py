@@ -737,6 +737,32 @@ def test_where_tucker2_loses_everywhere_scheme_auto_plans_as_before(tmp_path):
     assert plan["schemes"] is None and not any(row["choice"].startswith("t") for row in plan["table"])
 
 
+def _option_row(name: str, ms: dict, tucker_loss: dict | None = None) -> dict:
+    """A planner's table row of a 3x3 conv (dense 10 ms) with scheme-2 ranks and, given ``tucker_loss``, Tucker-2 ones."""
+    ranks = sorted(int(k) for k in ms if k.isdigit())
+    row = {"name": name, "scheme": "v2", "ranks": ranks, "model_ms": {"dense": 10.0, **ms}}
+    if tucker_loss:
+        row["tucker_ranks"] = sorted(int(k[1:]) for k in tucker_loss)
+        row["tucker_loss"] = tucker_loss
+    return row
+
+
+def test_scheme_auto_never_plans_worse_than_the_schemes_it_includes():
+    """A greedy pass over more options can end worse: here it takes conv b's Tucker-2 option (the most time per
+    proxy) and then has only conv b's scheme-2 rank to go back to (loss 0.21), where scheme 2 alone takes conv
+    a's rank 2 (loss 0.19). The choice of scheme auto is the least lossy of its structures' choices."""
+    retained = {"a": [0.27, 0.81], "b": [0.09, 0.79]}
+    with_tucker = [_option_row("a", {"1": 5.5, "2": 5.4, "t1": 4.2}, {"t1": 0.35}),
+                   _option_row("b", {"1": 6.5, "2": 5.1, "t1": 1.3}, {"t1": 0.23})]
+    scheme2 = [_option_row("a", {"1": 5.5, "2": 5.4}), _option_row("b", {"1": 6.5, "2": 5.1})]
+    greedy_all = latency._greedy([latency._options(r, retained[r["name"]], 1.0) for r in with_tucker], 0.0, 17.5)
+    assert greedy_all == [0, 1], "the greedy pass over every option ends at conv b's rank 2"
+    assert latency.choose(scheme2, retained, 0.0, 17.5) == ["2", "dense"]
+    assert latency.choose(with_tucker, retained, 0.0, 17.5) == ["2", "dense"], "not worse than scheme 2 alone"
+    # where Tucker-2 is the least lossy way to the budget, it is still taken
+    assert latency.choose(with_tucker, retained, 0.0, 12.0) == ["dense", "t1"]
+
+
 def test_a_layer_sharing_a_shape_measured_in_the_same_plan_is_fresh_not_cached(tmp_path):
     """Two convs of one shape share one measured table; a check far off that table (6x) is then the planner's
     adjustment to make, not a contradicted cache to measure again: nothing was read from the file."""

@@ -28,7 +28,10 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    :func:`lrx.plan.macs.plan_ranks`: from every layer dense, repeatedly take the move (a layer to any
    faster option) that loses the least accuracy proxy per millisecond saved, until the predicted time
    meets the target (aiming :data:`MARGIN` above it, or at the target itself where only that is reachable);
-   where a step overshot, layers then move back to less lossy options that still fit. A target the table
+   where a step overshot, layers then move back to less lossy options that still fit. With scheme auto the
+   same choice is also made with only some of its structures (every combination), and the least lossy choice
+   that fits is kept: a greedy pass over more options can end less well than one over fewer, and scheme
+   auto never plans worse, by its proxy, than a scheme it includes. A target the table
    cannot meet is planned as the least lossy expansion within :data:`REACH_SLACK` of the fastest it allows
    (the fastest itself where that would keep every layer dense though one is faster expanded),
    and the plan says so (``best_reachable``, ``target_met``): a run is never refused for a machine that is
@@ -59,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import math
 import socket
@@ -117,7 +121,8 @@ TUCKER_MARK = "t"  # a layer table's Tucker-2 options: "t<rank>" (tucker_option)
 RULE = ("greedy on measured time: from every candidate layer dense, repeatedly move one layer to the faster "
         "option (a rank or dense) that loses the least accuracy proxy per millisecond saved, until the "
         "predicted whole-model time meets the target; then time the whole model and re-plan if the "
-        "prediction is off by more than 10%; " + TIE_RULE)
+        "prediction is off by more than 10%; with several structures (scheme auto), the least lossy of the greedy "
+        "choices over each combination of them; " + TIE_RULE)
 
 
 class Timing(Protocol):
@@ -467,15 +472,26 @@ def tucker_option(rank: int) -> str:
     return f"{TUCKER_MARK}{rank}"
 
 
-def _options(row: dict, retained: Sequence[float], scale: float) -> list[tuple[str, float, float]]:
+def _family(row: dict, option: str) -> str:
+    """The structure an option of ``row`` stands for: "dense", "tucker2" (``t<rank>``) or the row's own scheme
+    (scheme 2 where the row does not say)."""
+    if option == DENSE:
+        return DENSE
+    return TUCKER if option.startswith(TUCKER_MARK) else row.get("scheme", "v2")
+
+
+def _options(row: dict, retained: Sequence[float], scale: float,
+             families: Collection[str] | None = None) -> list[tuple[str, float, float]]:
     """(option, ms, proxy loss) of one layer, dense first, without options slower than a less lossy one;
     the ranks' times multiplied by ``scale``. A KxK conv planned with scheme auto has Tucker-2 options too, with
-    their own proxy (``row["tucker_loss"]``)."""
+    their own proxy (``row["tucker_loss"]``). ``families``: only the options of these structures (and dense)."""
     options = [(DENSE, row["model_ms"][DENSE], 0.0)]
     options += [(str(r), scale * row["model_ms"][str(r)], 1.0 - float(retained[r - 1]))
                 for r in sorted(row["ranks"], reverse=True)]
     options += [(tucker_option(r), scale * row["model_ms"][tucker_option(r)], row["tucker_loss"][tucker_option(r)])
                 for r in sorted(row.get("tucker_ranks", ()), reverse=True)]
+    if families is not None:
+        options = [o for o in options if o[0] == DENSE or _family(row, o[0]) in families]
     options.sort(key=lambda o: (o[2], o[1]))
     kept = []
     for option in options:
@@ -495,9 +511,33 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
     ranks' times times ``scale``) <= ``budget_ms``, by the greedy rule of the module doc; then, where a step
     overshot, layers move back to less lossy options that still fit. Equal moves are chosen by
     :data:`TIE_RULE`, so the same table gives the same choice whatever the float noise in it. Raises
-    ``ValueError`` with the best reachable time when even every layer's fastest option misses the budget."""
-    options = [_options(row, retained[row["name"]], scale) for row in table]
-    at = [0] * len(table)
+    ``ValueError`` with the best reachable time when even every layer's fastest option misses the budget.
+
+    Where the table holds more than one structure (scheme auto: scheme 2, the channel scheme, Tucker-2), the
+    greedy choice is also made with only some of them, every combination, and the least lossy of the choices
+    that fit is kept (the one with every structure on a tie): a greedy pass over more options can end less
+    well than one over fewer, and scheme auto must never plan worse, by its proxy, than a scheme it includes."""
+    families = sorted({_family(row, o) for row in table for o in row["model_ms"]} - {DENSE})
+    subsets = [None] + [kept for size in range(len(families) - 1, 0, -1)
+                        for kept in itertools.combinations(families, size)]
+    best = None
+    for kept in subsets:
+        options = [_options(row, retained[row["name"]], scale, kept) for row in table]
+        try:
+            at = _greedy(options, rest_ms, budget_ms)
+        except ValueError:
+            if kept is None:  # every structure together is the fastest the table allows
+                raise
+            continue
+        loss = sum(layer[a][2] for layer, a in zip(options, at))
+        if best is None or _beyond_tie(best[0], loss):
+            best = (loss, [layer[a][0] for layer, a in zip(options, at)])
+    return best[1]
+
+
+def _greedy(options: list[list[tuple[str, float, float]]], rest_ms: float, budget_ms: float) -> list[int]:
+    """:func:`choose`'s greedy pass over each layer's ``(option, ms, loss)``: the index of each layer's choice."""
+    at = [0] * len(options)
 
     def time_at() -> float:  # summed afresh in one order, so that every layer at its fastest is exactly ``fastest``
         return rest_ms + sum(layer[a][1] for layer, a in zip(options, at))
@@ -532,7 +572,7 @@ def choose(table: list[dict], retained: Mapping[str, Sequence[float]], rest_ms: 
                 if total + t - t_now <= budget_ms and (best is None or _beyond_tie(loss_now - loss, best[0])):
                     best = (loss_now - loss, i, j)
         if best is None or best[0] <= 0:
-            return [layer[a][0] for layer, a in zip(options, at)]
+            return at
         _, i, j = best
         at[i] = j
         total = time_at()
