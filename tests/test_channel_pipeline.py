@@ -196,7 +196,7 @@ class NamedTiming:
         return total
 
     def in_model(self, original, names):
-        return {"total_ms": self._ms(original), "ms": {name: self.dense[name] for name in names}}
+        return {"total_ms": self._ms(original), "ms": {name: self.dense.get(name, 0.01) for name in names}}
 
     def whole(self, original, expanded):
         base = self._ms(original)

@@ -70,7 +70,8 @@ class FakeTiming:
 
     def in_model(self, original, names):
         modules = dict(original.named_modules())
-        ms = {n: self.dense[(modules[n].in_channels, modules[n].out_channels)] for n in names}
+        ms = {n: self.dense[(modules[n].in_channels, modules[n].out_channels)]
+              if isinstance(modules[n], nn.Conv2d) and modules[n].kernel_size == (3, 3) else 0.01 for n in names}
         return {"total_ms": self._ms(original), "ms": ms}
 
     def whole(self, original, expanded):
@@ -609,7 +610,7 @@ class NoisyTiming(FakeTiming):
 
 def test_noisy_timings_plan_the_same_twice_through_the_machine_cache(tmp_path):
     def plan(seed, **kw):
-        timing = NoisyTiming(seed)
+        timing = NoisyTiming(seed, spread=0.25)
         out = latency.plan_latency(small_model(), [1, 2, 3], {"latency": 1.6}, timing, **kw)
         return (tuple(out["names"]), tuple(out["ranks"])), timing, out
 
@@ -622,7 +623,7 @@ def test_noisy_timings_plan_the_same_twice_through_the_machine_cache(tmp_path):
         again, timing, out = plan(seed, cache=cache)
         assert again == first, f"seed {seed}: the same plan from the machine's cache ({again} vs {first})"
         assert timing.layer_calls == [] and timing.whole_calls == 0, "nothing measured again"
-        assert out["cache"]["reused"][:2] == ["original", "in model: 0, 2, 4"], out["cache"]
+        assert out["cache"]["reused"][:2] == ["original", "in model: every conv and linear layer"], out["cache"]
         assert out["cache"]["reused"][2].startswith("expansion: "), "the whole-model check too"
 
 
@@ -761,6 +762,23 @@ def test_scheme_auto_never_plans_worse_than_the_schemes_it_includes():
     assert latency.choose(with_tucker, retained, 0.0, 17.5) == ["2", "dense"], "not worse than scheme 2 alone"
     # where Tucker-2 is the least lossy way to the budget, it is still taken
     assert latency.choose(with_tucker, retained, 0.0, 12.0) == ["dense", "t1"]
+
+
+def test_scheme_auto_plans_as_scheme_2_did_on_the_same_machine_where_its_other_structures_do_not_win(tmp_path):
+    """One cache, scheme 2 then scheme auto: the original's per-module times are one measurement for both (every
+    conv and linear layer), and auto's plan, the same layers and ranks, reuses scheme 2's whole-model check: the
+    two rows build the same model instead of two plans chosen through two measurements."""
+    slow = lambda r: 50.0 + r  # noqa: E731
+    cache, model = tmp_path / "latency-tables.json", small_model()
+    first = StructureTiming({(3, 8): slow, (8, 16): slow, (16, 24): slow})
+    v2 = expansion.expand(model, [1, 2, 3], "v2", "auto", target={"latency": 1.4}, timing=first, input_size=INPUT,
+                          cache=cache)[1].plan
+    second = StructureTiming({(3, 8): slow, (8, 16): slow, (16, 24): slow})
+    auto = expansion.expand(model, [1, 2, 3], "auto", "auto", target={"latency": 1.4}, timing=second,
+                            input_size=INPUT, cache=cache)[1].plan
+    assert (auto["names"], auto["ranks"], auto["schemes"]) == (v2["names"], v2["ranks"], None), (auto, v2)
+    assert second.whole_calls == 0, "the original, its modules and the check were all measured for scheme 2"
+    assert [what.split(":")[0] for what in auto["cache"]["reused"]] == ["original", "in model", "expansion"]
 
 
 def test_a_layer_sharing_a_shape_measured_in_the_same_plan_is_fresh_not_cached(tmp_path):

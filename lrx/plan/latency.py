@@ -18,7 +18,10 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    table is cached per device and layer shape in the machine's cache, one JSON file outside any runs
    folder (:func:`lrx.pipeline.rundir.latency_cache_path`), and so are the whole-model times below (per
    device, model structure, batch and input size): a later plan on the same machine, from any runs folder,
-   reuses them and makes the same choice. Two fresh measurements of a table differ by a few %, and where
+   reuses them and makes the same choice. The original is timed per module once for every conv and linear
+   layer, whichever the plan may replace, and a check is keyed by what it builds (scheme auto's layers by the
+   scheme each gets): a plan of scheme 2 and one of scheme auto on the same machine share those measurements,
+   and where auto's other structures win nothing, it makes scheme 2's choice. Two fresh measurements of a table differ by a few %, and where
    many plans are within that of each other (results/cpu/plan-noise.txt) they would choose differently.
    The cache is only a cache: a file of another schema version, or an entry that is not a mapping of
    positive, finite times, is ignored with a warning naming the file, and those layers are measured again.
@@ -684,7 +687,7 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
         factored_ms = sum(row["model_ms"][c] for row, c in zip(table, choice) if c != DENSE)
         predicted_ms = dense_ms + scale * factored_ms
         spec = _spec(table, choice, scheme)
-        measured = remembered(f"expansion: {json.dumps(spec, sort_keys=True)}",
+        measured = remembered(f"expansion: {json.dumps(_built(model, spec), sort_keys=True)}",
                               lambda: timing.whole(model, build_expanded(model, spec)))
         # the median of the rounds' own speedups where the timing gives it (a profile's figure), else the ratio
         measured_speedup = measured.get("speedup") or measured["original_ms"] / measured["expanded_ms"]
@@ -765,8 +768,10 @@ def _place_in_model(table: list[dict], model: nn.Module, timing: Timing, remembe
     # A layer alone runs slower or faster than inside the model (caches, a shared machine's drift between
     # measurements): take from the table only each option's time relative to the dense conv, and the
     # dense conv's time from the whole original, timed per module.
-    names = [row["name"] for row in table]
-    inside = remembered(f"in model: {', '.join(names)}", lambda: timing.in_model(model, names))
+    # every conv and linear layer, whichever the plan may replace: plans of one model with other candidates (scheme
+    # 2's and scheme auto's) place their common layers by one measurement, and so choose alike where they can
+    every = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    inside = remembered("in model: every conv and linear layer", lambda: timing.in_model(model, every))
     unit = base["layouts"]["channels_last"] / inside["total_ms"]  # per-module times (with hooks) to the whole-model clock
     _place(table, inside, unit)
     return base
@@ -811,6 +816,15 @@ def _spec(table: list[dict], choice: list[str], scheme: str = "v2") -> dict:
     if any(c.startswith(TUCKER_MARK) for _, c in picked):
         spec["schemes"] = [TUCKER if c.startswith(TUCKER_MARK) else scheme for _, c in picked]
     return spec
+
+
+def _built(model: nn.Module, spec: dict) -> dict:
+    """What ``spec`` builds, as the cache keys a whole-model check: each layer with the scheme that replaces it
+    (scheme auto's resolved per layer), so that scheme 2's plan and the same plan of scheme auto share one check."""
+    schemes = spec.get("schemes") or [spec["scheme"]] * len(spec["layers"])
+    layers = [[name, layer_scheme(model.get_submodule(name), scheme), rank]
+              for name, scheme, rank in zip(spec["layers"], schemes, spec["ranks"])]
+    return {"layers": layers, "basis": spec["basis"], "decomposed": spec["decomposed"]}
 
 
 def _final(history: list[dict], target: float) -> dict:
