@@ -467,3 +467,52 @@ def test_profile_rounds_and_least_time_are_checked(override, key):
     with pytest.raises(UserError) as err:
         load_config(Path(__file__).parents[1] / "configs" / "quick" / "exp11.yaml", [override])
     assert err.value.key == key, f"{override}: {err.value}"
+
+
+def _page_faults(call) -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    call()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not timing.memory_kept(), reason="keeps memory through glibc's mallopt only")
+def test_while_lrx_times_a_forward_reuses_its_memory_without_page_faults():
+    """glibc gives a forward's large freed blocks back to the OS, and the next forward faults their pages in
+    again (here about 20,000 page faults a forward): a cost that moves with the machine. Inside steady_memory,
+    after a warm-up, a forward reuses the pages it has; after the block glibc's defaults are back."""
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 8, 1)).eval()
+    x = torch.randn(8, 3, 128, 128)  # 16 MiB outputs
+
+    def forward():
+        with torch.inference_mode():
+            net(x)
+
+    for _ in range(3):
+        forward()
+    before = min(_page_faults(forward) for _ in range(3))
+    with timing.steady_memory() as kept, timing.steady_memory():  # nested: the outer block restores
+        for _ in range(3):  # a warm-up, as before every timing
+            forward()
+        steady = max(_page_faults(forward) for _ in range(3))
+    after = min(_page_faults(forward) for _ in range(3))
+    assert before > 2000, f"the premise: glibc's defaults fault a forward's pages in again ({before})"
+    assert kept and steady < 200, f"page faults of a forward inside steady_memory: {steady}"
+    assert after > 2000, f"after it, glibc's defaults again: {after} page faults a forward"
+
+
+def test_interleaved_times_inside_steady_memory(monkeypatch):
+    inside = []
+
+    @contextlib.contextmanager
+    def watched():
+        inside.append(True)
+        yield True
+        inside.append(False)
+
+    monkeypatch.setattr(timing, "steady_memory", watched)
+    seen = []
+    timing.interleaved({"a": lambda: seen.append(inside[-1])}, torch.device("cpu"), warmup=1, repeats=2)
+    assert seen == [True, True, True] and inside[-1] is False, (seen, inside)

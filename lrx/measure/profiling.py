@@ -31,7 +31,7 @@ from lrx.nn.inference import describe, optimise
 from lrx.measure.machine import MachineWatch, device_name
 from lrx.measure.layouts import cudnn_autotuned, forward_with_flags, original_layouts, plain_expansion, time_rounds
 from lrx.measure.timing import (SUMMARY_KEYS, eval_copy, random_input, synchronize, interleaved,
-                                layer_inputs, module_times, torch_threads, unwrapped)
+                                layer_inputs, memory_kept, module_times, torch_threads, unwrapped)
 
 __all__ = ["PTFLOPS_BACKEND", "PTFLOPS_CONFIG", "count", "profiler_times", "layer_latency", "profile_pair"]
 
@@ -427,6 +427,7 @@ def profile_pair(
             "speedup_default": timed["speedup_default"],
             "rounds": timed["rounds"],
             "min_time_s": cfg.min_time_s,
+            "steady_memory": memory_kept(),  # freed memory kept in the process while timing (glibc)
             "round_speedups": timed["round_speedups"],
             "rounds_disagree": timed["rounds_disagree"],
             "noisy": orig_stats["noisy"] or bool(new_stats and new_stats["noisy"]) or timed["rounds_disagree"],

@@ -5,6 +5,8 @@
   (:data:`NOISY_SPREAD`). CUDA events on a GPU, :data:`_clock` elsewhere.
 - :func:`latency`: whole models, interleaved (each model in its fastest layout, in rounds: lrx.measure.layouts).
 - :func:`module_times`: where the time goes inside a forward, per module (forward hooks).
+- :func:`steady_memory`: while lrx times, freed memory stays in the process (glibc's malloc), so that a
+  forward does not pay page faults whose cost moves with the machine.
 
 Ratios of medians are what a reader should trust; an absolute time only holds on the machine that made it.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import statistics
 import time
 from typing import Callable, Iterator, Sequence
@@ -23,7 +27,7 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import InferenceModel, Optimisable
 
-__all__ = ["torch_threads", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
+__all__ = ["torch_threads", "steady_memory", "memory_kept", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
            "SUMMARY_KEYS", "summarise", "MAX_REPEATS", "interleaved", "latency", "layer_inputs", "unwrapped", "timed_units", "module_times"]
 
 # The clock behind every CPU latency figure; a module attribute so that tests can replace it.
@@ -48,6 +52,54 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+# glibc's malloc gives large freed blocks back to the OS (those it mmapped, and the heap's top beyond the trim
+# threshold) and takes them again on the next forward: a CNN forward at batch 16 and 224 px then pays tens of
+# thousands of page faults (resnet18 on the 2-core AMD EPYC: about 40,000, a third of a 250 ms forward in the
+# kernel), and what a fault costs moves with the machine (a VM's host), by a different amount for two models.
+# While lrx times, no block is mmapped and the heap is not trimmed: after the warm-up a forward reuses memory
+# it already has (no page faults). Both models alike; glibc's settings are restored after.
+# (A block larger than the heap can grow to in one piece is still mapped by glibc, whatever the settings.)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
+_GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))
+_STEADY = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_MMAP_MAX, 0))
+_steady_depth = 0
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def memory_kept() -> bool:
+    """Whether :func:`steady_memory` keeps freed memory in the process here (glibc's malloc)."""
+    return _mallopt() is not None
+
+
+@contextlib.contextmanager
+def steady_memory() -> Iterator[bool]:
+    """Keep freed memory in the process for the block (see above); yields whether it could (glibc only).
+    Nested blocks keep it until the outermost ends."""
+    global _steady_depth
+    mallopt = _mallopt()
+    if mallopt is None:
+        yield False
+        return
+    if _steady_depth == 0:
+        for option, value in _STEADY:
+            mallopt(option, value)
+    _steady_depth += 1
+    try:
+        yield True
+    finally:
+        _steady_depth -= 1
+        if _steady_depth == 0:
+            for option, value in _GLIBC_DEFAULTS:
+                mallopt(option, value)
 
 
 def synchronize(device: torch.device) -> None:
@@ -117,7 +169,8 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, wa
                 min_time_s: float = 0.0) -> dict:
     """Time each callable once per repeat, in an order that rotates by one each repeat.
 
-    Every wall-clock figure of lrx comes from here. ``repeats`` repeats at least, then more (up to
+    Every wall-clock figure of lrx comes from here, warm-up and repeats inside :func:`steady_memory`.
+    ``repeats`` repeats at least, then more (up to
     :data:`MAX_REPEATS`) until every callable has run ``min_time_s`` seconds in all: a median of five
     forwards of a few milliseconds each is at the mercy of one hiccup of the machine, one of a second's
     worth of them is not. Returns ``{name: stats}`` (see :func:`summarise`); the first name gets no
@@ -126,18 +179,19 @@ def interleaved(calls: dict[str, Callable[[], object]], device: torch.device, wa
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}", key="profile.repeats")
     names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    synchronize(device)
     runs: dict[str, list[float]] = {name: [] for name in names}
-    r = 0
-    while r < repeats or (r < MAX_REPEATS and min(sum(times) for times in runs.values()) < 1000.0 * min_time_s):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            synchronize(device)
-            runs[name].append(_time_ms(calls[name], device))
-        r += 1
+    with steady_memory():
+        for name in names:
+            for _ in range(warmup):
+                calls[name]()
+        synchronize(device)
+        r = 0
+        while r < repeats or (r < MAX_REPEATS and min(sum(times) for times in runs.values()) < 1000.0 * min_time_s):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                synchronize(device)
+                runs[name].append(_time_ms(calls[name], device))
+            r += 1
     out = {name: summarise(runs[name]) for name in names}
     reference = out[names[0]]["median_ms"]
     for name in names[1:]:

@@ -83,7 +83,7 @@ from lrx.base.errors import UserError
 from lrx.nn.surgery import build_expanded, check_layer, conv_sizes, layer_label, layer_scheme, new_layer, select_layers
 from lrx.measure.layouts import plain_expansion, time_rounds
 from lrx.measure.machine import MachineWatch, cpu_name
-from lrx.measure.timing import interleaved, module_times, torch_threads
+from lrx.measure.timing import interleaved, memory_kept, module_times, torch_threads
 from lrx.factor.choices import AUTO, TUCKER
 from lrx.factor.tucker import tucker2_energy
 from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
@@ -187,8 +187,10 @@ class DeviceTiming:
             name = torch.cuda.get_device_name(self.device)
         else:
             name = f"{cpu_name()}, {torch.get_num_threads() if self.threads is None else self.threads} threads"
+        # "memory": times taken with freed memory kept in the process (lrx.measure.timing.steady_memory) differ from
+        # times taken with glibc's defaults (page faults): a cache of those is not used for these
         return {"host": socket.gethostname(), "device": f"{self.device.type}: {name}", "torch": torch.__version__,
-                "threads": self.threads, "dtype": self.dtype}
+                "threads": self.threads, "dtype": self.dtype, "memory": "kept" if memory_kept() else "default"}
 
     def _prepare(self, model: nn.Module, channels_last: bool, x: torch.Tensor, compile: bool) -> nn.Module:
         net = copy.deepcopy(model).to(self.device).eval()
