@@ -730,6 +730,23 @@ def test_scheme_auto_weighs_tucker2_per_conv_on_measured_time_and_keeps_it_where
         (plan["names"], plan["ranks"], plan["schemes"]), "the Tucker-2 tables are cached too"
 
 
+def test_a_plan_with_tucker2_beside_scheme_2_and_channel_layers_expands_and_rebuilds():
+    """A scheme-auto plan names its other layers "auto" beside "tucker2": each is fitted by the scheme that
+    replaces it (a KxK conv scheme 2, the linear layer the channel scheme), and the spec rebuilds the model."""
+    model = small_model()
+    expanded, report = expansion._fit_weights(model, ["2", "4", "8"], "auto", [6, 4, 3], "shared", "svd", False,
+                                              INPUT, "vh", {}, schemes=["tucker2", "auto", "auto"])
+    assert [row["scheme"] for row in report.layers] == ["tucker2", "v2", "channel"], report.layers
+    assert isinstance(expanded.get_submodule("2"), LowRankTucker2)
+    assert isinstance(expanded.get_submodule("4"), LowRankExpConvV2)
+    assert report.spec["schemes"] == ["tucker2", "auto", "auto"], report.spec
+    again = build_expanded(model, report.spec)
+    again.load_state_dict(expanded.state_dict())
+    x = torch.randn(2, *INPUT)
+    with torch.no_grad():
+        assert torch.equal(again(x), expanded(x))
+
+
 def test_where_tucker2_loses_everywhere_scheme_auto_plans_as_before(tmp_path):
     slow = lambda r: 50.0 + r  # noqa: E731
     timing = StructureTiming({(3, 8): slow, (8, 16): slow, (16, 24): slow})

@@ -251,7 +251,8 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
     notes: list[str] = []
     chosen = select_layers(model, layers, scheme, decomposed, notes)
     ranks = per_layer_ranks(ranks, len(chosen), [name for _, name, _ in chosen])
-    owns = list(schemes) if schemes else [layer_scheme(module, scheme) for _, _, module in chosen]
+    # each layer's own scheme; a plan's list names scheme auto's layers "auto" (as build_expanded takes it)
+    owns = [layer_scheme(module, own) for (_, _, module), own in zip(chosen, schemes or [scheme] * len(chosen))]
     for (index, name, module), rank, own in zip(chosen, ranks, owns):
         check_layer(module, own, decomposed, layer_label(index, name))
         check_layer_rank(rank, module, own, basis, order, layer_label(index, name))
@@ -286,7 +287,7 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
     if scheme in ("v2", AUTO):
         spec["orders"] = [row["order"] for row in rows]
     if schemes:
-        spec["schemes"] = owns
+        spec["schemes"] = list(schemes)
     return new, ExpansionReport(spec=spec, layers=rows, notes=notes, ranks=list(ranks))
 
 
