@@ -80,15 +80,14 @@ def main() -> None:
           f"3x{args.size}x{args.size}, {args.rounds} rounds of {args.repeats} repeats; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     kept, flagged, defaults = [], [], []
-    steady = timing._STEADY
     for trial in range(1, args.trials + 1):
         hog = busy_loop() if trial in busy_trials else None
-        timing._STEADY = timing._GLIBC_DEFAULTS if trial in glibc_trials else steady  # glibc as it is, or as lrx times
+        timing.KEEP_MEMORY = trial not in glibc_trials  # glibc as it is, or as lrx times
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         try:
             out = profile_pair(original, expanded, [], cfg, "cpu", per_layer=False, breakdown=False)
         finally:
-            timing._STEADY = steady
+            timing.KEEP_MEMORY = True
             if hog is not None:
                 hog.kill()
                 hog.wait()

@@ -469,38 +469,66 @@ def test_profile_rounds_and_least_time_are_checked(override, key):
     assert err.value.key == key, f"{override}: {err.value}"
 
 
-def _page_faults(call) -> int:
-    import resource
+_FAULTS_SCRIPT = """
+import resource, torch
+from torch import nn
+from lrx.measure import timing
 
+def faults(call):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     call()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                    nn.Conv2d(32, 8, 1)).eval()
+x = torch.randn(8, 3, 128, 128)  # 16 MiB outputs
+
+def forward():
+    with torch.inference_mode():
+        net(x)
+
+for _ in range(3):
+    forward()
+before = min(faults(forward) for _ in range(3))
+with timing.steady_memory() as kept:
+    for _ in range(3):  # a warm-up, as before every timing
+        forward()
+    steady = max(faults(forward) for _ in range(3))
+after = min(faults(forward) for _ in range(3))
+print(kept, before, steady, after)
+"""
 
 
 @pytest.mark.skipif(not timing.memory_kept(), reason="keeps memory through glibc's mallopt only")
 def test_while_lrx_times_a_forward_reuses_its_memory_without_page_faults():
     """glibc gives a forward's large freed blocks back to the OS, and the next forward faults their pages in
-    again (here about 20,000 page faults a forward): a cost that moves with the machine. Inside steady_memory,
-    after a warm-up, a forward reuses the pages it has; after the block glibc's defaults are back."""
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(32, 8, 1)).eval()
-    x = torch.randn(8, 3, 128, 128)  # 16 MiB outputs
+    again (about 20,000 page faults a forward here): a cost that moves with the machine. Inside steady_memory,
+    after a warm-up, a forward reuses the pages it has; after the block glibc's defaults are back. In a fresh
+    process: what glibc does depends on what the process allocated before."""
+    import subprocess
+    import sys
 
-    def forward():
-        with torch.inference_mode():
-            net(x)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept, before, steady, after = out.stdout.split()
+    assert int(before) > 2000, f"the premise: glibc's defaults fault a forward's pages in again ({before})"
+    assert kept == "True" and int(steady) < 200, f"page faults of a forward inside steady_memory: {steady}"
+    assert int(after) > 2000, f"after it, glibc's defaults again: {after} page faults a forward"
 
-    for _ in range(3):
-        forward()
-    before = min(_page_faults(forward) for _ in range(3))
-    with timing.steady_memory() as kept, timing.steady_memory():  # nested: the outer block restores
-        for _ in range(3):  # a warm-up, as before every timing
-            forward()
-        steady = max(_page_faults(forward) for _ in range(3))
-    after = min(_page_faults(forward) for _ in range(3))
-    assert before > 2000, f"the premise: glibc's defaults fault a forward's pages in again ({before})"
-    assert kept and steady < 200, f"page faults of a forward inside steady_memory: {steady}"
-    assert after > 2000, f"after it, glibc's defaults again: {after} page faults a forward"
+
+def test_nested_steady_memory_sets_glibc_once_and_restores_it_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing, "_mallopt", lambda: lambda option, value: calls.append((option, value)))
+    with timing.steady_memory(), timing.steady_memory():
+        inside = list(calls)
+    assert inside == list(timing._STEADY), inside
+    assert calls[len(inside):] == list(timing._GLIBC_DEFAULTS), calls
+    monkeypatch.setattr(timing, "KEEP_MEMORY", False)
+    with timing.steady_memory() as kept:
+        assert kept is False
+    assert len(calls) == len(timing._STEADY) + len(timing._GLIBC_DEFAULTS), "with KEEP_MEMORY off, glibc is left alone"
 
 
 def test_interleaved_times_inside_steady_memory(monkeypatch):

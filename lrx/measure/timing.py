@@ -27,7 +27,7 @@ from lrx.base.distributed import resolve_device
 from lrx.base.errors import UserError
 from lrx.nn.inference import InferenceModel, Optimisable
 
-__all__ = ["torch_threads", "steady_memory", "memory_kept", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
+__all__ = ["torch_threads", "steady_memory", "memory_kept", "KEEP_MEMORY", "synchronize", "eval_copy", "random_input", "NOISY_SPREAD", "NOISY_MIN_REPEATS",
            "SUMMARY_KEYS", "summarise", "MAX_REPEATS", "interleaved", "latency", "layer_inputs", "unwrapped", "timed_units", "module_times"]
 
 # The clock behind every CPU latency figure; a module attribute so that tests can replace it.
@@ -65,6 +65,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's para
 _GLIBC_DEFAULTS = ((_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_THRESHOLD, 128 * 1024), (_M_MMAP_MAX, 65536))
 _STEADY = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_THRESHOLD, 32 * 2**20), (_M_MMAP_MAX, 0))
 _steady_depth = 0
+# False: steady_memory leaves glibc as it is (to compare, benchmarks/profile_repeatability.py)
+KEEP_MEMORY = True
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -77,7 +79,7 @@ def _mallopt() -> Callable[[int, int], int] | None:
 
 def memory_kept() -> bool:
     """Whether :func:`steady_memory` keeps freed memory in the process here (glibc's malloc)."""
-    return _mallopt() is not None
+    return KEEP_MEMORY and _mallopt() is not None
 
 
 @contextlib.contextmanager
@@ -85,7 +87,7 @@ def steady_memory() -> Iterator[bool]:
     """Keep freed memory in the process for the block (see above); yields whether it could (glibc only).
     Nested blocks keep it until the outermost ends."""
     global _steady_depth
-    mallopt = _mallopt()
+    mallopt = _mallopt() if KEEP_MEMORY else None
     if mallopt is None:
         yield False
         return
