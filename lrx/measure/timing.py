@@ -16,6 +16,7 @@ import contextlib
 import copy
 import ctypes
 import ctypes.util
+import functools
 import statistics
 import time
 from typing import Callable, Iterator, Sequence
@@ -69,8 +70,10 @@ _steady_depth = 0
 KEEP_MEMORY = True
 
 
+@functools.cache
 def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None where the C library has none (macOS, musl)."""
+    """glibc's ``mallopt``, or None where the C library has none (macOS, musl). Looked up once: finding the
+    C library may run ``ldconfig``, and every timing and every latency-cache key asks."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
