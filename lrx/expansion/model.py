@@ -260,7 +260,7 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
 
     names = [name for _, name, _ in chosen]
     sizes = conv_sizes(model, names, input_size)
-    channels = [name for _, name, module in chosen if layer_scheme(module, scheme) == CHANNEL]
+    channels = [name for name, own in zip(names, owns) if own == CHANNEL]
     positions = channel_positions(model, channels, input_size) if channels else {}
     new = copy.deepcopy(model)
     rows = []
@@ -268,13 +268,11 @@ def _fit_weights(model, layers, scheme, ranks, basis, method, decomposed, input_
         conv = new.get_submodule(name)
         if own == CHANNEL:
             layer, row = channel_layer(conv, rank, positions[name])
-            row = {"index": index, "name": name, **row}
         elif own == TUCKER:
             layer, row = _tucker_layer(conv, rank, sizes[name])
-            row = {"index": index, "name": name, **row}
         else:
             layer, row = _conv_layer(conv, own, rank, basis, method, decomposed, order, sizes[name], method_options)
-            row = {"index": index, "name": name, **row}
+        row = {"index": index, "name": name, **row}
         if scheme == AUTO:
             row["scheme"] = own
         if row["macs_after"] > row["macs_before"]:
