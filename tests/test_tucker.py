@@ -12,9 +12,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import lrx
+import lrx.plan.macs
 from lrx.base.errors import UserError
 from lrx.cli import app
-from lrx.factor.datafit import collect_stats, fit_tucker2, output_error
+from lrx.factor.datafit import _moments, collect_stats, fit_tucker2, output_error, tucker2_output_energy
 from lrx.factor.tucker import (tucker2_energy, tucker2_hosvd, tucker2_macs, tucker2_max_rank, tucker2_ranks,
                                tucker2_weight)
 from lrx.measure.profiling import count
@@ -116,6 +117,45 @@ def test_the_data_fit_lowers_the_output_error_below_the_hosvds_and_is_exact_at_f
         fit_tucker2(weight, 13, stats)
 
 
+def _best_given_hosvd_input(weight, stats, rank) -> float:
+    """The least output error of Tucker-2 at ``rank`` with the HOSVD's input factor, found another way: every N x R1 k^2
+    matrix M of rank R2 acting on the projected patches, by the truncated SVD of the least-squares solution in the
+    metric of the projected covariance (eigendecomposition, no Cholesky), as a share of the output energy."""
+    m = _moments(weight, stats)
+    n, c, kh, kw = weight.shape
+    r1, r2 = tucker2_ranks(rank, weight.shape)
+    first = tucker2_hosvd(weight.double(), (r1, r2)).first[:, :, 0, 0]
+    a = torch.kron(first, torch.eye(kh * kw, dtype=torch.float64))
+    s, t = a @ m.svv @ a.T, m.target @ a.T
+    values, vectors = torch.linalg.eigh(s)
+    root = vectors @ torch.diag(values.clamp_min(1e-12).sqrt()) @ vectors.T
+    u, sv, vh = torch.linalg.svd(t @ torch.linalg.inv(root))
+    best = (u[:, :r2] * sv[:r2]) @ vh[:r2] @ torch.linalg.inv(root)  # N x R1 k^2, rank R2
+    return m.error(best @ a) / m.energy
+
+
+def test_tucker2s_output_energy_is_the_least_error_its_input_factor_allows_and_the_data_fit_approaches_it():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).eval()
+    batches = [(torch.randn(16, 3, 10, 10), torch.zeros(16)) for _ in range(4)]
+    stats = collect_stats(model, ["2"], batches, images=64)["2"]
+    weight = model[2].weight.detach()
+    shares = tucker2_output_energy(weight, stats)
+    assert len(shares) == 12 and shares[-1] == 1.0, shares
+    assert all(b >= a - 1e-12 for a, b in zip(shares, shares[1:])), f"non-decreasing: {shares}"
+    assert tucker2_output_energy(weight, stats, [6, 3]) == [shares[5], shares[2]], "any ranks, in their order"
+    for rank in (3, 6, 9):
+        lost = 1.0 - shares[rank - 1]
+        assert lost == pytest.approx(_best_given_hosvd_input(weight, stats, rank), rel=1e-4, abs=1e-8), rank
+        hosvd = tucker2_weight(tucker2_hosvd(weight, tucker2_ranks(rank, weight.shape)))
+        fitted = tucker2_weight(fit_tucker2(weight, rank, stats, iterations=50, tol=0.0))
+        assert lost <= output_error(weight, fitted, stats) ** 2 * (1 + 1e-6) < output_error(weight, hosvd, stats) ** 2
+    energy = tucker2_energy(weight)
+    assert any(abs(shares[r] - float(energy[r])) > 0.01 for r in range(11)), "the data, not the filters, decide"
+    with pytest.raises(UserError, match="1..12"):
+        tucker2_output_energy(weight, stats, [13])
+
+
 def test_scheme_tucker2_is_exact_at_full_rank_plans_a_mac_target_and_rebuilds_from_its_spec():
     torch.manual_seed(0)
     model = build_model("tiny_cnn", num_classes=10).eval()
@@ -132,6 +172,100 @@ def test_scheme_tucker2_is_exact_at_full_rank_plans_a_mac_target_and_rebuilds_fr
     with torch.no_grad():
         assert torch.equal(again(x), planned(x)), "the spec rebuilds the structure"
     assert count(planned, (3, 16, 16))[0] == plan.plan["predicted_macs"], "the plan's MACs are ptflops'"
+
+
+def tucker_shaped(c=32, inner=3, convs=2) -> nn.Sequential:
+    """Convs C -> C (3x3) whose filters are exactly Tucker-2 of ranks (inner, inner): scheme 2 needs rank 3 x inner."""
+    torch.manual_seed(3)
+    layers = []
+    for _ in range(convs):
+        layer = nn.Conv2d(c, c, 3, padding=1)
+        core = torch.randn(inner, inner, 3, 3)
+        u_out, u_in = torch.linalg.qr(torch.randn(c, inner))[0], torch.linalg.qr(torch.randn(c, inner))[0]
+        layer.weight.data.copy_(torch.einsum("rshw,nr,cs->nchw", core, u_out, u_in))
+        layers += [layer, nn.ReLU()]
+    return nn.Sequential(*layers).eval()
+
+
+def test_a_macs_plan_of_scheme_auto_takes_tucker2_where_it_keeps_more_for_fewer_macs():
+    model, size = tucker_shaped(), (32, 8, 8)
+    target = {"speedup": 10.0}
+    by_scheme_2 = lrx.plan.macs.plan_ranks(model, [1, 2], "v2", target, input_size=size)
+    assert all(row["retained_energy"] < 0.999 for row in by_scheme_2["layers"]), "scheme 2 loses energy at 10x"
+    planned, report = lrx.expand(model, [1, 2], "auto", "auto", target=target, input_size=size)
+    plan = report.plan
+    assert plan["schemes"] == ["tucker2", "tucker2"] and [row["scheme"] for row in plan["layers"]] == ["tucker2"] * 2
+    assert all(row["retained_energy"] > 1 - 1e-9 for row in plan["layers"]), "Tucker-2 of rank >= 2 is exact here"
+    assert plan["predicted_speedup"] >= 10.0
+    assert count(planned, size)[0] == plan["predicted_macs"], "the plan's MACs are ptflops'"
+    assert all(isinstance(planned.get_submodule(name), LowRankTucker2) for name in report.spec["layers"])
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.allclose(planned(x), model(x), atol=1e-4), "lossless by its proxy, so the same outputs"
+
+
+@pytest.mark.parametrize("target", [{"speedup": 1.5}, {"speedup": 3.0}, {"speedup": 6.0}, {"macs": 0.5}])
+def test_scheme_auto_never_plans_macs_worse_than_scheme_2_by_its_proxy(target):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 32, 3, padding=1)).eval()
+    lost = {}
+    for scheme in ("v2", "auto"):
+        plan = lrx.plan.macs.plan_ranks(model, [2, 3, 4], scheme, target, input_size=(3, 12, 12))
+        assert plan["predicted_macs"] <= plan["model_macs_before"] * target.get("macs", 1.0)
+        lost[scheme] = sum(1 - row["retained_energy"] for row in plan["layers"])
+    assert lost["auto"] <= lost["v2"] + 1e-12, lost
+
+
+def test_with_calibration_data_tucker2s_options_are_ranked_by_their_output_energy():
+    model, size = tucker_shaped(c=16, inner=3), (16, 8, 8)
+    data = [(torch.randn(8, *size), torch.zeros(8)) for _ in range(3)]
+    _, report = lrx.expand(model, [1, 2], "auto", "auto", target={"speedup": 14.0}, fit="data", calibration=data,
+                           images=24, iterations=2, input_size=size)
+    stats = collect_stats(model, ["0", "2"], data, images=24)
+    tucker = [row for row in report.plan["layers"] if row["scheme"] == "tucker2"]
+    assert tucker and min(row["retained_energy"] for row in tucker) < 0.99, report.plan["layers"]
+    for row in [row for row in tucker if row["retained_energy"] < 0.99]:  # lossy: the two proxies differ
+        weight = model.get_submodule(row["name"]).weight.detach()
+        assert row["retained_energy"] == tucker2_output_energy(weight, stats[row["name"]], [row["rank"]])[0]
+        assert row["retained_energy"] != pytest.approx(float(tucker2_energy(weight)[row["rank"] - 1]), abs=1e-3)
+    assert report.plan["proxy"] == "output energy on the calibration images"
+
+
+class HalfTime:
+    """Every expanded layer, of any structure and rank, at half its dense time: the choice is the proxy's alone."""
+    batch, input_size, device = 2, (16, 8, 8), torch.device("cpu")
+
+    def key(self):
+        return {"device": "fake"}
+
+    def layer(self, conv, input_shape, ranks, scheme="v2"):
+        return {"dense": 1.0, **{str(r): 0.5 for r in ranks}}
+
+    def in_model(self, original, names):
+        return {"total_ms": 1.0 + len(names), "ms": {n: 1.0 for n in names}}
+
+    def whole(self, original, expanded):
+        return {"original_ms": 4.0, "layout": "channels_last", "layouts": {"channels_last": 4.0},
+                "expanded_ms": None if expanded is None else 3.0}
+
+
+def test_a_latency_plan_on_data_weighs_tucker2_by_its_output_energy():
+    model, size = tucker_shaped(c=16, inner=3), (16, 8, 8)
+    data = [(torch.randn(8, *size), torch.zeros(8)) for _ in range(3)]
+    _, report = lrx.expand(model, [1, 2], "auto", "auto", target={"latency": 1.3}, timing=HalfTime(), fit="data",
+                           calibration=data, images=24, iterations=2, input_size=size)
+    stats = collect_stats(model, ["0", "2"], data, images=24)
+    for row in report.plan["table"]:
+        weight = model.get_submodule(row["name"]).weight.detach()
+        kept = tucker2_output_energy(weight, stats[row["name"]], row["tucker_ranks"])
+        assert [row["tucker_loss"][f"t{r}"] for r in row["tucker_ranks"]] == [1.0 - k for k in kept], row["name"]
+    _, by_filters = lrx.expand(model, [1, 2], "auto", "auto", target={"latency": 1.3}, timing=HalfTime(),
+                               input_size=size)
+    energy = tucker2_energy(model[2].weight)
+    row = by_filters.plan["table"][1]
+    assert [row["tucker_loss"][f"t{r}"] for r in row["tucker_ranks"]] == [1.0 - float(energy[r - 1])
+                                                                          for r in row["tucker_ranks"]]
 
 
 def test_a_tucker2_row_runs_fits_to_data_and_exports_as_plain_convs(tiny_configs, tmp_path):

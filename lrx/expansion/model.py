@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ from lrx.expansion.channels import channel_layer, channel_proxy, channel_refit
 from lrx.factor.channel import channel_stats_error, collect_channel_stats
 from lrx.factor.choices import AUTO, CHANNEL, EXPANSIONS, TUCKER
 from lrx.factor.datafit import (TOL, collect_stats, fit_scheme1, fit_scheme2, fit_tucker2, output_error,
-                                refit_coefficients, retained_output_energy)
+                                refit_coefficients, retained_output_energy, tucker2_output_energy)
 from lrx.factor.decomposition import (BASES, METHODS, ORDERS, Scheme1Factors, check_choice, check_method_options,
                                       energy_first_sv, expanded_macs, max_rank, original_macs, scheme1)
-from lrx.factor.tucker import tucker2_energy, tucker2_macs, tucker2_max_rank, tucker2_ranks
+from lrx.factor.tucker import tucker2_macs, tucker2_max_rank, tucker2_ranks
 from lrx.nn.channel import channel_positions
 from lrx.nn.tucker import LowRankTucker2
 from lrx.nn.layers import LowRankExpConvV1, LowRankExpConvV2
@@ -159,19 +160,20 @@ def expand(model: nn.Module, layers: Sequence[int | str] | int | str = (2, 3, 4,
     device = timing.device if timing is not None and hasattr(timing, "device") else torch.device("cpu")
     align = device_align(align, device)
 
-    plan = stats = proxy = None
+    plan = stats = proxy = tucker_proxy = None
     if ranks == "auto":
         if plan_on_data:  # the statistics of the original model's layers, kept for a fit that needs them again
             stats, proxy = _output_energy(model, layers, scheme, calibration, basis, images)
+            tucker_proxy = _tucker_proxy(model, layers, scheme, stats)
         if kind == "latency":
             timing = timing if timing is not None else DeviceTiming(torch.device("cpu"), input_size=tuple(input_size))
             plan = plan_latency(model, layers, target, timing, proxy=proxy, align=align, cache=cache,
-                                write_cache=write_cache, log=log, scheme=scheme)
+                                write_cache=write_cache, log=log, scheme=scheme, tucker_proxy=tucker_proxy)
             # Convs by their index (the seed's numbering), linear layers (no index) by name.
             layers = [index if index is not None else name for index, name in zip(plan["layers"], plan["names"])]
         else:
             plan = plan_ranks(model, layers, scheme, target, input_size=input_size, basis=basis,
-                              decomposed=decomposed, align=align, retained=proxy)
+                              decomposed=decomposed, align=align, retained=proxy, tucker_retained=tucker_proxy)
         if proxy is not None:
             plan["proxy"] = DATA_PROXY
         ranks = plan["ranks"]
@@ -209,13 +211,21 @@ def _output_energy(model, layers, scheme, batches, basis, images) -> tuple[dict,
 
 
 def _data_proxy(module: nn.Module, own: str, stats, basis: str) -> list[float]:
-    """A layer's share of output energy kept per rank (the plan's proxy with calibration data); a Tucker-2 layer's
-    is its filter energy (:func:`lrx.factor.tucker.tucker2_energy`): its output-energy proxy is not derived."""
+    """A layer's share of output energy kept per rank (the plan's proxy with calibration data)."""
     if own == CHANNEL:
         return channel_proxy(module, stats)
     if own == TUCKER:
-        return tucker2_energy(module.weight).tolist()
+        return tucker2_output_energy(module.weight, stats)
     return retained_output_energy(module.weight, stats, own, basis).tolist()
+
+
+def _tucker_proxy(model, layers, scheme: str, stats: dict) -> dict[str, Callable[[Sequence[int]], list[float]]] | None:
+    """With scheme auto, per conv with a larger kernel the share of output energy Tucker-2 keeps at the ranks a
+    plan asks for (:func:`lrx.factor.datafit.tucker2_output_energy`), on the statistics already collected."""
+    if scheme != AUTO:
+        return None
+    return {name: functools.partial(tucker2_output_energy, module.weight, stats[name])
+            for _, name, module in select_layers(model, layers, scheme) if layer_scheme(module, scheme) not in (CHANNEL, TUCKER)}
 
 
 def _statistics(model, layers: Sequence[tuple[str, str]], batches, images, reference=None) -> dict:

@@ -12,7 +12,7 @@ SCHEMES = ("v1", "v2")  # the paper's two schemes, for convs with a kernel large
 CHANNEL = "channel"  # 1x1 convs and linear layers: W (N x C) as C -> R -> N (lrx.nn.channel)
 TUCKER = "tucker2"  # KxK convs: 1x1 C -> R1, KxK R1 -> R2, 1x1 R2 -> N (lrx.nn.tucker)
 # Per layer: scheme v2 for a conv with a larger kernel, the channel scheme for a 1x1 conv or a linear layer; a
-# latency plan also weighs Tucker-2 for a conv with a larger kernel.
+# plan (latency, MACs or speedup) also weighs Tucker-2 for a conv with a larger kernel.
 AUTO = "auto"
 EXPANSIONS = SCHEMES + (CHANNEL, TUCKER, AUTO)  # what decompose.scheme and lrx.expand(scheme=...) take
 BASES = ("shared", "per-channel")

@@ -20,7 +20,8 @@ Fits (Zhang et al. 2015's asymmetric objective; Tai et al. 2016's closed form, w
 - Tucker-2 (:func:`fit_tucker2`): the HOSVD, then the core and the output factor by exact least squares
   in turn (the input factor kept);
 - :func:`expand_to_data`: :func:`lrx.nn.surgery.expand` for the structure, then every replaced layer refitted;
-- rank plans (:func:`retained_output_energy`): the share of a layer's output energy kept at each rank.
+- rank plans (:func:`retained_output_energy`, :func:`tucker2_output_energy`): the share of a layer's output
+  energy kept at each rank.
 
 All math is float64 (each batch's patch products in the data's dtype, summed in float64) under ``torch.no_grad``; factors come back in the weight's dtype and device.
 (This module is long because the statistics, both schemes' fits, the rank-plan spectra and the model-level
@@ -42,7 +43,7 @@ from lrx.factor.tucker import Tucker2Factors, check_tucker2_rank, tucker2_hosvd,
 
 __all__ = ["RIDGE", "DAMP", "DENSE_LIMIT", "TOL", "PatchStats", "collect_stats", "output_error", "fit_scheme2",
            "fit_scheme1", "fit_tucker2", "split_bases", "refit_coefficients", "retained_output_energy",
-           "calibration_images"]
+           "tucker2_output_energy", "calibration_images"]
 
 # Ridge of the whitening covariance in the closed form, relative to its mean eigenvalue (trace / size).
 RIDGE = 1e-6
@@ -771,3 +772,43 @@ def fit_tucker2(weight: Tensor, rank: int, stats, iterations: int = 20, tol: flo
     return Tucker2Factors(start.first.to(weight.device, dtype),
                          core.reshape(-1, first.shape[0], kh, kw).to(weight.device, dtype).contiguous(),
                          last[..., None, None].to(weight.device, dtype).contiguous())
+
+
+@torch.no_grad()
+def tucker2_output_energy(weight: Tensor, stats: PatchStats, ranks: Sequence[int] | None = None) -> list[float]:
+    """Share of the conv's output energy on the calibration data that Tucker-2 can keep at each rank of ``ranks``
+    (default every rank 1..max(C, N)): the data-aware counterpart of :func:`lrx.factor.tucker.tucker2_energy`,
+    what plans rank Tucker-2 options by with ``fit: data``.
+
+    With the HOSVD's input factor U_in (C x R1, what :func:`fit_tucker2` keeps), the input patches are projected
+    by A = U_in^T (x) I (R1 dh dw x C dh dw), and the core and the output factor together are an N x R1 dh dw
+    matrix of rank at most R2: a reduced-rank regression, whose least output error is the energy beyond the R2
+    largest squared singular values of the whitened target Z = T A^T L^{-T} (L L^T = A S A^T + ridge, T = E[(W u)
+    v^T]). :func:`fit_tucker2`'s alternating sweeps approach that optimum from the HOSVD. The projections nest (the
+    leading R1 columns of one U_in), and so do the Cholesky factors of their leading blocks: one rotation of the
+    moments, one Cholesky and one triangular solve give Z for every R1 as the leading R1 dh dw columns of one matrix.
+    Shares are of ||Z||^2 at (C, N), so that the full rank keeps exactly 1; undamped, as
+    :func:`retained_output_energy`."""
+    m = _moments(weight, stats)
+    n, c, kh, kw = weight.shape
+    k2, top = kh * kw, max(n, c)
+    ranks = list(range(1, top + 1)) if ranks is None else [int(r) for r in ranks]
+    for rank in ranks:
+        check_tucker2_rank(rank, weight.shape)
+    w = weight.detach().to(m.svv.device, torch.float64)
+    unfolded = w.transpose(0, 1).reshape(c, -1)  # HOSVD's input factor, every column of it (C, C)
+    u_in = torch.linalg.svd(unfolded, full_matrices=unfolded.shape[1] < c)[0]
+    s4 = m.svv.view(c, k2, c, k2)
+    rotated = torch.einsum("cr,cpdq,ds->rpsq", u_in, s4, u_in).reshape(c * k2, c * k2)
+    target = torch.einsum("ncp,cr->nrp", m.target.view(n, c, k2), u_in).reshape(n, c * k2)
+    z = torch.linalg.solve_triangular(_whitener(rotated), target.T, upper=False).T  # T L^{-T}
+    total = z.square().sum().clamp_min(1e-300)
+    spectra: dict[int, Tensor] = {}
+    out = []
+    for rank in ranks:
+        r1, r2 = tucker2_ranks(rank, weight.shape)
+        if r1 not in spectra:
+            spectra[r1] = torch.linalg.svdvals(z[:, :r1 * k2]).square().cumsum(0)
+        kept = spectra[r1][min(r2, spectra[r1].numel()) - 1]
+        out.append(1.0 if (r1, r2) == (c, n) else min(float(kept / total), 1.0))
+    return out

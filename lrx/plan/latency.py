@@ -9,7 +9,8 @@ MACs are not time (lrx's 3x MAC plan ran AlexNet at 0.88x-1.04x on an H200). So
    dense conv's MACs, the smallest aligned rank of the layer's ladder (:func:`lrx.plan.macs.cheaper_ladder`:
    ranks cheaper than the dense conv) that reaches it; and "keep the layer dense" as one more option. With
    ``scheme: auto`` a conv with a larger kernel has a second ladder, Tucker-2 at its ranks (options
-   ``t<rank>``, :func:`tucker_option`; their proxy is the HOSVD's retained filter energy): the choice below
+   ``t<rank>``, :func:`tucker_option`; their proxy is the HOSVD's retained filter energy, or with calibration
+   data the output energy its data fit can keep, :func:`lrx.factor.datafit.tucker2_output_energy`): the choice below
    weighs the two structures per layer on the same footing, and keeps Tucker-2 where it buys more time
    for less proxy.
 3. **A table of times.** Each candidate layer runs alone on its real input shape (batch, channels, H, W
@@ -86,7 +87,7 @@ from lrx.measure.machine import MachineWatch, cpu_name
 from lrx.measure.timing import interleaved, memory_kept, module_times, torch_threads
 from lrx.factor.choices import AUTO, TUCKER
 from lrx.factor.tucker import tucker2_energy
-from lrx.plan.macs import affordable_ladder, filter_energy, layer_costs
+from lrx.plan.macs import LADDER, filter_energy, fraction_ladder, layer_costs
 from lrx.nn.inference import optimise
 
 __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REACH_SLACK", "TIE", "TIE_RULE",
@@ -95,7 +96,6 @@ __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REA
 
 # Fractions of a dense conv's MACs the ladder's ranks reach (a layer's time is roughly linear in its
 # rank, so these span 1.4x to 20x fewer MACs for the layer).
-LADDER = (0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 TOLERANCE = 0.10  # predicted vs measured whole-model speedup: relative difference that triggers an adjustment
 # Plans aim this much above the target, so that the noise of a later measurement (a few % between runs on
 # one machine) does not put a plan that just met it under it; where the margin is out of reach they aim at
@@ -260,15 +260,7 @@ def candidate_ranks(conv: nn.Module, in_hw, out_hw, align: int = 1, scheme: str 
     than the dense layer) whose MACs reach f times the dense layer's; only ranks with fewer MACs than the
     dense layer (a rank at or above them cannot be faster). Scheme 2 for a conv; the channel scheme (at
     ``positions`` output positions) for a 1x1 conv or a linear layer, as ``scheme`` replaces it."""
-    dense, cost = layer_costs(conv, scheme, in_hw, out_hw, positions)
-    ladder = affordable_ladder(dense, cost, align)
-    out = set()
-    for fraction in LADDER:
-        reach = [r for r in ladder if cost[r - 1] >= fraction * dense]
-        rank = reach[0] if reach else ladder[-1]
-        if cost[rank - 1] < dense:
-            out.add(rank)
-    return sorted(out)
+    return fraction_ladder(*layer_costs(conv, scheme, in_hw, out_hw, positions), align, LADDER)
 
 
 def _cache_key(device_key: dict, conv: nn.Module, input_shape) -> str:
@@ -403,7 +395,8 @@ class _Remembered:
 
 def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | None = None,
                 write_cache: bool = True, log: Callable[[str], None] = lambda m: None,
-                remeasure: Collection[str] = (), scheme: str = "v2", inputs: Mapping[str, tuple] | None = None) -> list[dict]:
+                remeasure: Collection[str] = (), scheme: str = "v2", inputs: Mapping[str, tuple] | None = None,
+                tucker_proxy: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> list[dict]:
     """Per candidate layer: ``{"index", "name", "scheme", "input_shape", "ranks", "ms": {"dense": t, "<rank>": t},
     "macs": {...}, "cached"}``, times from ``cache`` (:func:`read_cache`) where it holds every rank, else
     measured (and cached); the layers named in ``remeasure`` are measured whatever the cache holds, and
@@ -411,7 +404,10 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
     refused naming it (:class:`UserError`). ``sizes``: each layer's input and output (H, W)
     (:func:`lrx.nn.surgery.conv_sizes`); ``inputs``: each linear layer's input shape without the batch
     (needed with linear layers among ``chosen``). Each layer is planned with the scheme that replaces it in
-    an expansion of ``scheme`` (:func:`lrx.nn.surgery.layer_scheme`)."""
+    an expansion of ``scheme`` (:func:`lrx.nn.surgery.layer_scheme`). With scheme auto a conv with a larger
+    kernel also has Tucker-2's times and ``"tucker_loss"``, the proxy lost at each of its ranks: 1 - the share
+    ``tucker_proxy[name](ranks)`` keeps (e.g. :func:`lrx.factor.datafit.tucker2_output_energy`), else 1 - the HOSVD's
+    retained filter energy."""
     if cache is not None and write_cache and Path(cache).is_dir():
         raise UserError(f"the latency cache {cache} is a directory: lrx cannot replace it with the times it "
                         "measures; move it away and run again")
@@ -456,9 +452,14 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
             theld, tcached = table_of(name, shape, _cache_key({**device_key, "scheme": TUCKER}, conv, shape), tranks,
                                       "Tucker-2 at ranks", lambda: timing.layer(conv, shape, tranks, scheme=TUCKER))
             row["cached"] = cached and tcached
-            tcost, energy = layer_costs(conv, TUCKER, in_hw, out_hw)[1], tucker2_energy(conv.weight)
+            tcost = layer_costs(conv, TUCKER, in_hw, out_hw)[1]
+            if tucker_proxy is not None and name in tucker_proxy:
+                kept = [float(v) for v in tucker_proxy[name](tranks)]
+            else:  # the filter energy
+                energy = tucker2_energy(conv.weight)
+                kept = [float(energy[r - 1]) for r in tranks]
             row["tucker_ranks"] = tranks
-            row["tucker_loss"] = {tucker_option(r): 1.0 - float(energy[r - 1]) for r in tranks}  # filter energy
+            row["tucker_loss"] = {tucker_option(r): 1.0 - k for r, k in zip(tranks, kept)}
             # relative to this table's own dense time: each table is one interleaved measurement
             row["ms"].update({tucker_option(r): row["ms"][DENSE] * theld[str(r)] / theld[DENSE] for r in tranks})
             row["macs"].update({tucker_option(r): tcost[r - 1] for r in tranks})
@@ -589,7 +590,8 @@ def _greedy(options: list[list[tuple[str, float, float]]], rest_ms: float, budge
 def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                  proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
                  write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
-                 log: Callable[[str], None] = lambda m: None, scheme: str = "v2") -> dict:
+                 log: Callable[[str], None] = lambda m: None, scheme: str = "v2",
+                 tucker_proxy: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> dict:
     """Choose which layers to expand (scheme 2) and at which ranks so that the whole model runs
     ``target["latency"]`` times faster on ``timing``'s device (see the module doc for the steps).
 
@@ -605,6 +607,9 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     timing : a :class:`DeviceTiming` (or a fake with the same methods).
     proxy : ``{layer name: retained[r - 1] for r = 1..max rank}``, the accuracy proxy per rank (higher is
         better, 1.0 = lossless); default the retained filter energy of scheme 2.
+    tucker_proxy : with scheme auto, ``{layer name: f}``, ``f(ranks)`` Tucker-2's share kept at those ranks (the
+        same footing as ``proxy``; e.g. :func:`lrx.factor.datafit.tucker2_output_energy` where ``proxy`` is the
+        output energy); default the HOSVD's retained filter energy.
     align : candidate ranks are multiples of this (or the maximum rank).
     cache, write_cache : the JSON file of cached layer tables; read it, and write what was measured.
     rounds, tolerance : adjustment steps after the first whole-model check, and when they run.
@@ -625,7 +630,7 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     has), the plan also holds ``"machine"``, its readings of the machine's load over the whole planning, and
     a busy machine is warned of: the times it measures, and so the choice, are not a quiet machine's.
     """
-    args = (model, layers, target, timing, proxy, align, cache, write_cache, rounds, tolerance, log, scheme)
+    args = (model, layers, target, timing, proxy, align, cache, write_cache, rounds, tolerance, log, scheme, tucker_proxy)
     watch = timing.watch() if callable(getattr(timing, "watch", None)) else None
     if watch is None:
         return _plan_latency(*args)
@@ -642,7 +647,8 @@ def plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
 def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                   proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
                   write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
-                  log: Callable[[str], None] = lambda m: None, scheme: str = "v2") -> dict:
+                  log: Callable[[str], None] = lambda m: None, scheme: str = "v2",
+                 tucker_proxy: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> dict:
     """:func:`plan_latency`'s steps, without the watch on the machine."""
     kind, value = check_target(target)
     if kind != "latency":
@@ -655,7 +661,8 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
     if proxy is None:
         proxy = {name: filter_energy(conv, scheme) for _, name, conv in chosen}
     inputs = _input_shapes(model, [name for _, name, conv in chosen if isinstance(conv, nn.Linear)], input_size)
-    table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, scheme=scheme, inputs=inputs)
+    table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, scheme=scheme, inputs=inputs,
+                        tucker_proxy=tucker_proxy)
 
     remembered = _Remembered(cache, write_cache, timing, model, log)
     base = _place_in_model(table, model, timing, remembered)
@@ -716,7 +723,7 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
             log(f"warning: latency cache {cache}: the cached times of layers {', '.join(stale)} predicted "
                 f"{predicted_speedup:.2f}x, the model measured {measured_speedup:.2f}x; measuring those layers again")
             table = layer_table(timing, chosen, sizes, align, cache, write_cache, log, remeasure=stale, scheme=scheme,
-                                inputs=inputs)
+                                inputs=inputs, tucker_proxy=tucker_proxy)
             remembered.fresh = True  # and the whole-model times: they were taken on the same machine
             base = _place_in_model(table, model, timing, remembered)
             base_ms, cl_ms = base["original_ms"], base["layouts"]["channels_last"]

@@ -10,11 +10,17 @@ itself (:func:`rank_ladder`), those cheaper than the dense conv, and each step l
 Dropping singular values in this order is what the truncated SVD would lose, so a layer whose
 spectrum decays fast gives up rank before one whose spectrum is flat, and a layer where a rank
 step saves many MACs gives it up before one where it saves few.
+
+With scheme auto a conv with a larger kernel may also become Tucker-2 (:data:`RULE_AUTO`): its Tucker-2 options
+are the ranks of :func:`fraction_ladder`, and a move goes down the structure a layer is in, or to the most
+expensive option of the other structure that costs fewer MACs, by the same rule. The greedy choice is made
+with and without Tucker-2, and the one losing less proxy is kept: scheme auto never plans worse, by its
+proxy, than scheme 2 and the channel scheme alone.
 """
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from torch import nn
 
@@ -29,12 +35,20 @@ from lrx.nn.channel import channel_positions, channel_shape
 from lrx.nn.surgery import check_layer, conv_sizes, layer_label, layer_scheme, select_layers
 from lrx.measure.profiling import count
 
-__all__ = ["RULE", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "layer_costs", "affordable_ladder",
-           "cheaper_ladder", "filter_energy", "plan_ranks", "check_reachable"]
+__all__ = ["RULE", "RULE_AUTO", "LADDER", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "layer_costs", "affordable_ladder",
+           "cheaper_ladder", "fraction_ladder", "filter_energy", "plan_ranks", "check_reachable"]
 
 RULE = ("greedy: from each layer's largest rank cheaper than its dense conv, repeatedly lower by one the rank of "
         "the layer whose next dropped singular value removes the least share of that layer's filter energy "
         "(sigma_r^2 / ||W||_F^2) per MAC saved, until the target is met")
+# Scheme auto with a MACs or speedup target: a conv with a larger kernel also has Tucker-2's options.
+RULE_AUTO = (RULE + "; with scheme auto a conv with a larger kernel may also move to Tucker-2 at the ranks of the "
+             "ladder of fractions of its MACs (fraction_ladder), and from there down that ladder or back to its "
+             "scheme, by the same rule (proxy lost per MAC saved); the choice made without Tucker-2 is kept where it "
+             "loses less proxy")
+# The rungs of a ladder of ranks as fractions of the dense layer's MACs: the ranks a latency plan times
+# (lrx.plan.latency.candidate_ranks), and Tucker-2's ranks in a MACs plan of scheme auto.
+LADDER = (0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 ALIGNS = (1, 8, 16, 32)
 # decompose.align: auto. On CUDA, ranks off the tensor-core tiles cost time: on an H200 (bf16, batch 64)
 # lrx's 3x plan for AlexNet conv2-5 ran at 0.88x the original, 1.01x with its ranks rounded up to
@@ -129,15 +143,17 @@ def _given_shares(retained: dict, name: str, top: int) -> list[float]:
 
 def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
                input_size=(3, 224, 224), basis: str = "shared", decomposed: bool = False, align: int = 1,
-               retained: dict[str, Sequence[float]] | None = None) -> dict:
+               retained: dict[str, Sequence[float]] | None = None,
+               tucker_retained: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> dict:
     """Choose a rank per layer so that the expanded model meets ``target`` (see the module doc for the rule).
 
     Parameters
     ----------
     model : the model to expand (not modified).
     layers : 1-based conv indices or module names, as for :func:`lrx.expansion.model.expand`.
-    scheme : "v1", "v2", "channel" or "auto" (each layer by the scheme that replaces it,
-        :func:`lrx.nn.surgery.layer_scheme`; the same greedy rule across schemes).
+    scheme : "v1", "v2", "channel", "tucker2" or "auto" (each layer by the scheme that replaces it,
+        :func:`lrx.nn.surgery.layer_scheme`; the same greedy rule across schemes; a conv with a larger kernel
+        may also take Tucker-2 at the ranks of :func:`fraction_ladder`, see :data:`RULE_AUTO`).
     target : ``{"speedup": X}``: the replaced layers' MACs fall X-fold (theoretical, before/after);
         or ``{"macs": F}``: the whole model keeps at most the fraction F of its MACs.
     input_size : (C, H, W) of one image, for the MAC counts.
@@ -145,6 +161,8 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     align : every rank a multiple of this or the layer's maximum rank (:func:`rank_ladder`).
     retained : ``{layer name: [share kept at rank 1, ..., max rank]}`` to rank layers by instead of the
         filter energy, e.g. the output energy on calibration data (:func:`lrx.expansion.model.output_energy`).
+    tucker_retained : with scheme auto, ``{layer name: f}``, ``f(ranks)`` the share Tucker-2 keeps at each of
+        ``ranks`` (e.g. :func:`lrx.factor.datafit.tucker2_output_energy`); default its filter energy.
 
     Returns
     -------
@@ -152,53 +170,121 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     "decomposed", "ranks": [...], "layers": [{"index",
     "name", "rank", "max_rank", "macs_before", "macs_after", "retained_energy"}],
     "model_macs_before", "predicted_macs" (whole model after), "predicted_speedup" (replaced
-    layers, before/after)}``. MACs are per image and match ptflops (lrx.measure.profiling.count). The
-    target is met, and lowering stopped at the first rank step that met it; no rank costs more MACs than
-    its layer's dense conv (:func:`cheaper_ladder`) unless even the layer's lowest rank does.
+    layers, before/after)}``; with scheme auto each layer also has its ``"scheme"``, and where a layer takes
+    Tucker-2, ``"schemes"`` lists per layer ``"auto"`` or ``"tucker2"`` (as an expansion spec takes it). MACs are
+    per image and match ptflops (lrx.measure.profiling.count). The target is met, and lowering stopped at the
+    first step that met it; no rank costs more MACs than its layer's dense conv (:func:`cheaper_ladder`) unless
+    even the layer's lowest rank does.
     """
     scheme, basis, decomposed, kind, value, align = _settings(scheme, target, basis, decomposed, align)
     plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
-    before, budget = _budget(kind, value, plans, total, scheme, align)
     for p in plans:
-        p["retained"] = (filter_energy(p["conv"], scheme, basis) if retained is None
-                         else _given_shares(retained, p["name"], p["max_rank"]))
+        shares = (filter_energy(p["conv"], scheme, basis) if retained is None
+                  else _given_shares(retained, p["name"], p["max_rank"]))
+        p["families"] = {p["own"]: {"cost": p["cost"], "ladder": p["ladder"], "retained": dict(enumerate(shares, 1))}}
+        if "tucker" in p:
+            p["families"][TUCKER] = {**p["tucker"], "retained": _tucker_shares(p, tucker_retained)}
+    before, budget = _budget(kind, value, plans, total, scheme, align)
 
-    ranks = [p["ladder"][-1] for p in plans]
-    after = sum(p["cost"][r - 1] for p, r in zip(plans, ranks))
+    passes = [_lower_to_budget(plans, budget, {p["own"] for p in plans})]
+    if any(TUCKER in p["families"] for p in plans):
+        passes.append(_lower_to_budget(plans, budget, {TUCKER, *(p["own"] for p in plans)}))
+    reached = [states for states in passes if states is not None]
+    # the least proxy lost; on a tie, the choice with Tucker-2 among the structures
+    states = min(reached[::-1], key=lambda st: sum(1.0 - _share(p, f, r) for p, (f, r) in zip(plans, st)))
+    after = sum(_cost(p, f, r) for p, (f, r) in zip(plans, states))
+
+    rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": len(p["families"][f]["cost"]),
+             "macs_before": p["macs_before"], "macs_after": _cost(p, f, r), "retained_energy": _share(p, f, r)}
+            for p, (f, r) in zip(plans, states)]
+    plan = {"rule": RULE if scheme != AUTO else RULE_AUTO, "proxy": "filter energy" if retained is None else "given",
+            "target": {kind: value}, "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
+            "ranks": [r for _, r in states], "layers": rows, "model_macs_before": total,
+            "predicted_macs": total - before + after, "predicted_speedup": before / after}
+    if scheme == AUTO:
+        for row, (family, _) in zip(rows, states):
+            row["scheme"] = family
+        if any(f == TUCKER for f, _ in states):
+            plan["schemes"] = [TUCKER if f == TUCKER else AUTO for f, _ in states]
+    return plan
+
+
+def fraction_ladder(dense: int, cost: list[int], align: int = 1, fractions: Sequence[float] = LADDER) -> list[int]:
+    """The ranks of a layer worth weighing, ascending: per fraction f of ``fractions``, the smallest rank of its
+    ladder (:func:`affordable_ladder`) whose MACs reach f times ``dense`` (the layer's own), only ranks cheaper
+    than ``dense``. ``cost[r - 1]``: the expansion's MACs at rank r."""
+    ladder = affordable_ladder(dense, cost, align)
+    out = set()
+    for fraction in fractions:
+        reach = [r for r in ladder if cost[r - 1] >= fraction * dense]
+        rank = reach[0] if reach else ladder[-1]
+        if cost[rank - 1] < dense:
+            out.add(rank)
+    return sorted(out)
+
+
+def _tucker_shares(p: dict, tucker_retained) -> dict[int, float]:
+    """The share Tucker-2 keeps at each rank of a plan's Tucker-2 ladder: ``tucker_retained``'s function for the
+    layer, else the HOSVD's filter energy."""
+    ladder = p["tucker"]["ladder"]
+    if tucker_retained is not None and p["name"] in tucker_retained:
+        return dict(zip(ladder, (float(v) for v in tucker_retained[p["name"]](ladder))))
+    energy = tucker2_energy(p["conv"].weight)
+    return {r: float(energy[r - 1]) for r in ladder}
+
+
+def _cost(p: dict, family: str, rank: int) -> int:
+    return p["families"][family]["cost"][rank - 1]
+
+
+def _share(p: dict, family: str, rank: int) -> float:
+    return p["families"][family]["retained"][rank]
+
+
+def _lower_to_budget(plans: list[dict], budget: float, allowed: Collection[str]) -> list[tuple[str, int]] | None:
+    """:func:`plan_ranks`' greedy pass over the structures ``allowed``: each layer's (structure, rank), from the top of
+    its own scheme's ladder; None where their lowest ranks miss ``budget``.
+
+    A layer's moves: to the next rung of its structure's ladder, and to the most expensive option of each other
+    structure that costs fewer MACs than where it is; the move taken is the one that loses the least proxy per
+    MAC saved, over all layers (a move to a structure that keeps more proxy for fewer MACs goes first)."""
+    states = [(p["own"], p["ladder"][-1]) for p in plans]
+    if sum(min(_cost(p, f, o["ladder"][0]) for f, o in p["families"].items() if f in allowed) for p in plans) > budget:
+        return None
+
+    def best_move(i):
+        p, (family, rank) = plans[i], states[i]
+        now, kept = _cost(p, family, rank), _share(p, family, rank)
+        moves = []
+        for other, options in p["families"].items():
+            if other not in allowed:
+                continue
+            ladder = options["ladder"]
+            if other == family:
+                lower = ladder[:ladder.index(rank)]
+            else:
+                lower = [r for r in ladder if options["cost"][r - 1] < now]
+            if lower:
+                q = lower[-1]
+                moves.append(((kept - _share(p, other, q)) / (now - _cost(p, other, q)), other, q))
+        return min(moves, default=None)
+
     heap = []
 
-    def lower(i) -> int:
-        """The next rung below layer i's rank (with align 1: the rank minus one)."""
-        ladder = plans[i]["ladder"]
-        return ladder[ladder.index(ranks[i]) - 1]
-
     def push(i):
-        r, p = ranks[i], plans[i]
-        if r > p["ladder"][0]:
-            q = lower(i)
-            loss = p["retained"][r - 1] - p["retained"][q - 1]  # energy share of singular values q+1..r
-            saved = p["cost"][r - 1] - p["cost"][q - 1]
-            heapq.heappush(heap, (loss / saved, i))
+        move = best_move(i)
+        if move is not None:
+            heapq.heappush(heap, (move[0], i, move[1], move[2]))
 
     for i in range(len(plans)):
         push(i)
+    after = sum(_cost(p, *st) for p, st in zip(plans, states))
     while after > budget:
-        _, i = heapq.heappop(heap)  # never empty here: at the lowest rung everywhere, after = floor <= budget
-        q = lower(i)
-        after -= plans[i]["cost"][ranks[i] - 1] - plans[i]["cost"][q - 1]
-        ranks[i] = q
+        _, i, family, rank = heapq.heappop(heap)  # never empty here: at the lowest rungs, after <= budget
+        after += _cost(plans[i], family, rank) - _cost(plans[i], *states[i])
+        states[i] = (family, rank)
         push(i)
-
-    rows = [{"index": p["index"], "name": p["name"], "rank": r, "max_rank": p["max_rank"],
-             "macs_before": p["macs_before"], "macs_after": p["cost"][r - 1], "retained_energy": p["retained"][r - 1]}
-            for p, r in zip(plans, ranks)]
-    if scheme == AUTO:
-        for row, p in zip(rows, plans):
-            row["scheme"] = layer_scheme(p["conv"], scheme)
-    return {"rule": RULE, "proxy": "filter energy" if retained is None else "given", "target": {kind: value},
-            "align": align, "scheme": scheme, "basis": basis, "decomposed": decomposed,
-            "ranks": ranks, "layers": rows, "model_macs_before": total, "predicted_macs": total - before + after,
-            "predicted_speedup": before / after}
+    return states
 
 
 def check_reachable(model: nn.Module, layers: Sequence[int | str], scheme: str, target: dict,
@@ -235,8 +321,17 @@ def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomp
     plans = []
     for index, name, conv in chosen:
         dense, cost = layer_costs(conv, scheme, *sizes[name], positions.get(name, 1), basis, decomposed)
-        plans.append({"index": index, "name": name, "conv": conv, "max_rank": len(cost), "macs_before": dense,
-                      "cost": cost, "ladder": affordable_ladder(dense, cost, align)})
+        own = layer_scheme(conv, scheme)
+        plan = {"index": index, "name": name, "conv": conv, "max_rank": len(cost), "macs_before": dense,
+                "cost": cost, "ladder": affordable_ladder(dense, cost, align), "own": own}
+        plan["floor"] = cost[plan["ladder"][0] - 1]
+        if scheme == AUTO and own not in (CHANNEL, TUCKER):  # a conv with a larger kernel: Tucker-2 too
+            tucker = layer_costs(conv, TUCKER, *sizes[name])[1]
+            ladder = fraction_ladder(dense, tucker, align)
+            if ladder:
+                plan["tucker"] = {"cost": tucker, "ladder": ladder}
+                plan["floor"] = min(plan["floor"], tucker[ladder[0] - 1])
+        plans.append(plan)
     return plans, total
 
 
@@ -244,13 +339,14 @@ def _budget(kind: str, value: float, plans: list, total: int, scheme: str, align
     """(the replaced layers' MACs, the MACs they may keep); a :class:`UserError` when the lowest ranks exceed it."""
     before = sum(p["macs_before"] for p in plans)
     budget = before / value if kind == "speedup" else value * total - (total - before)
-    floor = sum(p["cost"][p["ladder"][0] - 1] for p in plans)
+    floor = sum(p["floor"] for p in plans)
     if floor > budget:
+        lowest = ("every layer at its cheapest option" if any("tucker" in p for p in plans)
+                  else f"rank {align} in every layer")
         if kind == "speedup":
-            best = f"the best reachable is {before / floor:.3g}x (rank {align} in every layer)"
+            best = f"the best reachable is {before / floor:.3g}x ({lowest})"
         else:
-            best = (f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs "
-                    f"(rank {align} in every layer)")
+            best = f"the best reachable is {(total - before + floor) / total:.4g} of the model's MACs ({lowest})"
         raise UserError(f"target {kind} {value:g} cannot be met by layers {', '.join(p['name'] for p in plans)} "
                         f"with scheme {scheme}: {best}", key=f"decompose.target.{kind}")
     return before, budget
