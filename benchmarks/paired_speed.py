@@ -8,7 +8,7 @@ then come from two profiles, taken minutes apart, and their difference is partly
 times the three models together: each round takes fresh copies, runs the original in each plain layout and
 each expansion on lrx.nn.inference's paths and in those plain layouts (as ``lrx profile`` does,
 :func:`lrx.measure.layouts.expansion_layouts`), all interleaved (:func:`lrx.measure.timing.interleaved`), and
-takes each model's fastest layout. A round's figures are ratios within the round; the summary gives their
+takes each model's fastest layout (and, beside it, the original in PyTorch's default layout). A round's figures are ratios within the round; the summary gives their
 median and range over the rounds. ``B over A`` above 1.0 means B ran faster. Run it on an idle machine.
 """
 from __future__ import annotations
@@ -43,13 +43,15 @@ def layouts(name: str, model: torch.nn.Module, x: torch.Tensor, original: bool) 
 
 
 def one_round(models: dict, x: torch.Tensor, repeats: int, min_time_s: float) -> dict[str, float]:
-    """Each model's fastest layout's median (ms) in one interleaved round on fresh copies."""
+    """Each model's fastest layout's median (ms) in one interleaved round on fresh copies, and the original's in
+    PyTorch's default layout ("original default")."""
     calls = {}
     for name, model in models.items():
         calls.update(layouts(name, model, x, original=name == "original"))
     with torch.inference_mode():
         stats = interleaved(calls, CPU, 2, repeats, min_time_s)
-    return {name: min(s["median_ms"] for (n, _), s in stats.items() if n == name) for name in models}
+    fastest = {name: min(s["median_ms"] for (n, _), s in stats.items() if n == name) for name in models}
+    return {**fastest, "original default": stats[("original", "default")]["median_ms"]}
 
 
 def spread(values: list[float]) -> str:
@@ -81,6 +83,8 @@ def main() -> None:
     a_speedups = [m["original"] / m["A"] for m in rounds]
     b_speedups = [m["original"] / m["B"] for m in rounds]
     b_over_a = [m["A"] / m["B"] for m in rounds]
+    a_default = [m["original default"] / m["A"] for m in rounds]
+    b_default = [m["original default"] / m["B"] for m in rounds]
     machine = watch.record
     lines = [
         f"`.venv/bin/python benchmarks/paired_speed.py {args.original} {args.a} {args.b} --input-size {args.input_size} "
@@ -88,11 +92,11 @@ def main() -> None:
         f"({os.cpu_count()} CPUs), torch {torch.__version__}; other processes {machine['other_share'] or 0:.0%} of the "
         f"cores{', BUSY' if machine['busy'] else ''}.",
         "",
-        "| | speedup over the original (its fastest plain layout) |",
-        "|---|---|",
-        f"| A: {args.a} | {spread(a_speedups)} |",
-        f"| B: {args.b} | {spread(b_speedups)} |",
-        f"| B over A (A's time / B's, paired in each round) | {spread(b_over_a)} |",
+        "| | speedup over the original (its fastest plain layout) | over the original in PyTorch's default layout |",
+        "|---|---|---|",
+        f"| A: {args.a} | {spread(a_speedups)} | {spread(a_default)} |",
+        f"| B: {args.b} | {spread(b_speedups)} | {spread(b_default)} |",
+        f"| B over A (A's time / B's, paired in each round) | {spread(b_over_a)} | |",
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
