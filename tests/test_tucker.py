@@ -99,12 +99,16 @@ def test_rank_r_keeps_its_share_of_both_sides_and_the_energy_is_the_hosvds():
             "the planners' MACs are ptflops'"
 
 
-def test_the_data_fit_lowers_the_output_error_below_the_hosvds_and_is_exact_at_full_rank():
-    torch.manual_seed(1)
+def second_conv_stats(seed: int, batch: int, batches: int):
+    """(weight, patch statistics) of the 8 -> 12 conv of a two-conv net on ``batches`` random batches."""
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).eval()
-    batches = [(torch.randn(8, 3, 10, 10), torch.zeros(8)) for _ in range(3)]
-    stats = collect_stats(model, ["2"], batches, images=24)["2"]
-    weight = model[2].weight.detach()
+    data = [(torch.randn(batch, 3, 10, 10), torch.zeros(batch)) for _ in range(batches)]
+    return model[2].weight.detach(), collect_stats(model, ["2"], data, images=batch * batches)["2"]
+
+
+def test_the_data_fit_lowers_the_output_error_below_the_hosvds_and_is_exact_at_full_rank():
+    weight, stats = second_conv_stats(seed=1, batch=8, batches=3)
     for rank in (3, 6):
         start = tucker2_weight(tucker2_hosvd(weight, tucker2_ranks(rank, weight.shape)))
         history = []
@@ -135,11 +139,7 @@ def _best_given_hosvd_input(weight, stats, rank) -> float:
 
 
 def test_tucker2s_output_energy_is_the_least_error_its_input_factor_allows_and_the_data_fit_approaches_it():
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1)).eval()
-    batches = [(torch.randn(16, 3, 10, 10), torch.zeros(16)) for _ in range(4)]
-    stats = collect_stats(model, ["2"], batches, images=64)["2"]
-    weight = model[2].weight.detach()
+    weight, stats = second_conv_stats(seed=2, batch=16, batches=4)
     shares = tucker2_output_energy(weight, stats)
     assert len(shares) == 12 and shares[-1] == 1.0, shares
     assert all(b >= a - 1e-12 for a, b in zip(shares, shares[1:])), f"non-decreasing: {shares}"
