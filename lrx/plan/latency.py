@@ -86,8 +86,7 @@ from lrx.measure.layouts import plain_expansion, time_rounds
 from lrx.measure.machine import MachineWatch, cpu_name
 from lrx.measure.timing import interleaved, memory_kept, module_times, torch_threads
 from lrx.factor.choices import AUTO, TUCKER
-from lrx.factor.tucker import tucker2_energy
-from lrx.plan.macs import LADDER, filter_energy, fraction_ladder, layer_costs
+from lrx.plan.macs import LADDER, filter_energy, fraction_ladder, layer_costs, tucker_shares
 from lrx.nn.inference import optimise
 
 __all__ = ["LADDER", "TOLERANCE", "MARGIN", "ADJUST_ROUNDS", "SCALE_LIMIT", "REACH_SLACK", "TIE", "TIE_RULE",
@@ -453,11 +452,7 @@ def layer_table(timing: Timing, chosen, sizes: dict, align: int, cache: Path | N
                                       "Tucker-2 at ranks", lambda: timing.layer(conv, shape, tranks, scheme=TUCKER))
             row["cached"] = cached and tcached
             tcost = layer_costs(conv, TUCKER, in_hw, out_hw)[1]
-            if tucker_proxy is not None and name in tucker_proxy:
-                kept = [float(v) for v in tucker_proxy[name](tranks)]
-            else:  # the filter energy
-                energy = tucker2_energy(conv.weight)
-                kept = [float(energy[r - 1]) for r in tranks]
+            kept = tucker_shares(conv, tranks, (tucker_proxy or {}).get(name))
             row["tucker_ranks"] = tranks
             row["tucker_loss"] = {tucker_option(r): 1.0 - k for r, k in zip(tranks, kept)}
             # relative to this table's own dense time: each table is one interleaved measurement
@@ -648,7 +643,7 @@ def _plan_latency(model: nn.Module, layers, target: dict, timing: Timing,
                   proxy: Mapping[str, Sequence[float]] | None = None, align: int = 1, cache: Path | None = None,
                   write_cache: bool = True, rounds: int = ADJUST_ROUNDS, tolerance: float = TOLERANCE,
                   log: Callable[[str], None] = lambda m: None, scheme: str = "v2",
-                 tucker_proxy: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> dict:
+                  tucker_proxy: Mapping[str, Callable[[Sequence[int]], Sequence[float]]] | None = None) -> dict:
     """:func:`plan_latency`'s steps, without the watch on the machine."""
     kind, value = check_target(target)
     if kind != "latency":

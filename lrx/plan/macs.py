@@ -36,7 +36,7 @@ from lrx.nn.surgery import check_layer, conv_sizes, layer_label, layer_scheme, s
 from lrx.measure.profiling import count
 
 __all__ = ["RULE", "RULE_AUTO", "LADDER", "ALIGNS", "DEVICE_ALIGN", "device_align", "rank_ladder", "layer_costs", "affordable_ladder",
-           "cheaper_ladder", "fraction_ladder", "filter_energy", "plan_ranks", "check_reachable"]
+           "cheaper_ladder", "fraction_ladder", "filter_energy", "tucker_shares", "plan_ranks", "check_reachable"]
 
 RULE = ("greedy: from each layer's largest rank cheaper than its dense conv, repeatedly lower by one the rank of "
         "the layer whose next dropped singular value removes the least share of that layer's filter energy "
@@ -178,13 +178,15 @@ def plan_ranks(model: nn.Module, layers: Sequence[int | str], scheme: str, targe
     """
     scheme, basis, decomposed, kind, value, align = _settings(scheme, target, basis, decomposed, align)
     plans, total = _costs(model, layers, scheme, input_size, basis, decomposed, align)
+    before, budget = _budget(kind, value, plans, total, scheme, align)
     for p in plans:
         shares = (filter_energy(p["conv"], scheme, basis) if retained is None
                   else _given_shares(retained, p["name"], p["max_rank"]))
-        p["families"] = {p["own"]: {"cost": p["cost"], "ladder": p["ladder"], "retained": dict(enumerate(shares, 1))}}
-        if "tucker" in p:
-            p["families"][TUCKER] = {**p["tucker"], "retained": _tucker_shares(p, tucker_retained)}
-    before, budget = _budget(kind, value, plans, total, scheme, align)
+        p["families"][p["own"]]["retained"] = dict(enumerate(shares, 1))
+        if p["own"] != TUCKER and TUCKER in p["families"]:
+            ladder = p["families"][TUCKER]["ladder"]
+            p["families"][TUCKER]["retained"] = dict(zip(ladder, tucker_shares(p["conv"], ladder,
+                                                                             (tucker_retained or {}).get(p["name"]))))
 
     passes = [_lower_to_budget(plans, budget, {p["own"] for p in plans})]
     if any(TUCKER in p["families"] for p in plans):
@@ -223,14 +225,20 @@ def fraction_ladder(dense: int, cost: list[int], align: int = 1, fractions: Sequ
     return sorted(out)
 
 
-def _tucker_shares(p: dict, tucker_retained) -> dict[int, float]:
-    """The share Tucker-2 keeps at each rank of a plan's Tucker-2 ladder: ``tucker_retained``'s function for the
-    layer, else the HOSVD's filter energy."""
-    ladder = p["tucker"]["ladder"]
-    if tucker_retained is not None and p["name"] in tucker_retained:
-        return dict(zip(ladder, (float(v) for v in tucker_retained[p["name"]](ladder))))
-    energy = tucker2_energy(p["conv"].weight)
-    return {r: float(energy[r - 1]) for r in ladder}
+def tucker_shares(conv: nn.Module, ranks: Sequence[int],
+                  share_of: Callable[[Sequence[int]], Sequence[float]] | None = None) -> list[float]:
+    """The share Tucker-2 keeps of ``conv`` at each of ``ranks``: ``share_of(ranks)`` where a planner was given one
+    (e.g. :func:`lrx.factor.datafit.tucker2_output_energy` on calibration data), else the HOSVD's retained filter
+    energy (:func:`lrx.factor.tucker.tucker2_energy`)."""
+    if share_of is not None:
+        return [float(v) for v in share_of(ranks)]
+    energy = tucker2_energy(conv.weight)
+    return [float(energy[r - 1]) for r in ranks]
+
+
+def _cheapest(p: dict, allowed: Collection[str] | None = None) -> int:
+    """The MACs of a plan's layer at its cheapest option among the structures ``allowed`` (default all of its)."""
+    return min(o["cost"][o["ladder"][0] - 1] for f, o in p["families"].items() if allowed is None or f in allowed)
 
 
 def _cost(p: dict, family: str, rank: int) -> int:
@@ -248,8 +256,8 @@ def _lower_to_budget(plans: list[dict], budget: float, allowed: Collection[str])
     A layer's moves: to the next rung of its structure's ladder, and to the most expensive option of each other
     structure that costs fewer MACs than where it is; the move taken is the one that loses the least proxy per
     MAC saved, over all layers (a move to a structure that keeps more proxy for fewer MACs goes first)."""
-    states = [(p["own"], p["ladder"][-1]) for p in plans]
-    if sum(min(_cost(p, f, o["ladder"][0]) for f, o in p["families"].items() if f in allowed) for p in plans) > budget:
+    states = [(p["own"], p["families"][p["own"]]["ladder"][-1]) for p in plans]
+    if sum(_cheapest(p, allowed) for p in plans) > budget:
         return None
 
     def best_move(i):
@@ -310,7 +318,9 @@ def _settings(scheme: str, target: dict, basis: str, decomposed: bool, align) ->
 
 
 def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomposed: bool, align: int) -> tuple[list, int]:
-    """Per chosen layer its MACs before and at every rank, its ladder of ranks; and the model's MACs."""
+    """Per chosen layer its MACs before, and per structure it may take (``families``: its own scheme's, and with
+    scheme auto Tucker-2's for a conv with a larger kernel) its MACs at every rank and its ladder of ranks; and
+    the model's MACs."""
     chosen = select_layers(model, layers, scheme, decomposed)
     for index, name, conv in chosen:
         check_layer(conv, scheme, decomposed, layer_label(index, name))
@@ -322,16 +332,14 @@ def _costs(model: nn.Module, layers, scheme: str, input_size, basis: str, decomp
     for index, name, conv in chosen:
         dense, cost = layer_costs(conv, scheme, *sizes[name], positions.get(name, 1), basis, decomposed)
         own = layer_scheme(conv, scheme)
-        plan = {"index": index, "name": name, "conv": conv, "max_rank": len(cost), "macs_before": dense,
-                "cost": cost, "ladder": affordable_ladder(dense, cost, align), "own": own}
-        plan["floor"] = cost[plan["ladder"][0] - 1]
+        families = {own: {"cost": cost, "ladder": affordable_ladder(dense, cost, align)}}
         if scheme == AUTO and own not in (CHANNEL, TUCKER):  # a conv with a larger kernel: Tucker-2 too
             tucker = layer_costs(conv, TUCKER, *sizes[name])[1]
             ladder = fraction_ladder(dense, tucker, align)
             if ladder:
-                plan["tucker"] = {"cost": tucker, "ladder": ladder}
-                plan["floor"] = min(plan["floor"], tucker[ladder[0] - 1])
-        plans.append(plan)
+                families[TUCKER] = {"cost": tucker, "ladder": ladder}
+        plans.append({"index": index, "name": name, "conv": conv, "max_rank": len(cost), "macs_before": dense,
+                      "own": own, "families": families})
     return plans, total
 
 
@@ -339,9 +347,9 @@ def _budget(kind: str, value: float, plans: list, total: int, scheme: str, align
     """(the replaced layers' MACs, the MACs they may keep); a :class:`UserError` when the lowest ranks exceed it."""
     before = sum(p["macs_before"] for p in plans)
     budget = before / value if kind == "speedup" else value * total - (total - before)
-    floor = sum(p["floor"] for p in plans)
+    floor = sum(_cheapest(p) for p in plans)
     if floor > budget:
-        lowest = ("every layer at its cheapest option" if any("tucker" in p for p in plans)
+        lowest = ("every layer at its cheapest option" if any(len(p["families"]) > 1 for p in plans)
                   else f"rank {align} in every layer")
         if kind == "speedup":
             best = f"the best reachable is {before / floor:.3g}x ({lowest})"
